@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make run     the tiny pipeline on CPU into ./artifacts (sets everything up first)
+#   make test    every test suite, each in its own environment (sets everything up first)
+PYTHON ?= python3
+CLI    := .venvs/cli
+HALA   := $(CLI)/bin/hala
+RECIPE ?= recipes/tiny.yaml
+STORE  ?= artifacts
+ARGS   ?=
+
+.PHONY: setup run test dry-run schemas clean clean-artifacts
+
+# The CLI environment is made with plain pip (it is what runs `hala setup` for the others); its stamp
+# is the inputs it was made from, so a second `make setup` only asks `hala setup`, which has its own stamps.
+$(CLI)/.make-stamp: pyproject.toml shared/requirements.txt tests/requirements.txt shared/constraints.txt
+	$(PYTHON) -m venv $(CLI)
+	$(CLI)/bin/python -m pip install --disable-pip-version-check -qq -c shared/constraints.txt \
+		-r shared/requirements.txt -r tests/requirements.txt
+	$(CLI)/bin/python -m pip install --disable-pip-version-check -qq --no-deps -e .
+	touch $@
+
+setup: $(CLI)/.make-stamp
+	$(HALA) setup
+
+run: setup
+	$(HALA) run $(RECIPE) --store $(STORE) $(ARGS)
+
+dry-run: $(CLI)/.make-stamp
+	$(HALA) run recipes/hala-paper.yaml --dry-run
+
+test: setup
+	$(HALA) test $(ARGS)
+
+# Regenerate stages/<stage>/config.schema.json from the typed configs (each in its stage's environment).
+schemas: setup
+	for toml in stages/*/stage.toml; do \
+		stage=$$(basename $$(dirname $$toml)); env=$$(sed -n 's/^env *= *"\(.*\)".*/\1/p' $$toml); \
+		.venvs/$$env/bin/hala schema $$stage --write || exit 1; \
+	done
+
+clean-artifacts:
+	rm -rf $(STORE)
+
+clean: clean-artifacts
+	rm -rf .venvs

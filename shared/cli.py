@@ -1,0 +1,204 @@
+"""The `hala` command.
+
+    hala run RECIPE [--store URL] [--run NAME] [--set STEP.KEY=VALUE ...] [--only STEP ...] [--force [STEP]] [--dry-run]
+    hala steps RECIPE                 the DAG in order, with stage and inputs
+    hala status RUN [--store URL]     state, rows and time per step
+    hala verify RUN [STEP ...]        re-hash committed outputs against their manifests (exit 3 on a change)
+    hala gather RECIPE STEP           commit a sharded step once all its shards committed their parts
+    hala setup [ENV ...]              create/update the environments under .venvs/ (idempotent)
+    hala test [ENV ...] [-- ARGS]     run every test suite in its own environment
+    hala schema STAGE [--write]       print/write a stage's config.schema.json (run in the stage's environment)
+
+Exit codes: 0 ok, 2 usage or config error, 3 bad input data, 75 temporary failure (worth a retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hala import envs, logs, recipe as recipe_mod, runner
+from hala.errors import HalaError, exit_code_for
+from hala.gather import gather
+from hala.store import Store
+
+DEFAULT_STORE = "artifacts"
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+    if args.dry_run:
+        rows = runner.plan(recipe, args.only, args.force)
+        if args.json:
+            print(json.dumps({"recipe": str(recipe.path), "store": recipe.store, "run": recipe.run, "steps": rows}, indent=2))
+        else:
+            print(f"plan of {recipe.name} ({recipe.path}) -> {recipe.store}/{recipe.run}/  ({len(rows)} steps)")
+            for r in rows:
+                r["inputs"] = ", ".join(f"{k}={v}" for k, v in r["inputs"].items())
+            print(_table(rows, ["step", "stage", "shards", "state", "inputs"]))
+        return 0
+    return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
+    rows = []
+    for i, step in enumerate(recipe.steps.values(), 1):
+        rows.append({
+            "#": i, "step": step.name, "stage": step.stage + ("" if step.spec else " (not built yet)"),
+            "shards": step.shards, "enabled": step.enabled,
+            "inputs": ", ".join(f"{k}={v.describe()}" for k, v in step.inputs.items()),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["#", "step", "stage", "shards", "inputs"]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = runner.status(Store(args.store), args.run)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        r["rows"] = ", ".join(f"{k}={v}" for k, v in (r["rows"] or {}).items())
+        r["cached"] = "yes" if r["cached"] else ""
+        r["seconds"] = f"{r['seconds']:.1f}" if isinstance(r["seconds"], (int, float)) else ""
+    print(_table(rows, ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    names = args.steps
+    if not names:
+        info = store.read_json(store.path(args.run, "_RUN.json")) or {}
+        names = [s["step"] for s in info.get("steps", [])]
+    checked = 0
+    for name in names:
+        if store.read_manifest(args.run, name) is None:
+            continue
+        store.verify_step(args.run, name)
+        checked += 1
+    logs.get("hala.verify").info("verified", run=args.run, steps=checked)
+    return 0
+
+
+def cmd_gather(args: argparse.Namespace) -> int:
+    gather(args.recipe, args.step, args.store, args.run, args.set)
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    return envs.setup(args.envs or None, force=args.force)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    return envs.test(args.envs or None, args.pytest_args)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from hala import schema
+
+    return schema.main(args.stage, write=args.write, check_only=args.check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hala", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe (or plan it with --dry-run)")
+    r.add_argument("recipe")
+    r.add_argument("--store", help="artifact store URL or path (default: the recipe's)")
+    r.add_argument("--run", help="run name (default: the recipe's)")
+    r.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their inputs must be committed)")
+    r.add_argument("--force", nargs="?", action="append", const=runner.ALL, metavar="STEP",
+                   help="rerun even if cached: all steps, or the one named (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
+    r.add_argument("--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it")
+    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("steps", help="list the steps of a recipe in dependency order")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_steps)
+
+    st = sub.add_parser("status", help="state, rows and time of every step of a run")
+    st.add_argument("run")
+    st.add_argument("--store", default=DEFAULT_STORE)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    v = sub.add_parser("verify", help="re-hash committed outputs against their manifests")
+    v.add_argument("run")
+    v.add_argument("steps", nargs="*")
+    v.add_argument("--store", default=DEFAULT_STORE)
+    v.set_defaults(func=cmd_verify)
+
+    g = sub.add_parser("gather", help="commit a sharded step from its shards' parts")
+    g.add_argument("recipe")
+    g.add_argument("step")
+    g.add_argument("--store")
+    g.add_argument("--run")
+    g.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    g.set_defaults(func=cmd_gather)
+
+    se = sub.add_parser("setup", help="create or update the environments under .venvs/")
+    se.add_argument("envs", nargs="*")
+    se.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    se.set_defaults(func=cmd_setup)
+
+    t = sub.add_parser("test", help="run each test suite in its environment")
+    t.add_argument("envs", nargs="*")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
+    t.set_defaults(func=cmd_test)
+
+    sc = sub.add_parser("schema", help="a stage's config JSON Schema, generated from its typed config")
+    sc.add_argument("stage")
+    sc.add_argument("--write", action="store_true", help="write stages/<stage>/config.schema.json")
+    sc.add_argument("--check", action="store_true", help="exit 1 if the file differs from the typed config")
+    sc.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "pytest_args", None) and args.pytest_args[:1] == ["--"]:
+        args.pytest_args = args.pytest_args[1:]
+    logs.setup()
+    try:
+        return int(args.func(args) or 0)
+    except HalaError as e:
+        _report(e, e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001
+        code = exit_code_for(e)
+        logs.get("hala").exception("failed", error=f"{type(e).__name__}: {e}")
+        return code
+
+
+def _report(e: BaseException, code: int) -> None:
+    """People read stderr; log collectors read the JSON event on stdout."""
+    print(f"hala: error (exit {code}): {e}", file=sys.stderr)
+    if not sys.stdout.isatty():
+        logs.get("hala").error("failed", exit_code=code, error=str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

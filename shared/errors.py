@@ -1,0 +1,41 @@
+"""Exit codes of every hala command and stage, and the exceptions that carry them.
+
+The codes are a contract with the runners: Kubernetes fails an index at once on 2 and 3 (retrying a
+wrong config or bad input does not help) and retries 75 (a temporary failure, worth a retry).
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an unexpected error: a bug; the traceback is logged
+EXIT_CONFIG = 2  # usage or config error
+EXIT_DATA = 3  # bad input data, a tampered artifact, a failed quality check (permanent)
+EXIT_TEMPORARY = 75  # EX_TEMPFAIL: out of memory, a dead worker, a store that did not answer
+
+
+class HalaError(Exception):
+    """An error with a message meant for the user; `exit_code` says how the process ends."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(HalaError):
+    exit_code = EXIT_CONFIG
+
+
+class DataError(HalaError):
+    exit_code = EXIT_DATA
+
+
+class TemporaryError(HalaError):
+    exit_code = EXIT_TEMPORARY
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Map any exception to the exit code a runner should see."""
+    if isinstance(exc, HalaError):
+        return exc.exit_code
+    # The network or the store not answering is worth a retry; anything else unexpected is a bug.
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return EXIT_TEMPORARY
+    if isinstance(exc, MemoryError):
+        return EXIT_TEMPORARY
+    return EXIT_FAILURE

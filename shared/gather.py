@@ -1,0 +1,111 @@
+"""`hala gather RECIPE STEP`: turn the N committed parts of a sharded step into one committed step.
+
+Library code with no ML imports (it runs in the hala-cli image after a Kubernetes Indexed Job, or
+in-process in the local runner). It checks that every shard committed its part (`_PART.json` under
+`_work/<fingerprint>/shards/`), that each part's files are there with their recorded sizes, that every
+part's rows add up and so do their sums, then moves the files in place and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from hala import logs, recipe as recipe_mod, sources
+from hala.errors import ConfigError, DataError, TemporaryError
+from hala.store import PART, Store, check_counts, new_manifest, now, output_entry
+
+
+def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: str | None = None,
+           overrides: list[str] | None = None) -> dict[str, Any]:
+    log = logs.get("hala.gather")
+    recipe = recipe_mod.load(recipe_path, overrides=overrides, store=store_url, run=run)
+    step = recipe.step(step_name)
+    if step.spec is None:
+        raise ConfigError(f"step '{step.name}': stage '{step.stage}' does not exist yet")
+    if not step.spec.sharded:
+        raise ConfigError(f"step '{step.name}': stage '{step.stage}' is not sharded; its step commits itself")
+    logs.bind(run=recipe.run, step=step.name, stage=step.stage)
+    store = Store(recipe.store)
+    resolved = sources.resolve(store, recipe, step)
+    fp = sources.fingerprint(step, resolved)
+    existing = store.read_manifest(recipe.run, step.name)
+    if existing and existing.get("fingerprint") == fp:
+        log.info("cached", fingerprint=fp[:12])
+        return existing
+    t0 = time.monotonic()
+    n = step.shards
+    base = f"{store.work_path(recipe.run, step.name, fp)}/shards"
+    parts: list[dict[str, Any]] = []
+    missing = []
+    for i in range(n):
+        part = store.read_json(f"{base}/{i:05d}-of-{n:05d}/{PART}")
+        if part is None:
+            missing.append(i)
+        else:
+            parts.append(part)
+    if missing:
+        raise TemporaryError(
+            f"step '{step.name}': {len(missing)} of {n} shards have not committed their part "
+            f"(missing: {', '.join(map(str, missing[:20]))}{' …' if len(missing) > 20 else ''}); run them, then gather again"
+        )
+    # every part's files are there, every part adds up
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "rows_quarantined": 0, "rows_removed": Counter()}
+    quarantine: Counter = Counter()
+    rows_by_output: Counter = Counter()
+    outputs_files: dict[str, list[dict[str, Any]]] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    moves: list[tuple[str, str]] = []
+    for part in parts:
+        i = part["shard"][0]
+        part_dir = f"{base}/{i:05d}-of-{n:05d}/out"
+        counts = part.get("counts")
+        if counts:
+            check_counts(counts, f"step '{step.name}' shard {i}")
+            for key in ("rows_in", "rows_out", "rows_quarantined"):
+                totals[key] += counts.get(key, 0)
+            totals["rows_removed"].update(counts.get("rows_removed") or {})
+        quarantine.update(part.get("quarantine", {}).get("by_reason", {}))
+        for name, entry in part["outputs"].items():
+            rows_by_output[name] += entry.get("rows") or 0
+            extras[name] = {k: v for k, v in entry.items() if k not in ("path", "kind", "rows", "bytes", "sha256", "files")}
+            for f in entry["files"]:
+                src = f"{part_dir}/{f['path']}"
+                try:
+                    size = store.fs.size(src)
+                except FileNotFoundError:
+                    raise DataError(f"step '{step.name}' shard {i}: part file missing: {store.uri(src)}; rerun shard {i}/{n}") from None
+                if size != f["bytes"]:
+                    raise DataError(f"step '{step.name}' shard {i}: {store.uri(src)} has {size} bytes, its part says {f['bytes']}; rerun shard {i}/{n}")
+                folder, _, fname = f["path"].rpartition("/")
+                rel = f"{folder}/s{i:05d}-{fname}" if folder else f"s{i:05d}-{fname}"
+                moves.append((src, rel))
+                outputs_files.setdefault(name, []).append({**f, "path": rel})
+    counts_total = None
+    if any(p.get("counts") for p in parts):
+        counts_total = {**totals, "rows_removed": dict(totals["rows_removed"])}
+        check_counts(counts_total, f"step '{step.name}' (all {n} shards)")
+    outputs = {
+        name: output_entry(files, name, step.spec.outputs[name].kind, rows_by_output[name], **extras.get(name, {}))
+        for name, files in outputs_files.items()
+    }
+    manifest = new_manifest(
+        run=recipe.run, step=step, fingerprint=fp,
+        inputs={name: r.record() for name, r in resolved.items()},
+        outputs=outputs, counts=counts_total,
+        quarantine={"rows": sum(quarantine.values()), "by_reason": dict(sorted(quarantine.items()))},
+        metrics={"shards": [{"shard": p["shard"][0], **p.get("metrics", {})} for p in parts]},
+        timings={
+            "started": min(p["timings"]["started"] for p in parts),
+            "finished": now(),
+            "seconds": round(max(p["timings"]["seconds"] for p in parts), 3),
+            "shard_seconds": [p["timings"]["seconds"] for p in parts],
+            "gather_seconds": round(time.monotonic() - t0, 3),
+        },
+        shards={"count": n, "hosts": sorted({p.get("host", {}).get("hostname", "?") for p in parts})},
+    )
+    store.commit(recipe.run, step.name, moves, False, manifest)
+    store.clean_work(recipe.run, step.name)
+    log.info("gathered", shards=n, counts=counts_total, seconds=round(time.monotonic() - t0, 2))
+    return manifest

@@ -1,0 +1,56 @@
+"""Content hashes: the identity of configs, inputs and outputs (the cache and tamper checks rest on them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> bytes:
+    """One byte string per value: sorted keys, no whitespace, UTF-8 (so equal configs hash equal)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(fs: Any, path: str) -> tuple[str, int]:
+    """sha256 and size of one file of an fsspec filesystem, streamed."""
+    h = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def sha256_listing(entries: Iterable[tuple[str, str]]) -> str:
+    """Aggregate hash of a set of files given as (relative path, sha256): order-independent."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(entries):
+        h.update(f"{rel}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_tree(fs: Any, root: str) -> str:
+    """Aggregate hash of a file or of every file under a folder (relative paths included)."""
+    if fs.isfile(root):
+        return sha256_file(fs, root)[0]
+    root = root.rstrip("/")
+    entries = []
+    for path in sorted(fs.find(root)):
+        rel = path[len(root) + 1 :]
+        entries.append((rel, sha256_file(fs, path)[0]))
+    return sha256_listing(entries)

@@ -1,0 +1,452 @@
+"""Recipes: YAML files that name a store, a run and the steps of a pipeline.
+
+A step is a stage, its typed config and its named inputs. An input is another step's output
+(`STEP` for its default output, `STEP.OUTPUT` for a named one) or an external source:
+
+    samples/lima.json            a local path, relative to the recipe file (to the cwd when given by --set)
+    s3://bucket/data.parquet     an fsspec URL (file://, memory://, s3://, gs://, ...)
+    hub:Open-Orca/OpenOrca@REV   a Hugging Face Hub repository, optionally pinned to a revision
+    tiny:teacher                 a tiny stand-in model built from config (see hala.tiny)
+
+Everything is validated on load, without importing any stage: recipe keys against RECIPE_SCHEMA,
+each step's config against the stage's generated config.schema.json. Errors name the step, the key
+and what is allowed, and end the process with exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from hala import stagespec
+from hala.errors import ConfigError
+from hala.hashing import sha256_json
+from hala.tiny_spec import TINY_ROLES
+
+RECIPE_KEYS = {
+    "name": "a short name for the recipe",
+    "description": "what the recipe reproduces",
+    "store": "fsspec URL or path of the artifact store (relative paths: to the current directory)",
+    "run": "the run name: artifacts go to <store>/<run>/<step>/",
+    "tiny_models": "settings of the tiny stand-in models (tiny:<role> sources)",
+    "steps": "the steps, by name (<stage>-<subject>)",
+}
+STEP_KEYS = {
+    "stage": "the stage that runs the step",
+    "description": "what the step is for",
+    "inputs": "named inputs: step outputs or external sources",
+    "config": "the stage's typed config",
+    "shards": "how many shard processes a sharded stage runs (Indexed Job completions)",
+    "enabled": "false leaves the step out of `hala run` unless --set STEP.enabled=true",
+}
+TINY_KEYS = {
+    "pairs": "TSV file (id, en, ar) the teacher, judge and translator stand-ins learn to reproduce",
+    "prompts": "prompts the stand-ins are trained with: teacher/translator {en-ar, ar-en} with {text}; judge with {src}, {tgt}",
+    "max_seconds": "upper bound on the training time of one stand-in",
+}
+
+RECIPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "store", "run", "steps"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "description": {"type": "string"},
+        "store": {"type": "string", "minLength": 1},
+        "run": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "tiny_models": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "pairs": {"type": "string"},
+                "prompts": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}]
+                    },
+                },
+                "max_seconds": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "steps": {
+            "type": "object",
+            "minProperties": 1,
+            "propertyNames": {"pattern": "^[a-z][a-z0-9]*-[a-z0-9][a-z0-9.-]*$"},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["stage"],
+                "properties": {
+                    "stage": {"type": "string"},
+                    "description": {"type": "string"},
+                    "inputs": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+                    "config": {"type": "object"},
+                    "shards": {"type": "integer", "minimum": 1},
+                    "enabled": {"type": "boolean"},
+                },
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One named input of a step, resolved from its raw recipe string."""
+
+    name: str
+    raw: str
+    kind: str  # step | path | url | hub | tiny
+    step: str | None = None
+    output: str | None = None
+    uri: str | None = None  # absolute path, URL, hub repo id, or tiny role
+    revision: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "step":
+            return f"{self.step}.{self.output}" if self.output else str(self.step)
+        return self.raw
+
+
+@dataclass
+class Step:
+    name: str
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, InputRef]
+    shards: int = 1
+    enabled: bool = True
+    description: str = ""
+    spec: stagespec.StageSpec | None = None  # None: the stage is not built yet (plan only)
+
+    @property
+    def upstream(self) -> list[str]:
+        return sorted({ref.step for ref in self.inputs.values() if ref.kind == "step" and ref.step})
+
+    def config_hash(self) -> str:
+        return sha256_json(self.config)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    store: str
+    run: str
+    steps: dict[str, Step]  # in dependency order
+    tiny_models: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.steps)
+
+    def step(self, name: str) -> Step:
+        if name not in self.steps:
+            raise ConfigError(f"recipe {self.path}: no step '{name}'{_did_you_mean(name, self.steps)}; steps: {', '.join(self.steps)}")
+        return self.steps[name]
+
+    def downstream(self, name: str) -> list[str]:
+        return [s.name for s in self.steps.values() if name in s.upstream]
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    run: str | None = None,
+    check_paths: bool = True,
+) -> Recipe:
+    """Read, override, validate and order a recipe. Raises ConfigError (exit 2) with every problem found."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping with name, store, run and steps")
+    raw = copy.deepcopy(raw)
+    from_cli: dict[tuple[str, str], str] = {}
+    for item in overrides or []:
+        _apply_override(raw, item, from_cli)
+    problems = _validate_top(raw, path)
+    if problems:
+        raise ConfigError(_report(path, problems))
+    step_names = list(raw["steps"])
+    steps: dict[str, Step] = {}
+    for name, body in raw["steps"].items():
+        spec = stagespec.find(body["stage"])
+        config = body.get("config") or {}
+        inputs: dict[str, InputRef] = {}
+        for in_name, in_raw in (body.get("inputs") or {}).items():
+            base = Path.cwd() if (name, f"inputs.{in_name}") in from_cli else path.parent
+            try:
+                inputs[in_name] = parse_ref(in_name, in_raw, raw["steps"], base, check_paths=check_paths)
+            except ConfigError as e:
+                problems.append(f"step '{name}': {e}")
+        steps[name] = Step(
+            name=name,
+            stage=body["stage"],
+            config=config,
+            inputs=inputs,
+            shards=int(body.get("shards", 1)),
+            enabled=bool(body.get("enabled", True)),
+            description=body.get("description", ""),
+            spec=spec,
+        )
+    for step in steps.values():
+        problems.extend(_validate_step(step, steps, from_cli))
+    if problems:
+        raise ConfigError(_report(path, problems))
+    ordered = _toposort(steps, step_names, path)
+    return Recipe(
+        path=path,
+        name=raw["name"],
+        store=store or raw["store"],
+        run=run or raw["run"],
+        steps={n: steps[n] for n in ordered},
+        tiny_models=raw.get("tiny_models") or {},
+        description=raw.get("description", ""),
+        overrides=list(overrides or []),
+    )
+
+
+def _report(path: Path, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"recipe {path}: {problems[0]}"
+    return f"recipe {path}: {len(problems)} problems:\n  - " + "\n  - ".join(problems)
+
+
+def _validate_top(raw: dict[str, Any], path: Path) -> list[str]:
+    problems = []
+    validator = jsonschema.Draft202012Validator(RECIPE_SCHEMA)
+    for err in sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path)):
+        loc = list(err.absolute_path)
+        if err.validator == "additionalProperties":
+            if not loc:
+                where, allowed = "the recipe", RECIPE_KEYS
+            elif loc[0] == "tiny_models":
+                where, allowed = "tiny_models", TINY_KEYS
+            else:
+                where, allowed = f"step '{loc[1]}'", STEP_KEYS
+            for key in sorted(set(err.instance) - set(allowed)):
+                problems.append(
+                    f"{where}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
+                )
+        elif loc[:1] == ["steps"] and len(loc) >= 2:
+            rest = ".".join(str(p) for p in loc[2:]) or "(the step)"
+            problems.append(f"step '{loc[1]}': {rest}: {err.message}")
+        elif err.validator == "propertyNames":
+            problems.append(f"step name {err.instance!r} must be <stage>-<subject>, lower case (e.g. translate-openorca-teacher)")
+        else:
+            problems.append(f"{'.'.join(str(p) for p in loc) or 'top level'}: {err.message}")
+    return problems
+
+
+def _validate_step(step: Step, steps: dict[str, Step], from_cli: dict[tuple[str, str], str]) -> list[str]:
+    problems: list[str] = []
+    spec = step.spec
+    if spec is None:
+        return problems  # planned only; `hala run` refuses to run it (exit 2, naming the stage)
+    # inputs: names known to the stage, required ones present, step outputs that exist
+    for name in step.inputs:
+        if name not in spec.inputs and not spec.any_inputs:
+            problems.append(
+                f"step '{step.name}': unknown input '{name}'{_did_you_mean(name, spec.inputs)}; "
+                f"stage '{spec.name}' takes: {', '.join(spec.inputs) or '(none)'}"
+            )
+    for name, ispec in spec.inputs.items():
+        if ispec.required and name not in step.inputs:
+            problems.append(f"step '{step.name}': missing input '{name}' ({ispec.description or 'required by stage ' + spec.name})")
+    for ref in step.inputs.values():
+        if ref.kind == "step":
+            producer = steps[ref.step]  # type: ignore[index]
+            if producer.spec is not None and ref.output not in producer.spec.outputs:
+                problems.append(
+                    f"step '{step.name}': input '{ref.name}' names output '{ref.output}' of step '{ref.step}', "
+                    f"which has outputs: {', '.join(producer.spec.outputs)}"
+                )
+    if step.shards > 1 and not spec.sharded:
+        problems.append(f"step '{step.name}': shards: {step.shards}, but stage '{spec.name}' does not shard its input")
+    problems.extend(validate_config(spec, step.name, step.config, from_cli))
+    if not problems:
+        step.config = apply_defaults(spec.schema, step.config)
+    return problems
+
+
+def validate_config(
+    spec: stagespec.StageSpec, step_name: str, config: dict[str, Any], from_cli: dict[tuple[str, str], str] | None = None
+) -> list[str]:
+    """Check a step's config against the stage's JSON Schema; one readable line per problem."""
+    schema = spec.schema
+    problems = []
+    validator = jsonschema.Draft202012Validator(schema)
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
+        loc = ".".join(str(p) for p in err.absolute_path)
+        origin = " (from --set)" if from_cli and (step_name, loc) in from_cli else ""
+        if err.validator == "additionalProperties":
+            allowed = sorted((err.schema.get("properties") or {}).keys())
+            where = f"config.{loc}" if loc else "config"
+            for key in sorted(set(err.instance) - set(allowed)):
+                problems.append(
+                    f"step '{step_name}': unknown key '{key}' in {where}{_did_you_mean(key, allowed)}; "
+                    f"allowed keys for stage '{spec.name}': {', '.join(allowed)}"
+                )
+        elif err.validator == "required":
+            problems.append(f"step '{step_name}': config{'.' + loc if loc else ''}: {err.message}")
+        else:
+            problems.append(f"step '{step_name}': config key '{loc}'{origin}: {_short(err)}")
+    return problems
+
+
+def _short(err: jsonschema.ValidationError) -> str:
+    if err.validator in ("anyOf", "oneOf"):
+        # pydantic writes Optional[X] as anyOf[X, null]: say what was expected, not the whole schema
+        kinds = [s.get("type") or s.get("$ref", "").rsplit("/", 1)[-1] for s in err.validator_value]
+        return f"{err.instance!r} is not one of the accepted types ({', '.join(str(k) for k in kinds)})"
+    return err.message
+
+
+def apply_defaults(schema: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the schema's defaults so that `{}` and `{x: <default of x>}` hash the same."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        ref = node.get("$ref")
+        if ref and ref.startswith("#/$defs/"):
+            return defs[ref.split("/")[-1]]
+        return node
+
+    def fill(node: dict[str, Any], value: Any) -> Any:
+        node = resolve(node)
+        if not isinstance(value, dict) or "properties" not in node:
+            return value
+        out = dict(value)
+        for key, prop in node["properties"].items():
+            if key not in out and "default" in prop:
+                out[key] = copy.deepcopy(prop["default"])
+            if key in out:
+                out[key] = fill(prop, out[key])
+        return out
+
+    return fill(schema, config)
+
+
+def parse_ref(name: str, raw: str, steps: dict[str, Any], base: Path, check_paths: bool = True) -> InputRef:
+    """Resolve one input string to a step output or an external source."""
+    raw = raw.strip()
+    if raw in steps:
+        return InputRef(name, raw, "step", step=raw, output=_default_output(steps[raw]))
+    # step names may contain dots (train-hala-1.2b): try the longest step name that prefixes the ref
+    for step_name in sorted(steps, key=len, reverse=True):
+        if raw.startswith(step_name + "."):
+            return InputRef(name, raw, "step", step=step_name, output=raw[len(step_name) + 1 :])
+    if raw.startswith("tiny:"):
+        role = raw[len("tiny:") :]
+        if role not in TINY_ROLES:
+            raise ConfigError(f"input '{name}': unknown tiny model '{role}'{_did_you_mean(role, TINY_ROLES)}; known: {', '.join(TINY_ROLES)}")
+        return InputRef(name, raw, "tiny", uri=role)
+    if raw.startswith("hub:"):
+        repo, _, revision = raw[len("hub:") :].partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ConfigError(f"input '{name}': hub id {repo!r} must look like 'org/name' (e.g. hub:Open-Orca/OpenOrca)")
+        return InputRef(name, raw, "hub", uri=repo, revision=revision or None)
+    if "://" in raw:
+        if raw.startswith("file://"):
+            raw_path = raw[len("file://") :]
+            return _local(name, raw, Path(raw_path), check_paths, steps)
+        return InputRef(name, raw, "url", uri=raw)
+    return _local(name, raw, base / raw, check_paths, steps)
+
+
+def _local(name: str, raw: str, path: Path, check_paths: bool, steps: dict[str, Any]) -> InputRef:
+    path = path.resolve()
+    if check_paths and not path.exists():
+        hint = _did_you_mean(raw.split(".")[0], steps)
+        raise ConfigError(
+            f"input '{name}': {raw!r} is neither a step of this recipe{hint} nor an existing path "
+            f"(looked for {path}); external sources are paths, fsspec URLs, hub:ORG/NAME or tiny:ROLE"
+        )
+    return InputRef(name, raw, "path", uri=str(path))
+
+
+def _default_output(step_body: Any) -> str | None:
+    stage = step_body["stage"] if isinstance(step_body, dict) else step_body.stage
+    spec = stagespec.find(stage)
+    return spec.default_output if spec else None  # not built yet: known once the stage exists
+
+
+def _toposort(steps: dict[str, Step], declared: list[str], path: Path) -> list[str]:
+    """Dependency order, keeping the recipe's own order where it is free; a cycle is exit 2."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = trail[trail.index(name) :] + [name]
+            raise ConfigError(f"recipe {path}: the steps form a cycle: {' -> '.join(cycle)}")
+        state[name] = 1
+        for up in steps[name].upstream:
+            visit(up, trail + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in declared:
+        visit(name, [])
+    return order
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str]) -> None:
+    """`--set STEP.KEY=VALUE`: KEY is a config key (dotted for nested ones), `inputs.NAME`, `shards` or
+    `enabled`. VALUE is read as YAML, so 10 is an int, true a bool, [a, b] a list."""
+    target, eq, value_text = item.partition("=")
+    if not eq:
+        raise ConfigError(f"--set {item!r}: expected STEP.KEY=VALUE")
+    steps = raw.get("steps") if isinstance(raw.get("steps"), dict) else {}
+    step_name = next((s for s in sorted(steps, key=len, reverse=True) if target.startswith(s + ".")), None)
+    if step_name is None:
+        head = target.split(".")[0]
+        raise ConfigError(f"--set {item!r}: no step '{head}' in the recipe{_did_you_mean(head, steps)}; steps: {', '.join(steps)}")
+    key = target[len(step_name) + 1 :]
+    if not key:
+        raise ConfigError(f"--set {item!r}: expected STEP.KEY=VALUE")
+    try:
+        value = yaml.safe_load(value_text) if value_text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
+    body = steps[step_name]
+    parts = key.split(".")
+    if parts[0] == "inputs" and len(parts) == 2:
+        body.setdefault("inputs", {})[parts[1]] = str(value)
+    elif parts[0] in ("shards", "enabled") and len(parts) == 1:
+        body[parts[0]] = value
+    else:
+        node = body.setdefault("config", {})
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: config key '{part}' of step '{step_name}' is not a mapping")
+        node[parts[-1]] = value
+    from_cli[(step_name, key)] = value_text

@@ -1,0 +1,318 @@
+"""The local runner: every step as a subprocess in its stage's environment, in dependency order.
+
+It runs exactly the step command the containers and Kubernetes Jobs run
+(`python -m stages.<stage> --recipe R --step S ...`), with the Python of `.venvs/<env>/`. It decides
+only what runs where: cached steps are skipped without starting a process, a sharded step runs its
+shards and then `hala gather` in-process, a failed step stops what depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hala import envs, logs, sources
+from hala.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
+from hala.gather import gather
+from hala.recipe import Recipe, Step
+from hala.store import Store, now
+
+ALL = "*"
+
+
+@dataclass
+class Outcome:
+    step: str
+    state: str  # cached | done | failed | blocked | skipped | planned
+    seconds: float = 0.0
+    exit_code: int | None = None
+    rows: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def select(recipe: Recipe, only: list[str] | None) -> list[Step]:
+    if only:
+        for name in only:
+            recipe.step(name)  # exit 2 with a suggestion for a misspelt name
+        return [s for s in recipe.steps.values() if s.name in only]
+    return [s for s in recipe.steps.values() if s.enabled]
+
+
+def check_runnable(recipe: Recipe, steps: list[Step]) -> None:
+    missing = sorted({s.stage for s in steps if s.spec is None})
+    if missing:
+        names = [s.name for s in steps if s.spec is None]
+        raise ConfigError(
+            f"stage(s) {', '.join(missing)} do not exist yet (no stages/<name>/stage.toml); steps that need them: "
+            f"{', '.join(names[:8])}{' …' if len(names) > 8 else ''}. Run the others with --only, or plan with --dry-run"
+        )
+    for env in sorted({s.spec.env for s in steps if s.spec}):
+        if not envs.python_for(env).exists() and not os.environ.get("HALA_SINGLE_ENV"):
+            raise ConfigError(f"environment '{env}' is missing ({envs.python_for(env)}); run `make setup` (or `hala setup {env}`)")
+
+
+def _python(step: Step) -> str:
+    assert step.spec is not None
+    if os.environ.get("HALA_SINGLE_ENV"):
+        return sys.executable  # inside an image: one environment holds everything this process runs
+    return str(envs.python_for(step.spec.env))
+
+
+def step_command(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, force: bool = False) -> list[str]:
+    assert step.spec is not None
+    cmd = [_python(step), "-m", step.spec.module, "--recipe", str(recipe.path), "--step", step.name,
+           "--store", recipe.store, "--run", recipe.run]
+    for item in recipe.overrides:
+        cmd += ["--set", item]
+    if shard:
+        cmd += ["--shard", f"{shard[0]}/{shard[1]}"]
+    if force:
+        cmd.append("--force")
+    return cmd
+
+
+class _Relay:
+    """Shows a child's JSON log lines on this terminal (readable) or passes them on (JSON), and keeps them."""
+
+    def __init__(self) -> None:
+        self.json = not sys.stdout.isatty() or os.environ.get("HALA_LOG_FORMAT") == "json"
+        self.bars: dict[str, Any] = {}
+        self.lines: list[str] = []
+        if not self.json:
+            import structlog
+
+            self.render = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
+
+    def line(self, text: str, label: str) -> None:
+        text = text.rstrip("\n")
+        if not text:
+            return
+        self.lines.append(text)
+        try:
+            event = json.loads(text)
+            if not isinstance(event, dict) or "event" not in event:
+                raise ValueError
+        except ValueError:
+            event = {"event": text, "level": "info", "step": label, "raw": True}
+            if self.json:
+                print(json.dumps(event, ensure_ascii=False), flush=True)
+                return
+        if self.json:
+            print(text, flush=True)
+            return
+        if event.get("event") == "progress" and sys.stderr.isatty():
+            self._bar(event, label)
+            return
+        event.pop("logger", None)
+        print(self.render(None, event.get("level", "info"), dict(event)), flush=True)
+
+    def _bar(self, event: dict[str, Any], label: str) -> None:
+        from tqdm import tqdm
+
+        key = f"{label}:{event.get('what')}"
+        bar = self.bars.get(key)
+        if bar is None:
+            bar = self.bars[key] = tqdm(total=event.get("total"), desc=label, unit=f" {event.get('unit', 'rows')}", leave=False)
+        bar.n = event.get("done", 0)
+        bar.refresh()
+        if event.get("final"):
+            bar.close()
+            del self.bars[key]
+
+
+def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str) -> int:
+    env = dict(os.environ)
+    env.update(HALA_LOG_FORMAT="json", HALA_PROGRESS_BAR="0", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    relay = _Relay()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        try:
+            for text in proc.stdout:
+                relay.line(text, label)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise
+        finally:
+            _save_log(store, run, log_name, relay.lines)
+    return code
+
+
+def _save_log(store: Store, run: str, name: str, lines: list[str]) -> None:
+    """Each step's log, kept in the store next to its outputs (<run>/_logs/<step>.jsonl)."""
+    path = store.path(run, "_logs", f"{name}.jsonl")
+    try:
+        store.fs.makedirs(store.path(run, "_logs"), exist_ok=True)
+        store.fs.pipe(path, ("\n".join(lines) + "\n").encode())
+    except Exception as e:  # noqa: BLE001 - a log that could not be saved must not hide the step's result
+        logs.get("hala.run").warning("log not saved", path=store.uri(path), error=str(e))
+
+
+def _rows(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    if not manifest:
+        return {}
+    return {name: out.get("rows") for name, out in manifest.get("outputs", {}).items()}
+
+
+def _state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: bool = False) -> tuple[str, str | None, dict[str, Any] | None]:
+    """('cached' | 'run' | 'waiting', fingerprint, manifest) for one step, reading only manifests and inputs."""
+    try:
+        resolved = sources.resolve(store, recipe, step)
+    except sources.NotCommitted:
+        if not planning:
+            raise
+        return "waiting", None, None  # an upstream step is not committed yet: it runs first
+    fp = sources.fingerprint(step, resolved)
+    manifest = store.read_manifest(recipe.run, step.name)
+    if not forced and manifest and manifest.get("fingerprint") == fp and store.outputs_present(recipe.run, step.name, manifest):
+        return "cached", fp, manifest
+    return "run", fp, manifest
+
+
+def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+    """What `hala run` would do, without running or downloading anything."""
+    store = Store(recipe.store)
+    chosen = {s.name for s in select(recipe, only)}
+    rows = []
+    for step in recipe.steps.values():
+        item = {"step": step.name, "stage": step.stage, "shards": step.shards,
+                "inputs": {k: v.describe() for k, v in step.inputs.items()}}
+        if step.name not in chosen:
+            item["state"] = "disabled" if not step.enabled else "not selected"
+        elif step.spec is None:
+            item["state"] = "stage missing"
+        else:
+            forced = bool(force) and (ALL in force or step.name in force)
+            item["state"] = {"waiting": "will run (after its inputs)", "run": "will run", "cached": "cached"}[
+                _state(store, recipe, step, forced, planning=True)[0]]
+        rows.append(item)
+    return rows
+
+
+def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None, keep_going: bool = False) -> int:
+    log = logs.get("hala.run")
+    logs.bind(run=recipe.run)
+    steps = select(recipe, only)
+    check_runnable(recipe, steps)
+    store = Store(recipe.store)
+    if store.fs.protocol in ("memory",) or "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else ()):
+        raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
+    started = now()
+    store.write_json(store.path(recipe.run, "_RUN.json"), {
+        "recipe": str(recipe.path), "name": recipe.name, "run": recipe.run, "store": recipe.store, "started": started,
+        "overrides": recipe.overrides, "steps": [{"step": s.name, "stage": s.stage, "shards": s.shards,
+                                                   "inputs": {k: v.describe() for k, v in s.inputs.items()}} for s in recipe.steps.values()],
+    })
+    log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
+    outcomes: dict[str, Outcome] = {}
+    first_failure = EXIT_OK
+    for step in steps:
+        t0 = time.monotonic()
+        blocked = [u for u in step.upstream if u in outcomes and outcomes[u].state in ("failed", "blocked")]
+        if blocked:
+            outcomes[step.name] = Outcome(step.name, "blocked", note=f"after failed {', '.join(blocked)}")
+            store.write_status(recipe.run, step.name, state="blocked", after=blocked)
+            log.warning("blocked", step=step.name, after=blocked)
+            continue
+        if first_failure and not keep_going:
+            outcomes[step.name] = Outcome(step.name, "skipped", note="run stopped at the first failure")
+            continue
+        forced = bool(force) and (ALL in force or step.name in force)
+        try:
+            state, fp, manifest = _state(store, recipe, step, forced)
+        except HalaError as e:
+            outcomes[step.name] = Outcome(step.name, "failed", exit_code=e.exit_code, note=str(e))
+            log.error("failed", step=step.name, exit_code=e.exit_code, error=str(e))
+            first_failure = first_failure or e.exit_code
+            continue
+        if state == "cached":
+            outcomes[step.name] = Outcome(step.name, "cached", rows=_rows(manifest))
+            log.info("cached", step=step.name, fingerprint=(fp or "")[:12], rows=_rows(manifest))
+            continue
+        log.info("step start", step=step.name, stage=step.stage, shards=step.shards)
+        code = _run_step(recipe, step, store, forced)
+        seconds = time.monotonic() - t0
+        manifest = store.read_manifest(recipe.run, step.name)
+        if code == EXIT_OK and manifest is None:
+            code, note = EXIT_CONFIG, "the step exited 0 but left no manifest"
+        else:
+            note = ""
+        outcomes[step.name] = Outcome(step.name, "done" if code == 0 else "failed", seconds, code, _rows(manifest), note)
+        if code:
+            log.error("step failed", step=step.name, exit_code=code, seconds=round(seconds, 1))
+            first_failure = first_failure or code
+        else:
+            log.info("step done", step=step.name, seconds=round(seconds, 1), rows=_rows(manifest))
+    _summary(recipe, store, outcomes, started)
+    return first_failure
+
+
+def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool) -> int:
+    if step.shards > 1:
+        for i in range(step.shards):
+            code = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
+                          store, recipe.run, f"{step.name}.shard-{i}")
+            if code:
+                return code
+        try:
+            gather(str(recipe.path), step.name, recipe.store, recipe.run, recipe.overrides)
+        except HalaError as e:
+            logs.get("hala.run").error("gather failed", step=step.name, error=str(e))
+            return e.exit_code
+        return EXIT_OK
+    return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name)
+
+
+def _summary(recipe: Recipe, store: Store, outcomes: dict[str, Outcome], started: str) -> None:
+    log = logs.get("hala.run")
+    run_file = store.path(recipe.run, "_RUN.json")
+    info = store.read_json(run_file) or {}
+    info.update(finished=now(), outcomes={k: vars(v) for k, v in outcomes.items()})
+    store.write_json(run_file, info)
+    for o in outcomes.values():
+        log.info("summary", step=o.step, state=o.state, seconds=round(o.seconds, 1), exit_code=o.exit_code,
+                 rows=o.rows or None, note=o.note or None)
+    counts: dict[str, int] = {}
+    for o in outcomes.values():
+        counts[o.state] = counts.get(o.state, 0) + 1
+    log.info("run end", **counts, store=store.uri(store.path(recipe.run)))
+
+
+def status(store: Store, run: str) -> list[dict[str, Any]]:
+    """State, rows and time of every step of a run, from the store alone."""
+    info = store.read_json(store.path(run, "_RUN.json"))
+    if info is None:
+        raise ConfigError(f"no run '{run}' in store {store.url} (no {run}/_RUN.json)")
+    statuses = store.read_statuses(run)
+    rows = []
+    for entry in info["steps"]:
+        name = entry["step"]
+        manifest = store.read_manifest(run, name)
+        st = statuses.get(name, {})
+        outcome = (info.get("outcomes") or {}).get(name, {})
+        if manifest is not None:
+            state = "committed"
+        elif st.get("state") in ("running", "failed", "blocked"):
+            state = st["state"]
+        else:
+            shards = {k: v for k, v in statuses.items() if k.startswith(f"{name}.shard-")}
+            state = f"shards {sum(v.get('state') == 'done' for v in shards.values())}/{entry.get('shards', 1)} done" if shards else "not run"
+        rows.append({
+            "step": name,
+            "stage": entry["stage"],
+            "state": state,
+            "cached": outcome.get("state") == "cached",
+            "rows": _rows(manifest),
+            "counts": (manifest or {}).get("counts"),
+            "seconds": (manifest or {}).get("timings", {}).get("seconds", st.get("seconds")),
+            "exit_code": st.get("exit_code"),
+            "error": st.get("error") if state == "failed" else None,
+        })
+    return rows

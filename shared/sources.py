@@ -1,0 +1,174 @@
+"""Resolve a step's inputs: their identity (for the cache key) and where to read them.
+
+The identity of an input (`key`) is what the fingerprint of the consuming step hashes:
+- a step output: the aggregate sha256 its manifest records (so byte-identical upstream reruns keep
+  downstream steps cached);
+- a local file or folder, or a memory:// URL: the sha256 of its content;
+- another fsspec URL (s3://, gs://): the filesystem's own identity of the object (ETag, mtime), since
+  hashing terabytes on every plan would cost more than it saves;
+- a hub repository: its id and pinned revision (pin one in the recipe, `hub:ORG/NAME@REV`, for caches
+  that notice upstream changes; the stage records the commit it actually read);
+- a tiny stand-in model: the hash of its build spec (architecture, sample pairs, builder code).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from hala import tiny_spec
+from hala.errors import ConfigError, DataError
+from hala.hashing import sha256_file, sha256_json, sha256_tree
+from hala.recipe import InputRef, Recipe, Step
+from hala.store import Store
+
+
+class NotCommitted(ConfigError):
+    """An input comes from a step that has no manifest (yet) in this run."""
+
+
+@dataclass
+class ResolvedInput:
+    ref: InputRef
+    key: str
+    uri: str
+    store: Store | None = None
+    run: str | None = None
+    manifest: dict[str, Any] | None = None  # the producer's manifest, for step outputs
+
+    @property
+    def kind(self) -> str:
+        return self.ref.kind
+
+    @property
+    def output(self) -> dict[str, Any] | None:
+        if self.manifest is None:
+            return None
+        return self.manifest["outputs"][self.ref.output]
+
+    def record(self) -> dict[str, Any]:
+        """How the consuming step's manifest remembers this input."""
+        rec: dict[str, Any] = {"ref": self.ref.raw, "kind": self.kind, "uri": self.uri, "sha256": self.key}
+        if self.kind == "step":
+            rec.update(step=self.ref.step, output=self.ref.output, rows=(self.output or {}).get("rows"))
+        if self.ref.revision:
+            rec["revision"] = self.ref.revision
+        return rec
+
+    def local_path(self) -> str:
+        """A local path to read, after checking every file against its manifest (step outputs)."""
+        if self.kind == "path":
+            return self.uri
+        if self.kind == "step":
+            assert self.store is not None and self.run is not None and self.manifest is not None
+            return _localize_step_output(self.store, self.run, self.ref.step or "", self.manifest, self.ref.output or "")
+        if self.kind == "url":
+            return _download(self.uri, self.key)
+        if self.kind == "tiny":
+            raise ConfigError(f"input '{self.ref.name}': tiny models are built by hala.tiny.ensure(); use ctx.model_path()")
+        raise ConfigError(f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a path")
+
+
+def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> ResolvedInput:
+    if ref.kind == "step":
+        manifest = store.read_manifest(recipe.run, ref.step or "")
+        if manifest is None:
+            raise NotCommitted(
+                f"step '{step.name}': input '{ref.name}' comes from step '{ref.step}', which is not committed in run "
+                f"'{recipe.run}' of store {store.url}; run it first (hala run {recipe.path} --only {ref.step})"
+            )
+        try:
+            entry = manifest["outputs"][ref.output]
+        except KeyError:
+            raise ConfigError(
+                f"step '{step.name}': input '{ref.name}' wants output '{ref.output}' of step '{ref.step}', which has "
+                f"{', '.join(manifest['outputs'])}"
+            ) from None
+        uri = store.uri(store.output_path(recipe.run, ref.step or "", manifest, ref.output or ""))
+        return ResolvedInput(ref, entry["sha256"], uri, store, recipe.run, manifest)
+    if ref.kind == "path":
+        path = ref.uri or ""
+        if not os.path.exists(path):
+            raise ConfigError(f"step '{step.name}': input '{ref.name}' not found: {path}")
+        return ResolvedInput(ref, sha256_tree(fsspec.filesystem("file"), path), path)
+    if ref.kind == "url":
+        fs, path = fsspec.core.url_to_fs(ref.uri or "")
+        try:
+            if fs.protocol in ("memory",) or "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+                key = sha256_tree(fs, path)
+            else:
+                key = sha256_json({"url": ref.uri, "ukey": fs.ukey(path)})
+        except FileNotFoundError:
+            raise ConfigError(f"step '{step.name}': input '{ref.name}' not found: {ref.uri}") from None
+        return ResolvedInput(ref, key, ref.uri or "")
+    if ref.kind == "hub":
+        return ResolvedInput(ref, sha256_json({"hub": ref.uri, "revision": ref.revision or "unpinned"}), ref.uri or "")
+    if ref.kind == "tiny":
+        spec = tiny_spec.spec(ref.uri or "", recipe)
+        return ResolvedInput(ref, sha256_json(spec), store.uri(tiny_spec.source_path(store, ref.uri or "")), store, recipe.run)
+    raise ConfigError(f"step '{step.name}': input '{ref.name}': unknown kind {ref.kind}")
+
+
+def resolve(store: Store, recipe: Recipe, step: Step) -> dict[str, ResolvedInput]:
+    return {name: input_key(store, recipe, step, ref) for name, ref in step.inputs.items()}
+
+
+def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
+    """The cache key of a step: stage code, typed config (with defaults) and the identity of its inputs."""
+    assert step.spec is not None
+    return sha256_json(
+        {
+            "stage": step.stage,
+            "stage_version": step.spec.version,
+            "config": step.config,
+            "inputs": {name: r.key for name, r in sorted(resolved.items())},
+        }
+    )
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HALA_CACHE", Path.home() / ".cache" / "hala"))
+
+
+def _localize_step_output(store: Store, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
+    entry = manifest["outputs"][output]
+    if store.is_local:
+        store.verify_output(run, step, manifest, output)
+        return store.path(run, step, entry["path"])
+    # remote store: copy into a content-addressed local cache, checking each file as it lands
+    target = _cache_root() / "outputs" / entry["sha256"]
+    done = target / ".complete"
+    if done.exists():
+        return str(target / entry["path"])
+    local = fsspec.filesystem("file")
+    for f in entry.get("files", []):
+        dst = target / f["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        store.fs.get(store.path(run, step, f["path"]), str(dst))
+        digest, size = sha256_file(local, str(dst))
+        if digest != f["sha256"] or size != f["bytes"]:
+            raise DataError(
+                f"artifact changed since it was written: {store.uri(store.path(run, step, f['path']))} "
+                f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
+            )
+    (target / entry["path"]).mkdir(parents=True, exist_ok=True)
+    done.touch()
+    return str(target / entry["path"])
+
+
+def _download(url: str, key: str) -> str:
+    target = _cache_root() / "urls" / key
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
+        fs, path = fsspec.core.url_to_fs(url)
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        fs.get(path, str(tmp / name), recursive=fs.isdir(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    (entry,) = list(target.iterdir())
+    return str(entry)

@@ -1,0 +1,156 @@
+"""What the library knows about a stage without importing it: `stages/<name>/stage.toml` and
+`stages/<name>/config.schema.json` (generated from the stage's typed config).
+
+This is what lets the CLI environment validate a whole recipe, plan it and pick each step's
+environment, while the stage's own dependencies (torch, vLLM, ...) live elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from hala.errors import ConfigError
+
+# Files that define a stage's behaviour: a change to any of them invalidates the stage's caches.
+# (READMEs and tests do not; outputs that stay byte-identical keep downstream steps cached.)
+_VERSIONED = ("*.py", "stage.toml", "requirements.txt", "*.jinja", "*.yaml")
+
+# Step-level keys of a recipe; a stage config may not reuse them, so `--set STEP.KEY` stays unambiguous.
+RESERVED_CONFIG_KEYS = frozenset({"stage", "inputs", "config", "shards", "enabled", "description"})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    required: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    kind: str = "dataset"  # dataset | model | report | files
+    default: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    root: Path
+    module: str
+    env: str
+    config_class: str
+    sharded: bool = False
+    description: str = ""
+    inputs: dict[str, InputSpec] = field(default_factory=dict)
+    outputs: dict[str, OutputSpec] = field(default_factory=dict)
+    any_inputs: bool = False  # e.g. a training mixture: inputs named by the recipe
+    env_remove: tuple[str, ...] = ()  # packages to uninstall after installing the env (see hala.envs)
+
+    @property
+    def schema_path(self) -> Path:
+        return self.root / "config.schema.json"
+
+    @property
+    def requirements_path(self) -> Path:
+        return self.root / "requirements.txt"
+
+    @cached_property
+    def schema(self) -> dict[str, Any]:
+        if not self.schema_path.exists():
+            raise ConfigError(
+                f"stage '{self.name}' has no {self.schema_path}; generate it with "
+                f"`hala schema {self.name} --write` in the stage's environment"
+            )
+        return json.loads(self.schema_path.read_text())
+
+    @cached_property
+    def version(self) -> str:
+        """Hash of the files that define the stage (code, metadata, dependency set)."""
+        h = hashlib.sha256()
+        files: set[Path] = set()
+        for pattern in _VERSIONED:
+            files.update(p for p in self.root.rglob(pattern) if "__pycache__" not in p.parts)
+        for path in sorted(files):
+            h.update(str(path.relative_to(self.root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
+
+    @property
+    def default_output(self) -> str:
+        for out in self.outputs.values():
+            if out.default:
+                return out.name
+        return next(iter(self.outputs))
+
+
+def roots() -> list[Path]:
+    """Folders holding stage packages: the project's `stages/` plus `HALA_STAGES_PATH` entries."""
+    found: list[Path] = []
+    spec = importlib.util.find_spec("stages")
+    if spec is not None and spec.submodule_search_locations:
+        found.extend(Path(p) for p in spec.submodule_search_locations)
+    extra = os.environ.get("HALA_STAGES_PATH", "")
+    found.extend(Path(p) for p in extra.split(os.pathsep) if p)
+    return found
+
+
+def _load(path: Path) -> StageSpec:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    meta = raw.get("stage", {})
+    name = meta.get("name", path.parent.name)
+    inputs: dict[str, InputSpec] = {}
+    any_inputs = False
+    for key, val in raw.get("inputs", {}).items():
+        if key == "*":
+            any_inputs = True
+            continue
+        inputs[key] = InputSpec(key, bool(val.get("required", True)), val.get("description", ""))
+    outputs = {
+        key: OutputSpec(key, val.get("kind", "dataset"), bool(val.get("default", False)), val.get("description", ""))
+        for key, val in raw.get("outputs", {}).items()
+    }
+    if not outputs:
+        raise ConfigError(f"{path}: a stage declares at least one [outputs.NAME] table")
+    missing = [k for k in ("env", "config") if k not in meta]
+    if missing:
+        raise ConfigError(f"{path}: [stage] lacks {', '.join(missing)}")
+    return StageSpec(
+        name=name,
+        root=path.parent,
+        module=meta.get("module", f"stages.{name}"),
+        env=meta["env"],
+        config_class=meta["config"],
+        sharded=bool(meta.get("sharded", False)),
+        description=meta.get("description", ""),
+        inputs=inputs,
+        outputs=outputs,
+        any_inputs=any_inputs,
+        env_remove=tuple(raw.get("env", {}).get("remove", ())),
+    )
+
+
+def all_stages() -> dict[str, StageSpec]:
+    stages: dict[str, StageSpec] = {}
+    for root in roots():
+        if not root.is_dir():
+            continue
+        for toml_path in sorted(root.glob("*/stage.toml")):
+            spec = _load(toml_path)
+            stages.setdefault(spec.name, spec)
+    return stages
+
+
+def find(name: str) -> StageSpec | None:
+    return all_stages().get(name)

@@ -1,0 +1,293 @@
+"""The stage contract, stage side: what `python -m stages.<name>` does around the stage's `main`.
+
+    python -m stages.<stage> --recipe R --step S [--store URL] [--run NAME] [--shard I/N] [--set K=V ...] [--force]
+
+This is the exact command the local runner, compose and the Kubernetes Jobs run. Around `main(cfg, ctx)`:
+
+1. load and validate the recipe (exit 2 on any config problem), build the stage's typed config;
+2. resolve the inputs and the step's fingerprint; a committed step with the same fingerprint is a
+   cache hit (exit 0 at once, nothing read);
+3. give `main` a StepContext: verified inputs, local staging folders for outputs, a resumable work
+   area `_work/<fingerprint>/`, counters, metrics, progress;
+4. commit: outputs hashed and moved in place, `_MANIFEST.json` last. A sharded step's shard instead
+   commits a part under `_work/` with a `_PART.json` marker, and `hala gather` writes the manifest.
+
+Exceptions end the process with the codes of hala.errors (2 config, 3 data, 75 temporary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hala import logs, recipe as recipe_mod, sources
+from hala.errors import ConfigError, HalaError, exit_code_for
+from hala.recipe import Recipe, Step
+from hala.sources import ResolvedInput
+from hala.store import PART, Store, check_counts, host_info, new_manifest, now, output_entry
+
+
+def parse_shard(text: str | None, step: Step) -> tuple[int, int] | None:
+    """`--shard I/N`; without it, a Kubernetes Indexed Job's JOB_COMPLETION_INDEX and the recipe's shards."""
+    if text is None and "JOB_COMPLETION_INDEX" in os.environ and step.shards > 1:
+        text = f"{os.environ['JOB_COMPLETION_INDEX']}/{step.shards}"
+    if text is None:
+        return None
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: I must be in 0..N-1")
+    if n != step.shards:
+        raise ConfigError(f"--shard {text!r}: step '{step.name}' has shards: {step.shards} in the recipe (use --set {step.name}.shards={n})")
+    return i, n
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe YAML file")
+    parser.add_argument("--step", required=True, help="the step of the recipe to run")
+    parser.add_argument("--store", help="artifact store URL or path (default: the recipe's)")
+    parser.add_argument("--run", help="run name (default: the recipe's)")
+    parser.add_argument("--shard", help="I/N: run shard I of N (default: $JOB_COMPLETION_INDEX for sharded steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE", help="override a recipe value")
+    parser.add_argument("--force", action="store_true", help="run even if a committed output has the same fingerprint")
+
+
+@dataclass
+class StepContext:
+    """What a stage's `main(cfg, ctx)` gets."""
+
+    recipe: Recipe
+    step: Step
+    store: Store
+    fingerprint: str
+    inputs: dict[str, ResolvedInput]
+    shard: tuple[int, int] | None
+    staging: str  # local folder: one subfolder per output
+    work: str  # store path of the resumable work area of this fingerprint (and shard)
+    log: Any
+    counts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    quarantined: Counter = field(default_factory=Counter)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run(self) -> str:
+        return self.recipe.run
+
+    def input(self, name: str) -> ResolvedInput:
+        try:
+            return self.inputs[name]
+        except KeyError:
+            raise ConfigError(f"step '{self.step.name}' has no input '{name}'; it has: {', '.join(self.inputs) or '(none)'}") from None
+
+    def has_input(self, name: str) -> bool:
+        return name in self.inputs
+
+    def model_path(self, name: str) -> str:
+        """Local folder of a model input: a step output, a path, or a tiny stand-in (built on first use)."""
+        resolved = self.input(name)
+        if resolved.kind == "tiny":
+            from hala import tiny  # torch: only in environments that build models
+
+            return tiny.ensure(self.store, resolved.ref.uri or "", self.recipe)
+        if resolved.kind == "hub":
+            return resolved.uri  # a hub id works wherever a path does in from_pretrained
+        return resolved.local_path()
+
+    def output_dir(self, name: str) -> str:
+        """Local folder to write output `name` into; it is hashed and moved in place at commit."""
+        assert self.step.spec is not None
+        if name not in self.step.spec.outputs:
+            raise ConfigError(f"stage '{self.step.stage}' declares no output '{name}' (stage.toml [outputs])")
+        path = os.path.join(self.staging, name)
+        os.makedirs(path, exist_ok=True)
+        self.outputs.setdefault(name, {})
+        return path
+
+    def set_output(self, name: str, rows: int | None = None, **extra: Any) -> None:
+        """Describe an output for the manifest: its rows and anything readers should know (schema, format)."""
+        self.output_dir(name)
+        self.outputs[name].update(extra)
+        self.outputs[name]["rows"] = rows
+
+    def count(self, **counts: Any) -> None:
+        self.counts.update(counts)
+
+    def quarantine(self, reason: str, n: int = 1) -> None:
+        self.quarantined[reason] += n
+
+    def progress(self, total: int | None, unit: str = "rows", what: str | None = None) -> logs.Progress:
+        return logs.Progress(total, unit=unit, what=what or self.step.name)
+
+
+def _pydantic_errors(exc: Any, step: Step) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"step '{step.name}': config key '{loc}': {err['msg']}")
+    return "\n  - ".join(lines)
+
+
+def open_context(args: argparse.Namespace, stage: str, config_model: type) -> tuple[StepContext, Any]:
+    recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+    step = recipe.step(args.step)
+    if step.stage != stage:
+        raise ConfigError(f"step '{step.name}' runs stage '{step.stage}', not '{stage}' (python -m stages.{step.stage})")
+    try:
+        cfg = config_model.model_validate(step.config)
+    except Exception as e:  # pydantic.ValidationError; the stage's env has pydantic, the library does not need it
+        if hasattr(e, "errors"):
+            raise ConfigError(_pydantic_errors(e, step)) from None
+        raise
+    shard = parse_shard(args.shard, step)
+    logs.bind(run=recipe.run, step=step.name, stage=stage, shard=f"{shard[0]}/{shard[1]}" if shard else None)
+    store = Store(recipe.store)
+    resolved = sources.resolve(store, recipe, step)
+    fp = sources.fingerprint(step, resolved)
+    work = store.work_path(recipe.run, step.name, fp)
+    if shard and shard[1] > 1:
+        work = f"{work}/shards/{shard[0]:05d}-of-{shard[1]:05d}"
+    staging = os.path.join(work, "out") if store.is_local else tempfile.mkdtemp(prefix=f"hala-{step.name}-")
+    ctx = StepContext(recipe, step, store, fp, resolved, shard, staging, work, logs.get(f"stages.{stage}"))
+    return ctx, cfg
+
+
+def is_cached(ctx: StepContext) -> bool:
+    manifest = ctx.store.read_manifest(ctx.run, ctx.step.name)
+    if manifest and manifest.get("fingerprint") == ctx.fingerprint and ctx.store.outputs_present(ctx.run, ctx.step.name, manifest):
+        return True
+    if ctx.shard and ctx.shard[1] > 1 and ctx.store.fs.exists(f"{ctx.work}/{PART}"):
+        return True  # this shard's part is committed; the step waits for `hala gather`
+    return False
+
+
+def build_outputs(ctx: StepContext, base: str, local: bool) -> dict[str, Any]:
+    assert ctx.step.spec is not None
+    outputs = {}
+    for name, meta in ctx.outputs.items():
+        files = ctx.store.describe(base, name, local=local)
+        extra = {k: v for k, v in meta.items() if k != "rows"}
+        outputs[name] = output_entry(files, name, ctx.step.spec.outputs[name].kind, meta.get("rows"), **extra)
+    return outputs
+
+
+def _quarantine_record(ctx: StepContext) -> dict[str, Any]:
+    return {"rows": sum(ctx.quarantined.values()), "by_reason": dict(sorted(ctx.quarantined.items()))}
+
+
+def finish_counts(ctx: StepContext) -> dict[str, Any] | None:
+    if not ctx.counts:
+        return None
+    counts = {"rows_in": 0, "rows_out": 0, "rows_quarantined": 0, "rows_removed": {}, **ctx.counts}
+    if ctx.quarantined and counts["rows_quarantined"] != sum(ctx.quarantined.values()):
+        counts["rows_quarantined"] = sum(ctx.quarantined.values())
+    check_counts(counts, f"step '{ctx.step.name}'")
+    return counts
+
+
+def manifest_for(ctx: StepContext, outputs: dict[str, Any], counts: dict[str, Any] | None, started: str, seconds: float) -> dict[str, Any]:
+    return new_manifest(
+        run=ctx.run, step=ctx.step, fingerprint=ctx.fingerprint,
+        inputs={name: r.record() for name, r in ctx.inputs.items()},
+        outputs=outputs, counts=counts, quarantine=_quarantine_record(ctx), metrics=ctx.metrics,
+        timings={"started": started, "finished": now(), "seconds": round(seconds, 3), **ctx.timings},
+        shards={"count": ctx.shard[1]} if ctx.shard else None,
+    )
+
+
+def commit(ctx: StepContext, started: str, seconds: float) -> dict[str, Any]:
+    counts = finish_counts(ctx)
+    outputs = build_outputs(ctx, ctx.staging, local=True)
+    manifest = manifest_for(ctx, outputs, counts, started, seconds)
+    moves = [(os.path.join(ctx.staging, name), name) for name in outputs if os.path.exists(os.path.join(ctx.staging, name))]
+    ctx.store.commit(ctx.run, ctx.step.name, moves, True, manifest)
+    ctx.store.clean_work(ctx.run, ctx.step.name)
+    return manifest
+
+
+def commit_part(ctx: StepContext, started: str, seconds: float) -> dict[str, Any]:
+    """A shard's share: its outputs stay under _work/ next to a _PART.json marker written last."""
+    counts = finish_counts(ctx)
+    if not ctx.store.is_local:
+        ctx.store.fs.put(ctx.staging, f"{ctx.work}/out", recursive=True)
+    outputs = build_outputs(ctx, ctx.staging, local=True)
+    part = {
+        "shard": list(ctx.shard or (0, 1)),
+        "fingerprint": ctx.fingerprint,
+        "outputs": outputs,
+        "counts": counts,
+        "quarantine": _quarantine_record(ctx),
+        "metrics": ctx.metrics,
+        "timings": {"started": started, "finished": now(), "seconds": round(seconds, 3), **ctx.timings},
+        "host": host_info(),
+    }
+    ctx.store.write_json(f"{ctx.work}/{PART}", part)
+    return part
+
+
+def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None], argv: list[str] | None = None) -> int:
+    """Parse the step command line, then run `main` under the contract. Returns the exit code."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=(sys.modules.get(f"stages.{stage}").__doc__ or "") if sys.modules.get(f"stages.{stage}") else None)
+    add_step_arguments(parser)
+    args = parser.parse_args(argv)
+    logs.setup()
+    log = logs.get("hala.step")
+    ctx: StepContext | None = None
+    started = now()
+    t0 = time.monotonic()
+    try:
+        ctx, cfg = open_context(args, stage, config_model)
+        if not args.force and is_cached(ctx):
+            log.info("cached", fingerprint=ctx.fingerprint[:12])
+            return 0
+        shard_text = f"{ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard else None
+        ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)  # another fingerprint's work is stale
+        if os.path.exists(ctx.staging) and ctx.store.is_local:
+            shutil.rmtree(ctx.staging)  # outputs are rewritten whole; resumable state lives beside them
+        ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="running", fingerprint=ctx.fingerprint)
+        log.info("start", fingerprint=ctx.fingerprint[:12], inputs={k: v.ref.describe() for k, v in ctx.inputs.items()})
+        main(cfg, ctx)
+        seconds = time.monotonic() - t0
+        if ctx.shard and ctx.shard[1] > 1:
+            part = commit_part(ctx, started, seconds)
+            log.info("part committed", seconds=round(seconds, 2), counts=part["counts"])
+        else:
+            manifest = commit(ctx, started, seconds)
+            log.info("committed", seconds=round(seconds, 2), counts=manifest["counts"],
+                     outputs={k: v["rows"] for k, v in manifest["outputs"].items()})
+        ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="done", seconds=round(seconds, 3), exit_code=0)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every way out gets an exit code and a status
+        if isinstance(exc, KeyboardInterrupt):
+            code = 130
+        elif isinstance(exc, SystemExit):
+            raise
+        else:
+            code = exit_code_for(exc)
+        if isinstance(exc, HalaError):
+            log.error("failed", exit_code=code, error=str(exc))
+        else:
+            log.error("failed", exit_code=code, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        if ctx is not None:
+            try:
+                shard_text = f"{ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard else None
+                ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="failed", exit_code=code,
+                                       error=str(exc)[:2000], seconds=round(time.monotonic() - t0, 3))
+            except Exception:  # noqa: BLE001 - the original error matters more than the status file
+                pass
+        return code
+    finally:
+        if ctx is not None and not ctx.store.is_local and os.path.isdir(ctx.staging):
+            shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -1,0 +1,307 @@
+"""The artifact store: `<store>/<run>/<step>/` on any fsspec filesystem.
+
+Layout of one step:
+
+    <step>/<output>/...            the data (parquet shards, a model folder, ...)
+    <step>/_MANIFEST.json          written last: only a step with a manifest exists for readers
+    <step>/_work/<fingerprint>/    work in progress: chunks, checkpoints, shard parts; resumed by a rerun
+                                   with the same fingerprint, discarded by one with another, removed at commit
+
+A reader trusts only a manifest, and checks the sha256 of every file it reads against it: a tampered
+file is a DataError (exit 3) that names the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from hala.errors import ConfigError, DataError, TemporaryError
+from hala.hashing import sha256_file, sha256_listing
+
+MANIFEST = "_MANIFEST.json"
+PART = "_PART.json"
+WORK = "_work"
+SCHEMA = "hala.manifest/1"
+COUNT_KEYS = ("rows_in", "rows_out", "rows_quarantined", "rows_removed")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # --- paths ------------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, path: str) -> str:
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def step_path(self, run: str, step: str) -> str:
+        return self.path(run, step)
+
+    def work_path(self, run: str, step: str, fingerprint: str) -> str:
+        return self.path(run, step, WORK, fingerprint)
+
+    # --- json -------------------------------------------------------------------------------------
+
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.uri(path)}: not valid JSON ({e}); delete it and rerun the step") from e
+
+    def write_json(self, path: str, obj: Any) -> None:
+        """Whole-file write that readers never see half-done: rename on local disks, one PUT on object stores."""
+        data = (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe(path, data)
+
+    # --- manifests --------------------------------------------------------------------------------
+
+    def read_manifest(self, run: str, step: str) -> dict[str, Any] | None:
+        manifest = self.read_json(self.path(run, step, MANIFEST))
+        if manifest is not None and manifest.get("schema") != SCHEMA:
+            raise DataError(
+                f"{self.uri(self.path(run, step, MANIFEST))}: manifest schema {manifest.get('schema')!r}, "
+                f"this hala reads {SCHEMA!r}; rerun the step with --force {step}"
+            )
+        return manifest
+
+    def output_path(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
+        try:
+            entry = manifest["outputs"][output]
+        except KeyError:
+            raise ConfigError(
+                f"step '{step}' of run '{run}' has no output '{output}'; it has: {', '.join(manifest.get('outputs', {}))}"
+            ) from None
+        return self.path(run, step, entry["path"])
+
+    def outputs_present(self, run: str, step: str, manifest: dict[str, Any]) -> bool:
+        """Cheap check for a cache hit: every listed file exists with its recorded size."""
+        for entry in manifest.get("outputs", {}).values():
+            for f in entry.get("files", []):
+                try:
+                    if self.fs.size(self.path(run, step, f["path"])) != f["bytes"]:
+                        return False
+                except FileNotFoundError:
+                    return False
+        return True
+
+    def verify_output(self, run: str, step: str, manifest: dict[str, Any], output: str) -> None:
+        """Re-hash every file of one output; DataError (exit 3) naming the first file that differs."""
+        entry = manifest["outputs"][output]
+        for f in entry.get("files", []):
+            path = self.path(run, step, f["path"])
+            try:
+                digest, size = sha256_file(self.fs, path)
+            except FileNotFoundError:
+                raise DataError(
+                    f"artifact missing: {self.uri(path)} is listed in the manifest of step '{step}' but does not exist; "
+                    f"rerun it with --force {step}"
+                ) from None
+            if digest != f["sha256"] or size != f["bytes"]:
+                raise DataError(
+                    f"artifact changed since it was written: {self.uri(path)} (sha256 {digest[:12]}…, "
+                    f"manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
+                )
+
+    def verify_step(self, run: str, step: str) -> dict[str, Any]:
+        manifest = self.read_manifest(run, step)
+        if manifest is None:
+            raise DataError(f"step '{step}' of run '{run}' is not committed (no {MANIFEST})")
+        for output in manifest.get("outputs", {}):
+            self.verify_output(run, step, manifest, output)
+        return manifest
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def describe(self, base: str, rel_dir: str, local: bool) -> list[dict[str, Any]]:
+        """Files under base/rel_dir with sha256 and size; paths relative to base."""
+        fs = fsspec.filesystem("file") if local else self.fs
+        root = f"{base.rstrip('/')}/{rel_dir}"
+        if not fs.exists(root):
+            return []
+        paths = [root] if fs.isfile(root) else sorted(fs.find(root))
+        files = []
+        for p in paths:
+            digest, size = sha256_file(fs, p)
+            files.append({"path": p[len(base.rstrip("/")) + 1 :], "sha256": digest, "bytes": size})
+        return files
+
+    def commit(self, run: str, step: str, moves: list[tuple[str, str]], from_local: bool, manifest: dict[str, Any]) -> None:
+        """Publish outputs, then the manifest. `moves` are (source, path relative to the step folder):
+        whole output folders from a stage's staging area, or single files from shard parts."""
+        step_dir = self.step_path(run, step)
+        manifest_path = self.path(run, step, MANIFEST)
+        # 1. readers stop seeing the previous version before any of its files change
+        if self.fs.exists(manifest_path):
+            self.fs.rm(manifest_path)
+        # 2. old outputs go (the work area stays: the sources of the moves may live there)
+        if self.fs.exists(step_dir):
+            for entry in self.fs.ls(step_dir, detail=False):
+                if entry.rstrip("/").rsplit("/", 1)[-1] != WORK:
+                    self.fs.rm(entry, recursive=True)
+        # 3. new outputs in place
+        for src, rel in moves:
+            dst = self.path(run, step, rel)
+            if from_local and not self.is_local:
+                self.fs.put(src, dst, recursive=os.path.isdir(src))
+            elif self.is_local:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.move(src, dst)
+            else:
+                self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.mv(src, dst, recursive=True)
+        for name, entry in manifest["outputs"].items():  # an output with no files is still a folder
+            if self.is_local:
+                os.makedirs(self.path(run, step, entry["path"]), exist_ok=True)
+        # 4. the manifest, last
+        self.write_json(manifest_path, manifest)
+
+    def clean_work(self, run: str, step: str, keep: str | None = None) -> None:
+        """Drop work areas; `keep` one fingerprint (the current one, when resuming)."""
+        work = self.path(run, step, WORK)
+        if not self.fs.exists(work):
+            return
+        for entry in self.fs.ls(work, detail=False):
+            if keep is None or entry.rstrip("/").rsplit("/", 1)[-1] != keep:
+                self.fs.rm(entry, recursive=True)
+        if not self.fs.ls(work, detail=False):
+            self.fs.rm(work, recursive=True)
+
+    # --- run bookkeeping --------------------------------------------------------------------------
+
+    def write_status(self, run: str, step: str, shard: str | None = None, **fields: Any) -> None:
+        name = step if not shard else f"{step}.shard-{shard.replace('/', '-of-')}"
+        self.write_json(self.path(run, "_status", f"{name}.json"), {"step": step, "shard": shard, "at": now(), **fields})
+
+    def read_statuses(self, run: str) -> dict[str, dict[str, Any]]:
+        folder = self.path(run, "_status")
+        out: dict[str, dict[str, Any]] = {}
+        if not self.fs.exists(folder):
+            return out
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            data = self.read_json(path)
+            if data:
+                key = path.rsplit("/", 1)[-1][: -len(".json")]
+                out[key] = data
+        return out
+
+
+def output_entry(files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int | None, **extra: Any) -> dict[str, Any]:
+    prefix = rel_dir.rstrip("/") + "/"
+    return {
+        "path": rel_dir,
+        "kind": kind,
+        "rows": rows,
+        "bytes": sum(f["bytes"] for f in files),
+        "sha256": sha256_listing((f["path"][len(prefix) :] if f["path"].startswith(prefix) else f["path"], f["sha256"]) for f in files),
+        "files": files,
+        **extra,
+    }
+
+
+def new_manifest(*, run: str, step: Any, fingerprint: str, inputs: dict[str, Any], outputs: dict[str, Any],
+                 counts: dict[str, Any] | None, quarantine: dict[str, Any], metrics: dict[str, Any],
+                 timings: dict[str, Any], shards: dict[str, Any] | None) -> dict[str, Any]:
+    """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the fields)."""
+    return {
+        "schema": SCHEMA,
+        "run": run,
+        "step": step.name,
+        "stage": step.stage,
+        "stage_version": step.spec.version,
+        "code_version": code_version(),
+        "image": os.environ.get("HALA_IMAGE"),
+        "fingerprint": fingerprint,
+        "config": step.config,
+        "config_hash": step.config_hash(),
+        "inputs": inputs,
+        "outputs": outputs,
+        "counts": counts,
+        "quarantine": quarantine,
+        "metrics": metrics,
+        "timings": timings,
+        "shards": shards,
+        "host": host_info(),
+    }
+
+
+def check_counts(counts: dict[str, Any], where: str) -> None:
+    """rows_in = rows_out + rows_quarantined + sum(rows_removed): refuse to commit otherwise."""
+    unknown = set(counts) - set(COUNT_KEYS)
+    if unknown:
+        raise DataError(f"{where}: unknown count keys {sorted(unknown)}; the manifest uses {', '.join(COUNT_KEYS)}")
+    removed = counts.get("rows_removed") or {}
+    total = counts.get("rows_out", 0) + counts.get("rows_quarantined", 0) + sum(removed.values())
+    if counts.get("rows_in", 0) != total:
+        raise DataError(
+            f"{where}: row accounting does not add up: rows_in={counts.get('rows_in')} but rows_out + "
+            f"rows_quarantined + rows_removed = {total} ({counts}); nothing was committed"
+        )
+
+
+def code_version() -> str:
+    """The code a manifest came from: baked into images as HALA_CODE_VERSION, else git, else the package."""
+    if os.environ.get("HALA_CODE_VERSION"):
+        return os.environ["HALA_CODE_VERSION"]
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
+                capture_output=True, text=True, timeout=5, check=True,
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from hala import __version__
+
+    return __version__
+
+
+def host_info() -> dict[str, Any]:
+    return {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "image": os.environ.get("HALA_IMAGE"),
+    }
+
+
+def transient(exc: Exception, what: str) -> TemporaryError:
+    return TemporaryError(f"{what}: {exc} (temporary: a retry resumes here)")
