@@ -1,0 +1,156 @@
+"""prepare: read -> normalize -> filter (code, duplicates) -> parquet shards + quarantine.
+
+Every row read is accounted for: rows_in = rows_out + rows_quarantined + rows_removed (duplicates,
+code), and the manifest says so. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hala.errors import DataError
+from hala.step import StepContext
+from stages.prepare import formats, readers
+from stages.prepare.config import PrepareConfig
+from stages.prepare.readers import Broken
+
+TOOL_CALL = pa.struct([("type", pa.string()), ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(TOOL_CALL))])
+CONVERSATIONS = pa.schema([("id", pa.string()), ("origin", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string())])
+PAIRS = pa.schema([("id", pa.string()), ("origin", pa.string()), ("src_lang", pa.string()), ("tgt_lang", pa.string()),
+                   ("src", pa.string()), ("tgt", pa.string())])
+QUARANTINE = pa.schema([("id", pa.string()), ("origin", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()),
+                        ("detail", pa.string()), ("raw", pa.string())])
+RAW_LIMIT = 1 << 20  # keep at most 1 MiB of a quarantined row
+
+
+class ShardWriter:
+    """Rows to `part-00000.parquet`, `part-00001.parquet`, ... (at least one file, so readers always find a table)."""
+
+    def __init__(self, folder: str, schema: pa.Schema, rows_per_file: int):
+        self.folder, self.schema, self.rows_per_file = folder, schema, rows_per_file
+        self.buffer: list[dict[str, Any]] = []
+        self.files = 0
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        self.rows += 1
+        if len(self.buffer) >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        pq.write_table(table, os.path.join(self.folder, f"part-{self.files:05d}.parquet"), compression="zstd")
+        self.files += 1
+        self.buffer = []
+
+    def close(self) -> None:
+        if self.buffer or self.files == 0:
+            self._flush()
+
+
+def _raw_text(raw: Any) -> str:
+    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from broken bytes
+    return text[:RAW_LIMIT]
+
+
+def _rows(ctx: StepContext, cfg: PrepareConfig) -> Iterator[Any]:
+    """Raw rows, each a dict, a Broken, or for aligned_text a (source, target) tuple."""
+    if cfg.format != "aligned_text":
+        if ctx.has_input("target"):
+            raise DataError(f"step '{ctx.step.name}': input 'target' is only read by format aligned_text")
+        yield from readers.iter_input(ctx.input("source"), cfg)
+        return
+    if not ctx.has_input("target"):
+        raise DataError(f"step '{ctx.step.name}': format aligned_text needs inputs source and target")
+    src, tgt = ctx.input("source"), ctx.input("target")
+    n_src, n_tgt = readers.count_lines(src, cfg), readers.count_lines(tgt, cfg)
+    if n_src is not None and n_tgt is not None and n_src != n_tgt:
+        raise DataError(f"aligned_text: {src.ref.raw} has {n_src} lines but {tgt.ref.raw} has {n_tgt}; the sides are not aligned")
+    end = object()
+    pairs = itertools.zip_longest(readers.iter_input(src, cfg), readers.iter_input(tgt, cfg, target=True), fillvalue=end)
+    for i, (a, b) in enumerate(pairs):
+        if a is end or b is end:
+            longer = "target" if a is end else "source"
+            raise DataError(f"aligned_text: the {longer} side has more rows than the other ({i} rows matched); the sides are not aligned")
+        yield a if isinstance(a, Broken) else b if isinstance(b, Broken) else (a, b)
+
+
+def main(cfg: PrepareConfig, ctx: StepContext) -> None:
+    origin = cfg.origin or ctx.step.name.removeprefix("prepare-")
+    kind = cfg.kind
+    data = ShardWriter(ctx.output_dir("data"), CONVERSATIONS if kind == "conversations" else PAIRS, cfg.rows_per_file)
+    quarantine = ShardWriter(ctx.output_dir("quarantine"), QUARANTINE, cfg.rows_per_file)
+    seen: set[bytes] = set()
+    removed = {"duplicates": 0, "code": 0, "excluded": 0}
+    stats = {"turns": 0, "multi_turn_rows": 0, "tool_rows": 0, "src_chars": 0, "tgt_chars": 0}
+    rows_in = 0
+    t0 = time.monotonic()
+    with ctx.progress(cfg.max_rows, unit="rows", what="normalize") as progress:
+        for index, raw in enumerate(_rows(ctx, cfg)):
+            if cfg.max_rows is not None and index >= cfg.max_rows:
+                break
+            rows_in += 1
+            progress.update()
+            row_id = f"{origin}:{index}"
+            try:
+                if isinstance(raw, Broken):
+                    raise formats.Reject(raw.reason, raw.detail)
+                if cfg.exclude and isinstance(raw, dict) and any(raw.get(k) in v for k, v in cfg.exclude.items()):
+                    removed["excluded"] += 1
+                    continue
+                if kind == "conversations":
+                    messages, tools = formats.conversation(raw, cfg)
+                    if cfg.drop_code and formats.has_code(messages):
+                        removed["code"] += 1
+                        continue
+                    key = json.dumps([messages, tools], ensure_ascii=False, sort_keys=True).encode()
+                    out: dict[str, Any] = {"id": row_id, "origin": origin, "messages": messages, "tools": tools}
+                else:
+                    src, tgt = formats.pair(raw, cfg)
+                    key = json.dumps([src, tgt], ensure_ascii=False).encode()
+                    out = {"id": row_id, "origin": origin, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang, "src": src, "tgt": tgt}
+            except formats.Reject as r:
+                ctx.quarantine(r.reason)
+                quarantine.add({"id": row_id, "origin": origin, "row_index": index, "reason": r.reason, "detail": r.detail,
+                                "raw": _raw_text(raw.raw if isinstance(raw, Broken) else raw)})
+                continue
+            if cfg.dedup:
+                digest = hashlib.blake2b(key, digest_size=16).digest()
+                if digest in seen:
+                    removed["duplicates"] += 1
+                    continue
+                seen.add(digest)
+            data.add(out)
+            if kind == "conversations":
+                stats["turns"] += len(out["messages"])
+                stats["multi_turn_rows"] += sum(m["role"] == "user" for m in out["messages"]) > 1
+                stats["tool_rows"] += bool(out["tools"]) or any(m["tool_calls"] or m["role"] == "tool" for m in out["messages"])
+            else:
+                stats["src_chars"] += len(out["src"])
+                stats["tgt_chars"] += len(out["tgt"])
+    data.close()
+    quarantine.close()
+    ctx.timings["normalize_seconds"] = round(time.monotonic() - t0, 3)
+    ctx.set_output("data", rows=data.rows, format="parquet", schema=kind, columns=[f.name for f in data.schema])
+    ctx.set_output("quarantine", rows=quarantine.rows, format="parquet", schema="quarantine")
+    ctx.count(rows_in=rows_in, rows_out=data.rows, rows_quarantined=quarantine.rows,
+              rows_removed={k: v for k, v in removed.items() if v or k == "duplicates"})
+    if kind == "conversations":
+        ctx.metrics.update(mean_turns=round(stats["turns"] / max(data.rows, 1), 3),
+                           multi_turn_rows=stats["multi_turn_rows"], tool_rows=stats["tool_rows"])
+    else:
+        ctx.metrics.update(src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang,
+                           tgt_src_char_ratio=round(stats["tgt_chars"] / max(stats["src_chars"], 1), 3))
+    ctx.metrics["origin"] = origin
+    ctx.log.info("normalized", rows_in=rows_in, rows_out=data.rows, quarantined=dict(ctx.quarantined), removed=removed)
