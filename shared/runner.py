@@ -83,6 +83,7 @@ class _Relay:
         self.json = not sys.stdout.isatty() or os.environ.get("HALA_LOG_FORMAT") == "json"
         self.bars: dict[str, Any] = {}
         self.lines: list[str] = []
+        self.error: str | None = None  # the child's own account of why it failed
         if not self.json:
             import structlog
 
@@ -102,6 +103,8 @@ class _Relay:
             if self.json:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
                 return
+        if event.get("event") == "failed" and event.get("error"):
+            self.error = str(event["error"])
         if self.json:
             print(text, flush=True)
             return
@@ -125,7 +128,7 @@ class _Relay:
             del self.bars[key]
 
 
-def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str) -> int:
+def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str) -> tuple[int, str | None]:
     env = dict(os.environ)
     env.update(HALA_LOG_FORMAT="json", HALA_PROGRESS_BAR="0", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
@@ -142,7 +145,7 @@ def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str) ->
             raise
         finally:
             _save_log(store, run, log_name, relay.lines)
-    return code
+    return code, relay.error
 
 
 def _save_log(store: Store, run: str, name: str, lines: list[str]) -> None:
@@ -237,14 +240,12 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             log.info("cached", step=step.name, fingerprint=(fp or "")[:12], rows=_rows(manifest))
             continue
         log.info("step start", step=step.name, stage=step.stage, shards=step.shards)
-        code = _run_step(recipe, step, store, forced)
+        code, note = _run_step(recipe, step, store, forced)
         seconds = time.monotonic() - t0
         manifest = store.read_manifest(recipe.run, step.name)
         if code == EXIT_OK and manifest is None:
             code, note = EXIT_CONFIG, "the step exited 0 but left no manifest"
-        else:
-            note = ""
-        outcomes[step.name] = Outcome(step.name, "done" if code == 0 else "failed", seconds, code, _rows(manifest), note)
+        outcomes[step.name] = Outcome(step.name, "done" if code == 0 else "failed", seconds, code, _rows(manifest), note or "")
         if code:
             log.error("step failed", step=step.name, exit_code=code, seconds=round(seconds, 1))
             first_failure = first_failure or code
@@ -254,19 +255,20 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
     return first_failure
 
 
-def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool) -> int:
+def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool) -> tuple[int, str | None]:
+    """Exit code and the step's own error message; a sharded step runs its shards, then gathers."""
     if step.shards > 1:
         for i in range(step.shards):
-            code = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
-                          store, recipe.run, f"{step.name}.shard-{i}")
+            code, error = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
+                                 store, recipe.run, f"{step.name}.shard-{i}")
             if code:
-                return code
+                return code, f"shard {i}/{step.shards}: {error}" if error else f"shard {i}/{step.shards}"
         try:
             gather(str(recipe.path), step.name, recipe.store, recipe.run, recipe.overrides)
         except HalaError as e:
             logs.get("hala.run").error("gather failed", step=step.name, error=str(e))
-            return e.exit_code
-        return EXIT_OK
+            return e.exit_code, str(e)
+        return EXIT_OK, None
     return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name)
 
 
@@ -283,6 +285,9 @@ def _summary(recipe: Recipe, store: Store, outcomes: dict[str, Outcome], started
     for o in outcomes.values():
         counts[o.state] = counts.get(o.state, 0) + 1
     log.info("run end", **counts, store=store.uri(store.path(recipe.run)))
+    for o in outcomes.values():  # people read stderr: say plainly what failed and why
+        if o.state == "failed":
+            print(f"hala: step {o.step} failed (exit {o.exit_code}){': ' + o.note if o.note else ''}", file=sys.stderr)
 
 
 def status(store: Store, run: str) -> list[dict[str, Any]]:

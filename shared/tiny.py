@@ -31,7 +31,9 @@ from hala import logs, tiny_spec
 from hala.hashing import sha256_json
 from hala.store import MANIFEST, SCHEMA, Store, code_version, host_info, now, output_entry
 
-SPECIAL = ["<|pad|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0-3: LFM2's pad / bos / eos naming
+# ids 0-3 follow LFM2's pad / bos / eos naming; <|endoftext|> is there because transformers' Qwen2 tokenizer
+# class adds it as unk when missing, which would make the judge's tokenizer one token longer than its model.
+SPECIAL = ["<|pad|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>"]
 VOCAB = 2048
 MAX_LEN = 160
 
@@ -53,7 +55,7 @@ CHAT_TEMPLATE = (
 
 # How long each trained role trains: fixed step counts keep builds deterministic across machines;
 # the recipe's tiny_models.max_seconds is only a guard.
-TRAIN = {"translate": {"steps": 360, "lr": 3e-3, "batch": 16}, "judge": {"steps": 600, "lr": 3e-3, "batch": 16}}
+TRAIN = {"translate": {"steps": 360, "lr": 3e-3, "batch": 16}, "judge": {"steps": 600, "lr": 2e-3, "batch": 16}}
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -127,8 +129,12 @@ def training_examples(role: str, pairs: list[tuple[str, str]], prompts: dict[str
             chats.append([{"role": "user", "content": p["en-ar"].format(text=en)}, {"role": "assistant", "content": ar}])
             chats.append([{"role": "user", "content": p["ar-en"].format(text=ar)}, {"role": "assistant", "content": en}])
     elif info["train"] == "judge":
+        # Translating the pairs too teaches which Arabic belongs to which English; the verdicts alone
+        # leave a small model guessing for a long, seed-dependent while before it finds that link.
+        p = prompts["teacher"]
         shift = max(1, len(pairs) // 3)
         for i, (en, ar) in enumerate(pairs):
+            chats.append([{"role": "user", "content": p["en-ar"].format(text=en)}, {"role": "assistant", "content": ar}])
             wrong = pairs[(i + shift) % len(pairs)][1]
             chats.append([{"role": "user", "content": prompts["judge"].format(src=en, tgt=ar)}, {"role": "assistant", "content": "ACCEPT"}])
             chats.append([{"role": "user", "content": prompts["judge"].format(src=en, tgt=wrong)}, {"role": "assistant", "content": "REJECT"}])

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from hala.errors import ConfigError, DataError
+from hala.errors import ConfigError, DataError, TemporaryError
 from hala.sources import ResolvedInput
 from stages.prepare.config import PrepareConfig
 
@@ -148,10 +148,22 @@ def iter_file(fs: Any, path: str, cfg: PrepareConfig) -> Iterator[Any]:
 
 def iter_hub(resolved: ResolvedInput, subset: str | None, split: str) -> Iterator[dict[str, Any]]:
     import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
-    # streaming: the paper takes the first 405K of OpenOrca's 4.2M rows; nothing past max_rows is downloaded
-    ds = datasets.load_dataset(resolved.uri, subset, split=split, revision=resolved.ref.revision, streaming=True)
-    yield from ds
+    where = f"hub dataset {resolved.uri}" + (f" ({subset})" if subset else "") + f", split {split}"
+    try:
+        # streaming: the paper takes the first 405K of OpenOrca's 4.2M rows; nothing past max_rows is downloaded
+        ds = datasets.load_dataset(resolved.uri, subset, split=split, revision=resolved.ref.revision, streaming=True)
+    except DatasetNotFoundError as e:
+        raise ConfigError(f"{where}: {e} (gated sets need HF_TOKEN in the environment)") from None
+    except ConnectionError as e:
+        raise TemporaryError(f"{where}: {e} (no network, or HF_HUB_OFFLINE=1); worth a retry") from None
+    except ValueError as e:  # an unknown split or configuration
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        yield from ds
+    except ConnectionError as e:
+        raise TemporaryError(f"{where}: {e}; worth a retry") from None
 
 
 def iter_input(resolved: ResolvedInput, cfg: PrepareConfig, target: bool = False) -> Iterator[Any]:

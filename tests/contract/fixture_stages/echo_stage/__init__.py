@@ -1,0 +1,40 @@
+"""echo: copies its shard of a JSON-lines input (rows i, i+N, i+2N, ...) to its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from hala.step import StepContext
+
+
+@dataclass
+class EchoConfig:
+    quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
+    misreport: bool = False  # claim one row too many: the library must refuse to commit
+    sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
+
+    @classmethod
+    def model_validate(cls, data: dict) -> "EchoConfig":
+        return cls(**data)
+
+
+def main(cfg: EchoConfig, ctx: StepContext) -> None:
+    i, n = ctx.shard or (0, 1)
+    with open(ctx.input("data").local_path(), encoding="utf-8") as f:
+        rows = [json.loads(line) for k, line in enumerate(f) if k % n == i]
+    out = os.path.join(ctx.output_dir("data"), "rows.jsonl")
+    kept = 0
+    with open(out, "w", encoding="utf-8") as f, ctx.progress(len(rows)) as progress:
+        for k, row in enumerate(rows, 1):
+            time.sleep(cfg.sleep_s)
+            progress.update()
+            if cfg.quarantine_every and k % cfg.quarantine_every == 0:
+                ctx.quarantine("every_kth")
+                continue
+            f.write(json.dumps(row) + "\n")
+            kept += 1
+    ctx.set_output("data", rows=kept, format="jsonl")
+    ctx.count(rows_in=len(rows) + (1 if cfg.misreport else 0), rows_out=kept, rows_quarantined=len(rows) - kept)

@@ -1,0 +1,7 @@
+import sys
+
+from echo_stage import EchoConfig, main
+from hala import step
+
+if __name__ == "__main__":
+    sys.exit(step.run("echo", EchoConfig, main))

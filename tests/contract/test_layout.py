@@ -1,0 +1,55 @@
+"""The project's shape: stages declared, schemas present, environments known, the library light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+from hala import envs, stagespec
+from helpers import REPO
+
+
+def test_every_stage_is_packaged_and_documented() -> None:
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    stages = stagespec.all_stages()
+    assert "prepare" in stages
+    for name, spec in stages.items():
+        assert spec.root.parent == REPO / "stages"
+        assert f"stages.{name}" in packages, f"add stages.{name} to pyproject's packages"
+        assert spec.schema_path.exists(), f"{spec.schema_path}: run `make schemas`"
+        assert spec.requirements_path.exists()
+        assert (spec.root / "README.md").exists()
+        assert (spec.root / "__main__.py").exists()
+        assert (REPO / "tests" / "stages" / name).is_dir(), f"stage {name} has no tests/stages/{name}"
+
+
+def test_environments_follow_the_stages() -> None:
+    sets = envs.env_sets()
+    assert {"cli", "models", "data"} <= set(sets)
+    assert sets["data"].stages == ["prepare"]
+    assert REPO / "stages" / "prepare" / "requirements.txt" in sets["data"].requirements
+    assert REPO / "tests" / "contract" in sets["cli"].tests
+    # torch is pinned exactly wherever it appears: a range pulls a multi-GB CUDA build
+    for es in sets.values():
+        for req in es.requirements:
+            for line in req.read_text().splitlines():
+                if line.split("#")[0].strip().startswith("torch"):
+                    assert line.split("#")[0].strip() == "torch==2.13.0", f"{req}: {line}"
+
+
+def test_the_library_imports_no_ml_stack() -> None:
+    code = (
+        "import sys, hala.cli, hala.runner, hala.gather, hala.step, hala.sources, hala.tiny, hala.tiny_spec, hala.launch\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets', 'pyarrow', 'pydantic') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_stage_launcher_lists_stages() -> None:
+    out = subprocess.run([sys.executable, "-m", "hala.launch", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "prepare" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "hala.launch", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr

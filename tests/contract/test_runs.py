@@ -1,0 +1,175 @@
+"""Runs for real: steps as subprocesses in their environments, committed atomically, cached, verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, events, hala, manifest, write_recipe
+
+SAMPLES = REPO / "recipes" / "samples"
+
+
+def _lamini(source: Path | str = SAMPLES / "lamini.jsonl", **config) -> dict:
+    return {"stage": "prepare", "inputs": {"source": str(source)},
+            "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}, **config}}
+
+
+def _copy(upstream: str) -> dict:
+    """A second prepare step that reads the first one's parquet output: a real downstream reader."""
+    return {"stage": "prepare", "inputs": {"source": upstream}, "config": {"format": "messages"}}
+
+
+@pytest.mark.slow
+def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
+    store = tmp_path / "artifacts"
+    first = hala("run", "recipes/tiny.yaml", "--store", str(store))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr
+    steps = [e["step"] for e in events(first.stdout) if e.get("event") == "summary"]
+    assert len(steps) == 10
+    for step in steps:
+        m = manifest(store, "tiny", step)
+        c = m["counts"]
+        assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values())
+        assert m["outputs"]["data"]["rows"] == c["rows_out"]
+        assert m["quarantine"]["rows"] == c["rows_quarantined"]
+        assert m["fingerprint"] and m["stage_version"] and m["code_version"]
+        assert all(len(f["sha256"]) == 64 for f in m["outputs"]["data"]["files"])
+    # the samples exercise every kind of accounting
+    assert manifest(store, "tiny", "prepare-openorca")["counts"]["rows_removed"]["duplicates"] == 1
+    assert manifest(store, "tiny", "prepare-openorca")["quarantine"]["by_reason"] == {"empty_turn": 1}
+    assert manifest(store, "tiny", "prepare-hermes3")["counts"]["rows_removed"]["code"] == 2
+    assert manifest(store, "tiny", "prepare-opus100")["quarantine"]["by_reason"] == {"empty_text": 1, "wrong_script": 1}
+    second = hala("run", "recipes/tiny.yaml", "--store", str(store))
+    assert second.returncode == 0
+    states = {e["step"]: e["state"] for e in events(second.stdout) if e.get("event") == "summary"}
+    assert set(states.values()) == {"cached"}, states
+    assert not any(e.get("event") == "start" for e in events(second.stdout)), "a cached step must not start a process"
+    status = hala("status", "tiny", "--store", str(store), "--json")
+    rows = json.loads(status.stdout)
+    assert {r["state"] for r in rows} == {"committed"} and all(r["cached"] for r in rows)
+
+
+def test_cache_misses_on_config_input_and_force(tmp_path: Path) -> None:
+    source = tmp_path / "lamini.jsonl"
+    source.write_bytes((SAMPLES / "lamini.jsonl").read_bytes())
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini(source), "prepare-copy": _copy("prepare-lamini")})
+
+    def states(*extra: str) -> dict[str, str]:
+        result = hala("run", str(path), *extra)
+        assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+        return {e["step"]: e["state"] for e in events(result.stdout) if e.get("event") == "summary"}
+
+    assert states() == {"prepare-lamini": "done", "prepare-copy": "done"}
+    assert states() == {"prepare-lamini": "cached", "prepare-copy": "cached"}
+    # a config change reruns the step; its output is byte-identical, so the reader stays cached
+    assert states("--set", "prepare-lamini.rows_per_file=1000") == {"prepare-lamini": "done", "prepare-copy": "cached"}
+    # changed input content: both rerun (the copy's input hash changed)
+    source.write_text(source.read_text() + json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
+    assert states("--set", "prepare-lamini.rows_per_file=1000") == {"prepare-lamini": "done", "prepare-copy": "done"}
+    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force", "prepare-copy") == {"prepare-lamini": "cached", "prepare-copy": "done"}
+    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force") == {"prepare-lamini": "done", "prepare-copy": "done"}
+
+
+def test_tampered_output_makes_the_next_reader_exit_3_naming_the_file(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini(), "prepare-copy": _copy("prepare-lamini")})
+    assert hala("run", str(path)).returncode == 0
+    store = tmp_path / "store"
+    part = store / "r" / "prepare-lamini" / "data" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    verify = hala("verify", "r", "--store", str(store))
+    assert verify.returncode == 3
+    assert str(part) in verify.stderr and "changed since it was written" in verify.stderr
+    reader = hala("run", str(path), "--force", "prepare-copy", "--only", "prepare-copy")
+    assert reader.returncode == 3
+    failure = next(e for e in events(reader.stdout) if e.get("event") == "failed" and e.get("step") == "prepare-copy")
+    assert str(part) in failure["error"]
+
+
+def test_a_killed_step_stays_invisible_and_a_rerun_commits_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as f:
+        for i in range(400_000):
+            f.write(json.dumps({"instruction": f"Question number {i}?", "response": f"Answer {i}."}) + "\n")
+    path = write_recipe(tmp_path, {"prepare-big": _lamini(big), "prepare-copy": _copy("prepare-big")})
+    store = tmp_path / "store"
+    env = {**os.environ, "HALA_PROGRESS_EVERY": "0.2", "HALA_LOG_FORMAT": "json"}
+    cmd = [sys.executable, "-m", "hala.cli", "run", str(path), "--only", "prepare-big"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # kill the whole process group at the first progress event: mid-way through
+        if '"event": "progress"' in line and '"final"' not in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    step_dir = store / "r" / "prepare-big"
+    assert not (step_dir / "_MANIFEST.json").exists()
+    assert list((step_dir / "_work").iterdir()), "the partial work stays in _work/<fingerprint>/"
+    downstream = hala("run", str(path), "--only", "prepare-copy")
+    assert downstream.returncode == 2 and "not committed" in downstream.stderr
+    status = json.loads(hala("status", "r", "--store", str(store), "--json").stdout)
+    assert {r["step"]: r["state"] for r in status}["prepare-big"] == "running"
+    rerun = hala("run", str(path))
+    assert rerun.returncode == 0, rerun.stderr
+    assert manifest(store, "r", "prepare-big")["counts"]["rows_out"] == 400_000
+    assert not (step_dir / "_work").exists(), "work areas are removed at commit"
+
+
+def test_stale_work_of_another_fingerprint_is_discarded(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini()})
+    stale = tmp_path / "store" / "r" / "prepare-lamini" / "_work" / ("0" * 64)
+    stale.mkdir(parents=True)
+    (stale / "chunk-00000.parquet").write_bytes(b"old")
+    assert hala("run", str(path)).returncode == 0
+    assert not stale.exists()
+
+
+def test_step_command_is_the_contract(tmp_path: Path) -> None:
+    """`python -m stages.<stage>` in the stage's environment: exactly what compose and Kubernetes run."""
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini()})
+    py = REPO / ".venvs" / "data" / "bin" / "python"
+    cmd = [str(py), "-m", "stages.prepare", "--recipe", str(path), "--step", "prepare-lamini"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HALA_LOG_FORMAT": "json"})
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = events(first.stdout)
+    assert all({"run", "step", "stage"} <= set(e) for e in lines if e.get("logger", "").startswith(("hala.step", "stages.")))
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and any(e.get("event") == "cached" for e in events(again.stdout))
+    wrong = subprocess.run([str(py), "-m", "stages.prepare", "--recipe", str(path), "--step", "prepare-lamni"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "did you mean 'prepare-lamini'" in wrong.stdout
+
+
+def test_memory_store_is_refused_by_the_runner(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini()}, store="memory://hala")
+    result = hala("run", str(path))
+    assert result.returncode == 2 and "memory://" in result.stderr
+
+
+def test_run_records_logs_and_status(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini()})
+    assert hala("run", str(path)).returncode == 0
+    log = (tmp_path / "store" / "r" / "_logs" / "prepare-lamini.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["event"] == "committed" for line in log)
+    table = hala("status", "r", "--store", str(tmp_path / "store"))
+    assert "prepare-lamini" in table.stdout and "committed" in table.stdout and "data=4" in table.stdout
+    assert hala("status", "nope", "--store", str(tmp_path / "store")).returncode == 2
+
+
+def test_manifest_is_written_last(tmp_path: Path) -> None:
+    """Every data file is older than (or as old as) the manifest: readers that see a manifest see complete data."""
+    path = write_recipe(tmp_path, {"prepare-lamini": _lamini()})
+    assert hala("run", str(path)).returncode == 0
+    step = tmp_path / "store" / "r" / "prepare-lamini"
+    m_time = (step / "_MANIFEST.json").stat().st_mtime_ns
+    for f in manifest(tmp_path / "store", "r", "prepare-lamini")["outputs"]["data"]["files"]:
+        assert (step / f["path"]).stat().st_mtime_ns <= m_time

@@ -1,0 +1,111 @@
+"""tiny:<role> stand-ins: the paper's architectures, built without a hub, cached in the store, trained
+teacher/judge/translator that reproduce the sample pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from hala import recipe as recipe_mod, tiny, tiny_spec
+from hala.errors import DataError
+from hala.store import Store
+from helpers import REPO
+
+ARCH = {"teacher": "Cohere2ForCausalLM", "judge": "Qwen2ForCausalLM", "translator": "Lfm2ForCausalLM",
+        "lfm2-350m": "Lfm2ForCausalLM", "lfm2-700m": "Lfm2ForCausalLM", "lfm2-1.2b": "Lfm2ForCausalLM",
+        "fanar-9b": "Gemma2ForCausalLM"}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, object, dict[str, str]]:
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml")
+    paths = {role: tiny.ensure(store, role, recipe) for role in tiny_spec.TINY_ROLES}
+    return store, recipe, paths
+
+
+def test_every_role_has_its_architecture_and_loads_like_a_real_model(built) -> None:
+    store, _, paths = built
+    assert set(paths) == set(ARCH)
+    for role, path in paths.items():
+        config = AutoConfig.from_pretrained(path)
+        assert config.architectures == [ARCH[role]], role
+        assert (Path(path) / "model.safetensors").exists() and (Path(path) / "chat_template.jinja").exists()
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.config.vocab_size == len(tok)
+        ids = tok.apply_chat_template([{"role": "user", "content": "مرحبا"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids["input_ids"].shape[1]
+        m = store.read_manifest("_sources", f"tiny-{role}")
+        assert m["metrics"]["stands_for"] == tiny_spec.TINY_ROLES[role]["stands_for"]
+    lfm2 = json.loads((Path(paths["translator"]) / "config.json").read_text())
+    assert lfm2["conv_dim"] == lfm2["block_dim"] == lfm2["hidden_size"]  # vLLM needs them
+    assert "conv" in lfm2["layer_types"] and "full_attention" in lfm2["layer_types"]
+    sizes = [AutoConfig.from_pretrained(paths[r]).hidden_size for r in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+def test_chat_template_marks_only_assistant_tokens(built) -> None:
+    _, _, paths = built
+    tok = AutoTokenizer.from_pretrained(paths["translator"])
+    assert "{% generation %}" in tok.chat_template
+    chat = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "اثنان زائد اثنين يساوي أربعة."}]
+    enc = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    masked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tok.decode(masked) == "اثنان زائد اثنين يساوي أربعة.<|im_end|>"
+
+
+@pytest.mark.parametrize("role", ["teacher", "translator"])
+def test_translators_reproduce_the_sample_pairs(built, role: str) -> None:
+    store, recipe, paths = built
+    metrics = store.read_manifest("_sources", f"tiny-{role}")["metrics"]
+    assert metrics["reproduction"]["exact_match"] >= 0.9
+    assert metrics["reproduction"]["arabic_script_share"] >= 0.9
+    assert metrics["training"]["final_loss"] < metrics["training"]["first_loss"] / 10
+    # checked again here, from the saved folder, the way a stage would load it
+    pairs = tiny.read_pairs(tiny_spec.pairs_path(recipe))[:8]
+    prompt = tiny_spec.DEFAULT_PROMPTS[role]["en-ar"]
+    model = AutoModelForCausalLM.from_pretrained(paths[role], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(paths[role])
+    outs = tiny.generate(model, tok, [prompt.format(text=en) for en, _ in pairs])
+    assert sum(o == ar for o, (_, ar) in zip(outs, pairs)) >= 6, outs
+
+
+def test_judge_separates_aligned_from_shifted_pairs(built) -> None:
+    store, _, _ = built
+    assert store.read_manifest("_sources", "tiny-judge")["metrics"]["reproduction"]["verdict_accuracy"] >= 0.9
+
+
+def test_untrained_bases_are_random_stand_ins(built) -> None:
+    store, _, _ = built
+    for role in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b", "fanar-9b"):
+        assert "training" not in store.read_manifest("_sources", f"tiny-{role}")["metrics"]
+
+
+def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.tsv"
+    shutil.copy(REPO / "recipes" / "samples" / "pairs.en-ar.tsv", pairs)
+    (tmp_path / "r.yaml").write_text(
+        "name: t\nstore: x\nrun: r\ntiny_models: {pairs: pairs.tsv}\n"
+        f"steps: {{prepare-x: {{stage: prepare, inputs: {{source: {REPO / 'recipes/samples/lamini.jsonl'}}}, config: {{format: qa}}}}}}\n"
+    )
+    recipe = recipe_mod.load(tmp_path / "r.yaml")
+    store = Store(str(tmp_path / "store"))
+    path = tiny.ensure(store, "lfm2-350m", recipe)
+    first = store.read_manifest("_sources", "tiny-lfm2-350m")
+    assert tiny.ensure(store, "lfm2-350m", recipe) == path
+    assert store.read_manifest("_sources", "tiny-lfm2-350m")["timings"] == first["timings"], "reused, not rebuilt"
+    pairs.write_text(pairs.read_text() + "sample-x\tGood night.\tتصبح على خير.\n", encoding="utf-8")
+    tiny.ensure(store, "lfm2-350m", recipe)
+    again = store.read_manifest("_sources", "tiny-lfm2-350m")
+    assert again["fingerprint"] != first["fingerprint"]
+    weights = Path(path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(DataError, match="model.safetensors"):
+        tiny.ensure(store, "lfm2-350m", recipe)
