@@ -49,8 +49,8 @@ def env_sets() -> dict[str, EnvSet]:
         "models": EnvSet("models", [lib, REPO / "shared" / "requirements-models.txt", test_reqs], [REPO / "tests" / "models"]),
     }
     for spec in stagespec.all_stages().values():
-        if not str(spec.root).startswith(str(REPO)):
-            continue  # stages from HALA_STAGES_PATH (test fixtures) run in the cli set
+        if spec.root.parent != REPO / "stages":
+            continue  # stages from HALA_STAGES_PATH (test fixtures) bring no dependency set
         env = sets.setdefault(spec.env, EnvSet(spec.env, [lib, test_reqs]))
         if spec.requirements_path.exists() and spec.requirements_path not in env.requirements:
             env.requirements.append(spec.requirements_path)
