@@ -27,14 +27,6 @@ from hala.store import Store
 DEFAULT_STORE = "artifacts"
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
     if args.dry_run:
@@ -45,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"plan of {recipe.name} ({recipe.path}) -> {recipe.store}/{recipe.run}/  ({len(rows)} steps)")
             for r in rows:
                 r["inputs"] = ", ".join(f"{k}={v}" for k, v in r["inputs"].items())
-            print(_table(rows, ["step", "stage", "shards", "state", "inputs"]))
+            print(logs.table(rows, ["step", "stage", "shards", "state", "inputs"]))
         return 0
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
 
@@ -62,7 +54,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(_table(rows, ["#", "step", "stage", "shards", "inputs"]))
+        print(logs.table(rows, ["#", "step", "stage", "shards", "inputs"]))
     return 0
 
 
@@ -75,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         r["rows"] = ", ".join(f"{k}={v}" for k, v in (r["rows"] or {}).items())
         r["cached"] = "yes" if r["cached"] else ""
         r["seconds"] = f"{r['seconds']:.1f}" if isinstance(r["seconds"], (int, float)) else ""
-    print(_table(rows, ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]))
+    print(logs.table(rows, ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]))
     return 0
 
 

@@ -18,10 +18,6 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(fs: Any, path: str) -> tuple[str, int]:
     """sha256 and size of one file of an fsspec filesystem, streamed."""
     h = hashlib.sha256()

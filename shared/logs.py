@@ -84,6 +84,20 @@ def clear() -> None:
     structlog.contextvars.clear_contextvars()
 
 
+def console() -> bool:
+    """True when this process renders for a person (a terminal), not for a log collector."""
+    return not _want_json()
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain text table for terminals (`hala status`, the end of `hala run`)."""
+    cells = [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
 def progress_interval() -> float:
     return float(os.environ.get("HALA_PROGRESS_EVERY", "5"))
 

@@ -278,9 +278,14 @@ def _summary(recipe: Recipe, store: Store, outcomes: dict[str, Outcome], started
     info = store.read_json(run_file) or {}
     info.update(finished=now(), outcomes={k: vars(v) for k, v in outcomes.items()})
     store.write_json(run_file, info)
-    for o in outcomes.values():
-        log.info("summary", step=o.step, state=o.state, seconds=round(o.seconds, 1), exit_code=o.exit_code,
-                 rows=o.rows or None, note=o.note or None)
+    if logs.console():
+        print(logs.table([{"step": o.step, "state": o.state, "seconds": f"{o.seconds:.1f}", "exit": o.exit_code,
+                           "rows": ", ".join(f"{k}={v}" for k, v in o.rows.items())} for o in outcomes.values()],
+                         ["step", "state", "seconds", "exit", "rows"]), flush=True)
+    else:
+        for o in outcomes.values():
+            log.info("summary", step=o.step, state=o.state, seconds=round(o.seconds, 1), exit_code=o.exit_code,
+                     rows=o.rows or None, note=o.note or None)
     counts: dict[str, int] = {}
     for o in outcomes.values():
         counts[o.state] = counts.get(o.state, 0) + 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -239,7 +238,10 @@ def commit_part(ctx: StepContext, started: str, seconds: float) -> dict[str, Any
 
 def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None], argv: list[str] | None = None) -> int:
     """Parse the step command line, then run `main` under the contract. Returns the exit code."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=(sys.modules.get(f"stages.{stage}").__doc__ or "") if sys.modules.get(f"stages.{stage}") else None)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=f"Run one step of a recipe with stage '{stage}' (the step contract: docs/ARCHITECTURE.md).",
+    )
     add_step_arguments(parser)
     args = parser.parse_args(argv)
     logs.setup()

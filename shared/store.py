@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from hala.errors import ConfigError, DataError, TemporaryError
+from hala.errors import ConfigError, DataError
 from hala.hashing import sha256_file, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
@@ -186,7 +186,7 @@ class Store:
             else:
                 self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.mv(src, dst, recursive=True)
-        for name, entry in manifest["outputs"].items():  # an output with no files is still a folder
+        for entry in manifest["outputs"].values():  # an output with no files is still a folder
             if self.is_local:
                 os.makedirs(self.path(run, step, entry["path"]), exist_ok=True)
         # 4. the manifest, last
@@ -301,7 +301,3 @@ def host_info() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "image": os.environ.get("HALA_IMAGE"),
     }
-
-
-def transient(exc: Exception, what: str) -> TemporaryError:
-    return TemporaryError(f"{what}: {exc} (temporary: a retry resumes here)")

@@ -29,7 +29,7 @@ from typing import Any
 
 from hala import logs, tiny_spec
 from hala.hashing import sha256_json
-from hala.store import MANIFEST, SCHEMA, Store, code_version, host_info, now, output_entry
+from hala.store import SCHEMA, Store, code_version, host_info, now, output_entry
 
 # ids 0-3 follow LFM2's pad / bos / eos naming; <|endoftext|> is there because transformers' Qwen2 tokenizer
 # class adds it as unk when missing, which would make the judge's tokenizer one token longer than its model.

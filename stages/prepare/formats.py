@@ -108,12 +108,17 @@ def _check_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def _single_turn(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
-    """Formats with one user and one assistant turn in fixed fields: openorca, qa, columns."""
-    messages = []
+def _system(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
+    """The optional system turn; an empty system prompt (common in OpenOrca) is left out, not an error."""
     system = _get(row, cfg.field("system"), "system", required=False)
     if system is not None and _text(system, "system").strip():
-        messages.append(_msg("system", system))
+        return [_msg("system", system)]
+    return []
+
+
+def _single_turn(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
+    """Formats with one user and one assistant turn in fixed fields: openorca, qa, columns."""
+    messages = _system(row, cfg)
     user = _text(_get(row, cfg.field("user"), "user"), f"field {cfg.field('user')!r}")
     extra = _get(row, cfg.field("input"), "input", required=False)
     if extra is not None and _text(extra, f"field {cfg.field('input')!r}").strip():
@@ -125,10 +130,7 @@ def _single_turn(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]
 
 def _alpaca(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
     """instruction (+ input) -> output; LLaMA-Factory's `history` of [user, assistant] pairs comes first."""
-    messages = []
-    system = _get(row, cfg.field("system"), "system", required=False)
-    if system is not None and _text(system, "system").strip():
-        messages.append(_msg("system", system))
+    messages = _system(row, cfg)
     history = _get(row, cfg.field("history"), "history", required=False) or []
     if not isinstance(history, list):
         raise Reject("invalid_type", "history is not a list of [user, assistant] pairs")
@@ -151,10 +153,7 @@ def _sharegpt(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise Reject("invalid_type", "conversations is not a list of turns")
     roles = {**ROLES, **cfg.roles}
-    messages = []
-    system = _get(row, cfg.field("system"), "system", required=False)
-    if system is not None and _text(system, "system").strip():
-        messages.append(_msg("system", system))
+    messages = _system(row, cfg)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise Reject("invalid_type", f"turn {i} is not an object with from and value")
