@@ -212,7 +212,11 @@ def load(
             spec=spec,
         )
     for step in steps.values():
+        if not step.name.startswith(step.stage + "-"):
+            problems.append(f"step '{step.name}' runs stage '{step.stage}': name it {step.stage}-<subject> (names say what ran)")
         problems.extend(_validate_step(step, steps, from_cli))
+    if any(ref.kind == "tiny" for s in steps.values() for ref in s.inputs.values()) and not (raw.get("tiny_models") or {}).get("pairs"):
+        problems.append("a step uses a tiny:<role> model, but the recipe has no tiny_models.pairs (the sample pairs the stand-ins learn)")
     if problems:
         raise ConfigError(_report(path, problems))
     ordered = _toposort(steps, step_names, path)

@@ -180,3 +180,12 @@ def test_a_step_whose_stage_does_not_exist_plans_but_does_not_run(tmp_path: Path
     assert result.returncode == 2
     assert "stage(s) quantize do not exist yet" in result.stderr and "quantize-teacher" in result.stderr
     assert not (tmp_path / "store" / "r" / "prepare-lamini").exists(), "nothing runs when a selected stage is missing"
+
+
+def test_step_names_say_their_stage_and_tiny_models_need_pairs(tmp_path: Path) -> None:
+    steps = {"translate-lamini": _prepare(),
+             "prepare-x": {"stage": "prepare", "inputs": {"source": "tiny:teacher"}, "config": {"format": "messages"}}}
+    with pytest.raises(ConfigError) as err:
+        recipe_mod.load(write_recipe(tmp_path, steps))
+    assert "step 'translate-lamini' runs stage 'prepare': name it prepare-<subject>" in str(err.value)
+    assert "no tiny_models.pairs" in str(err.value)
