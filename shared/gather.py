@@ -56,6 +56,7 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
     rows_by_output: Counter = Counter()
     outputs_files: dict[str, list[dict[str, Any]]] = {}
     extras: dict[str, dict[str, Any]] = {}
+    folders: dict[str, str] = {}
     moves: list[tuple[str, str]] = []
     for part in parts:
         i = part["shard"][0]
@@ -70,6 +71,7 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
         for name, entry in part["outputs"].items():
             rows_by_output[name] += entry.get("rows") or 0
             extras[name] = {k: v for k, v in entry.items() if k not in ("path", "kind", "rows", "bytes", "sha256", "files")}
+            folders[name] = entry["path"]
             for f in entry["files"]:
                 src = f"{part_dir}/{f['path']}"
                 try:
@@ -87,7 +89,7 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
         counts_total = {**totals, "rows_removed": dict(totals["rows_removed"])}
         check_counts(counts_total, f"step '{step.name}' (all {n} shards)")
     outputs = {
-        name: output_entry(files, name, step.spec.outputs[name].kind, rows_by_output[name], **extras.get(name, {}))
+        name: output_entry(files, folders[name], step.spec.outputs[name].kind, rows_by_output[name], **extras.get(name, {}))
         for name, files in outputs_files.items()
     }
     manifest = new_manifest(

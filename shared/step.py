@@ -105,14 +105,22 @@ class StepContext:
             return resolved.uri  # a hub id works wherever a path does in from_pretrained
         return resolved.local_path()
 
-    def output_dir(self, name: str) -> str:
-        """Local folder to write output `name` into; it is hashed and moved in place at commit."""
+    def output_dir(self, name: str, folder: str | None = None) -> str:
+        """Local folder to write output `name` into; it is hashed and moved in place at commit.
+
+        `folder` names it in the store when the name should carry lineage (`<model>-FP8-Dynamic`);
+        by default the folder is the output's name. Readers find it through the manifest either way.
+        """
         assert self.step.spec is not None
         if name not in self.step.spec.outputs:
             raise ConfigError(f"stage '{self.step.stage}' declares no output '{name}' (stage.toml [outputs])")
-        path = os.path.join(self.staging, name)
+        meta = self.outputs.setdefault(name, {"folder": name})
+        if folder:
+            if "/" in folder or folder.startswith(("_", ".")) or folder in self.step.spec.outputs.keys() - {name}:
+                raise ConfigError(f"output folder {folder!r}: one plain name, not starting with _ or ., not another output's")
+            meta["folder"] = folder
+        path = os.path.join(self.staging, meta["folder"])
         os.makedirs(path, exist_ok=True)
-        self.outputs.setdefault(name, {})
         return path
 
     def set_output(self, name: str, rows: int | None = None, **extra: Any) -> None:
@@ -176,9 +184,9 @@ def build_outputs(ctx: StepContext, base: str, local: bool) -> dict[str, Any]:
     assert ctx.step.spec is not None
     outputs = {}
     for name, meta in ctx.outputs.items():
-        files = ctx.store.describe(base, name, local=local)
-        extra = {k: v for k, v in meta.items() if k != "rows"}
-        outputs[name] = output_entry(files, name, ctx.step.spec.outputs[name].kind, meta.get("rows"), **extra)
+        files = ctx.store.describe(base, meta["folder"], local=local)
+        extra = {k: v for k, v in meta.items() if k not in ("rows", "folder")}
+        outputs[name] = output_entry(files, meta["folder"], ctx.step.spec.outputs[name].kind, meta.get("rows"), **extra)
     return outputs
 
 
@@ -210,7 +218,8 @@ def commit(ctx: StepContext, started: str, seconds: float) -> dict[str, Any]:
     counts = finish_counts(ctx)
     outputs = build_outputs(ctx, ctx.staging, local=True)
     manifest = manifest_for(ctx, outputs, counts, started, seconds)
-    moves = [(os.path.join(ctx.staging, name), name) for name in outputs if os.path.exists(os.path.join(ctx.staging, name))]
+    moves = [(os.path.join(ctx.staging, out["path"]), out["path"]) for out in outputs.values()
+             if os.path.exists(os.path.join(ctx.staging, out["path"]))]
     ctx.store.commit(ctx.run, ctx.step.name, moves, True, manifest)
     ctx.store.clean_work(ctx.run, ctx.step.name)
     return manifest

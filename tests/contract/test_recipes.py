@@ -172,13 +172,13 @@ def test_external_source_kinds(tmp_path: Path) -> None:
 
 def test_a_step_whose_stage_does_not_exist_plans_but_does_not_run(tmp_path: Path) -> None:
     steps = {"prepare-lamini": _prepare(),
-             "quantize-teacher": {"stage": "quantize", "inputs": {"model": "hub:CohereLabs/command-a-translate-08-2025"}}}
+             "distill-teacher": {"stage": "distill", "inputs": {"model": "hub:CohereLabs/command-a-translate-08-2025"}}}
     path = write_recipe(tmp_path, steps)
     plan = hala("run", str(path), "--dry-run")
     assert plan.returncode == 0 and "stage missing" in plan.stdout
     result = hala("run", str(path))
     assert result.returncode == 2
-    assert "stage(s) quantize do not exist yet" in result.stderr and "quantize-teacher" in result.stderr
+    assert "stage(s) distill do not exist yet" in result.stderr and "distill-teacher" in result.stderr
     assert not (tmp_path / "store" / "r" / "prepare-lamini").exists(), "nothing runs when a selected stage is missing"
 
 
