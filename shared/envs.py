@@ -57,6 +57,9 @@ def env_sets() -> dict[str, EnvSet]:
         tests = REPO / "tests" / "stages" / spec.name
         if tests.exists():
             env.tests.append(tests)
+            # test-only dependencies (e.g. MergeKit, to compare with): in the environment, never in the image
+            if (tests / "requirements.txt").exists():
+                env.requirements.append(tests / "requirements.txt")
         env.remove.extend(r for r in spec.env_remove if r not in env.remove)
         env.stages.append(spec.name)
     return sets

@@ -1,0 +1,1 @@
+"""merge: slerp (or linear) of a fine-tuned model with its base, tensor by tensor, MergeKit-compatible."""

@@ -1,0 +1,247 @@
+"""merge: check the two checkpoints agree -> merge tensor by tensor, streamed -> card -> load and generate.
+
+slerp follows MergeKit: inputs cast to `dtype`; each tensor is treated as one vector, in float32; both are
+normalised, and when they are nearly colinear (|cos| > 0.9995) slerp falls back to linear interpolation;
+the result is stored in `dtype`, then written in `out_dtype`. Nothing holds a whole model: each tensor is
+read in row chunks (three passes for slerp: norms, dot product, result), and results go straight to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from hala.errors import ConfigError, DataError
+from hala.step import StepContext
+from stages.merge import schedule
+from stages.merge.config import MergeConfig
+from stages.merge.tensors import TORCH_DTYPES, Checkpoint, StreamWriter, chunk_rows
+
+DOT_THRESHOLD = 0.9995  # MergeKit's: above it the two directions are treated as colinear
+EPS = 1e-8
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "recipe.yaml", "training_args.bin"}
+
+
+def local_model(ctx: StepContext, name: str) -> str:
+    """A local folder for a model input; a hub repository is downloaded (safetensors, configs, tokenizer only)."""
+    path = ctx.model_path(name)
+    if ctx.input(name).kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, revision=ctx.input(name).ref.revision,
+                                 allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
+    if not os.path.isdir(path):
+        raise DataError(f"input '{name}': {path} is not a model folder")
+    return path
+
+
+def check_compatible(base: Checkpoint, model: Checkpoint) -> None:
+    """Same architecture, same tensors, same shapes: otherwise exit 3 naming what differs."""
+    arch_b, arch_m = base.config.get("architectures"), model.config.get("architectures")
+    if arch_b != arch_m:
+        raise DataError(f"architectures differ: base {arch_b}, model {arch_m}; slerp needs two checkpoints of one architecture")
+    only_b = sorted(set(base.tensors) - set(model.tensors))
+    only_m = sorted(set(model.tensors) - set(base.tensors))
+    if only_b or only_m:
+        hint = " (one of them ties its embeddings to lm_head, the other does not)" if "lm_head.weight" in only_b + only_m else ""
+        raise DataError(f"tensor sets differ{hint}: only in base {only_b[:5]}{' …' if len(only_b) > 5 else ''}, "
+                        f"only in model {only_m[:5]}{' …' if len(only_m) > 5 else ''}")
+    for name, tb in base.tensors.items():
+        tm = model.tensors[name]
+        if tb.shape != tm.shape:
+            vocab = " (different vocabularies: merge only models that share a tokenizer)" if "embed" in name or "lm_head" in name else ""
+            raise DataError(f"tensor {name}: shape {list(tb.shape)} in base, {list(tm.shape)} in model{vocab}")
+
+
+def _float(dtype_name: str) -> bool:
+    return dtype_name.startswith(("F", "BF"))
+
+
+def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[float, float], method: str,
+                 dtype: torch.dtype, writer: StreamWriter) -> str:
+    """Merge one tensor into the writer; returns how: slerp, lerp (slerp's colinear fallback), linear, copied."""
+    info = base.tensors[name]
+    rows = info.shape[0] if info.shape else 1
+    step = chunk_rows(info.shape)
+    writer.begin(name)
+    if not _float(info.dtype):
+        for s in range(0, rows, step):
+            writer.write(base.rows(name, s, s + step))
+        return "copied"
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    whole = rows <= step  # most tensors fit in one chunk: read them once, not once per pass
+    cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pair(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if s in cached:
+            return cached[s]
+        a = base.rows(name, s, s + step).to(dtype).to(math_dtype)
+        b = model.rows(name, s, s + step).to(dtype).to(math_dtype)
+        if whole:
+            cached[s] = (a, b)
+        return a, b
+
+    if method == "linear":
+        # MergeKit's order of operations, so that results agree to the bit: sum of w * x, then / sum of w
+        wb, wm = (torch.tensor(w, dtype=math_dtype) for w in weights)
+        for s in range(0, rows, step):
+            a, b = pair(s)
+            out = torch.zeros_like(a).addcmul_(a, wb).addcmul_(b, wm).div_(wb + wm)
+            writer.write(out.to(dtype))
+        return "linear"
+    t = weights[1] / (weights[0] + weights[1])
+    # slerp over the whole tensor as one vector: norms, then the normalised dot product, then the result
+    sq_a = sq_b = torch.zeros((), dtype=math_dtype)
+    for s in range(0, rows, step):
+        a, b = pair(s)
+        sq_a = sq_a + torch.linalg.vector_norm(a) ** 2
+        sq_b = sq_b + torch.linalg.vector_norm(b) ** 2
+    norm_a, norm_b = torch.sqrt(sq_a), torch.sqrt(sq_b)
+    norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
+    norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
+    dot = torch.zeros((), dtype=math_dtype)
+    for s in range(0, rows, step):
+        a, b = pair(s)
+        dot = dot + ((a / norm_a) * (b / norm_b)).sum()
+    dot = dot.clamp(-1, 1)
+    if dot.abs() > DOT_THRESHOLD:
+        coef_a, coef_b, how = 1 - t, t, "lerp"
+    else:
+        theta = torch.acos(dot)
+        coef_a = torch.sin((1 - t) * theta) / torch.sin(theta)
+        coef_b = torch.sin(t * theta) / torch.sin(theta)
+        how = "slerp"
+    for s in range(0, rows, step):
+        a, b = pair(s)
+        writer.write((coef_a * a + coef_b * b).to(dtype))
+    return how
+
+
+def copy_side_files(src: str, out: str) -> list[str]:
+    """Tokenizer, chat template, generation config: everything but weights, cards and the model config."""
+    copied = []
+    for fname in sorted(os.listdir(src)):
+        path = os.path.join(src, fname)
+        if (not os.path.isfile(path) or fname.endswith(WEIGHT_FILES) or fname in SKIP_FILES or fname == "config.json"
+                or fname.startswith((".", "_"))):
+            continue
+        shutil.copy2(path, os.path.join(out, fname))
+        copied.append(fname)
+    return copied
+
+
+def write_config(base: Checkpoint, out: str, out_dtype: str) -> None:
+    """The base's architecture config, with the dtype the weights are written in."""
+    cfg = dict(base.config)
+    cfg["dtype"] = out_dtype
+    cfg.pop("torch_dtype", None)
+    cfg.pop("quantization_config", None)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def model_card(ctx: StepContext, plan: schedule.Plan, name: str, counts: dict[str, int]) -> str:
+    base, model = ctx.input("base"), ctx.input("model")
+    t_text = json.dumps(plan.weights if plan.weights else plan.t_setting)
+    return (
+        "---\n"
+        f"base_model: {base.ref.uri if base.kind == 'hub' else base.ref.raw}\n"
+        "tags: [merge, " + plan.method + ", hala]\n"
+        "---\n\n"
+        f"# {name}\n\n"
+        f"A {plan.method} merge of a fine-tuned model with its base, made by the Hala pipeline's merge stage "
+        f"(run `{ctx.run}`, step `{ctx.step.name}`).\n\n"
+        "| parent | role | source | sha256 |\n| --- | --- | --- | --- |\n"
+        f"| base | t = 0 | `{base.ref.raw}` | `{base.key[:16]}` |\n"
+        f"| model | t = 1 | `{model.ref.raw}` | `{model.key[:16]}` |\n\n"
+        f"- method: {plan.method}; t: `{t_text}` ({plan.source}); merge dtype {plan.dtype}, written as {plan.out_dtype}\n"
+        f"- tensors: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}\n"
+        f"- tokenizer and chat template from: {plan.tokenizer_source}\n"
+    )
+
+
+def generate_sample(out: str, prompt: str, dtype: torch.dtype) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    if tok.chat_template:
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=16, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def output_name(ctx: StepContext, plan: schedule.Plan, cfg: MergeConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    ref = ctx.input("model")
+    if ref.kind == "step":
+        base = (ref.output or {}).get("path", ref.ref.step or "model")
+    elif ref.kind == "tiny":
+        base = f"tiny-{ref.ref.uri}"
+    else:
+        base = os.path.basename(ref.uri.rstrip("/"))
+    t = plan.t_setting if not plan.weights else None
+    suffix = f"t{t:g}" if isinstance(t, (int, float)) else "schedule"
+    return f"{base}-{plan.method}-{suffix}"
+
+
+def main(cfg: MergeConfig, ctx: StepContext) -> None:
+    plan = schedule.from_config(cfg)
+    base = Checkpoint(local_model(ctx, "base"))
+    model = Checkpoint(local_model(ctx, "model"))
+    check_compatible(base, model)
+    layers = base.num_layers()
+    if layers == 0:
+        raise DataError(f"{base.folder}/config.json has no num_hidden_layers: cannot place tensors along the layers")
+    ts = {name: plan.t(name, layers) for name in base.tensors}
+    bad = {n: w[1] for n, w in ts.items() if not 0.0 <= w[1] / (w[0] + w[1]) <= 1.0}
+    if bad:
+        raise ConfigError(f"step '{ctx.step.name}': t must lie in [0, 1]; {len(bad)} tensors get other values, e.g. {next(iter(bad.items()))}")
+    name = output_name(ctx, plan, cfg)
+    out = ctx.output_dir("model", folder=name)
+    dtype, out_dtype = TORCH_DTYPES[plan.dtype], TORCH_DTYPES[plan.out_dtype]
+    order = list(base.tensors)  # the base's file order keeps reads sequential
+    writer = StreamWriter(out, [(n, base.tensors[n].shape, out_dtype if _float(base.tensors[n].dtype) else _torch(base.tensors[n].dtype))
+                                for n in order], cfg.max_shard_size)
+    counts: dict[str, int] = {}
+    t0 = time.monotonic()
+    with ctx.progress(len(order), unit="tensors", what="merge") as progress:
+        for n in order:
+            how = merge_tensor(n, base, model, ts[n], plan.method, dtype, writer)
+            counts[how] = counts.get(how, 0) + 1
+            progress.update()
+    written = writer.close()
+    ctx.timings["merge_seconds"] = round(time.monotonic() - t0, 3)
+    merge_peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the check loads the model
+    copied = copy_side_files(base.folder if plan.tokenizer_source == "base" else model.folder, out)
+    write_config(base, out, plan.out_dtype)
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(ctx, plan, name, counts))
+    sample = generate_sample(out, cfg.sample_prompt, out_dtype)
+    ctx.metrics.update(
+        name=name, plan=plan.describe(), tensors=counts, layers=layers, shards=written["shards"], bytes=written["bytes"],
+        parents={"base": ctx.input("base").record(), "model": ctx.input("model").record()},
+        side_files_from=plan.tokenizer_source, side_files=copied,
+        merge_peak_rss_mb=merge_peak_mb, peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        sample={"prompt": cfg.sample_prompt, "output": sample},
+    )
+    ctx.set_output("model", format="safetensors", model_name=name, method=plan.method)
+
+
+def _torch(safe_dtype: str) -> torch.dtype:
+    from stages.merge.tensors import SAFE_DTYPES
+
+    return {v: k for k, v in SAFE_DTYPES.items()}[safe_dtype]
