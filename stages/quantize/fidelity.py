@@ -75,56 +75,59 @@ def _nll(logits: torch.Tensor, item: Scored) -> float:
     return float(torch.nn.functional.cross_entropy(logits, item.ids[0, item.targets], reduction="sum"))
 
 
+@dataclass
+class _Tally:
+    """Running sums over the scored positions of every item."""
+
+    nll_s: float = 0.0
+    nll_q: float = 0.0
+    abs_sum: float = 0.0
+    abs_max: float = 0.0
+    agree: int = 0
+
+    def add(self, ls: torch.Tensor, lq: torch.Tensor, item: Scored) -> None:
+        self.nll_s += _nll(ls, item)
+        self.nll_q += _nll(lq, item)
+        diff = (ls - lq).abs()
+        self.abs_sum += float(diff.sum()) / ls.shape[-1]
+        self.abs_max = max(self.abs_max, float(diff.max()))
+        self.agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
+
+
 def compare(load_source: Any, load_quantized: Any, items: list[Scored], mode: str) -> dict[str, Any]:
     """Run both models over the items; `load_*` are callables so that `sequential` can free the first."""
     log = logs.get("stages.quantize")
     n_tokens = sum(len(i.targets) for i in items)
-    nll_s = nll_q = abs_sum = 0.0
-    abs_max = 0.0
-    agree = 0
+    tally = _Tally()
     if mode == "together":
         source, quantized = load_source(), load_quantized()
         for item in items:
-            ls, lq = _logits(source, item), _logits(quantized, item)
-            nll_s += _nll(ls, item)
-            nll_q += _nll(lq, item)
-            diff = (ls - lq).abs()
-            abs_sum += float(diff.sum()) / ls.shape[-1]
-            abs_max = max(abs_max, float(diff.max()))
-            agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
+            tally.add(_logits(source, item), _logits(quantized, item), item)
         del source, quantized
     else:
-        source = load_source()
-        vocab = None
         with tempfile.TemporaryDirectory(prefix="hala-fidelity-") as tmp:
+            source = load_source()
+            kept: Any = None
             offsets = []
-            store = None
             pos = 0
             for item in items:
                 ls = _logits(source, item)
-                if store is None:
-                    vocab = ls.shape[-1]
-                    store = np.lib.format.open_memmap(os.path.join(tmp, "source-logits.npy"), mode="w+",
-                                                      dtype=np.float32, shape=(n_tokens, vocab))
-                store[pos : pos + ls.shape[0]] = ls.numpy()
+                if kept is None:
+                    kept = np.lib.format.open_memmap(os.path.join(tmp, "source-logits.npy"), mode="w+",
+                                                     dtype=np.float32, shape=(n_tokens, ls.shape[-1]))
+                kept[pos : pos + ls.shape[0]] = ls.numpy()
                 offsets.append(pos)
                 pos += ls.shape[0]
-                nll_s += _nll(ls, item)
             del source
             gc.collect()
-            log.info("fidelity: source done, its logits on disk", tokens=n_tokens, vocab=vocab)
+            log.info("fidelity: source done, its logits on disk", tokens=n_tokens, vocab=kept.shape[1])
             quantized = load_quantized()
             for item, off in zip(items, offsets):
                 lq = _logits(quantized, item)
-                ls = torch.from_numpy(np.asarray(store[off : off + lq.shape[0]]))
-                nll_q += _nll(lq, item)
-                diff = (ls - lq).abs()
-                abs_sum += float(diff.sum()) / ls.shape[-1]
-                abs_max = max(abs_max, float(diff.max()))
-                agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
-            del quantized, store
+                tally.add(torch.from_numpy(np.asarray(kept[off : off + lq.shape[0]])), lq, item)
+            del quantized, kept
     gc.collect()
-    ppl_s, ppl_q = math.exp(nll_s / n_tokens), math.exp(nll_q / n_tokens)
+    ppl_s, ppl_q = math.exp(tally.nll_s / n_tokens), math.exp(tally.nll_q / n_tokens)
     return {
         "mode": mode,
         "rows": len(items),
@@ -132,9 +135,9 @@ def compare(load_source: Any, load_quantized: Any, items: list[Scored], mode: st
         "ppl_source": round(ppl_s, 6),
         "ppl_quantized": round(ppl_q, 6),
         "ppl_increase": round(ppl_q / ppl_s - 1, 6),
-        "mean_abs_logit_diff": round(abs_sum / n_tokens, 6),
-        "max_abs_logit_diff": round(abs_max, 6),
-        "argmax_agreement": round(agree / n_tokens, 6),
+        "mean_abs_logit_diff": round(tally.abs_sum / n_tokens, 6),
+        "max_abs_logit_diff": round(tally.abs_max, 6),
+        "argmax_agreement": round(tally.agree / n_tokens, 6),
     }
 
 
