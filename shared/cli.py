@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from hala import envs, logs, recipe as recipe_mod, runner
 from hala.errors import HalaError, exit_code_for

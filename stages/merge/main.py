@@ -13,7 +13,6 @@ import os
 import resource
 import shutil
 import time
-from typing import Any
 
 import torch
 

@@ -186,7 +186,8 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
         gen = model.generate(**prompt.to(model.device), max_new_tokens=32, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     sample = tok.decode(gen[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    del model, quantized_holder
+    quantized_holder.clear()
+    del model
     gc.collect()
 
     size_in, size_out = _size(src), _size(out)
