@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from hala.text import script_share
 from stages.prepare.config import PrepareConfig
 
 ROLES = {
@@ -228,21 +229,13 @@ def conversation(row: Any, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], st
 
 # --- pairs ---------------------------------------------------------------------------------------------
 
-_ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
-_LATIN = re.compile(r"[A-Za-z\u00C0-\u024F]")
-
-
 def script_ok(text: str, lang: str) -> bool:
-    """Is `text` written in the script of `lang`? Text with no letters at all (numbers, symbols) passes."""
-    arabic = len(_ARABIC.findall(text))
-    latin = len(_LATIN.findall(text))
-    if arabic == 0 and latin == 0:
+    """Is `text` written in the script of `lang`? Text with no letters (numbers, symbols) passes; an Arabic side
+    may carry Latin names and terms (at least a fifth of its letters Arabic), a Latin side mostly not Arabic."""
+    share = script_share(text, lang)
+    if share is None:
         return True
-    if lang == "ar":
-        return arabic > 0 and arabic >= latin * 0.25
-    if lang in ("en", "fr", "de", "es", "it", "pt", "nl"):
-        return latin >= arabic
-    return True
+    return share >= 0.2 if lang == "ar" else share >= 0.5
 
 
 def pair(row: Any, cfg: PrepareConfig) -> tuple[str, str]:

@@ -16,20 +16,16 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hala import tables
 from hala.errors import DataError
 from hala.step import StepContext
 from stages.prepare import formats, readers
 from stages.prepare.config import PrepareConfig
 from stages.prepare.readers import Broken
 
-TOOL_CALL = pa.struct([("type", pa.string()), ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(TOOL_CALL))])
-CONVERSATIONS = pa.schema([("id", pa.string()), ("origin", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string())])
-PAIRS = pa.schema([("id", pa.string()), ("origin", pa.string()), ("src_lang", pa.string()), ("tgt_lang", pa.string()),
-                   ("src", pa.string()), ("tgt", pa.string())])
-QUARANTINE = pa.schema([("id", pa.string()), ("origin", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()),
-                        ("detail", pa.string()), ("raw", pa.string())])
-RAW_LIMIT = 1 << 20  # keep at most 1 MiB of a quarantined row
+CONVERSATIONS = tables.conversations_schema()
+PAIRS = tables.pairs_schema()
+QUARANTINE = tables.quarantine_schema()
 
 
 class ShardWriter:
@@ -56,12 +52,6 @@ class ShardWriter:
     def close(self) -> None:
         if self.buffer or self.files == 0:
             self._flush()
-
-
-def _raw_text(raw: Any) -> str:
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from broken bytes
-    return text[:RAW_LIMIT]
 
 
 def _rows(ctx: StepContext, cfg: PrepareConfig) -> Iterator[Any]:
@@ -123,7 +113,7 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
             except formats.Reject as r:
                 ctx.quarantine(r.reason)
                 quarantine.add({"id": row_id, "origin": origin, "row_index": index, "reason": r.reason, "detail": r.detail,
-                                "raw": _raw_text(raw.raw if isinstance(raw, Broken) else raw)})
+                                "raw": tables.raw_text(raw.raw if isinstance(raw, Broken) else raw)})
                 continue
             if cfg.dedup:
                 digest = hashlib.blake2b(key, digest_size=16).digest()
