@@ -115,6 +115,7 @@ class Progress:
         self.what = what
         self.every = progress_interval() if every is None else every
         self.done = 0
+        self.extra: dict[str, Any] = {}  # e.g. tokens done and tokens/s, carried by the next events
         self.log = get("hala.progress")
         self._start = time.monotonic()
         self._last = self._start
@@ -129,6 +130,10 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def note(self, **fields: Any) -> None:
+        """Fields that later progress events carry besides done/total/rate/ETA (e.g. tokens, tokens_per_s)."""
+        self.extra.update(fields)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -154,7 +159,7 @@ class Progress:
             fields["eta_s"] = round((self.total - self.done) / rate, 1) if rate > 0 else None
         if final:
             fields["final"] = True
-        self.log.info("progress", **fields)
+        self.log.info("progress", **fields, **self.extra)
 
     def close(self) -> None:
         if self._bar is not None:

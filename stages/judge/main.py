@@ -13,7 +13,7 @@ from typing import Any
 from hala import tables
 from hala.chunks import Chunks
 from hala.engine import open_engine
-from hala.errors import ConfigError
+from hala.errors import ConfigError, TemporaryError
 from hala.step import StepContext
 from stages.judge.config import JudgeConfig
 
@@ -89,7 +89,10 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
                     ctx.metrics["engine"] = engine.info()
                     ctx.log.info("engine ready", **engine.info())
                 t0 = time.monotonic()
-                result = judge_chunk(engine, batch, cfg)
+                try:
+                    result = judge_chunk(engine, batch, cfg)
+                except TemporaryError as e:  # the retry resumes here: say where
+                    raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
                 tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
                 files = {}
                 for name in OUTPUTS:

@@ -18,7 +18,7 @@ from typing import Any
 from hala import spans, tables
 from hala.chunks import Chunks
 from hala.engine import Sampling, open_engine
-from hala.errors import ConfigError
+from hala.errors import ConfigError, TemporaryError
 from hala.step import StepContext
 from hala.text import script_share
 from stages.translate import gate
@@ -233,7 +233,10 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
                     ctx.metrics["engine"] = engine.info()
                     ctx.log.info("engine ready", **engine.info())
                 t0 = time.monotonic()
-                result = translate_chunk(engine, batch, cfg, sampling, budget)
+                try:
+                    result = translate_chunk(engine, batch, cfg, sampling, budget)
+                except TemporaryError as e:  # the retry resumes here: say where
+                    raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
                 seconds = time.monotonic() - t0
                 tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
                 files = {}
@@ -259,6 +262,8 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
                 totals[f"out:{o}"] += marker["rows"][o]
             reasons.update(marker["by_reason"])
             engines.add(marker["engine"])
+            progress.note(tokens=totals["completion_tokens"],
+                          tokens_per_s=round(totals["completion_tokens"] / max(time.monotonic() - t_all, 1e-9), 1))
             progress.update(len(batch))
     if engine is not None:
         t0 = time.monotonic()
