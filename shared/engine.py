@@ -43,6 +43,34 @@ class Choice:
     scores: dict[str, float] = field(default_factory=dict)  # log-probabilities, when the engine gives them
 
 
+class StepEngine:
+    """The engine of one step or shard, opened on first use (a shard whose chunks are all committed starts
+    none) and closed once, with its start and shutdown times and its description in the step's manifest."""
+
+    def __init__(self, ctx: Any, model_input: str, cfg: Any):
+        self.ctx, self.model_input, self.cfg = ctx, model_input, cfg
+        self.engine: Any = None
+
+    def get(self) -> Any:
+        if self.engine is None:
+            c = self.cfg
+            self.engine = open_engine(self.ctx.model_path(self.model_input), c.engine, max_model_len=c.max_model_len, dtype=c.dtype,
+                                      batch_size=c.batch_size, engine_args=c.engine_args, trust_remote_code=c.trust_remote_code)
+            self.ctx.metrics["engine"] = self.engine.info()
+            self.ctx.log.info("engine ready", **self.engine.info())
+        return self.engine
+
+    def close(self, engines_seen: set[str]) -> None:
+        if self.engine is not None:
+            t0 = time.monotonic()
+            self.engine.close()  # vLLM's CPU build waits ~5 s for its engine process before killing it
+            self.ctx.timings["engine_start_seconds"] = self.engine.start_seconds
+            self.ctx.timings["engine_close_seconds"] = round(time.monotonic() - t0, 3)
+        else:
+            self.ctx.metrics["engine"] = {"engine": sorted(engines_seen)[0] if engines_seen else None,
+                                          "note": "every chunk was committed by an earlier run"}
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 

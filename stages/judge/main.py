@@ -12,7 +12,7 @@ from typing import Any
 
 from hala import tables
 from hala.chunks import Chunks
-from hala.engine import open_engine
+from hala.engine import StepEngine
 from hala.errors import ConfigError, TemporaryError
 from hala.step import StepContext
 from stages.judge.config import JudgeConfig
@@ -74,7 +74,7 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
                "rejected": tables.pairs_schema(("verdict", pa.string()), ("scores", pa.string())),
                "quarantine": tables.quarantine_schema()}
     chunks = Chunks(ctx)
-    engine = None
+    engine = StepEngine(ctx, "model", cfg)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
@@ -83,14 +83,9 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
             batch = mine[start : start + cfg.chunk_rows]
             marker = chunks.done(k)
             if marker is None:
-                if engine is None:
-                    engine = open_engine(ctx.model_path("model"), cfg.engine, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                                         batch_size=cfg.batch_size, engine_args=cfg.engine_args, trust_remote_code=cfg.trust_remote_code)
-                    ctx.metrics["engine"] = engine.info()
-                    ctx.log.info("engine ready", **engine.info())
                 t0 = time.monotonic()
                 try:
-                    result = judge_chunk(engine, batch, cfg)
+                    result = judge_chunk(engine.get(), batch, cfg)
                 except TemporaryError as e:  # the retry resumes here: say where
                     raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
                 tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
@@ -100,7 +95,7 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
                     tables.write(files[name], result["out"][name], schemas[name])
                 marker = {"rows_in": len(batch), "accepted": len(result["out"]["accepted"]), "rejected": len(result["out"]["rejected"]),
                           "rows_quarantined": len(result["out"]["quarantine"]), "by_reason": dict(result["reasons"]),
-                          "seconds": round(time.monotonic() - t0, 3), "engine": engine.name}
+                          "seconds": round(time.monotonic() - t0, 3), "engine": engine.get().name}
                 chunks.commit(k, files, marker)
                 os.rmdir(tmp)
                 ctx.log.info("chunk committed", chunk=k, pairs=len(batch), accepted=marker["accepted"], rejected=marker["rejected"])
@@ -111,11 +106,7 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
             reasons.update(marker["by_reason"])
             engines.add(marker["engine"])
             progress.update(len(batch))
-    if engine is not None:
-        t0 = time.monotonic()
-        engine.close()  # vLLM's CPU build waits ~5 s for its engine process before killing it
-        ctx.timings["engine_start_seconds"] = engine.start_seconds
-        ctx.timings["engine_close_seconds"] = round(time.monotonic() - t0, 3)
+    engine.close(engines)
     chunks.finish(OUTPUTS)
     for name, key in (("accepted", "accepted"), ("rejected", "rejected"), ("quarantine", "rows_quarantined")):
         ctx.set_output(name, rows=totals[key], format="parquet", schema="quarantine" if name == "quarantine" else "pairs")
@@ -125,5 +116,3 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
               rows_removed={"rejected": totals["rejected"]})
     judged = totals["accepted"] + totals["rejected"]
     ctx.metrics.update(engines=sorted(engines), labels=cfg.labels, acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)
-    if "engine" not in ctx.metrics:
-        ctx.metrics["engine"] = {"engine": sorted(engines)[0] if engines else None, "note": "every chunk was committed by an earlier run"}

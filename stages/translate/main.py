@@ -17,7 +17,7 @@ from typing import Any
 
 from hala import spans, tables
 from hala.chunks import Chunks
-from hala.engine import Sampling, open_engine
+from hala.engine import Sampling, StepEngine
 from hala.errors import ConfigError, TemporaryError
 from hala.step import StepContext
 from hala.text import script_share
@@ -216,7 +216,7 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
     if budget <= PROMPT_SLACK:
         raise ConfigError(f"step '{ctx.step.name}': max_model_len {cfg.max_model_len} leaves no room beside max_tokens {sampling.max_tokens}")
     chunks = Chunks(ctx)
-    engine = None
+    engine = StepEngine(ctx, "model", cfg)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
@@ -227,14 +227,9 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
             batch = mine[start : start + cfg.chunk_rows]
             marker = chunks.done(k)
             if marker is None:
-                if engine is None:
-                    engine = open_engine(ctx.model_path("model"), cfg.engine, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                                         batch_size=cfg.batch_size, engine_args=cfg.engine_args, trust_remote_code=cfg.trust_remote_code)
-                    ctx.metrics["engine"] = engine.info()
-                    ctx.log.info("engine ready", **engine.info())
                 t0 = time.monotonic()
                 try:
-                    result = translate_chunk(engine, batch, cfg, sampling, budget)
+                    result = translate_chunk(engine.get(), batch, cfg, sampling, budget)
                 except TemporaryError as e:  # the retry resumes here: say where
                     raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
                 seconds = time.monotonic() - t0
@@ -248,7 +243,7 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
                 marker = {"rows_in": len(batch), "rows_out": out_rows, "rows_quarantined": sum(result["reasons"].values()),
                           "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
                           "requests": result["requests"], "prompt_tokens": result["prompt_tokens"],
-                          "completion_tokens": result["completion_tokens"], "seconds": round(seconds, 3), "engine": engine.name}
+                          "completion_tokens": result["completion_tokens"], "seconds": round(seconds, 3), "engine": engine.get().name}
                 chunks.commit(k, files, marker)
                 os.rmdir(tmp)
                 ctx.log.info("chunk committed", chunk=k, rows=len(batch), quarantined=marker["rows_quarantined"],
@@ -265,11 +260,7 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
             progress.note(tokens=totals["completion_tokens"],
                           tokens_per_s=round(totals["completion_tokens"] / max(time.monotonic() - t_all, 1e-9), 1))
             progress.update(len(batch))
-    if engine is not None:
-        t0 = time.monotonic()
-        engine.close()  # vLLM's CPU build waits ~5 s for its engine process before killing it
-        ctx.timings["engine_start_seconds"] = engine.start_seconds
-        ctx.timings["engine_close_seconds"] = round(time.monotonic() - t0, 3)
+    engine.close(engines)
     chunks.finish(outputs)
     for o in outputs:
         ctx.set_output(o, rows=totals[f"out:{o}"], format="parquet",
@@ -285,5 +276,3 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
         prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"],
         completion_tokens_per_s=round(totals["completion_tokens"] / max(elapsed, 1e-9), 1),
     )
-    if "engine" not in ctx.metrics:
-        ctx.metrics["engine"] = {"engine": sorted(engines)[0] if engines else None, "note": "every chunk was committed by an earlier run"}
