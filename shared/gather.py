@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import structlog
+
 from hala import logs, recipe as recipe_mod, sources
 from hala.errors import ConfigError, DataError, TemporaryError
 from hala.store import PART, Store, check_counts, new_manifest, now, output_entry
@@ -26,7 +28,12 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
         raise ConfigError(f"step '{step.name}': stage '{step.stage}' does not exist yet")
     if not step.spec.sharded:
         raise ConfigError(f"step '{step.name}': stage '{step.stage}' is not sharded; its step commits itself")
-    logs.bind(run=recipe.run, step=step.name, stage=step.stage)
+    # scoped: the local runner gathers in its own process, and later events must not carry this step
+    with structlog.contextvars.bound_contextvars(run=recipe.run, step=step.name, stage=step.stage):
+        return _gather(recipe, step, log)
+
+
+def _gather(recipe: Any, step: Any, log: Any) -> dict[str, Any]:
     store = Store(recipe.store)
     resolved = sources.resolve(store, recipe, step)
     fp = sources.fingerprint(step, resolved)

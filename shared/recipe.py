@@ -309,9 +309,11 @@ def validate_config(
             allowed = sorted((err.schema.get("properties") or {}).keys())
             where = f"config.{loc}" if loc else "config"
             for key in sorted(set(err.instance) - set(allowed)):
+                listing = (", ".join(allowed) if len(allowed) <= 30 else
+                           f"{len(allowed)} keys, listed in stages/{spec.name}/config.schema.json under {where}")
                 problems.append(
                     f"step '{step_name}': unknown key '{key}' in {where}{_did_you_mean(key, allowed)}; "
-                    f"allowed keys for stage '{spec.name}': {', '.join(allowed)}"
+                    f"allowed keys for stage '{spec.name}': {listing}"
                 )
         elif err.validator == "required":
             problems.append(f"step '{step_name}': config{'.' + loc if loc else ''}: {err.message}")

@@ -245,8 +245,17 @@ def commit_part(ctx: StepContext, started: str, seconds: float) -> dict[str, Any
     return part
 
 
+def rank() -> int:
+    """This process's rank in a multi-process job (accelerate/torchrun set RANK); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None], argv: list[str] | None = None) -> int:
-    """Parse the step command line, then run `main` under the contract. Returns the exit code."""
+    """Parse the step command line, then run `main` under the contract. Returns the exit code.
+
+    In a multi-process job (DDP/FSDP ranks) every rank runs `main`; only rank 0 writes status files and
+    commits, and the others never touch the staging folder.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=f"Run one step of a recipe with stage '{stage}' (the step contract: docs/ARCHITECTURE.md).",
@@ -264,6 +273,9 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
             log.info("cached", fingerprint=ctx.fingerprint[:12])
             return 0
         shard_text = f"{ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard else None
+        if rank() != 0:
+            main(cfg, ctx)
+            return 0
         ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)  # another fingerprint's work is stale
         if os.path.exists(ctx.staging) and ctx.store.is_local:
             shutil.rmtree(ctx.staging)  # outputs are rewritten whole; resumable state lives beside them
@@ -291,7 +303,7 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
             log.error("failed", exit_code=code, error=str(exc))
         else:
             log.error("failed", exit_code=code, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        if ctx is not None:
+        if ctx is not None and rank() == 0:
             try:
                 shard_text = f"{ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard else None
                 ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="failed", exit_code=code,
