@@ -1,0 +1,1 @@
+"""train: supervised fine-tuning with TRL (translator on pairs, Hala models on conversations), resumable."""
