@@ -59,6 +59,19 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         assert m["metrics"]["engines"] == ["vllm"], step
     assert manifest(store, "tiny", "translate-openorca-teacher")["shards"]["count"] == 2
     assert manifest(store, "tiny", "judge-opus100")["counts"]["rows_removed"]["rejected"] >= 1
+    # train: the translator and the four Hala models, each with its loss curve; the student translations
+    # and the merges consume what train committed; the three LFM2 stand-ins share one tokenized cache
+    for step in (s for s in steps if s.startswith("train-")):
+        m = manifest(store, "tiny", step)
+        curve = m["metrics"]["loss_curve"]["train"]
+        assert len(curve) >= 2 and curve[-1]["loss"] < curve[0]["loss"], step
+        assert m["metrics"]["global_step"] == m["config"]["trainer"]["max_steps"], step
+        assert m["metrics"]["sample"]["new_tokens"] > 0, step  # the committed folder loaded and generated
+        assert m["outputs"]["model"]["path"].endswith("-SFT"), step
+    assert manifest(store, "tiny", "translate-hermes3")["inputs"]["model"]["step"] == "train-translator"
+    assert manifest(store, "tiny", "merge-hala-9b")["inputs"]["model"]["step"] == "train-hala-9b"
+    caches = {manifest(store, "tiny", f"train-hala-{s}")["metrics"]["tokenized"]["cache"] for s in ("350m", "700m", "1.2b")}
+    assert len(caches) == 1
     fp8 = manifest(store, "tiny", "quantize-teacher")
     assert fp8["outputs"]["model"]["path"] == "tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]
