@@ -145,8 +145,13 @@ class Prepared:
 
 
 def prepare(examples: Examples, tok: Any, template: str | None, cfg: TrainConfig, max_length: int | None,
-            truncation_mode: str, packing: bool, packing_strategy: str, workers: int | None) -> Prepared:
-    """Tokenize every example once, apply too_long, the mixture and the eval split, then pack."""
+            truncation_mode: str, packing: bool, packing_strategy: str, workers: int | None, shuffle: bool = False) -> Prepared:
+    """Tokenize every example once, apply too_long, the mixture and the eval split, then pack.
+
+    `shuffle` is SFTConfig's shuffle_dataset, as TRL applies it: before packing (so that packed rows mix
+    sources). Without it the rows stay in input order and the Trainer's seeded sampler alone orders the
+    batches, exactly as it would for a bare SFTTrainer given the same rows.
+    """
     from datasets import Dataset
     from trl import pack_dataset
 
@@ -216,7 +221,9 @@ def prepare(examples: Examples, tok: Any, template: str | None, cfg: TrainConfig
             sampled_out += len(keys) - len(chosen)
         mixed[name] = len(chosen)
         train_idx += [k for key in chosen for k in ok[key]]
-    train = ds.select(train_idx).shuffle(seed=cfg.seed)
+    train = ds.select(train_idx)
+    if shuffle:
+        train = train.shuffle(seed=cfg.seed)
     eval_ds = ds.select([k for key in eval_rows for k in ok[key]]) if eval_rows else None
     train_tokens = sum(train["length"]) if max_length is None else sum(min(x, max_length) for x in train["length"])
     keep = ["input_ids", "labels"]

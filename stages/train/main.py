@@ -123,7 +123,7 @@ def cache_key(cfg: TrainConfig, ctx: StepContext, tok_fp: str, sft: dict[str, An
         "inputs": {n: r.key for n, r in ctx.inputs.items() if n != "model"},
         "config": cfg.model_dump(include={"task", "prompt", "directions", "span_markers", "mixture", "too_long", "eval_fraction", "seed"}),
         "tokenizer": tok_fp,
-        "sft": {k: sft.get(k) for k in ("max_length", "packing", "packing_strategy", "truncation_mode")},
+        "sft": {k: sft.get(k) for k in ("max_length", "packing", "packing_strategy", "truncation_mode", "shuffle_dataset")},
         "trl": trl.__version__, "code": code,
     })
 
@@ -142,7 +142,8 @@ def tokenized(cfg: TrainConfig, ctx: StepContext, tok: Any, template: str, sft: 
             t0 = time.monotonic()
             examples = read_examples(cfg, ctx)
             prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"), sft.get("truncation_mode", "keep_start"),
-                                    bool(sft.get("packing")), sft.get("packing_strategy", "bfd"), cfg.tokenize_workers)
+                                    bool(sft.get("packing")), sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
+                                    bool(sft.get("shuffle_dataset")))
             manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
         if store.is_local:
             store.verify_output(CACHE_RUN, name, manifest, "data")
@@ -336,8 +337,10 @@ def main(cfg: TrainConfig, ctx: StepContext) -> None:
     tok = load_tokenizer(base, cfg, ctx)
     template, template_source = training_template(tok, cfg, ctx)
     area = checkpoints.Area(ctx.store, ctx.work)
-    probe = sft_kwargs(cfg, area.dir, has_eval=False)
-    folder, prep = tokenized(cfg, ctx, tok, template, probe)
+    # SFTConfig's effective values (its defaults too: max_length is 1024 unless set) shape the tokenized data
+    probe = make_sft_config(sft_kwargs(cfg, area.dir, has_eval=False), ctx)
+    folder, prep = tokenized(cfg, ctx, tok, template, {k: getattr(probe, k) for k in
+                                                       ("max_length", "packing", "packing_strategy", "truncation_mode", "shuffle_dataset")})
     from datasets import load_from_disk
 
     train_ds = load_from_disk(os.path.join(folder, "train"))
