@@ -1,0 +1,167 @@
+"""The Arabic benchmarks through LightEval's Python API, offline.
+
+Scoring is the leaderboard's: every OALL v2 task is multiple choice scored by log-likelihood, accuracy with
+LightEval's character-length normalisation (acc_norm). A family's score is the mean over its subsets that
+ran (the leaderboard's macro average); the step's average is the mean over families.
+
+Known LightEval 0.13 traps handled here (../shared/research/eval.md): its registry imports every task
+module at start-up and one of them downloads a file (stubbed out); its sample cache keys on the model *path*,
+so an absolute path would put the cache inside the model folder and return stale scores for a retrained
+model at the same path: the model is given as a relative path from a private working folder, and the cache
+lives and dies with that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+from typing import Any
+
+from stages.evaluate.config import EvaluateConfig
+
+def _offline_registry() -> None:
+    # tiny_benchmarks.py fetches a pickle from GitHub when imported; no run here uses it
+    sys.modules.setdefault("lighteval.tasks.tasks.tiny_benchmarks", types.ModuleType("lighteval.tasks.tasks.tiny_benchmarks"))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        import nltk
+
+        nltk.download = lambda *a, **k: False  # task modules ask for punkt at import; offline that is a wait for nothing
+
+
+def go_offline(model: str, data: str | None) -> None:
+    """Local model and local data: nothing to fetch, so tell the Hub libraries not to try."""
+    if data and os.path.isdir(model):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def task_names(data: str | None, tasks: list[str]) -> list[str]:
+    """The concrete tasks (family:subset) that will run: with local data, only the subsets it has."""
+    _offline_registry()
+    from stages.evaluate import oall_tasks
+
+    return [c.name for c in oall_tasks.build(data, tasks)]
+
+
+@contextlib.contextmanager
+def _in(folder: str):
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _accuracy(metrics: dict[str, Any]) -> float | None:
+    for key, value in metrics.items():
+        if key.startswith("acc") and not key.endswith("_stderr"):
+            return float(value)
+    return None
+
+
+def run_lighteval(model: str, names: list[str], cfg: EvaluateConfig, out_dir: str, data: str | None) -> dict[str, float]:
+    """Scores of one model on the named tasks (one LightEval pipeline, in a fresh process); raises on any failure."""
+    with tempfile.TemporaryDirectory(prefix="hala-lighteval-") as work:
+        # A private datasets cache, set before `datasets` is imported (it reads the variable once): datasets
+        # keys a local folder's cache on its name and file names, so an edited or another copy of
+        # OALL/Arabic_EXAMS would be read from an older cache.
+        os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "datasets")
+        _offline_registry()
+        from lighteval.logging.evaluation_tracker import EvaluationTracker
+        from lighteval.models.transformers.transformers_model import TransformersModelConfig
+        from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+
+        os.symlink(os.path.abspath(model), os.path.join(work, "model"))
+        with _in(work):
+            from stages.evaluate.oall_tasks import tasks_file
+
+            params = PipelineParameters(launcher_type=ParallelismManager.ACCELERATE, custom_tasks_directory=tasks_file(work, data, names),
+                                        max_samples=cfg.max_samples)
+            model_cfg = TransformersModelConfig(model_name="model", device="cpu" if not _cuda() else "cuda",
+                                                dtype="float32" if not _cuda() else "bfloat16", batch_size=cfg.benchmark_batch_size,
+                                                override_chat_template=cfg.chat_template, cache_dir=os.path.join(work, "cache"))
+            pipeline = Pipeline(tasks=",".join(f"{n}|{cfg.few_shot}" for n in names), pipeline_parameters=params,
+                                evaluation_tracker=EvaluationTracker(output_dir=out_dir, save_details=True), model_config=model_cfg)
+            pipeline.evaluate()
+            pipeline.save_and_push_results()
+            results = pipeline.get_results()["results"]
+    scores = {}
+    for key, metrics in results.items():
+        # "<task>:<few_shot>" from get_results (the saved file says "<task>|<few_shot>"); "all" is LightEval's mean
+        name = key.rsplit(":", 1)[0] if key.rsplit(":", 1)[-1].isdigit() else key.rsplit("|", 1)[0]
+        if name in names:
+            acc = _accuracy(metrics)
+            if acc is not None:
+                scores[name] = acc
+    return scores
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_isolated(model: str, names: list[str], cfg: EvaluateConfig, out_dir: str, data: str | None) -> dict[str, float]:
+    """run_lighteval in a process of its own: LightEval keeps registered tasks for the life of a process, so a
+    second pipeline in the same process would reuse the first one's task configs (and their data folders)."""
+    import subprocess
+
+    request = json.dumps({"model": model, "names": names, "config": cfg.model_dump(), "out_dir": out_dir, "data": data})
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate.benchmarks"], input=request, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        raise RuntimeError(lines[-1] if lines else f"LightEval exited with {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def evaluate_model(model: str, names: list[str], cfg: EvaluateConfig, out_dir: str, log: Any, data: str | None) -> dict[str, Any]:
+    """All tasks in one pipeline; when that fails, family by family, so one broken task does not sink the rest."""
+    t0 = time.monotonic()
+    failures: dict[str, str] = {}
+    try:
+        scores = run_isolated(model, names, cfg, out_dir, data)
+    except Exception as e:  # noqa: BLE001 - isolate the failing family below
+        log.warning("a task failed; scoring family by family", error=f"{type(e).__name__}: {e}"[:500])
+        scores = {}
+        for family in sorted({n.split(":")[0] for n in names}):
+            members = [n for n in names if n.split(":")[0] == family]
+            try:
+                scores.update(run_isolated(model, members, cfg, out_dir, data))
+            except Exception as fe:  # noqa: BLE001 - recorded in the manifest, the other families still run
+                failures[family] = f"{type(fe).__name__}: {fe}"[:1000]
+    missing = [n for n in names if n not in scores and n.split(":")[0] not in failures]
+    for n in missing:
+        failures[n] = "LightEval returned no accuracy for this task"
+    return {"tasks": scores, "families": families(scores), "failures": failures, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def families(scores: dict[str, float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for name, value in scores.items():
+        groups.setdefault(name.split(":")[0], []).append(value)
+    return {f: round(sum(v) / len(v), 4) for f, v in sorted(groups.items())}
+
+
+def average(fams: dict[str, float]) -> float | None:
+    return round(sum(fams.values()) / len(fams), 4) if fams else None
+
+
+def write(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    # one LightEval run: a JSON request on stdin, the scores as the last line of stdout (see run_isolated)
+    req = json.loads(sys.stdin.read())
+    with contextlib.redirect_stdout(sys.stderr):  # LightEval prints its tables; stdout carries only the answer
+        result = run_lighteval(req["model"], req["names"], EvaluateConfig(**req["config"]), req["out_dir"], req["data"])
+    print(json.dumps(result))

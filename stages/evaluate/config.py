@@ -1,0 +1,52 @@
+"""Typed config of the evaluate stage. `config.schema.json` is generated from it (`hala schema evaluate --write`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The Open Arabic LLM Leaderboard v2 tasks the paper reports (ALRAGE left out: its metric is a 72B judge).
+OALL_V2 = ["alghafa", "arabic_mmlu", "arabic_exams", "madinah_qa", "aratrust", "arabic_mmlu_ht"]
+
+
+class EvaluateConfig(BaseModel):
+    """What to measure, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["translation", "fp8_acceptance", "benchmarks"] = Field(
+        ..., description="translation: BLEU and chrF++ of model (and base) on a parallel set; fp8_acceptance: the FP8 "
+        "model against its source on the same set, quality and throughput; benchmarks: the Arabic multiple-choice tasks",
+    )
+    # --- translation and fp8_acceptance
+    prompt: str = Field("Translate everything that follows into Arabic:\n\n{text}", description="the user turn per source text; {text} is it")
+    direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="a pair stored the other way round is flipped")
+    tokenize: Literal["13a", "intl"] = Field("13a", description="sacrebleu BLEU tokenizer (flores200's needs a download)")
+    max_rows: int | None = Field(None, ge=1, description="score the first N pairs only")
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
+    engine_args: dict[str, Any] = Field(default={}, description="passed to vllm.LLM unchanged")
+    dtype: str = Field("auto", description="model dtype for the engine")
+    max_model_len: int = Field(2048, ge=64)
+    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate call")
+    trust_remote_code: bool = Field(False)
+    max_tokens: int = Field(256, ge=1, description="greedy generation length per translation")
+    max_quality_drop: float = Field(0.5, ge=0, description="fp8_acceptance: chrF++ points the FP8 model may lose before exit 3")
+    # --- benchmarks
+    harness: Literal["lighteval"] = Field("lighteval", description="LightEval 0.13 with its own OALL v2 task definitions")
+    tasks: list[str] = Field(default_factory=lambda: list(OALL_V2), min_length=1,
+                             description="task families (alghafa, arabic_mmlu, ...) or single tasks (arabic_mmlu:Driving Test)")
+    few_shot: int = Field(0, ge=0, description="OALL v2 is 0-shot")
+    chat_template: bool = Field(False, description="apply the model's chat template to the prompts (recorded; the leaderboard does not)")
+    max_samples: int | None = Field(None, ge=1, description="score at most N questions per task (LightEval's max_samples)")
+    benchmark_batch_size: int = Field(16, ge=1, description="LightEval transformers backend batch size")
+    trust_data_origin: Literal["real", "format_only"] = Field(
+        "real", description="format_only: the local data is a handful of items written to the task's format (the tiny "
+        "recipe); the report marks such scores as checking the format, not the model",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if self.kind != "benchmarks" and "{text}" not in self.prompt:
+            raise ValueError("prompt has no {text} placeholder")
+        return self
