@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make run     the tiny pipeline on CPU into ./artifacts (sets everything up first)
+#   make run     the tiny pipeline on CPU into ./artifacts (sets everything up first), then its report
 #   make test    every test suite, each in its own environment (sets everything up first)
 PYTHON ?= python3
 CLI    := .venvs/cli
@@ -7,8 +7,9 @@ HALA   := $(CLI)/bin/hala
 RECIPE ?= recipes/tiny.yaml
 STORE  ?= artifacts
 ARGS   ?=
+RUN    ?= tiny
 
-.PHONY: setup run test dry-run schemas clean clean-artifacts
+.PHONY: setup run test browser dry-run schemas clean clean-artifacts
 
 # The CLI environment is made with plain pip (it is what runs `hala setup` for the others); its stamp
 # is the inputs it was made from, so a second `make setup` only asks `hala setup`, which has its own stamps.
@@ -24,12 +25,20 @@ setup: $(CLI)/.make-stamp
 
 run: setup
 	$(HALA) run $(RECIPE) --store $(STORE) $(ARGS)
+	$(HALA) report $(RUN) --store $(STORE)
 
 dry-run: $(CLI)/.make-stamp
 	$(HALA) run recipes/hala-paper.yaml --dry-run
 
-test: setup
+test: setup browser
 	$(HALA) test $(ARGS)
+
+# The report test opens the run report in headless Chromium (Debian's package; root or sudo installs it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
 
 # Regenerate stages/<stage>/config.schema.json from the typed configs (each in its stage's environment).
 schemas: setup

@@ -99,6 +99,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     return envs.test(args.envs or None, args.pytest_args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from hala import report
+
+    page, md = report.write(Store(args.store), args.run, args.out)
+    logs.get("hala.report").info("report written", html=page, markdown=md)
+    if logs.console():
+        print(f"report: {page}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from hala import schema
 
@@ -157,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("envs", nargs="*")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     t.set_defaults(func=cmd_test)
+
+    rp = sub.add_parser("report", help="one HTML page (and a Markdown twin) about a run, from its manifests")
+    rp.add_argument("run")
+    rp.add_argument("--store", default=DEFAULT_STORE)
+    rp.add_argument("--out", help="folder to write into (default: <store>/<run>/_report/)")
+    rp.set_defaults(func=cmd_report)
 
     sc = sub.add_parser("schema", help="a stage's config JSON Schema, generated from its typed config")
     sc.add_argument("stage")

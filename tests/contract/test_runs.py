@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,15 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     assert manifest(store, "tiny", "merge-hala-9b")["inputs"]["model"]["step"] == "train-hala-9b"
     caches = {manifest(store, "tiny", f"train-hala-{s}")["metrics"]["tokenized"]["cache"] for s in ("350m", "700m", "1.2b")}
     assert len(caches) == 1
+    # evaluate: the FP8 check passed, the translator was scored against its base, the four Hala models on
+    # every OALL v2 family (format-only data in the tiny recipe)
+    fp8_check = manifest(store, "tiny", "evaluate-fp8-teacher")["metrics"]
+    assert fp8_check["accepted"] and fp8_check["fp8"]["engine"]["engine"] == "vllm"
+    assert {"model", "base", "difference"} <= set(manifest(store, "tiny", "evaluate-translator")["metrics"])
+    for size in ("350m", "700m", "1.2b", "9b"):
+        bench = manifest(store, "tiny", f"evaluate-hala-{size}")["metrics"]
+        assert len(bench["model"]["families"]) == 6 and not bench["model"]["failures"], size
+        assert bench["data_origin"] == "format_only" and bench["model"]["input"]["step"] == f"merge-hala-{size}"
     fp8 = manifest(store, "tiny", "quantize-teacher")
     assert fp8["outputs"]["model"]["path"] == "tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]
@@ -202,3 +212,35 @@ def test_manifest_is_written_last(tmp_path: Path) -> None:
     m_time = (step / "_MANIFEST.json").stat().st_mtime_ns
     for f in manifest(tmp_path / "store", "r", "prepare-lamini")["outputs"]["data"]["files"]:
         assert (step / f["path"]).stat().st_mtime_ns <= m_time
+
+
+@pytest.mark.slow
+def test_the_run_report_opens_in_headless_chromium_with_its_tables_and_plots(tmp_path: Path) -> None:
+    """The page a person opens after `make run`: rendered by a real browser, its tables and plots there."""
+    store = Path(os.environ.get("HALA_TEST_TINY_STORE", tmp_path / "artifacts"))
+    if not (store / "tiny" / "_RUN.json").exists():
+        assert hala("run", "recipes/tiny.yaml", "--store", str(store)).returncode == 0
+    out = tmp_path / "report"
+    result = hala("report", "tiny", "--store", str(store), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    page = out / "report.html"
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| train-translator | train | committed |" in md and "paper: Hala-9B" in md
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "headless Chromium is missing: `make test` installs Debian's chromium package"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for table in ("steps", "rows-left-out", "fp8-acceptance", "translation-quality", "arabic-benchmarks"):
+        assert f'id="{table}"' in dom.stdout, table
+    assert dom.stdout.count('src="data:image/png;base64,') == 3  # loss curves, throughput, reasons
+    assert "evaluate-hala-9b" in dom.stdout and "Hala-9B" in dom.stdout
+    # the plots are drawn, not just referenced: the screenshot holds the bar colours of two of them
+    shot = tmp_path / "page.png"
+    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,9000", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    from PIL import Image
+
+    colours = {c for _, c in Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert (0x4A, 0x7B, 0xB7) in colours and (0xC4, 0x60, 0x4F) in colours
