@@ -36,7 +36,8 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     first = hala("run", "recipes/tiny.yaml", "--store", str(store))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr
     steps = [e["step"] for e in events(first.stdout) if e.get("event") == "summary"]
-    assert steps and set(steps) == set(yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["steps"])
+    planned = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["steps"]
+    assert steps and set(steps) == {n for n, s in planned.items() if s.get("enabled", True)}
     for step in (s for s in steps if s.startswith("prepare-")):
         m = manifest(store, "tiny", step)
         c = m["counts"]
@@ -82,6 +83,14 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         bench = manifest(store, "tiny", f"evaluate-hala-{size}")["metrics"]
         assert len(bench["model"]["families"]) == 6 and not bench["model"]["failures"], size
         assert bench["data_origin"] == "format_only" and bench["model"]["input"]["step"] == f"merge-hala-{size}"
+    # publish, switched on: no token here, so a dry run with a card per model (lineage and scores)
+    pub = hala("run", "recipes/tiny.yaml", "--store", str(store), "--only", "publish-hala", "--set", "publish-hala.enabled=true",
+               env={"HF_TOKEN": ""})
+    assert pub.returncode == 0, pub.stdout[-3000:] + pub.stderr
+    plan = json.loads((store / "tiny" / "publish-hala" / "plan" / "plan.json").read_text())
+    assert plan["mode"] == "dry-run" and len(plan["repos"]) == 6
+    card = (store / "tiny" / "publish-hala" / "plan" / next(r["card"] for r in plan["repos"] if r["input"] == "hala_9b")).read_text()
+    assert "`train-hala-9b` (train" in card and "`evaluate-hala-9b`" in card and "format-only" in card
     fp8 = manifest(store, "tiny", "quantize-teacher")
     assert fp8["outputs"]["model"]["path"] == "tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]
