@@ -40,12 +40,14 @@ def go_offline(model: str, data: str | None) -> None:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-def task_names(data: str | None, tasks: list[str]) -> list[str]:
-    """The concrete tasks (family:subset) that will run: with local data, only the subsets it has."""
+def task_names(data: str | None, tasks: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The concrete tasks (family:subset) that will run, with local data only the subsets it has and whose
+    rows check out; and the tasks left out, with their problems (file:line: what)."""
     _offline_registry()
     from stages.evaluate import oall_tasks
 
-    return [c.name for c in oall_tasks.build(data, tasks)]
+    problems: dict[str, list[str]] = {}
+    return [c.name for c in oall_tasks.build(data, tasks, problems)], problems
 
 
 @contextlib.contextmanager

@@ -112,6 +112,81 @@ def arabicmmlu(csv_path: str, out: str, per_subset: int | None = None) -> dict[s
     return {"subsets": len(configs), "test": total, "skipped": len(bad)}
 
 
+# What each OALL v2 family's prompt function reads from a row (lighteval.tasks.multilingual.tasks.arabic).
+AR_LETTERS = ["أ", "ب", "ج", "د", "هـ"]
+
+
+def _row_problem(family: str, r: dict[str, Any]) -> str | None:
+    def text(key: str) -> bool:
+        return isinstance(r.get(key), str) and bool(r[key].strip())
+
+    if family == "arabic_exams":
+        missing = [k for k in ("question", "A", "B", "C", "D") if not text(k)]
+        if missing:
+            return f"empty or missing {', '.join(missing)}"
+        return None if r.get("answer") in list("ABCD") else f"answer {r.get('answer')!r} is not one of A-D"
+    if family in ("arabic_mmlu", "madinah_qa"):
+        options = [r.get(f"Option {i}") for i in range(1, 6)]
+        if not text("Question") or sum(isinstance(o, str) and bool(o.strip()) for o in options) < 2:
+            return "a question and at least two options (Option 1..5) are needed"
+        key = r.get("Answer Key")
+        if key not in list("ABCDE") or not options["ABCDE".index(key)]:
+            return f"Answer Key {key!r} does not name one of the options"
+        return None
+    if family == "alghafa":
+        sols = [r.get(f"sol{i}") for i in range(1, 6) if f"sol{i}" in r]
+        try:
+            label = int(r.get("label"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return f"label {r.get('label')!r} is not an integer"
+        if not text("query") or len(sols) < 2 or not 0 <= label < len(sols):
+            return f"needs query, at least two of sol1..sol5 and a label among them (label {label}, {len(sols)} solutions)"
+        return None
+    if family == "aratrust":
+        if not all(text(k) for k in ("Question", "A", "B", "C")):
+            return "needs Question, A, B and C"
+        return None if r.get("Answer") in AR_LETTERS[:3] else f"Answer {r.get('Answer')!r} is not one of {', '.join(AR_LETTERS[:3])}"
+    if family == "arabic_mmlu_ht":
+        choices = r.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+            return f"choices must be a list of at least two texts, got {json.dumps(choices, ensure_ascii=False)[:80]}"
+        answer = r.get("answer")
+        return None if isinstance(answer, int) and 0 <= answer < len(choices) else f"answer {answer!r} is not an index into choices"
+    return None
+
+
+def check(folder: str, family: str, subset: str, splits: list[str]) -> list[str]:
+    """Problems of a local copy's rows for one task, as 'file:line: what' (empty when every row can be scored)."""
+    readme = os.path.join(folder, "README.md")
+    front = yaml.safe_load(open(readme, encoding="utf-8").read().split("---", 2)[1]) or {}
+    config = next((c for c in front.get("configs", []) if c["config_name"] == subset), None)
+    if config is None:
+        return [f"{readme}: no config named {subset!r}"]
+    problems = []
+    files = config.get("data_files", [])
+    for split in splits:
+        paths = [f["path"] for f in files if f.get("split") == split]
+        if not paths:
+            problems.append(f"{readme}: config {subset!r} has no {split!r} split")
+        for rel in paths:
+            path = os.path.join(folder, rel)
+            if not path.endswith(".jsonl"):
+                continue  # parquet/csv copies are checked by the harness itself
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        problems.append(f"{path}:{n}: not JSON ({e})")
+                        continue
+                    why = _row_problem(family, row)
+                    if why:
+                        problems.append(f"{path}:{n}: {why}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)

@@ -93,7 +93,12 @@ def run_fp8(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
 
 def run_benchmarks(cfg: EvaluateConfig, ctx: StepContext, out_dir: str) -> dict[str, Any]:
     data = ctx.input("benchmarks").local_path() if ctx.has_input("benchmarks") else None
-    names = benchmarks.task_names(data, cfg.tasks)
+    names, bad_data = benchmarks.task_names(data, cfg.tasks)
+    for task, found in bad_data.items():
+        ctx.log.error("task left out: its data has rows the task cannot read", task=task, problems=found[:5], count=len(found))
+    if not names and bad_data:
+        raise DataError(f"step '{ctx.step.name}': no task could be scored; every task's data has problems: "
+                        + "; ".join(f"{t}: {p[0]}" for t, p in bad_data.items()))
     if not names:
         raise DataError(f"step '{ctx.step.name}': none of the tasks {', '.join(cfg.tasks)} has data"
                         + (f" under {data} (expected <org>/<name>/README.md folders, e.g. OALL/Arabic_EXAMS)" if data else ""))
@@ -107,6 +112,8 @@ def run_benchmarks(cfg: EvaluateConfig, ctx: StepContext, out_dir: str) -> dict[
         path = ctx.model_path(side)
         benchmarks.go_offline(path, data)
         r = benchmarks.evaluate_model(path, names, cfg, os.path.join(out_dir, f"lighteval-{side}"), ctx.log, data)
+        r["failures"].update({t: f"data: {'; '.join(p[:5])}" + (f" (+{len(p) - 5} more)" if len(p) > 5 else "")
+                              for t, p in bad_data.items()})
         r["average"] = benchmarks.average(r["families"])
         r["input"] = ctx.input(side).record()
         result[side] = r

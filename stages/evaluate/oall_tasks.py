@@ -28,7 +28,11 @@ def local_subsets(folder: str) -> set[str] | None:
     return {c["config_name"] for c in front.get("configs", [])}
 
 
-def build(data: str | None, wanted: list[str]) -> list:
+def build(data: str | None, wanted: list[str], problems: dict[str, list[str]] | None = None) -> list:
+    """The task configs to run. With `problems`, local rows that the prompt functions cannot read are checked
+    first, and a task with any is left out and reported there (file:line: what), the others still run."""
+    from stages.evaluate.localdata import check
+
     table = []
     for cfg in arabic.TASKS_TABLE:
         if wanted and cfg.name not in wanted and cfg.name.split(":")[0] not in wanted:
@@ -38,6 +42,11 @@ def build(data: str | None, wanted: list[str]) -> list:
             subsets = local_subsets(folder)
             if subsets is None or cfg.hf_subset not in subsets:
                 continue
+            if problems is not None:
+                found = check(folder, cfg.name.split(":")[0], cfg.hf_subset, list(cfg.evaluation_splits))
+                if found:
+                    problems[cfg.name] = found
+                    continue
             cfg = copy.copy(cfg)  # several task classes have their own __init__: dataclasses.replace would fail
             cfg.hf_repo = folder  # datasets.load_dataset(path=<folder>, name=<subset>) reads it offline
             cfg.hf_revision = None

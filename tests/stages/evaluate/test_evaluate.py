@@ -144,26 +144,32 @@ def test_benchmarks_on_real_exams_and_arabicmmlu_converted_on_the_fly(tmp_path: 
     assert not r["failures"] and 0.0 <= r["average"] <= 1.0
 
 
-def test_a_broken_task_is_marked_failed_and_the_others_still_score(tmp_path: Path, store: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_broken_task_is_marked_failed_with_file_and_line_and_the_others_still_score(
+        tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     data = tmp_path / "oall"
     shutil.copytree(SAMPLES, data)
-    bad = data / "OALL" / "Arabic_EXAMS" / "data" / "test.jsonl"
-    rows = [json.loads(x) for x in bad.read_text(encoding="utf-8").splitlines()]
+    exams = data / "OALL" / "Arabic_EXAMS" / "data" / "test.jsonl"
+    rows = [json.loads(x) for x in exams.read_text(encoding="utf-8").splitlines()]
     rows[1]["answer"] = None  # a question without its answer
-    bad.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    exams.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ht = data / "MBZUAI" / "human_translated_arabic_mmlu" / "data" / "global_facts" / "test.jsonl"
+    rows = [json.loads(x) for x in ht.read_text(encoding="utf-8").splitlines()]
+    rows[2]["choices"] = "الرياض"  # a malformed choice list
+    ht.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     code, m = evaluate(tmp_path / "a", store, "broken", {"model": "tiny:lfm2-350m", "benchmarks": str(data)}, kind="benchmarks",
-                       tasks=["arabic_exams", "aratrust"])
+                       tasks=["arabic_exams", "aratrust", "arabic_mmlu_ht"])
     assert code == 0
     r = m["metrics"]["model"]
-    assert "aratrust:Ethics" in r["tasks"] and "arabic_exams" not in r["tasks"]
-    assert "arabic_exams" in r["failures"]
-    # every task broken: nothing to report, exit 3
+    assert list(r["tasks"]) == ["aratrust:Ethics"]
+    assert f"{exams}:2: answer None is not one of A-D" in r["failures"]["arabic_exams"]
+    assert f"{ht}:3: choices must be a list" in r["failures"]["arabic_mmlu_ht:global_facts"]
+    # every task broken: nothing to report, exit 3 naming the file and line
     code, m = evaluate(tmp_path / "b", store, "broken-all", {"model": "tiny:lfm2-350m", "benchmarks": str(data)}, kind="benchmarks",
                        tasks=["arabic_exams"])
-    assert code == 3 and m is None and "no task could be scored" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 3 and m is None and "no task could be scored" in out and "test.jsonl:2" in out
 
 
 def test_missing_inputs_and_unknown_tasks_fail_clearly(tmp_path: Path, store: Path, sample_pairs: Path,
