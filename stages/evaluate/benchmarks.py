@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 from stages.evaluate.config import EvaluateConfig
@@ -85,9 +86,16 @@ def run_lighteval(model: str, names: list[str], cfg: EvaluateConfig, out_dir: st
 
             params = PipelineParameters(launcher_type=ParallelismManager.ACCELERATE, custom_tasks_directory=tasks_file(work, data, names),
                                         max_samples=cfg.max_samples)
-            model_cfg = TransformersModelConfig(model_name="model", device="cpu" if not _cuda() else "cuda",
-                                                dtype="float32" if not _cuda() else "bfloat16", batch_size=cfg.benchmark_batch_size,
-                                                override_chat_template=cfg.chat_template, cache_dir=os.path.join(work, "cache"))
+            if cfg.benchmark_engine == "vllm":
+                from lighteval.models.custom.custom_model import CustomModelConfig
+
+                os.environ["HALA_LIGHTEVAL_VLLM"] = json.dumps({"dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+                                                                "engine_args": cfg.engine_args, "chat_template": cfg.chat_template})
+                model_cfg = CustomModelConfig(model_name="model", model_definition_file_path=str(Path(__file__).with_name("lighteval_vllm.py")))
+            else:
+                model_cfg = TransformersModelConfig(model_name="model", device="cpu" if not _cuda() else "cuda",
+                                                    dtype="float32" if not _cuda() else "bfloat16", batch_size=cfg.benchmark_batch_size,
+                                                    override_chat_template=cfg.chat_template, cache_dir=os.path.join(work, "cache"))
             pipeline = Pipeline(tasks=",".join(f"{n}|{cfg.few_shot}" for n in names), pipeline_parameters=params,
                                 evaluation_tracker=EvaluationTracker(output_dir=out_dir, save_details=True), model_config=model_cfg)
             pipeline.evaluate()
@@ -120,7 +128,8 @@ def run_isolated(model: str, names: list[str], cfg: EvaluateConfig, out_dir: str
                           check=False)
     if proc.returncode != 0:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-        raise RuntimeError(lines[-1] if lines else f"LightEval exited with {proc.returncode}")
+        causes = [x for x in lines if "Error" in x or "error" in x][-3:]  # vLLM's root cause comes lines before the last
+        raise RuntimeError(" | ".join(dict.fromkeys(causes + lines[-1:]))[-1500:] if lines else f"LightEval exited with {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

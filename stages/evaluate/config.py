@@ -39,6 +39,10 @@ class EvaluateConfig(BaseModel):
     few_shot: int = Field(0, ge=0, description="OALL v2 is 0-shot")
     chat_template: bool = Field(False, description="apply the model's chat template to the prompts (recorded; the leaderboard does not)")
     max_samples: int | None = Field(None, ge=1, description="score at most N questions per task (LightEval's max_samples)")
+    benchmark_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="LightEval's transformers backend, or vLLM's prompt log-probabilities (the serving "
+        "engine; uses dtype, max_model_len and engine_args). On CPU with small models transformers starts faster",
+    )
     benchmark_batch_size: int = Field(16, ge=1, description="LightEval transformers backend batch size")
     trust_data_origin: Literal["real", "format_only"] = Field(
         "real", description="format_only: the local data is a handful of items written to the task's format (the tiny "

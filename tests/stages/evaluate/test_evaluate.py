@@ -195,3 +195,16 @@ def test_localdata_reports_rows_it_cannot_use(tmp_path: Path, capsys: pytest.Cap
     assert counts == {"test": 1, "validation": 0, "skipped": 2}
     err = capsys.readouterr().err
     assert f"{src}:2:" in err and f"{src}:3:" in err
+
+
+def test_benchmarks_through_vllm_agree_with_the_transformers_backend(tmp_path: Path, store: Path) -> None:
+    """The serving engine scores the multiple-choice tasks from prompt log-probabilities; in fp32 it picks the
+    same answers as LightEval's transformers backend."""
+    common = {"kind": "benchmarks", "tasks": ["arabic_exams", "aratrust", "arabic_mmlu"], "dtype": "float32", "max_model_len": 512}
+    scores = {}
+    for engine in ("transformers", "vllm"):
+        code, m = evaluate(tmp_path / engine, store, f"bench-{engine}", {"model": "tiny:translator", "benchmarks": str(SAMPLES)},
+                           benchmark_engine=engine, **common)
+        assert code == 0, engine
+        scores[engine] = m["metrics"]["model"]["tasks"]
+    assert len(scores["vllm"]) == 4 and scores["vllm"] == scores["transformers"]
