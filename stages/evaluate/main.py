@@ -24,6 +24,15 @@ def need(ctx: StepContext, name: str, kind: str) -> None:
         raise ConfigError(f"step '{ctx.step.name}': kind {kind} needs input '{name}' ({ctx.step.spec.inputs[name].description})")
 
 
+def model_path(ctx: StepContext, side: str) -> str:
+    """The model input as a path or hub id; a local folder that is not a model fails here, naming it."""
+    path = ctx.model_path(side)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise DataError(f"step '{ctx.step.name}': input '{side}' ({ctx.input(side).ref.raw}) is {path}, which has no "
+                        "config.json: not a Hugging Face model folder (a model output of train, merge or quantize is)")
+    return path
+
+
 def device() -> dict[str, Any]:
     import torch
 
@@ -52,7 +61,7 @@ def run_translation(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
     for side in ("model", "base"):
         if side == "base" and not ctx.has_input("base"):
             continue
-        out = translation.translate(ctx.model_path(side), pairs, cfg)
+        out = translation.translate(model_path(ctx, side), pairs, cfg)
         columns[f"hyp_{side}"] = out.pop("hyps")
         result[side] = {**translation.score(columns[f"hyp_{side}"], pairs.ref, cfg.tokenize), **out, "input": ctx.input(side).record()}
         ctx.log.info("scored", side=side, bleu=result[side]["bleu"], chrf=result[side]["chrf++"])
@@ -69,7 +78,7 @@ def run_fp8(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
     sides = {}
     columns = {}
     for side in ("reference", "model"):
-        out = translation.translate(ctx.model_path(side), pairs, cfg)
+        out = translation.translate(model_path(ctx, side), pairs, cfg)
         columns[f"hyp_{side}"] = out.pop("hyps")
         sides[side] = {**translation.score(columns[f"hyp_{side}"], pairs.ref, cfg.tokenize), **out, "input": ctx.input(side).record()}
     ref, fp8 = sides["reference"], sides["model"]
@@ -109,7 +118,7 @@ def run_benchmarks(cfg: EvaluateConfig, ctx: StepContext, out_dir: str) -> dict[
     for side in ("model", "base"):
         if side == "base" and not ctx.has_input("base"):
             continue
-        path = ctx.model_path(side)
+        path = model_path(ctx, side)
         benchmarks.go_offline(path, data)
         r = benchmarks.evaluate_model(path, names, cfg, os.path.join(out_dir, f"lighteval-{side}"), ctx.log, data)
         r["failures"].update({t: f"data: {'; '.join(p[:5])}" + (f" (+{len(p) - 5} more)" if len(p) > 5 else "")

@@ -179,6 +179,11 @@ def test_missing_inputs_and_unknown_tasks_fail_clearly(tmp_path: Path, store: Pa
     code, _ = evaluate(tmp_path / "b", store, "bad", {"model": "tiny:teacher", "benchmarks": str(SAMPLES)}, kind="benchmarks",
                        tasks=["no_such_task"])
     assert code == 3 and "none of the tasks no_such_task has data" in capsys.readouterr().out
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "weights.bin").write_bytes(b"\0")
+    code, _ = evaluate(tmp_path / "d", store, "bad", {"model": str(not_a_model), "data": str(sample_pairs)}, kind="translation")
+    assert code == 3 and f"{not_a_model}, which has no config.json" in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _ = evaluate(tmp_path / "c", store, "bad", {"model": "tiny:teacher", "data": str(empty)}, kind="translation")
