@@ -8,6 +8,7 @@ name comes first; the rest is the step command line of hala.step:
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -19,7 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = stagespec.all_stages()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("stages:", ", ".join(sorted(stages)) or "(none)")
+        image = os.environ.get("HALA_IMAGE", "")
+        here = sorted(n for n, s in stages.items() if image and f"hala-{s.env}" == image)
+        if here:
+            # an image holds the code of every stage but the dependencies of its own set only
+            print(f"stages of this image ({image}):")
+            for n in here:
+                print(f"  {n:10s} {stages[n].description}")
+            print(f"\nusage of one: hala-stage {here[0]} --help")
+        else:
+            print("stages:", ", ".join(sorted(stages)) or "(none)")
         return 0
     name, rest = argv[0], argv[1:]
     spec = stages.get(name)
