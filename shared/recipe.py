@@ -44,6 +44,7 @@ STEP_KEYS = {
     "config": "the stage's typed config",
     "shards": "how many shard processes a sharded stage runs (Indexed Job completions)",
     "enabled": "false leaves the step out of `hala run` unless --set STEP.enabled=true",
+    "resources": "what one pod/container of the step needs on a cluster (gpus, fp8, cpu, memory, shm); derived from the config when left out",
 }
 TINY_KEYS = {
     "pairs": "TSV file (id, en, ar) the teacher, judge and translator stand-ins learn to reproduce",
@@ -89,6 +90,17 @@ RECIPE_SCHEMA: dict[str, Any] = {
                     "config": {"type": "object"},
                     "shards": {"type": "integer", "minimum": 1},
                     "enabled": {"type": "boolean"},
+                    "resources": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "gpus": {"type": "integer", "minimum": 0},
+                            "fp8": {"type": "boolean"},
+                            "cpu": {"type": ["string", "number"]},
+                            "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
+                            "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
+                        },
+                    },
                 },
             },
         },
@@ -124,6 +136,7 @@ class Step:
     enabled: bool = True
     description: str = ""
     spec: stagespec.StageSpec | None = None  # None: the stage is not built yet (plan only)
+    resources: dict[str, Any] = field(default_factory=dict)  # as written; hala.resources derives the rest
 
     @property
     def upstream(self) -> list[str]:
@@ -210,6 +223,7 @@ def load(
             enabled=bool(body.get("enabled", True)),
             description=body.get("description", ""),
             spec=spec,
+            resources=dict(body.get("resources") or {}),
         )
     for step in steps.values():
         if not step.name.startswith(step.stage + "-"):
@@ -425,8 +439,8 @@ def _toposort(steps: dict[str, Step], declared: list[str], path: Path) -> list[s
 
 
 def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str]) -> None:
-    """`--set STEP.KEY=VALUE`: KEY is a config key (dotted for nested ones), `inputs.NAME`, `shards` or
-    `enabled`. VALUE is read as YAML, so 10 is an int, true a bool, [a, b] a list."""
+    """`--set STEP.KEY=VALUE`: KEY is a config key (dotted for nested ones), `inputs.NAME`, `shards`,
+    `enabled` or `resources.NAME`. VALUE is read as YAML, so 10 is an int, true a bool, [a, b] a list."""
     target, eq, value_text = item.partition("=")
     if not eq:
         raise ConfigError(f"--set {item!r}: expected STEP.KEY=VALUE")
@@ -448,6 +462,8 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
         body.setdefault("inputs", {})[parts[1]] = str(value)
     elif parts[0] in ("shards", "enabled") and len(parts) == 1:
         body[parts[0]] = value
+    elif parts[0] == "resources" and len(parts) == 2:
+        body.setdefault("resources", {})[parts[1]] = value
     else:
         node = body.setdefault("config", {})
         for part in parts[:-1]:

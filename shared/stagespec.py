@@ -24,7 +24,7 @@ from hala.errors import ConfigError
 _VERSIONED = ("*.py", "stage.toml", "requirements.txt", "*.jinja", "*.yaml")
 
 # Step-level keys of a recipe; a stage config may not reuse them, so `--set STEP.KEY` stays unambiguous.
-RESERVED_CONFIG_KEYS = frozenset({"stage", "inputs", "config", "shards", "enabled", "description"})
+RESERVED_CONFIG_KEYS = frozenset({"stage", "inputs", "config", "shards", "enabled", "description", "resources"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""What one container of a step needs on a cluster: GPUs, FP8 hardware, CPU, memory, shared memory.
+
+The compose and Kubernetes renderers both ask here, so the two never disagree. A step's `resources:` in
+the recipe wins; what it leaves out is derived from the stage and its config:
+
+    gpus   train: config.processes; translate, judge, evaluate: engine_args.tensor_parallel_size (1);
+           quantize: 1; prepare, merge, publish: 0 (CPU stages)
+    fp8    the step runs FP8 weights: a quantize step with an FP8 scheme (its fidelity check serves the
+           result) or a step whose model input is such a step's output. Native FP8 needs compute
+           capability >= 8.9 (Ada, Hopper, Blackwell); the renderers pin those steps to such nodes.
+    shm    1Gi for stages that run vLLM or torch data loaders (Docker's 64 MiB default fails vLLM)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hala.recipe import Recipe, Step
+
+GPU_STAGES_WITH_ENGINE = {"translate", "judge", "evaluate"}
+CPU_STAGES = {"prepare", "merge", "publish"}
+# compute capabilities with native FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.0, 12.0)
+FP8_MIN_COMPUTE_CAPABILITY = 8.9
+
+
+@dataclass(frozen=True)
+class Needs:
+    gpus: int
+    fp8: bool
+    cpu: str | None
+    memory: str | None
+    shm: str | None
+
+
+def _is_fp8_quantize(step: Step) -> bool:
+    return step.stage == "quantize" and "FP8" in str(step.config.get("scheme", "FP8_DYNAMIC")).upper()
+
+
+def _gpus(step: Step) -> int:
+    if step.stage == "train":
+        return int(step.config.get("processes", 1))
+    if step.stage in GPU_STAGES_WITH_ENGINE:
+        return int((step.config.get("engine_args") or {}).get("tensor_parallel_size", 1))
+    if step.stage in CPU_STAGES:
+        return 0
+    return 1
+
+
+def needs(recipe: Recipe, step: Step) -> Needs:
+    given: dict[str, Any] = step.resources
+    upstream_fp8 = any(
+        ref.kind == "step" and ref.step in recipe.steps and _is_fp8_quantize(recipe.steps[ref.step])
+        for name, ref in step.inputs.items() if name in ("model", "reference")
+    )
+    gpus = int(given.get("gpus", _gpus(step)))
+    fp8 = bool(given.get("fp8", gpus > 0 and (_is_fp8_quantize(step) or upstream_fp8)))
+    heavy = step.stage not in ("prepare", "publish")
+    return Needs(gpus=gpus, fp8=fp8, cpu=None if given.get("cpu") is None else str(given["cpu"]),
+                 memory=given.get("memory"), shm=given.get("shm", "1Gi" if heavy else None))
