@@ -12,8 +12,10 @@ torch, transformers and vLLM are imported inside the functions: `import hala` st
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,9 +77,57 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+# Native FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x). Below, vLLM falls back to weight-only
+# FP8 (Marlin) or refuses: the paper's ~2x of the FP8 teacher is gone, so a GPU step stops instead.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_weights(model: str) -> bool:
+    """Whether a local checkpoint holds FP8 weights (compressed-tensors float-quantized, or quant_method fp8)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False  # a hub id: vLLM reads its config itself; the stages pass local folders
+    qc = (json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {})
+    if str(qc.get("quant_method", "")).lower() == "fp8":
+        return True
+    groups = (qc.get("config_groups") or {}).values()
+    return any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8 for g in groups)
+
+
+def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+
+
+def check_fp8_hardware(model: str, devices: list[tuple[str, tuple[int, int]]] | None = None) -> str | None:
+    """None for a model without FP8 weights; 'cpu-emulated' on CPU (allowed: fidelity, not speed, and said so);
+    'native' on GPUs that compute FP8. On an older GPU: ConfigError (exit 2) naming the GPU and the fix."""
+    if not fp8_weights(model):
+        return None
+    from hala import logs
+
+    devices = cuda_devices() if devices is None else devices
+    if not devices:
+        logs.get("hala.engine").warning("fp8 emulated", model=model,
+                                        note="FP8 weights on CPU are dequantized: fidelity is real, throughput is not")
+        return "cpu-emulated"
+    slow = [f"{name} (compute capability {major}.{minor})" for name, (major, minor) in devices if (major, minor) < FP8_MIN_CAPABILITY]
+    if slow:
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        raise ConfigError(
+            f"model {model} holds FP8 weights, but {', '.join(slow)} cannot compute FP8 (needs compute capability >= {need}: "
+            "Ada, Hopper or Blackwell). Run the step on such GPUs (the rendered Kubernetes Job selects them by "
+            "nvidia.com/gpu.compute.major/minor), or serve the bf16 model instead")
+    return "native"
+
+
 def open_engine(model: str, kind: str = "auto", *, max_model_len: int = 2048, dtype: str = "auto", seed: int = 0,
                 batch_size: int = 16, engine_args: dict[str, Any] | None = None, trust_remote_code: bool = False) -> Any:
     """vllm | transformers | auto (vLLM when installed). engine_args go to vllm.LLM unchanged."""
+    check_fp8_hardware(model)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "transformers"
     if kind == "vllm":

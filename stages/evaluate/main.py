@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from hala import tables
+from hala.engine import check_fp8_hardware
 from hala.errors import ConfigError, DataError
 from hala.step import StepContext
 from stages.evaluate import benchmarks, translation
@@ -30,6 +31,7 @@ def model_path(ctx: StepContext, side: str) -> str:
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise DataError(f"step '{ctx.step.name}': input '{side}' ({ctx.input(side).ref.raw}) is {path}, which has no "
                         "config.json: not a Hugging Face model folder (a model output of train, merge or quantize is)")
+    check_fp8_hardware(path)  # every kind: LightEval's engine starts in a subprocess, so check before it
     return path
 
 

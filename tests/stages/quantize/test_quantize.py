@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hala import recipe as recipe_mod, schema, step, tiny
+from hala import engine, recipe as recipe_mod, schema, step, tiny
+from hala.errors import ConfigError
 from hala.store import Store
 from helpers import REPO, events, write_recipe
 from stages.quantize import fidelity, main as qmain
@@ -81,6 +82,16 @@ def test_fp8_dynamic_teacher_is_a_compressed_tensors_checkpoint_that_generates(t
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(gen[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True) == "صباح الخير."
+    # a stage that serves it checks the hardware first: emulated on CPU (said), refused on a GPU without FP8
+    assert engine.check_fp8_hardware(str(out), devices=[]) == "cpu-emulated"
+    assert engine.check_fp8_hardware(str(out), devices=[("NVIDIA H100 80GB HBM3", (9, 0))]) == "native"
+    assert engine.check_fp8_hardware(str(out), devices=[("NVIDIA L40S", (8, 9))]) == "native"
+    with pytest.raises(ConfigError, match=r"NVIDIA A100-SXM4-80GB \(compute capability 8.0\).*>= 8.9") as e:
+        engine.check_fp8_hardware(str(out), devices=[("NVIDIA A100-SXM4-80GB", (8, 0))])
+    assert e.value.exit_code == 2
+    source = store / "_sources"
+    bf16 = next(p.parent for p in source.rglob("config.json") if "quantization_config" not in p.read_text())
+    assert engine.check_fp8_hardware(str(bf16), devices=[("NVIDIA A100-SXM4-80GB", (8, 0))]) is None
 
 
 @pytest.mark.parametrize("role,arch_modules", [
