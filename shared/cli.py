@@ -51,6 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--only, --force and --keep-going are for the local runner; compose runs the whole rendered DAG "
                               "(committed steps are cached inside their containers)")
         return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
+    if args.runner == "k8s":
+        from hala import k8s
+
+        if args.only or args.force or args.keep_going:
+            raise ConfigError("--only, --force and --keep-going are for the local runner; the conductor runs every enabled step")
+        jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe))
+        return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
 
 
@@ -74,6 +81,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
     recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
+    args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
     if args.what == "compose":
         from hala import compose
 
@@ -81,7 +89,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         from hala import k8s
 
-        body = k8s.text(recipe, args.variant)
+        if args.out:
+            for path in k8s.write(recipe, args.out, args.variant, args.registry, args.tag):
+                print(f"wrote: {path}")
+            return 0
+        body = k8s.text(recipe, args.variant, args.registry, args.tag)
     if args.out:
         Path(args.out).write_text(body)
     else:
@@ -188,9 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
     r.add_argument("--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
-    r.add_argument("--runner", choices=["local", "compose"], default="local",
-                   help="local: each step in its .venvs/<set> (default); compose: the stage images, `docker compose up`")
-    r.add_argument("--variant", choices=["cpu", "cuda"], default="cpu", help="--runner compose: which images")
+    r.add_argument("--runner", choices=["local", "compose", "k8s"], default="local",
+                   help="local: each step in its .venvs/<set> (default); compose: the stage images, `docker compose up`; "
+                        "k8s: the conductor, one Job per step (runs inside the cluster, see manifests/)")
+    r.add_argument("--variant", choices=["cpu", "cuda"], default="cpu", help="--runner compose/k8s: which images")
+    r.add_argument("--namespace", help="--runner k8s: default the recipe's kubernetes.namespace or hala-<name>")
+    r.add_argument("--registry", help="--runner k8s: image registry (default $REGISTRY or local)")
+    r.add_argument("--tag", help="--runner k8s: image tag (default $HALA_TAG or dev)")
     r.add_argument("--timeout", type=float, default=7200, help="--runner compose: seconds before `up` is stopped")
     r.add_argument("--export", metavar="DIR", help="--runner compose: copy the store volume to this folder afterwards")
     r.set_defaults(func=cmd_run)
@@ -206,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("render", help="compose file or Kubernetes manifests of a recipe; the images' requirement files")
     rn.add_argument("what", choices=["compose", "k8s", "images"])
     rn.add_argument("recipe", nargs="?")
-    rn.add_argument("--variant", choices=["cpu", "cuda"], default="cpu")
+    rn.add_argument("--variant", choices=["cpu", "cuda"], default=None, help="default: cpu for compose, cuda for k8s")
+    rn.add_argument("--registry", help="k8s: image registry written into the Jobs (default $REGISTRY or local)")
+    rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
     rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    rn.add_argument("-o", "--out", help="write to this file instead of stdout")
+    rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
     rn.add_argument("--check", action="store_true", help="images: exit 1 if images/requirements/ differs from the rendering")
     rn.set_defaults(func=cmd_render)
 

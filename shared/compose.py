@@ -51,6 +51,8 @@ HEADER = """\
 
 
 def recipe_in_image(recipe: Recipe) -> str:
+    if recipe.path.as_posix().startswith(RECIPES_IN_IMAGE + "/"):
+        return recipe.path.as_posix()  # already inside an image (the Kubernetes conductor)
     try:
         rel = recipe.path.resolve().relative_to(REPO / "recipes")
     except ValueError:
@@ -59,9 +61,10 @@ def recipe_in_image(recipe: Recipe) -> str:
     return f"{RECIPES_IN_IMAGE}/{rel.as_posix()}"
 
 
-def step_args(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, store: str = STORE_IN_IMAGE) -> list[str]:
+def step_args(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, store: str = STORE_IN_IMAGE,
+              recipe_arg: str | None = None) -> list[str]:
     """The step command inside an image: `hala-stage <stage> ...`, the same flags as the local runner's."""
-    args = [step.stage, "--recipe", recipe_in_image(recipe), "--step", step.name, "--store", store, "--run", recipe.run]
+    args = [step.stage, "--recipe", recipe_arg or recipe_in_image(recipe), "--step", step.name, "--store", store, "--run", recipe.run]
     for item in recipe.overrides:
         args += ["--set", item]
     if shard:

@@ -45,7 +45,8 @@ def env_sets() -> dict[str, EnvSet]:
     lib = REPO / "shared" / "requirements.txt"
     test_reqs = REPO / "tests" / "requirements.txt"
     sets = {
-        "cli": EnvSet("cli", [lib, REPO / "shared" / "requirements-report.txt", test_reqs], [REPO / "tests" / "contract"]),
+        "cli": EnvSet("cli", [lib, REPO / "shared" / "requirements-report.txt", REPO / "shared" / "requirements-cluster.txt",
+                              test_reqs, REPO / "tests" / "requirements-contract.txt"], [REPO / "tests" / "contract"]),
         "models": EnvSet("models", [lib, REPO / "shared" / "requirements-models.txt", test_reqs], [REPO / "tests" / "models"]),
     }
     for spec in stagespec.all_stages().values():

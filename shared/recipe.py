@@ -35,6 +35,7 @@ RECIPE_KEYS = {
     "store": "fsspec URL or path of the artifact store (relative paths: to the current directory)",
     "run": "the run name: artifacts go to <store>/<run>/<step>/",
     "tiny_models": "settings of the tiny stand-in models (tiny:<role> sources)",
+    "kubernetes": "namespace, queue (Kueue), storage size and class, retries, ttl_seconds of the rendered manifests",
     "steps": "the steps, by name (<stage>-<subject>)",
 }
 STEP_KEYS = {
@@ -44,7 +45,7 @@ STEP_KEYS = {
     "config": "the stage's typed config",
     "shards": "how many shard processes a sharded stage runs (Indexed Job completions)",
     "enabled": "false leaves the step out of `hala run` unless --set STEP.enabled=true",
-    "resources": "what one pod/container of the step needs on a cluster (gpus, fp8, cpu, memory, shm); derived from the config when left out",
+    "resources": "what one pod/container of the step needs on a cluster (gpus, fp8, cpu, memory, shm, parallelism); derived from the config when left out",
 }
 TINY_KEYS = {
     "pairs": "TSV file (id, en, ar) the teacher, judge and translator stand-ins learn to reproduce",
@@ -75,6 +76,18 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "max_seconds": {"type": "number", "exclusiveMinimum": 0},
             },
         },
+        "kubernetes": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "namespace": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+                "queue": {"type": "string", "minLength": 1},
+                "storage": {"type": "string", "pattern": "^[0-9]+(Mi|Gi|Ti)$"},
+                "storage_class": {"type": "string", "minLength": 1},
+                "retries": {"type": "integer", "minimum": 0},
+                "ttl_seconds": {"type": "integer", "minimum": 0},
+            },
+        },
         "steps": {
             "type": "object",
             "minProperties": 1,
@@ -99,6 +112,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
                             "cpu": {"type": ["string", "number"]},
                             "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
                             "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
+                            "parallelism": {"type": "integer", "minimum": 1},
                         },
                     },
                 },
@@ -156,6 +170,7 @@ class Recipe:
     tiny_models: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     overrides: list[str] = field(default_factory=list)
+    kubernetes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def order(self) -> list[str]:
@@ -243,6 +258,7 @@ def load(
         tiny_models=raw.get("tiny_models") or {},
         description=raw.get("description", ""),
         overrides=list(overrides or []),
+        kubernetes=dict(raw.get("kubernetes") or {}),
     )
 
 

@@ -1,0 +1,367 @@
+"""Kubernetes: the rendered manifests (validity, policy, drift) and the conductor's decisions.
+
+No cluster runs here. The manifests are checked with kubernetes-validate --strict (its schemas ship with
+it) and by policy; the conductor runs for real against an in-memory stand-in of the three Jobs API calls
+it makes, whose "kubelet" runs each Job's container command as a local process, index by index, with
+JOB_COMPLETION_INDEX set the way an Indexed Job sets it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from helpers import REPO, hala, write_recipe
+
+from hala import k8s, recipe as recipe_mod
+from hala.resources import needs
+
+FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
+TINY = REPO / "recipes" / "tiny.yaml"
+PAPER = REPO / "recipes" / "hala-paper.yaml"
+K8S_VERSION = "1.37.0"
+
+
+def _load(path: Path) -> recipe_mod.Recipe:
+    return recipe_mod.load(path, check_paths=False)
+
+
+def _objects(files: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [o for name, objs in files.items() if name != "kustomization.yaml" for o in objs]
+
+
+def _jobs(files: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [o for o in _objects(files) if o["kind"] == "Job"]
+
+
+# ------------------------------------------------------------------ rendered manifests
+
+
+@pytest.mark.parametrize("recipe,variant,folder", [(TINY, "cpu", "tiny"), (PAPER, "cuda", "hala-paper")])
+def test_checked_in_manifests_equal_the_rendering(tmp_path, recipe, variant, folder):
+    out = hala("render", "k8s", str(recipe.relative_to(REPO)), "--variant", variant, "-o", str(tmp_path / folder))
+    assert out.returncode == 0, out.stderr
+    rendered = {p.relative_to(tmp_path / folder): p.read_text() for p in (tmp_path / folder).rglob("*.yaml")}
+    checked_in = {p.relative_to(REPO / "manifests" / folder): p.read_text() for p in (REPO / "manifests" / folder).rglob("*.yaml")}
+    assert set(rendered) == set(checked_in), f"run `hala render k8s {recipe.relative_to(REPO)} --variant {variant} -o manifests/{folder}`"
+    for name, text in rendered.items():
+        assert checked_in[name] == text.replace(str(tmp_path / folder), f"manifests/{folder}"), name
+
+
+@pytest.mark.parametrize("recipe,variant", [(TINY, "cpu"), (PAPER, "cuda")])
+def test_every_manifest_passes_strict_schema_validation(recipe, variant):
+    objects = _objects(k8s.render(_load(recipe), variant))
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "PersistentVolumeClaim", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"} <= kinds
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError on any unknown field
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    job = _jobs(k8s.render(_load(PAPER), "cuda"))[0]
+    job["spec"]["backofLimit"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def test_paper_jobs_one_per_enabled_step_with_the_step_command():
+    recipe = _load(PAPER)
+    files = k8s.render(recipe, "cuda")
+    jobs = {j["metadata"]["name"]: j for j in _jobs(files)}
+    enabled = [s for s in recipe.steps.values() if s.enabled]
+    assert len(jobs) == len(enabled) + 1 and "hala-conductor" in jobs
+    for step in enabled:
+        job = jobs[k8s.job_name(recipe, step)]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"][:1] == [step.stage] and step.name in container["args"]
+        assert container["image"] == f"local/hala-{step.spec.env}:dev-cuda"
+    # only the base objects and the conductor are applied by `kubectl apply -k`; step Jobs are the conductor's
+    assert files["kustomization.yaml"][0]["resources"] == ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml", "conductor.yaml"]
+    assert all(len(name) <= 63 and name.replace("-", "").isalnum() for name in jobs)
+
+
+def test_every_container_runs_as_non_root_with_limits_and_no_privilege():
+    for recipe, variant in [(PAPER, "cuda"), (TINY, "cpu")]:
+        for job in _jobs(k8s.render(_load(recipe), variant)):
+            pod = job["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+            assert pod["restartPolicy"] == "Never" and job["spec"]["ttlSecondsAfterFinished"] > 0
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+                assert sc["readOnlyRootFilesystem"] is True
+                writable = {m["mountPath"] for m in c["volumeMounts"]}
+                assert {"/tmp", "/home/app"} <= writable  # what the stages write besides the store
+                assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+                assert c["resources"]["requests"] == c["resources"]["limits"]
+
+
+def test_gpu_jobs_request_their_gpus_and_tolerate_the_taint():
+    recipe = _load(PAPER)
+    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    for step in (s for s in recipe.steps.values() if s.enabled):
+        pod = jobs[k8s.k8s_name(step.name)]["spec"]["template"]["spec"]
+        res = pod["containers"][0]["resources"]
+        gpus = needs(recipe, step).gpus
+        if gpus:
+            assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == gpus
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
+            assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
+        else:
+            assert "nvidia.com/gpu" not in res["limits"] and "tolerations" not in pod
+    assert jobs["translate-openorca-teacher"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert jobs["train-hala-9b"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def _capability_ok(labels: dict[str, str], affinity: dict[str, Any]) -> bool:
+    """Evaluate a required node affinity against a node's labels (terms ORed, expressions ANDed)."""
+    def match(expr: dict[str, Any]) -> bool:
+        value = labels.get(expr["key"])
+        if value is None:
+            return False
+        if expr["operator"] == "In":
+            return value in expr["values"]
+        if expr["operator"] == "Gt":
+            return int(value) > int(expr["values"][0])
+        raise AssertionError(expr)
+    terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return any(all(match(e) for e in t["matchExpressions"]) for t in terms)
+
+
+def test_fp8_steps_select_nodes_by_compute_capability():
+    recipe = _load(PAPER)
+    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    fp8 = {name for name, job in jobs.items() if "affinity" in job["spec"]["template"]["spec"]}
+    assert fp8 == {"quantize-teacher", "translate-openorca-teacher", "evaluate-fp8-teacher"}
+    text = json.dumps([jobs[n] for n in fp8])
+    assert "gpu.family" not in text  # some GFD versions label Ada 'ampere'
+    affinity = jobs["translate-openorca-teacher"]["spec"]["template"]["spec"]["affinity"]
+    gpu = lambda major, minor: {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}  # noqa: E731
+    assert _capability_ok(gpu(9, 0), affinity)       # H100
+    assert _capability_ok(gpu(8, 9), affinity)       # L40S, RTX 4090 (Ada)
+    assert _capability_ok(gpu(10, 0), affinity)      # B200
+    assert _capability_ok(gpu(12, 0), affinity)      # RTX 50 series
+    assert not _capability_ok(gpu(8, 0), affinity)   # A100: no FP8 tensor cores
+    assert not _capability_ok(gpu(8, 6), affinity)   # A10, RTX 3090
+    assert not _capability_ok(gpu(7, 5), affinity)   # T4
+    assert not _capability_ok({}, affinity)          # a node without GPU Feature Discovery labels
+
+
+def test_sharded_steps_are_indexed_jobs_with_per_index_retries_and_the_failure_policy():
+    recipe = _load(PAPER)
+    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    sharded = [s for s in recipe.steps.values() if s.enabled and s.shards > 1]
+    assert {s.stage for s in sharded} == {"translate", "judge"}
+    for step in sharded:
+        spec = jobs[k8s.k8s_name(step.name)]["spec"]
+        assert spec["completionMode"] == "Indexed" and spec["completions"] == step.shards
+        assert spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+        rules = spec["podFailurePolicy"]["rules"]
+        assert {"action": "FailIndex", "onExitCodes": {"containerName": "step", "operator": "In", "values": [2, 3]}} in rules
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    for name, job in jobs.items():
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert any(r["action"] == "Ignore" for r in rules), name  # preemption never counts as a failure
+
+
+def test_no_secret_in_any_manifest_and_the_token_comes_from_an_optional_secret():
+    for recipe, variant in [(PAPER, "cuda"), (TINY, "cpu")]:
+        objects = _objects(k8s.render(_load(recipe), variant))
+        assert not [o for o in objects if o["kind"] == "Secret"]
+        text = yaml.safe_dump_all(objects)
+        assert "hf_" not in text.replace("hala-hf-token", "")
+        for job in (o for o in objects if o["kind"] == "Job"):
+            env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+            assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hala-hf-token", "key": "token", "optional": True}}}
+
+
+def test_conductor_rbac_is_limited_to_jobs_and_pods_of_its_namespace():
+    files = k8s.render(_load(PAPER), "cuda")
+    rbac = {o["kind"]: o for o in files["rbac.yaml"]}
+    assert rbac["Role"]["metadata"]["namespace"] == "hala-paper"
+    assert rbac["Role"]["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+    ]
+    assert "ClusterRole" not in {o["kind"] for o in _objects(files)}
+    conductor = files["conductor.yaml"][0]
+    pod = conductor["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "hala-conductor"
+    assert pod["containers"][0]["args"][:4] == ["run", "/opt/hala/recipes/hala-paper.yaml", "--runner", "k8s"]
+    assert pod["containers"][0]["image"] == "local/hala-cli:dev-cuda"
+    # step pods never talk to the API server
+    assert all(j["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+               for j in _jobs(files) if j["metadata"]["name"] != "hala-conductor")
+
+
+def test_recipe_kubernetes_settings_reach_the_manifests(tmp_path):
+    recipe = _load(PAPER)
+    recipe.kubernetes = {"namespace": "team-a", "queue": "h100-queue", "storage": "2Ti", "storage_class": "cephfs", "retries": 5}
+    files = k8s.render(recipe, "cuda", registry="ghcr.io/acme", tag="1.0")
+    pvc = files["storage.yaml"][0]
+    assert pvc["metadata"]["namespace"] == "team-a" and pvc["spec"]["storageClassName"] == "cephfs"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Ti" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = files["jobs/04-quantize-teacher.yaml"][0]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
+    assert job["spec"]["backoffLimit"] == 5
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/acme/hala-compress:1.0-cuda"
+    assert "--registry" in files["conductor.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    bad = dict(yaml.safe_load(PAPER.read_text()), kubernetes={"namespace": "Team_A"})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    out = hala("steps", str(tmp_path / "bad.yaml"))
+    assert out.returncode == 2 and "namespace" in out.stderr
+
+
+def test_an_object_store_needs_no_volume_claim(tmp_path):
+    recipe = _load(PAPER)
+    recipe.store = "s3://bucket/hala"
+    files = k8s.render(recipe, "cuda")
+    assert "storage.yaml" not in files
+    job = _jobs(files)[1]
+    assert "--store" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "s3://bucket/hala" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [v for v in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+
+
+# ------------------------------------------------------------------ the conductor
+
+
+class FakeCluster:
+    """The three Jobs API calls the conductor makes, in memory, and a kubelet: on each poll it runs the pods of
+    every unfinished Job as local processes (its container args through hala-stage, one per index) and sets
+    the Job's Complete or Failed condition the way the Job controller would."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.created: list[tuple[int, str]] = []
+        self.deleted: list[str] = []
+        self.polls = 0
+        self.paused = False
+        self.pods: list[tuple[str, int | None, int]] = []
+
+    # the API
+    def create(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        if name in self.jobs:
+            raise k8s.Conflict(name)
+        self.jobs[name] = {**copy.deepcopy(job), "status": {}}
+        self.created.append((self.polls, name))
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.jobs.get(name))
+
+    def delete(self, name: str) -> None:
+        self.jobs.pop(name, None)
+        self.deleted.append(name)
+
+    # the kubelet and the Job controller
+    def tick(self, _seconds: float = 0) -> None:
+        self.polls += 1
+        if self.paused:
+            return
+        for name, job in self.jobs.items():
+            if job["status"].get("conditions"):
+                continue
+            spec = job["spec"]
+            indexes = range(spec["completions"]) if spec.get("completionMode") == "Indexed" else [None]
+            failed = []
+            for i in indexes:
+                env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(i)} if i is not None else {})}
+                args = spec["template"]["spec"]["containers"][0]["args"]
+                code = subprocess.run([sys.executable, "-m", "hala.launch", *args], env=env, capture_output=True, text=True).returncode
+                self.pods.append((name, i, code))
+                if code:
+                    failed.append((i, code))
+            if failed:
+                i, code = failed[0]
+                job["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                                "message": f"Container step for pod {name}-{i} failed with exit code {code}"}]
+            else:
+                job["status"]["conditions"] = [{"type": "Complete", "status": "True"}]
+
+
+@pytest.fixture()
+def echo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HALA_STAGES_PATH", str(FIXTURES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")])))
+
+
+def _dag(tmp_path: Path, **a_config: Any) -> recipe_mod.Recipe:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(12)))
+    path = write_recipe(tmp_path, {
+        "echo-a": {"stage": "echo", "shards": 3, "inputs": {"data": str(data)}, "config": a_config},
+        "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
+        "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
+    })
+    return recipe_mod.load(path)
+
+
+def _conduct(recipe: recipe_mod.Recipe, cluster: FakeCluster, **kw: Any) -> int:
+    return k8s.conduct(recipe, cluster, variant="cpu", poll_seconds=0, sleep=cluster.tick,
+                       recipe_arg=str(recipe.path), store_arg=recipe.store, **kw)
+
+
+def test_conductor_creates_jobs_in_dag_order_once_inputs_are_committed(tmp_path, echo):
+    recipe = _dag(tmp_path)
+    cluster = FakeCluster()
+    assert _conduct(recipe, cluster) == 0
+    created = dict((name, poll) for poll, name in cluster.created)
+    assert created["echo-a"] == created["echo-c"] == 0       # ready at once: created together
+    assert created["echo-b"] > created["echo-a"]             # only once echo-a was gathered and committed
+    assert sorted(i for name, i, _ in cluster.pods if name == "echo-a") == [0, 1, 2]  # an Indexed Job, 3 pods
+    store = Path(recipe.store)
+    a = json.loads((store / "r" / "echo-a" / "_MANIFEST.json").read_text())
+    assert a["shards"]["count"] == 3 and a["counts"]["rows_out"] == 12  # the conductor gathered it
+    assert all((store / "r" / s / "_MANIFEST.json").exists() for s in ("echo-b", "echo-c"))
+    assert json.loads((store / "r" / "_RUN.json").read_text())["runner"] == "k8s"
+    job = cluster.jobs["echo-b"]
+    assert job["metadata"]["annotations"][k8s.FINGERPRINT] == json.loads((store / "r" / "echo-b" / "_MANIFEST.json").read_text())["fingerprint"]
+
+    # a second conductor finds every step committed: no Job at all
+    again = FakeCluster()
+    assert _conduct(recipe, again) == 0 and again.created == []
+
+
+def test_conductor_stops_on_a_failed_job_with_its_reason(tmp_path, echo, capsys):
+    recipe = _dag(tmp_path, misreport=True)  # echo-a's shards claim a row too many: exit 3, bad data
+    cluster = FakeCluster()
+    code = _conduct(recipe, cluster)
+    assert code == 3
+    out = capsys.readouterr().out
+    assert "step echo-a failed (exit 3)" in out and "failed with exit code 3" in out
+    assert "echo-b" not in cluster.jobs  # its input never committed: never created, no pod waits
+    assert not (Path(recipe.store) / "r" / "echo-a" / "_MANIFEST.json").exists()
+
+
+def test_a_restarted_conductor_adopts_the_jobs_it_finds(tmp_path, echo):
+    recipe = _dag(tmp_path)
+    cluster = FakeCluster()
+    cluster.paused = True  # pods pending: the first conductor dies while its Jobs run
+    assert _conduct(recipe, cluster, max_polls=2) == 75
+    assert sorted(name for _, name in cluster.created) == ["echo-a", "echo-c"]
+    cluster.paused = False
+    assert _conduct(recipe, cluster) == 0  # the replacement pod
+    names = [name for _, name in cluster.created]
+    assert sorted(names) == ["echo-a", "echo-b", "echo-c"] and len(names) == len(set(names))  # no duplicate Job
+    assert cluster.deleted == []
+
+
+def test_a_job_left_from_another_config_is_replaced_not_adopted(tmp_path, echo):
+    recipe = _dag(tmp_path)
+    cluster = FakeCluster()
+    stale = k8s.step_job(recipe, recipe.steps["echo-c"], "cpu", fingerprint="0" * 64, recipe_arg=str(recipe.path))
+    stale["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    cluster.jobs["echo-c"] = stale
+    assert _conduct(recipe, cluster) == 0
+    assert cluster.deleted == ["echo-c"] and ("echo-c" in [n for _, n in cluster.created])
+    assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
