@@ -75,6 +75,9 @@ def run_lighteval(model: str, names: list[str], cfg: EvaluateConfig, out_dir: st
         # keys a local folder's cache on its name and file names, so an edited or another copy of
         # OALL/Arabic_EXAMS would be read from an older cache.
         os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "datasets")
+        # LightEval imports GitPython, which refuses to import without a git executable (the stage images have
+        # none): "quiet" lets it import; nothing here uses git
+        os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
         _offline_registry()
         from lighteval.logging.evaluation_tracker import EvaluationTracker
         from lighteval.models.transformers.transformers_model import TransformersModelConfig
