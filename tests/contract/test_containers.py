@@ -7,7 +7,10 @@ these tests (see images/README.md). Here: what the renderers promise, from the r
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,14 @@ def test_record_writes_the_run_header_that_status_reads(tmp_path):
 def test_compose_runner_refuses_local_runner_flags(flag, tmp_path):
     out = hala("run", str(TINY), "--runner", "compose", "--store", str(tmp_path), *flag)
     assert out.returncode == 2 and "local runner" in out.stderr
+
+
+def test_the_entrypoint_lists_the_stages_of_its_image():
+    out = subprocess.run([sys.executable, "-m", "hala.launch", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "HALA_IMAGE": "hala-serve"})
+    assert out.returncode == 0
+    assert "stages of this image (hala-serve):" in out.stdout
+    listed = [line.split()[0] for line in out.stdout.split("stages of this image")[1].splitlines()[1:] if line.startswith("  ")]
+    assert listed == ["judge", "translate"]
+    wrong = subprocess.run([sys.executable, "-m", "hala.launch", "translat"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "no stage 'translat'" in wrong.stderr
