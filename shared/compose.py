@@ -102,9 +102,10 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
         nonlocal previous
         deps = [previous] if variant == "cpu" and previous else after
         # read-only root with /tmp and HOME in memory, as the Kubernetes pods run (readOnlyRootFilesystem), so
-        # that `docker compose up` proves the stages write nowhere else
+        # that `docker compose up` proves the stages write nowhere else. exec: Docker mounts tmpfs noexec by
+        # default, and vLLM's compiled mode loads the C++ it builds there (Kubernetes emptyDirs allow it)
         service: dict[str, Any] = {"image": ref[image], "command": command, "network_mode": "host", "init": True,
-                                   "read_only": True, "tmpfs": ["/tmp", f"/home/app:uid={UID},gid={UID}"],
+                                   "read_only": True, "tmpfs": ["/tmp:exec,mode=1777", f"/home/app:exec,uid={UID},gid={UID}"],
                                    "environment": dict(common_env),
                                    "volumes": [f"store:{STORE_IN_IMAGE}", f"./recipes:{RECIPES_IN_IMAGE}:ro"]}
         if deps:
