@@ -10,7 +10,8 @@ Job. The conductor (hala-cli image) creates one Job per step in dependency order
 inputs are committed (no pod holds a GPU while it waits), skips cached steps, follows Job conditions,
 gathers sharded steps after their Indexed Job, stops on a failed Job with its reason, and adopts the
 Jobs it finds after its own restart. `jobs/` holds every step's Job on its own, for per-stage reuse
-(`kubectl apply -f manifests/hala-paper/jobs/10-merge-hala-350m.yaml`); they are not in the kustomization.
+(`kubectl apply -f manifests/hala-paper/jobs/26-merge-hala-350m.yaml`, and `NN-<step>-gather.yaml` after a
+sharded one); they are not in the kustomization.
 
 No cluster ran these manifests here: they are validated offline (kubernetes-validate --strict), policy-
 tested, and the conductor's decisions are tested against an in-memory stand-in of the Jobs API.
@@ -266,7 +267,29 @@ def render(recipe: Recipe, variant: str = "cuda", registry: str | None = None, t
     enabled = [s for s in recipe.steps.values() if s.enabled]
     for i, step in enumerate(enabled, 1):
         files[f"jobs/{i:02d}-{job_name(recipe, step)}.yaml"] = [step_job(recipe, step, variant, registry, tag)]
+        if step.shards > 1:
+            files[f"jobs/{i:02d}-{job_name(recipe, step)}-gather.yaml"] = [gather_job(recipe, step, variant, registry, tag)]
     return files
+
+
+def gather_job(recipe: Recipe, step: Step, variant: str, registry: str | None, tag: str | None) -> dict[str, Any]:
+    """`hala gather` of a sharded step as a Job of its own (hala-cli), to apply after the step's Indexed Job when the
+    step Jobs are used without the conductor (the conductor gathers in its own process)."""
+    args = ["gather", compose_mod.recipe_in_image(recipe), step.name, "--store", _store_url(recipe), "--run", recipe.run]
+    container = {"name": "gather", "image": images_mod.reference("cli", variant, registry, tag), "args": args,
+                 "resources": _resources("cli", None, "cuda")}
+    labels = _labels(recipe, step.name, "gather")
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": k8s_name(f"gather-{step.name}"), "namespace": namespace(recipe), "labels": labels},
+            "spec": {
+                "backoffLimit": 6,  # exit 75 while a shard is missing: retried with the Job's back-off
+                "ttlSecondsAfterFinished": int(recipe.kubernetes.get("ttl_seconds", TTL_SECONDS)),
+                "podFailurePolicy": {"rules": [
+                    {"action": "FailJob", "onExitCodes": {"containerName": "gather", "operator": "In", "values": [EXIT_CONFIG, EXIT_DATA]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]},
+                "template": {"metadata": {"labels": labels}, "spec": _pod(recipe, container, None, variant)},
+            }}
 
 
 HEADER = """\

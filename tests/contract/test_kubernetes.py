@@ -42,6 +42,12 @@ def _jobs(files: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [o for o in _objects(files) if o["kind"] == "Job"]
 
 
+def _step_jobs(files: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The step Jobs by step, without the conductor and the gather Jobs."""
+    return {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(files)
+            if j["metadata"]["labels"]["hala.dev/stage"] not in ("gather", "cli")}
+
+
 # ------------------------------------------------------------------ rendered manifests
 
 
@@ -77,7 +83,12 @@ def test_paper_jobs_one_per_enabled_step_with_the_step_command():
     files = k8s.render(recipe, "cuda")
     jobs = {j["metadata"]["name"]: j for j in _jobs(files)}
     enabled = [s for s in recipe.steps.values() if s.enabled]
-    assert len(jobs) == len(enabled) + 1 and "hala-conductor" in jobs
+    sharded = [s for s in enabled if s.shards > 1]
+    assert len(jobs) == len(enabled) + len(sharded) + 1 and "hala-conductor" in jobs
+    for step in sharded:  # without the conductor: the step's Indexed Job, then its gather Job
+        gather = jobs[f"gather-{k8s.job_name(recipe, step)}"]["spec"]["template"]["spec"]["containers"][0]
+        assert gather["args"][:3] == ["gather", "/opt/hala/recipes/hala-paper.yaml", step.name]
+        assert gather["image"] == "local/hala-cli:dev-cuda"
     for step in enabled:
         job = jobs[k8s.job_name(recipe, step)]
         container = job["spec"]["template"]["spec"]["containers"][0]
@@ -106,7 +117,7 @@ def test_every_container_runs_as_non_root_with_limits_and_no_privilege():
 
 def test_gpu_jobs_request_their_gpus_and_tolerate_the_taint():
     recipe = _load(PAPER)
-    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    jobs = _step_jobs(k8s.render(recipe, "cuda"))
     for step in (s for s in recipe.steps.values() if s.enabled):
         pod = jobs[k8s.k8s_name(step.name)]["spec"]["template"]["spec"]
         res = pod["containers"][0]["resources"]
@@ -139,7 +150,7 @@ def _capability_ok(labels: dict[str, str], affinity: dict[str, Any]) -> bool:
 
 def test_fp8_steps_select_nodes_by_compute_capability():
     recipe = _load(PAPER)
-    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    jobs = _step_jobs(k8s.render(recipe, "cuda"))
     fp8 = {name for name, job in jobs.items() if "affinity" in job["spec"]["template"]["spec"]}
     assert fp8 == {"quantize-teacher", "translate-openorca-teacher", "evaluate-fp8-teacher"}
     text = json.dumps([jobs[n] for n in fp8])
@@ -158,7 +169,7 @@ def test_fp8_steps_select_nodes_by_compute_capability():
 
 def test_sharded_steps_are_indexed_jobs_with_per_index_retries_and_the_failure_policy():
     recipe = _load(PAPER)
-    jobs = {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(k8s.render(recipe, "cuda"))}
+    jobs = _step_jobs(k8s.render(recipe, "cuda"))
     sharded = [s for s in recipe.steps.values() if s.enabled and s.shards > 1]
     assert {s.stage for s in sharded} == {"translate", "judge"}
     for step in sharded:
