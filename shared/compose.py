@@ -65,12 +65,17 @@ def recipe_in_image(recipe: Recipe) -> str:
 def step_args(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, store: str = STORE_IN_IMAGE,
               recipe_arg: str | None = None) -> list[str]:
     """The step command inside an image: `hala-stage <stage> ...`, the same flags as the local runner's."""
-    args = [step.stage, "--recipe", recipe_arg or recipe_in_image(recipe), "--step", step.name, "--store", store, "--run", recipe.run]
-    for item in recipe.overrides:
-        args += ["--set", item]
+    args = [step.stage, "--recipe", recipe_arg or recipe_in_image(recipe), "--step", step.name, "--store", store, "--run", recipe.run,
+            *set_args(recipe)]
     if shard:
         args += ["--shard", f"{shard[0]}/{shard[1]}"]
     return args
+
+
+def set_args(recipe: Recipe) -> list[str]:
+    """The recipe's --set overrides, for every command of a DAG: a gather or a record without them would see
+    another recipe (another fingerprint) than the steps."""
+    return [arg for item in recipe.overrides for arg in ("--set", item)]
 
 
 def _compose_size(k8s: str) -> str:
@@ -114,7 +119,7 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
         services[name] = service
         previous = name
 
-    add("record", "cli", ["record", recipe_in_image(recipe), "--store", STORE_IN_IMAGE, "--run", recipe.run], [])
+    add("record", "cli", ["record", recipe_in_image(recipe), "--store", STORE_IN_IMAGE, "--run", recipe.run, *set_args(recipe)], [])
     done_name: dict[str, str] = {}  # step -> the service whose success means the step is committed
     for step in recipe.steps.values():
         if not step.enabled:
@@ -137,7 +142,8 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
                 add(name, _image_set(step), step_args(recipe, step, (i, step.shards)), after, extra)
                 shard_names.append(name)
             gather_name = f"gather-{step.name}"
-            add(gather_name, "cli", ["gather", recipe_in_image(recipe), step.name, "--store", STORE_IN_IMAGE, "--run", recipe.run],
+            add(gather_name, "cli", ["gather", recipe_in_image(recipe), step.name, "--store", STORE_IN_IMAGE, "--run", recipe.run,
+                                     *set_args(recipe)],
                 shard_names, {"labels": {"io.hala.step": step.name, "io.hala.stage": "gather"}})
             done_name[step.name] = gather_name
         else:
@@ -207,7 +213,11 @@ def run(recipe: Recipe, variant: str = "cpu", timeout: float = 7200, export: str
                                capture_output=True, text=True).stdout.split()
         status, code = (state + ["?", "?"])[:2]
         rows.append({"service": name, "exit": code if status == "exited" else f"{status} ({code})"})
-        failed += not (status == "exited" and code == "0")
+        if not (status == "exited" and code == "0"):
+            failed += 1
+            # the containers are removed below: keep the end of a failed service's log where people look
+            tail = subprocess.run([images_mod.docker(), "logs", "--tail", "40", ids[0]], capture_output=True, text=True)
+            print(f"--- last lines of {name} (exit {code}):\n{tail.stdout}{tail.stderr}", file=sys.stderr, flush=True)
     print(logs.table(rows, ["service", "exit"]), flush=True)
     log.info("compose done", project=project, up_exit=up_code, failed=failed, seconds=round(time.monotonic() - t0, 1))
     if export:

@@ -208,7 +208,7 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
 
 def conductor_job(recipe: Recipe, variant: str, registry: str | None, tag: str | None) -> dict[str, Any]:
     args = ["run", compose_mod.recipe_in_image(recipe), "--runner", "k8s", "--store", _store_url(recipe), "--run", recipe.run,
-            "--variant", variant, "--namespace", namespace(recipe)]
+            "--variant", variant, "--namespace", namespace(recipe), *compose_mod.set_args(recipe)]
     if registry:
         args += ["--registry", registry]
     if tag:
@@ -275,7 +275,8 @@ def render(recipe: Recipe, variant: str = "cuda", registry: str | None = None, t
 def gather_job(recipe: Recipe, step: Step, variant: str, registry: str | None, tag: str | None) -> dict[str, Any]:
     """`hala gather` of a sharded step as a Job of its own (hala-cli), to apply after the step's Indexed Job when the
     step Jobs are used without the conductor (the conductor gathers in its own process)."""
-    args = ["gather", compose_mod.recipe_in_image(recipe), step.name, "--store", _store_url(recipe), "--run", recipe.run]
+    args = ["gather", compose_mod.recipe_in_image(recipe), step.name, "--store", _store_url(recipe), "--run", recipe.run,
+            *compose_mod.set_args(recipe)]
     container = {"name": "gather", "image": images_mod.reference("cli", variant, registry, tag), "args": args,
                  "resources": _resources("cli", None, "cuda")}
     labels = _labels(recipe, step.name, "gather")
@@ -421,13 +422,13 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
             except HalaError as e:
                 state[step.name], failure = "failed", (step.name, e.exit_code, str(e))
                 continue
-            name = job_name(recipe, step)
-            job = jobs.get(name)
             if decision == "cached":
                 if state.get(step.name) != "cached":
                     log.info("cached", step=step.name, fingerprint=(fp or "")[:12])
                 state[step.name] = "cached"
                 continue
+            name = job_name(recipe, step)
+            job = jobs.get(name)
             if job is not None and (job.get("metadata", {}).get("annotations") or {}).get(FINGERPRINT) != fp:
                 # a Job of another run or an older config: not ours to adopt
                 log.warning("replacing a stale job", step=step.name, job=name)

@@ -191,3 +191,14 @@ def test_the_entrypoint_lists_the_stages_of_its_image():
     assert listed == ["judge", "translate"]
     wrong = subprocess.run([sys.executable, "-m", "hala.launch", "translat"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "no stage 'translat'" in wrong.stderr
+
+
+def test_overrides_reach_every_command_of_the_dag():
+    recipe = recipe_mod.load(TINY, overrides=["translate-openorca-teacher.chunk_rows=2"], check_paths=False)
+    services = compose.render(recipe, "cpu")["services"]
+    for name, svc in services.items():
+        if name == "report":
+            continue  # reads manifests only
+        cmd = svc["command"]
+        # a gather or record without the override would compute another fingerprint than the shards
+        assert cmd[cmd.index("--set") + 1] == "translate-openorca-teacher.chunk_rows=2", name
