@@ -33,7 +33,7 @@ import yaml
 from hala import images as images_mod, logs
 from hala.errors import ConfigError
 from hala.recipe import Recipe, Step
-from hala.resources import FP8_MIN_COMPUTE_CAPABILITY, needs
+from hala.resources import FP8_MIN_CAPABILITY, needs
 
 REPO = images_mod.REPO
 RECIPES_IN_IMAGE = "/opt/hala/recipes"
@@ -133,7 +133,7 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
                 {"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]}}}
             if need.fp8:
                 # compose cannot pick a GPU model: run FP8 steps on a host with compute capability >= 8.9
-                extra["labels"]["io.hala.fp8"] = f"needs compute capability >= {FP8_MIN_COMPUTE_CAPABILITY}"
+                extra["labels"]["io.hala.fp8"] = f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
         after = ["record", *[done_name[u] for u in step.upstream if u in done_name]]
         if step.shards > 1:
             shard_names = []

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hala import envs
 from hala.errors import ConfigError
+from hala.store import code_version
 
 REPO = envs.REPO
 DOCKERFILE = REPO / "images" / "Dockerfile"
@@ -58,16 +59,8 @@ class Image:
     remove: list[str] = field(default_factory=list)
 
     @property
-    def name(self) -> str:
-        return f"hala-{self.set}"
-
-    @property
     def entrypoint(self) -> str:
         return "hala" if self.set == "cli" else "hala-stage"
-
-    @property
-    def gpu(self) -> bool:
-        return bool(self.torch or self.vllm)
 
 
 def _lines(path: Path) -> list[str]:
@@ -164,15 +157,6 @@ def build_args(image: Image, variant: str, base: str | None = None, revision: st
     return args
 
 
-def revision() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def source() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5)
@@ -241,7 +225,7 @@ def build(names: list[str] | None, variant: str = "cpu", base: str | None = None
     else:
         WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     copy_extra_ca(extra_ca if extra_ca is not None else os.environ.get("EXTRA_CA_DIR"))
-    rev = revision()
+    rev = code_version()  # what the manifests written inside the image will say (HALA_CODE_VERSION)
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     results = []
     for img in todo:

@@ -31,7 +31,7 @@ from hala import compose as compose_mod, images as images_mod, logs, runner
 from hala.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
 from hala.gather import gather
 from hala.recipe import Recipe, Step
-from hala.resources import FP8_MIN_COMPUTE_CAPABILITY, Needs, needs
+from hala.resources import FP8_MIN_CAPABILITY, Needs, needs
 from hala.store import Store
 
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
@@ -140,7 +140,7 @@ def fp8_affinity() -> dict[str, Any]:
     """Nodes whose GPUs have compute capability >= 8.9, from GPU Feature Discovery's labels. Not
     nvidia.com/gpu.family: some versions call Ada 'ampere'. Node selector terms are ORed:
     major > 8, or major == 8 and minor > 8."""
-    major, minor = (int(x) for x in str(FP8_MIN_COMPUTE_CAPABILITY).split("."))
+    major, minor = FP8_MIN_CAPABILITY
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "nvidia.com/gpu.compute.major", "operator": "Gt", "values": [str(major)]}]},
         {"matchExpressions": [{"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": [str(major)]},

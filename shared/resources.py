@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hala.engine import FP8_MIN_CAPABILITY
 from hala.recipe import Recipe, Step
 
 GPU_STAGES_WITH_ENGINE = {"translate", "judge", "evaluate"}
 CPU_STAGES = {"prepare", "merge", "publish"}
-# compute capabilities with native FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.0, 12.0)
-FP8_MIN_COMPUTE_CAPABILITY = 8.9
+# the one threshold: the stages check it at engine start, the renderers place FP8 steps by it
+__all__ = ["FP8_MIN_CAPABILITY", "Needs", "needs"]
 
 
 @dataclass(frozen=True)
