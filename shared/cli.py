@@ -44,18 +44,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 r["inputs"] = ", ".join(f"{k}={v}" for k, v in r["inputs"].items())
             print(logs.table(rows, ["step", "stage", "shards", "state", "inputs"]))
         return 0
+    if args.runner != "local" and (args.only or args.force or args.keep_going):
+        raise ConfigError(f"--only, --force and --keep-going are for the local runner; --runner {args.runner} runs every "
+                          "enabled step (committed steps are cached inside their containers)")
     if args.runner == "compose":
         from hala import compose
 
-        if args.only or args.force or args.keep_going:
-            raise ConfigError("--only, --force and --keep-going are for the local runner; compose runs the whole rendered DAG "
-                              "(committed steps are cached inside their containers)")
         return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
     if args.runner == "k8s":
         from hala import k8s
 
-        if args.only or args.force or args.keep_going:
-            raise ConfigError("--only, --force and --keep-going are for the local runner; the conductor runs every enabled step")
         jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe))
         return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
