@@ -8,6 +8,13 @@
         chunks.commit(k, {"data": path, "quarantine": qpath}, {"rows_in": ..., ...})
     chunks.finish()                   # move every chunk file into the step's outputs, in chunk order
 
+With an engine stream (hala.engine), the chunks still to do are planned lazily and their results come back in order:
+
+    todo, done = split(chunks, rows, size)
+    jobs = (plan(k, batch) for k, _, batch in todo)           # -> (key, prompts)
+    for k, key, outs in results(todo, engine.chat_stream(jobs, sampling)):
+        ...gate, write, chunks.commit(k, ...)
+
 Chunks live in the step's (or shard's) work area `_work/<fingerprint>/.../chunks/`: a rerun with the same
 fingerprint resumes after the last committed chunk; another fingerprint starts clean. Format-agnostic: the
 stage writes the files (parquet, usually), this only places them and keeps the markers.
@@ -17,7 +24,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
+
+from hala.errors import TemporaryError
 
 MARKERS = "_done"
 
@@ -67,3 +76,26 @@ class Chunks:
                     shutil.move(src, os.path.join(dest, name))
                 else:
                     self.store.fs.get(src, os.path.join(dest, name))
+
+
+def split(chunks: Chunks, rows: list[Any], size: int) -> tuple[list[tuple[int, int, list[Any]]], list[tuple[int, dict[str, Any]]]]:
+    """This shard's rows in chunks of `size`: (k, first row, rows) still to do, and (k, marker) already committed."""
+    todo, done = [], []
+    for k, start in enumerate(range(0, len(rows), size)):
+        marker = chunks.done(k)
+        if marker is None:
+            todo.append((k, start, rows[start : start + size]))
+        else:
+            done.append((k, marker))
+    return todo, done
+
+
+def results(todo: list[tuple[int, int, list[Any]]], stream: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, Any, Any]]:
+    """(k, key, outputs) of an engine stream over the chunks to do, in order. A TemporaryError (exit 75) names the
+    chunk whose results were awaited: every chunk before it is committed, so the retry resumes there."""
+    for k, start, batch in todo:
+        try:
+            key, outs = next(stream)
+        except TemporaryError as e:
+            raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
+        yield k, key, outs

@@ -4,6 +4,12 @@ build here, CUDA on a cluster), transformers `generate` otherwise. Same calls, s
     engine = open_engine(model_dir, kind="auto", max_model_len=2048, engine_args={"tensor_parallel_size": 4})
     outs = engine.chat(conversations, Sampling(max_tokens=512))       # greedy unless temperature > 0
     picks = engine.choose(conversations, ["ACCEPT", "REJECT"])         # one of the labels, never free text
+    for key, outs in engine.chat_stream(jobs, sampling):               # jobs: (key, conversations), lazily
+        ...                                                            # the next job already runs meanwhile
+
+Steps that commit in chunks use the streams: vLLM gets chunk k+1's requests before chunk k's results come back,
+so it never drains to a tail of a few sequences at a chunk boundary, and it keeps generating while the step
+gates and writes chunk k (its engine core is a separate process). transformers runs the jobs one by one.
 
 Start one engine per step or shard, never per chunk: a vLLM engine takes 40-60 s to start on 2 CPU cores.
 torch, transformers and vLLM are imported inside the functions: `import hala` stays light.
@@ -15,9 +21,10 @@ import importlib.util
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from hala.errors import ConfigError, TemporaryError
 
@@ -228,6 +235,14 @@ class TransformersEngine:
                 choices.append(Choice(max(s, key=s.get), s))
         return choices
 
+    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+        for key, conversations in jobs:  # generate() blocks: nothing to overlap in-process
+            yield key, self.chat(conversations, sampling) if conversations else []
+
+    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+        for key, conversations in jobs:
+            yield key, self.choose(conversations, labels) if conversations else []
+
     def info(self) -> dict[str, Any]:
         import transformers
 
@@ -260,12 +275,17 @@ class VllmEngine:
         prepare_vllm_env()
         from vllm import LLM
 
+        from vllm.exceptions import VLLMError
+
+        # what a retry can cure: OOM, a dead worker or engine core (EngineDeadError is a VLLMError, not a RuntimeError)
+        self.failures = (RuntimeError, OSError, MemoryError, VLLMError)
         try:
             self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                            trust_remote_code=trust_remote_code, **engine_args)
-        except (RuntimeError, OSError, MemoryError) as e:
+        except self.failures as e:
             raise TemporaryError(f"vLLM engine for {model} did not start: {type(e).__name__}: {e}") from e
         self.tok = self.llm.get_tokenizer()
+        self._watch_engine_core()
         self.model_path, self.engine_args, self.max_model_len = model, engine_args, max_model_len
         self.start_seconds = round(time.monotonic() - t0, 2)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,37 +293,115 @@ class VllmEngine:
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
         return len(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
 
+    def _watch_engine_core(self) -> None:
+        """When the engine core process dies (OOM kill, lost worker), vLLM's offline client marks it dead but
+        its `step()` keeps waiting on the output queue for ever (seen with 0.32 on CPU). A watcher puts
+        EngineDeadError in that queue, so the waiting call raises and the step exits 75 naming its chunk."""
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        resources, queue = getattr(client, "resources", None), getattr(client, "outputs_queue", None)
+        if resources is None or queue is None or not hasattr(resources, "engine_dead"):
+            return  # in-process engine, or another client: errors surface by themselves
+
+        def watch() -> None:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            while not resources.engine_dead:
+                time.sleep(0.5)
+                if getattr(self, "closing", False):
+                    return
+            queue.put_nowait(EngineDeadError("the vLLM engine core process died"))
+
+        import threading
+
+        threading.Thread(target=watch, name="hala-engine-core-watch", daemon=True).start()
+
     def _params(self, sampling: Sampling, **extra: Any) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                               repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, **extra)
 
+    @staticmethod
+    def _generation(o: Any) -> Generation:
+        return Generation(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")
+
     def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
         try:
             outs = self.llm.chat(conversations, self._params(sampling), use_tqdm=False)
-        except (RuntimeError, OSError, MemoryError) as e:  # a dead worker or OOM: worth a retry from this chunk
+        except self.failures as e:  # a dead worker or OOM: worth a retry from this chunk
             raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
-        return [Generation(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids),
-                           o.outputs[0].finish_reason == "stop") for o in outs]
+        return [self._generation(o) for o in outs]
 
-    def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
+    def _choice_params(self, labels: list[str]) -> Any:
         """Guided decoding: the output can only be one of the labels."""
         from vllm.sampling_params import StructuredOutputsParams
 
-        params = self._params(Sampling(max_tokens=max(len(self.tok.encode(l, add_special_tokens=False)) for l in labels) + 2),
-                              structured_outputs=StructuredOutputsParams(choice=labels))
+        return self._params(Sampling(max_tokens=max(len(self.tok.encode(label, add_special_tokens=False)) for label in labels) + 2),
+                            structured_outputs=StructuredOutputsParams(choice=labels))
+
+    @staticmethod
+    def _choice(o: Any, labels: list[str]) -> Choice:
+        text = o.outputs[0].text.strip()
+        if text not in labels:  # guided decoding makes this impossible; refuse rather than guess
+            raise TemporaryError(f"vLLM returned {text!r} under guided decoding to {labels}")
+        return Choice(text)
+
+    def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
         try:
-            outs = self.llm.chat(conversations, params, use_tqdm=False)
-        except (RuntimeError, OSError, MemoryError) as e:
+            outs = self.llm.chat(conversations, self._choice_params(labels), use_tqdm=False)
+        except self.failures as e:
             raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
-        choices = []
-        for o in outs:
-            text = o.outputs[0].text.strip()
-            if text not in labels:  # guided decoding makes this impossible; refuse rather than guess
-                raise TemporaryError(f"vLLM returned {text!r} under guided decoding to {labels}")
-            choices.append(Choice(text))
-        return choices
+        return [self._choice(o, labels) for o in outs]
+
+    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+        return self._stream(jobs, self._params(sampling), self._generation)
+
+    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+        return self._stream(jobs, self._choice_params(labels), lambda o: self._choice(o, labels))
+
+    def _stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], params: Any, convert: Any) -> Iterator[tuple[Any, Any]]:
+        """Results of each job in job order; the next job's requests are queued before this one's are returned.
+
+        `LLM.chat` drains the engine at the end of every call: the last few sequences of a chunk run at a
+        fraction of the batch, and nothing runs while the step writes the chunk. Here the engine always holds
+        the next job: its scheduler is first-come-first-served, so the head job still finishes first, and the
+        engine core (its own process) keeps stepping while the caller works between two results."""
+        pending = iter(jobs)
+        queued: deque[tuple[Any, list[str]]] = deque()
+        finished: dict[str, Any] = {}
+        engine = self.llm.llm_engine
+
+        def submit() -> None:
+            job = next(pending, None)
+            if job is not None:
+                key, conversations = job
+                internal = self.llm.enqueue_chat(conversations, params, use_tqdm=False) if conversations else []
+                queued.append((key, list(internal)))
+
+        try:
+            submit()
+            submit()
+            while queued:
+                key, internal = queued[0]
+                ids = [_external_id(i) for i in internal]
+                while any(i not in finished for i in ids):
+                    if not engine.has_unfinished_requests():
+                        raise TemporaryError(f"vLLM lost {sum(i not in finished for i in ids)} requests of a job")
+                    for o in engine.step():
+                        if o.finished:
+                            finished[o.request_id] = o
+                queued.popleft()
+                submit()
+                yield key, [convert(finished.pop(i)) for i in ids]
+        except self.failures as e:  # a dead worker or OOM: worth a retry from the head job
+            raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
+        finally:
+            left = [i for _, internal in queued for i in internal if _external_id(i) not in finished]
+            try:
+                if left and engine.has_unfinished_requests():
+                    engine.abort_request(left, internal=True)  # the caller stopped early: the next call must not inherit these
+            except self.failures:
+                pass  # a dead engine has nothing left to abort; the error that killed it is on its way up
 
     def info(self) -> dict[str, Any]:
         import importlib.metadata as md
@@ -313,7 +411,14 @@ class VllmEngine:
                 "engine_args": self.engine_args, "max_model_len": self.max_model_len, "start_seconds": self.start_seconds}
 
     def close(self) -> None:
+        self.closing = True  # a shutdown is not a death
         del self.llm
+
+
+def _external_id(internal: str) -> str:
+    """The id a RequestOutput carries for a request `LLM.enqueue_chat` returned: vLLM appends '-' and 8 random
+    characters to its own counter's number (unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set)."""
+    return internal.split("-", 1)[0]
 
 
 def _has_dist(name: str) -> bool:

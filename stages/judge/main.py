@@ -8,12 +8,13 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from hala import tables
-from hala.chunks import Chunks
-from hala.engine import StepEngine
-from hala.errors import ConfigError, TemporaryError
+from hala.chunks import Chunks, results as chunk_results, split as chunk_split
+from hala.engine import Choice, StepEngine
+from hala.errors import ConfigError
 from hala.step import StepContext
 from stages.judge.config import JudgeConfig
 
@@ -34,32 +35,60 @@ def _bad(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def judge_chunk(engine: Any, rows: list[tuple[int, dict[str, Any]]], cfg: JudgeConfig) -> dict[str, Any]:
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in OUTPUTS}
-    reasons: Counter = Counter()
-    todo: list[tuple[int, dict[str, Any], list[dict[str, str]]]] = []
+@dataclass
+class ChunkPlan:
+    k: int
+    rows: list[tuple[int, dict[str, Any]]]
+    todo: list[dict[str, Any]]  # the rows sent to the engine, in order
+    out: dict[str, list[dict[str, Any]]]
+    reasons: Counter
+    t0: float
+
+
+def plan_chunk(engine: Any, k: int, rows: list[tuple[int, dict[str, Any]]], cfg: JudgeConfig) -> tuple[ChunkPlan, list[list[dict[str, str]]]]:
+    """Rows that cannot be judged go to the quarantine now; the others become prompts."""
+    plan = ChunkPlan(k, rows, [], {name: [] for name in OUTPUTS}, Counter(), time.monotonic())
+    prompts = []
+    longest = max(len(engine.tok.encode(label, add_special_tokens=False)) for label in cfg.labels)
     for index, row in rows:
         problem = _bad(row)
-        conv = None
         if problem is None:
             conv = [{"role": "user", "content": cfg.prompt.format(src=row["src"], tgt=row["tgt"])}]
-            longest = max(len(engine.tok.encode(label, add_special_tokens=False)) for label in cfg.labels)
             if engine.count_tokens(conv) + longest > cfg.max_model_len:
                 problem = ("too_long", f"the prompt does not fit max_model_len {cfg.max_model_len}")
         if problem is not None:
-            reasons[problem[0]] += 1
-            out["quarantine"].append({"id": row.get("id"), "origin": row.get("origin"), "row_index": index, "reason": problem[0],
-                                      "detail": problem[1], "raw": tables.raw_text(row)})
+            plan.reasons[problem[0]] += 1
+            plan.out["quarantine"].append({"id": row.get("id"), "origin": row.get("origin"), "row_index": index, "reason": problem[0],
+                                           "detail": problem[1], "raw": tables.raw_text(row)})
         else:
-            todo.append((index, row, conv))
-    picks = engine.choose([c for _, _, c in todo], cfg.labels) if todo else []
-    for (_, row, _), pick in zip(todo, picks):
+            plan.todo.append(row)
+            prompts.append(conv)
+    return plan, prompts
+
+
+def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> ChunkPlan:
+    for row, pick in zip(plan.todo, picks, strict=True):
         pair = {k: row.get(k) for k in ("id", "origin", "src_lang", "tgt_lang", "src", "tgt")}
         if pick.label == cfg.labels[0]:
-            out["accepted"].append(pair)
+            plan.out["accepted"].append(pair)
         else:
-            out["rejected"].append({**pair, "verdict": pick.label, "scores": json.dumps(pick.scores) if pick.scores else None})
-    return {"out": out, "reasons": reasons}
+            plan.out["rejected"].append({**pair, "verdict": pick.label, "scores": json.dumps(pick.scores) if pick.scores else None})
+    return plan
+
+
+def commit_chunk(chunks: Chunks, plan: ChunkPlan, schemas: dict[str, Any], engine_name: str) -> dict[str, Any]:
+    """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
+    tmp = tempfile.mkdtemp(prefix=f"chunk-{plan.k:06d}-")
+    files = {}
+    for name in OUTPUTS:
+        files[name] = os.path.join(tmp, f"{name}.parquet")
+        tables.write(files[name], plan.out[name], schemas[name])
+    marker = {"rows_in": len(plan.rows), "accepted": len(plan.out["accepted"]), "rejected": len(plan.out["rejected"]),
+              "rows_quarantined": len(plan.out["quarantine"]), "by_reason": dict(plan.reasons),
+              "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
+    chunks.commit(plan.k, files, marker)
+    os.rmdir(tmp)
+    return marker
 
 
 def main(cfg: JudgeConfig, ctx: StepContext) -> None:
@@ -79,33 +108,24 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     reasons: Counter = Counter()
     engines: set[str] = set()
     with ctx.progress(len(mine), unit="pairs", what="judge") as progress:
-        for k, start in enumerate(range(0, len(mine), cfg.chunk_rows)):
-            batch = mine[start : start + cfg.chunk_rows]
-            marker = chunks.done(k)
-            if marker is None:
-                t0 = time.monotonic()
-                try:
-                    result = judge_chunk(engine.get(), batch, cfg)
-                except TemporaryError as e:  # the retry resumes here: say where
-                    raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
-                tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
-                files = {}
-                for name in OUTPUTS:
-                    files[name] = os.path.join(tmp, f"{name}.parquet")
-                    tables.write(files[name], result["out"][name], schemas[name])
-                marker = {"rows_in": len(batch), "accepted": len(result["out"]["accepted"]), "rejected": len(result["out"]["rejected"]),
-                          "rows_quarantined": len(result["out"]["quarantine"]), "by_reason": dict(result["reasons"]),
-                          "seconds": round(time.monotonic() - t0, 3), "engine": engine.get().name}
-                chunks.commit(k, files, marker)
-                os.rmdir(tmp)
-                ctx.log.info("chunk committed", chunk=k, pairs=len(batch), accepted=marker["accepted"], rejected=marker["rejected"])
-            else:
-                ctx.log.info("chunk already committed", chunk=k, pairs=marker["rows_in"])
+
+        def account(marker: dict[str, Any]) -> None:
             for key in ("rows_in", "accepted", "rejected", "rows_quarantined"):
                 totals[key] += marker[key]
             reasons.update(marker["by_reason"])
             engines.add(marker["engine"])
-            progress.update(len(batch))
+            progress.update(marker["rows_in"])
+
+        todo, done = chunk_split(chunks, mine, cfg.chunk_rows)
+        for k, marker in done:
+            ctx.log.info("chunk already committed", chunk=k, pairs=marker["rows_in"])
+            account(marker)
+        # chunk k+1 is checked and queued in the engine before chunk k is written (hala.engine)
+        jobs = (plan_chunk(engine.get(), k, batch, cfg) for k, _, batch in todo)
+        for k, plan, picks in chunk_results(todo, engine.get().choose_stream(jobs, cfg.labels) if todo else iter(())):
+            marker = commit_chunk(chunks, finish_chunk(plan, picks, cfg), schemas, engine.get().name)
+            ctx.log.info("chunk committed", chunk=k, pairs=len(plan.rows), accepted=marker["accepted"], rejected=marker["rejected"])
+            account(marker)
     engine.close(engines)
     chunks.finish(OUTPUTS)
     for name, key in (("accepted", "accepted"), ("rejected", "rejected"), ("quarantine", "rows_quarantined")):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hala import spans, tables
-from hala.chunks import Chunks
-from hala.engine import Sampling, StepEngine
-from hala.errors import ConfigError, TemporaryError
+from hala.chunks import Chunks, results as chunk_results, split as chunk_split
+from hala.engine import Generation, Sampling, StepEngine
+from hala.errors import ConfigError
 from hala.step import StepContext
 from hala.text import script_share
 from stages.translate import gate
@@ -135,9 +135,22 @@ def assemble(turn: Turn, cfg: TranslateConfig) -> str:
         raise Reject("marker_lost", f"message {turn.msg}: {e}") from None
 
 
-def translate_chunk(engine: Any, rows: list[tuple[int, dict[str, Any]]], cfg: TranslateConfig, sampling: Sampling,
-                    budget: int) -> dict[str, Any]:
-    """Outputs, quarantine and counters of one chunk."""
+@dataclass
+class ChunkPlan:
+    """One chunk before generation: each row's turns (or why it cannot be translated) and the requests."""
+
+    k: int
+    rows: list[tuple[int, dict[str, Any]]]
+    planned: dict[int, list[Turn]]
+    rejected: dict[int, Reject]
+    requests: list[tuple[Turn, int]]
+    t0: float
+
+
+def plan_chunk(engine: Any, k: int, rows: list[tuple[int, dict[str, Any]]], cfg: TranslateConfig,
+               budget: int) -> tuple[ChunkPlan, list[list[dict[str, str]]]]:
+    """The chunk's turns and their prompts (one per piece still to translate)."""
+    t0 = time.monotonic()
     prompt_overhead = engine.count_tokens([{"role": "user", "content": cfg.prompt.format(text="")}]) + PROMPT_SLACK
 
     def fits(text: str) -> bool:  # cheap bound first, the tokenizer only near the limit
@@ -151,8 +164,14 @@ def translate_chunk(engine: Any, rows: list[tuple[int, dict[str, Any]]], cfg: Tr
         except Reject as e:
             rejected[r] = e
     requests = [(t, i) for turns in planned.values() for t in turns for i in t.todo]
-    gens = engine.chat([[{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}] for t, i in requests], sampling) if requests else []
-    for (t, i), g in zip(requests, gens):
+    prompts = [[{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}] for t, i in requests]
+    return ChunkPlan(k, rows, planned, rejected, requests, t0), prompts
+
+
+def finish_chunk(plan: ChunkPlan, gens: list[Generation], cfg: TranslateConfig) -> dict[str, Any]:
+    """Outputs, quarantine and counters of one chunk, from its plan and the engine's generations."""
+    rows, planned, rejected, requests = plan.rows, plan.planned, plan.rejected, plan.requests
+    for (t, i), g in zip(requests, gens, strict=True):
         t.out[i] = g
     src_lang, tgt_lang = cfg.languages
     out: dict[str, list[dict[str, Any]]] = {"conversations": [], "pairs": [], "tuples": [], "quarantine": []}
@@ -185,6 +204,24 @@ def translate_chunk(engine: Any, rows: list[tuple[int, dict[str, Any]]], cfg: Tr
             out["pairs"].append({**row, "src_lang": src_lang, "tgt_lang": tgt_lang, "tgt": done[-1], "role": None})
     return {"out": out, "reasons": reasons, "requests": len(requests),
             "prompt_tokens": sum(g.prompt_tokens for g in gens), "completion_tokens": sum(g.completion_tokens for g in gens)}
+
+
+def commit_chunk(chunks: Chunks, plan: ChunkPlan, result: dict[str, Any], outputs: list[str], table_schemas: dict[str, Any],
+                 engine_name: str) -> dict[str, Any]:
+    """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
+    tmp = tempfile.mkdtemp(prefix=f"chunk-{plan.k:06d}-")
+    files = {}
+    for name in outputs:
+        files[name] = os.path.join(tmp, f"{name}.parquet")
+        tables.write(files[name], result["out"][name], table_schemas[name])
+    quarantined = sum(result["reasons"].values())
+    marker = {"rows_in": len(plan.rows), "rows_out": len(plan.rows) - quarantined, "rows_quarantined": quarantined,
+              "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
+              "requests": result["requests"], "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+              "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
+    chunks.commit(plan.k, files, marker)
+    os.rmdir(tmp)
+    return marker
 
 
 def schemas(cfg: TranslateConfig) -> dict[str, Any]:
@@ -220,37 +257,10 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
-    skipped = 0
     t_all = time.monotonic()
     with ctx.progress(len(mine), unit="rows", what="translate") as progress:
-        for k, start in enumerate(range(0, len(mine), cfg.chunk_rows)):
-            batch = mine[start : start + cfg.chunk_rows]
-            marker = chunks.done(k)
-            if marker is None:
-                t0 = time.monotonic()
-                try:
-                    result = translate_chunk(engine.get(), batch, cfg, sampling, budget)
-                except TemporaryError as e:  # the retry resumes here: say where
-                    raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
-                seconds = time.monotonic() - t0
-                tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
-                files = {}
-                for name in outputs:
-                    path = os.path.join(tmp, f"{name}.parquet")
-                    tables.write(path, result["out"][name], table_schemas[name])
-                    files[name] = path
-                out_rows = len(batch) - sum(result["reasons"].values())
-                marker = {"rows_in": len(batch), "rows_out": out_rows, "rows_quarantined": sum(result["reasons"].values()),
-                          "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
-                          "requests": result["requests"], "prompt_tokens": result["prompt_tokens"],
-                          "completion_tokens": result["completion_tokens"], "seconds": round(seconds, 3), "engine": engine.get().name}
-                chunks.commit(k, files, marker)
-                os.rmdir(tmp)
-                ctx.log.info("chunk committed", chunk=k, rows=len(batch), quarantined=marker["rows_quarantined"],
-                             tokens=marker["completion_tokens"], tokens_per_s=round(marker["completion_tokens"] / max(seconds, 1e-9), 1))
-            else:
-                skipped += 1
-                ctx.log.info("chunk already committed", chunk=k, rows=marker["rows_in"])
+
+        def account(marker: dict[str, Any]) -> None:
             for key in ("rows_in", "rows_out", "rows_quarantined", "requests", "prompt_tokens", "completion_tokens"):
                 totals[key] += marker[key]
             for o in outputs:
@@ -259,7 +269,19 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
             engines.add(marker["engine"])
             progress.note(tokens=totals["completion_tokens"],
                           tokens_per_s=round(totals["completion_tokens"] / max(time.monotonic() - t_all, 1e-9), 1))
-            progress.update(len(batch))
+            progress.update(marker["rows_in"])
+
+        todo, done = chunk_split(chunks, mine, cfg.chunk_rows)
+        for k, marker in done:
+            ctx.log.info("chunk already committed", chunk=k, rows=marker["rows_in"])
+            account(marker)
+        # chunk k+1 is planned and queued in the engine before chunk k is gated and committed (hala.engine)
+        jobs = (plan_chunk(engine.get(), k, batch, cfg, budget) for k, _, batch in todo)
+        for k, plan, gens in chunk_results(todo, engine.get().chat_stream(jobs, sampling) if todo else iter(())):
+            marker = commit_chunk(chunks, plan, finish_chunk(plan, gens, cfg), outputs, table_schemas, engine.get().name)
+            ctx.log.info("chunk committed", chunk=k, rows=len(plan.rows), quarantined=marker["rows_quarantined"],
+                         tokens=marker["completion_tokens"], tokens_per_s=round(marker["completion_tokens"] / max(marker["seconds"], 1e-9), 1))
+            account(marker)
     engine.close(engines)
     chunks.finish(outputs)
     for o in outputs:
@@ -272,7 +294,8 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
         raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {len(mine)}")
     elapsed = time.monotonic() - t_all
     ctx.metrics.update(
-        engines=sorted(engines), direction=cfg.direction, units=totals["requests"], chunks_resumed=skipped,
+        engines=sorted(engines), direction=cfg.direction, units=totals["requests"],
+        chunks_resumed=len(done),
         prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"],
         completion_tokens_per_s=round(totals["completion_tokens"] / max(elapsed, 1e-9), 1),
     )

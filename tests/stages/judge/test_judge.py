@@ -77,13 +77,15 @@ def test_vllm_guided_decoding_gives_the_same_verdicts(tmp_path: Path, store: Pat
     transformers engine's log-probability comparison on the pairs the stand-in knows."""
     judge(tmp_path / "ref", store, opus, "ref")
     recipe = write_recipe(tmp_path, {"judge-x": {"stage": "judge", "inputs": {"data": str(opus), "model": "tiny:judge"},
-                                                 "config": {"engine": "vllm", "max_model_len": 512}}},
+                                                 "config": {"engine": "vllm", "max_model_len": 512, "chunk_rows": 3}}},
                           store=str(store), run="vllm", tiny_models={"pairs": str(PAIRS)})
     out = subprocess.run([sys.executable, "-m", "stages.judge", "--recipe", str(recipe), "--step", "judge-x"],
                          capture_output=True, text=True, env={**os.environ, "HALA_LOG_FORMAT": "json"}, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = Store(str(store)).read_manifest("vllm", "judge-x")
     assert m["metrics"]["engine"]["engine"] == "vllm"
+    # several chunks share the engine's queue (hala.engine streams): each verdict must land on its own pair
+    assert len([line for line in out.stdout.splitlines() if '"event": "chunk committed"' in line]) >= 3
     ref = {r["src"] for r in _rows(store, "ref", "accepted")}
     got = {r["src"] for r in _rows(store, "vllm", "accepted")}
     assert got == ref

@@ -205,19 +205,65 @@ def test_a_killed_shard_resumes_after_its_last_committed_chunk(tmp_path: Path, s
 
 @pytest.mark.slow
 def test_vllm_cpu_translates_like_transformers(tmp_path: Path, store: Path, prepared: dict[str, Path]) -> None:
-    """The same step on vLLM's CPU build (a subprocess: vLLM spawns workers): the engine is recorded and the
-    greedy translations agree with the transformers engine's (bf16 rounding may move a rare token)."""
+    """The same step on vLLM's CPU build (a subprocess: vLLM spawns workers), in chunks of 1 row streamed through
+    one engine: the engine is recorded and the greedy translations agree with the transformers engine's, row by
+    row (bf16 rounding may move a rare token)."""
     translate(tmp_path / "ref", store, prepared["scp116k"], "ref", sampling={"max_tokens": 128})
     recipe = write_recipe(tmp_path, {"translate-x": {"stage": "translate", "inputs": {"data": str(prepared["scp116k"]), "model": "tiny:translator"},
                                                      "config": {"engine": "vllm", "unit": "paragraph", "max_model_len": 512,
-                                                                "sampling": {"max_tokens": 128}}}},
+                                                                "sampling": {"max_tokens": 128}, "chunk_rows": 1}}},
                           store=str(store), run="vllm", tiny_models={"pairs": str(PAIRS)})
     out = subprocess.run([sys.executable, "-m", "stages.translate", "--recipe", str(recipe), "--step", "translate-x"],
                          capture_output=True, text=True, env={**os.environ, "HALA_LOG_FORMAT": "json"}, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = Store(str(store)).read_manifest("vllm", "translate-x")
     assert m["metrics"]["engine"]["engine"] == "vllm" and m["counts"]["rows_out"] > 0
+    # several chunks share the engine's queue (hala.engine streams): each chunk must get its own results back
+    assert len([e for e in events(out.stdout) if e.get("event") == "chunk committed"]) >= 3
     ref = {r["id"]: r["messages"] for r in rows(store, "ref", "conversations")}
     got = {r["id"]: r["messages"] for r in rows(store, "vllm", "conversations")}
     same = sum(ref.get(k) == v for k, v in got.items())
     assert same >= max(1, int(0.75 * len(ref))), (same, len(ref))
+
+
+@pytest.mark.slow
+def test_a_dead_vllm_engine_is_exit_75_naming_the_chunk_and_the_retry_resumes_there(tmp_path: Path, store: Path,
+                                                                                   prepared: dict[str, Path]) -> None:
+    """The engine core of vLLM killed mid-run (what an OOM kill or a lost worker does): exit 75 (temporary), the
+    message names the chunk whose results were awaited, and the rerun redoes only the chunks not committed."""
+    import psutil
+
+    from hala import tables
+
+    source, _ = tables.read(str(prepared["tulu3"]))
+    many = [{**r, "id": f"{r['id']}-{k}"} for k in range(160) for r in source]  # 640 rows, 80 chunks
+    data = tmp_path / "many"
+    tables.write(str(data / "part-0.parquet"), many, tables.conversations_schema())
+    recipe = write_recipe(tmp_path, {"translate-x": {"stage": "translate", "inputs": {"data": str(data), "model": "tiny:translator"},
+                                                     "config": {"engine": "vllm", "unit": "paragraph", "max_model_len": 512,
+                                                                "sampling": {"max_tokens": 64}, "chunk_rows": 8}}},
+                          store=str(store), run="dead", tiny_models={"pairs": str(PAIRS)})
+    cmd = [sys.executable, "-m", "stages.translate", "--recipe", str(recipe), "--step", "translate-x"]
+    env = {**os.environ, "HALA_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}  # each event as it happens
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    assert proc.stdout is not None
+    lines, killed = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if '"event": "chunk committed"' in line and not killed:
+            killed = psutil.Process(proc.pid).children(recursive=True)  # the engine core and its workers
+            for child in killed:
+                child.kill()
+    code = proc.wait(timeout=120)
+    proc.stdout.close()
+    assert killed and code == 75, "".join(lines[-40:])
+    failure = next(e for e in events("".join(lines)) if e.get("event") == "failed")
+    assert "chunk " in failure["error"] and "vLLM" in failure["error"], failure
+    committed = [e["chunk"] for e in events("".join(lines)) if e.get("event") == "chunk committed"]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    skipped = [e["chunk"] for e in events(again.stdout) if e.get("event") == "chunk already committed"]
+    redone = [e["chunk"] for e in events(again.stdout) if e.get("event") == "chunk committed"]
+    assert skipped == committed and sorted(skipped + redone) == list(range(80))
+    out = [r["id"] for r in rows(store, "dead", "conversations")] + [r["id"] for r in rows(store, "dead", "quarantine")]
+    assert sorted(out) == sorted(r["id"] for r in many), "every row exactly once"
