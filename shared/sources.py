@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import fsspec
 
 from hala import tiny_spec
 from hala.errors import ConfigError, DataError
-from hala.hashing import sha256_file, sha256_json, sha256_tree
+from hala.hashing import WORKERS, sha256_file, sha256_json, sha256_tree
 from hala.recipe import InputRef, Recipe, Step
 from hala.store import Store
 
@@ -115,7 +116,12 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
 
 
 def resolve(store: Store, recipe: Recipe, step: Step) -> dict[str, ResolvedInput]:
-    return {name: input_key(store, recipe, step, ref) for name, ref in step.inputs.items()}
+    """Every input's identity; folders given as paths are hashed at the same time (a merge's two models)."""
+    items = list(step.inputs.items())
+    if len(items) < 2:
+        return {name: input_key(store, recipe, step, ref) for name, ref in items}
+    with ThreadPoolExecutor(min(len(items), WORKERS)) as pool:
+        return dict(zip((name for name, _ in items), pool.map(lambda item: input_key(store, recipe, step, item[1]), items)))
 
 
 def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:

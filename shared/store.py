@@ -28,7 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from hala.errors import ConfigError, DataError
-from hala.hashing import sha256_file, sha256_listing
+from hala.hashing import sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
 PART = "_PART.json"
@@ -123,16 +123,15 @@ class Store:
 
     def verify_output(self, run: str, step: str, manifest: dict[str, Any], output: str) -> None:
         """Re-hash every file of one output; DataError (exit 3) naming the first file that differs."""
-        entry = manifest["outputs"][output]
-        for f in entry.get("files", []):
-            path = self.path(run, step, f["path"])
-            try:
-                digest, size = sha256_file(self.fs, path)
-            except FileNotFoundError:
+        files = manifest["outputs"][output].get("files", [])
+        paths = [self.path(run, step, f["path"]) for f in files]
+        for path in paths:
+            if not self.fs.exists(path):
                 raise DataError(
                     f"artifact missing: {self.uri(path)} is listed in the manifest of step '{step}' but does not exist; "
                     f"rerun it with --force {step}"
-                ) from None
+                )
+        for f, path, (digest, size) in zip(files, paths, sha256_files(self.fs, paths)):
             if digest != f["sha256"] or size != f["bytes"]:
                 raise DataError(
                     f"artifact changed since it was written: {self.uri(path)} (sha256 {digest[:12]}…, "
@@ -156,11 +155,8 @@ class Store:
         if not fs.exists(root):
             return []
         paths = [root] if fs.isfile(root) else sorted(fs.find(root))
-        files = []
-        for p in paths:
-            digest, size = sha256_file(fs, p)
-            files.append({"path": p[len(base.rstrip("/")) + 1 :], "sha256": digest, "bytes": size})
-        return files
+        return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": digest, "bytes": size}
+                for p, (digest, size) in zip(paths, sha256_files(fs, paths))]
 
     def commit(self, run: str, step: str, moves: list[tuple[str, str]], from_local: bool, manifest: dict[str, Any]) -> None:
         """Publish outputs, then the manifest. `moves` are (source, path relative to the step folder):
