@@ -2,8 +2,8 @@
 
     .venvs/serve/bin/python bench/translate_throughput.py [--rows 512] [--engines transformers,vllm]
 
-The raw side sends exactly the units the stage sends (the sample conversations, split per paragraph) in one
-call to the engine; the stage side runs the whole step (read, protect spans, engine, gate, parquet chunks,
+The raw side sends exactly the units the stage sends (distinct real English instruction rows, Alpaca then GSM8K
+from ../shared/data, split per paragraph) in one call to the engine; the stage side runs the whole step (read, protect spans, engine, gate, parquet chunks,
 commit), and its time excludes the engine's start-up, which the raw side does not pay in its timing either.
 Throughput is completion tokens per second. Goal (translate issue): stage / raw >= 0.97.
 
@@ -23,11 +23,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PAIRS = REPO / "recipes" / "samples" / "pairs.en-ar.tsv"
+DATA = REPO.parent / "shared" / "data"  # the team's data folder beside the checkout (read, never copied)
 
 
-def dataset(folder: Path, n: int) -> list[dict]:
-    from hala import tables
+def real_conversations() -> list[list[dict]]:
+    """Distinct real English instruction rows: Alpaca (5,000) then GSM8K train (7,473), from ../shared/data."""
+    convs = []
+    alpaca = DATA / "en-alpaca-5000" / "alpaca_5000.json"
+    if alpaca.exists():
+        for row in json.loads(alpaca.read_text(encoding="utf-8")):
+            user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}])
+    gsm8k = DATA / "en-gsm8k" / "train.jsonl"
+    if gsm8k.exists():
+        for line in gsm8k.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            convs.append([{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}])
+    return convs
 
+
+def sample_conversations() -> list[list[dict]]:
+    """The repository's small samples (a few dozen rows): only when ../shared/data is absent."""
     base = []
     for name in ("tulu3", "lamini", "dahoas", "realign-alpaca"):
         for line in (REPO / "recipes" / "samples" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
@@ -45,8 +61,21 @@ def dataset(folder: Path, n: int) -> list[dict]:
                 continue
             if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in msgs):
                 continue
-            base.append([{"role": m["role"], "content": m.get("content") or "", "tool_calls": m.get("tool_calls")} for m in msgs])
-    rows = [{"id": f"b:{i}", "origin": "bench", "messages": base[i % len(base)], "tools": None} for i in range(n)]
+            base.append(msgs)
+    return base
+
+
+def dataset(folder: Path, n: int) -> list[dict]:
+    from hala import tables
+
+    # Distinct rows matter: with a few dozen rows repeated, the raw call (sorted by length over everything)
+    # batches identical prompts, which also finish at the same step; chunks see fewer copies of each.
+    base = real_conversations() or sample_conversations()
+    if len(base) < n:
+        print(f"note: {len(base)} distinct conversations for {n} rows: rows repeat", file=sys.stderr)
+    rows = [{"id": f"b:{i}", "origin": "bench", "tools": None,
+             "messages": [{"role": m["role"], "content": m.get("content") or "", "tool_calls": m.get("tool_calls")}
+                          for m in base[i % len(base)]]} for i in range(n)]
     tables.write(str(folder / "part-0.parquet"), rows, tables.conversations_schema())
     return rows
 
@@ -56,7 +85,7 @@ def run(kind: str, n: int, work: Path, chunk_rows: int) -> dict:
     from hala.engine import Sampling, open_engine
     from hala.store import Store
     from stages.translate.config import TranslateConfig
-    from stages.translate.main import main as translate_main, plan_row
+    from stages.translate.main import main as translate_main, plan_chunk
 
     data = work / "data"
     rows = dataset(data, n)
@@ -74,8 +103,8 @@ def run(kind: str, n: int, work: Path, chunk_rows: int) -> dict:
 
     # raw: the same units, one engine call
     engine = open_engine(model, kind, max_model_len=512)
-    units = [[{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}]
-             for r, row in enumerate(rows) for t in plan_row(row, r, cfg, lambda _: True) for i in t.todo]
+    # the stage's own planning (spans protected, paragraphs too long for the context split): the same prompts
+    _, units = plan_chunk(engine, 0, list(enumerate(rows)), cfg, cfg.max_model_len - sampling.max_tokens)
     # no warm-up call: the stage's first chunk gets none either
     t0 = time.perf_counter()
     gens = engine.chat(units, sampling)

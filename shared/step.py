@@ -80,6 +80,9 @@ class StepContext:
     quarantined: Counter = field(default_factory=Counter)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # sha256 a stage computed while writing a staged file (path -> (sha256, bytes)): the commit takes it instead
+    # of reading the file again, when the file still has that size and was not touched since (see known_digest)
+    digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def run(self) -> str:
@@ -93,6 +96,10 @@ class StepContext:
 
     def has_input(self, name: str) -> bool:
         return name in self.inputs
+
+    def known_digest(self, path: str, sha256: str, size: int) -> None:
+        """Record the sha256 of a staged output file the stage hashed as it wrote it (a merge's shards)."""
+        self.digests[os.path.abspath(path)] = (sha256, size, os.stat(path).st_mtime_ns)
 
     def model_path(self, name: str) -> str:
         """Local folder of a model input: a step output, a path, or a tiny stand-in (built on first use)."""
@@ -184,7 +191,7 @@ def build_outputs(ctx: StepContext, base: str, local: bool) -> dict[str, Any]:
     assert ctx.step.spec is not None
     outputs = {}
     for name, meta in ctx.outputs.items():
-        files = ctx.store.describe(base, meta["folder"], local=local)
+        files = ctx.store.describe(base, meta["folder"], local=local, known=ctx.digests)
         extra = {k: v for k, v in meta.items() if k not in ("rows", "folder")}
         outputs[name] = output_entry(files, meta["folder"], ctx.step.spec.outputs[name].kind, meta.get("rows"), **extra)
     return outputs

@@ -148,15 +148,23 @@ class Store:
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def describe(self, base: str, rel_dir: str, local: bool) -> list[dict[str, Any]]:
-        """Files under base/rel_dir with sha256 and size; paths relative to base."""
+    def describe(self, base: str, rel_dir: str, local: bool,
+                 known: dict[str, tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
+        """Files under base/rel_dir with sha256 and size; paths relative to base. `known`: local files already
+        hashed by their writer (abs path -> sha256, size, mtime_ns), taken only if size and mtime still match."""
         fs = fsspec.filesystem("file") if local else self.fs
         root = f"{base.rstrip('/')}/{rel_dir}"
         if not fs.exists(root):
             return []
         paths = [root] if fs.isfile(root) else sorted(fs.find(root))
-        return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": digest, "bytes": size}
-                for p, (digest, size) in zip(paths, sha256_files(fs, paths))]
+        found: dict[str, tuple[str, int]] = {}
+        for p in paths if local and known else []:
+            entry, st = known.get(os.path.abspath(p)), os.stat(p)
+            if entry is not None and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
+                found[p] = (entry[0], entry[1])
+        rest = [p for p in paths if p not in found]
+        found.update(zip(rest, sha256_files(fs, rest)))
+        return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": found[p][0], "bytes": found[p][1]} for p in paths]
 
     def commit(self, run: str, step: str, moves: list[tuple[str, str]], from_local: bool, manifest: dict[str, Any]) -> None:
         """Publish outputs, then the manifest. `moves` are (source, path relative to the step folder):

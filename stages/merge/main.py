@@ -226,6 +226,8 @@ def main(cfg: MergeConfig, ctx: StepContext) -> None:
             counts[how] = counts.get(how, 0) + 1
             progress.update()
     written = writer.close()
+    for path, (sha256, size) in writer.digests.items():
+        ctx.known_digest(path, sha256, size)  # hashed as written: the commit does not read them again
     ctx.timings["merge_seconds"] = round(time.monotonic() - t0, 3)
     merge_peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the check loads the model
     copied = copy_side_files(base.folder if plan.tokenizer_source == "base" else model.folder, out)

@@ -3,16 +3,19 @@
 Reading goes through the safetensors library; each read opens and closes the file, so no mapping of a
 whole multi-GB shard stays resident. Writing is streamed: every tensor's dtype and shape are known before
 the first byte is written (they come from the inputs), so each shard's header is written first and the
-merged rows are appended as they are computed. safetensors' own writer takes a whole shard as a dict of
+merged rows are appended as they are computed, by a writer thread that also hashes them. safetensors' own writer takes a whole shard as a dict of
 tensors, which would hold gigabytes; the format itself is an 8-byte header length, a JSON header with each
 tensor's dtype, shape and byte range, and the raw little-endian bytes in that order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +84,13 @@ def chunk_rows(shape: tuple[int, ...]) -> int:
 
 
 class StreamWriter:
-    """Writes planned tensors shard by shard; each tensor's bytes arrive in row chunks, in plan order."""
+    """Writes planned tensors shard by shard; each tensor's bytes arrive in row chunks, in plan order.
+
+    A thread writes and hashes (sha256) while the caller merges the next chunk: file writes and hashlib
+    release the GIL, so disk, hashing and torch overlap; a bounded queue keeps a few chunks in flight. The
+    digests spare the store a second read of every shard at commit (`digests`, after close)."""
+
+    IN_FLIGHT = 4
 
     def __init__(self, folder: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int):
         self.folder = folder
@@ -100,8 +109,12 @@ class StreamWriter:
         self._order = [(i, item) for i, shard in enumerate(self.shards) for item in shard]
         self._pos = -1
         self._written = 0
-        self._file: Any = None
         self._shard = -1
+        self.digests: dict[str, tuple[str, int]] = {}  # file path -> (sha256, bytes)
+        self._queue: queue.Queue = queue.Queue(self.IN_FLIGHT)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="merge-writer", daemon=True)
+        self._thread.start()
 
     def begin(self, name: str) -> None:
         """Start the next tensor of the plan (it must be `name`)."""
@@ -111,14 +124,43 @@ class StreamWriter:
         if planned != name:
             raise RuntimeError(f"tensor {name} written out of plan order (expected {planned})")
         if shard != self._shard:
-            self._open(shard)
+            self._shard = shard
+            self._put(("open", shard))
         self._written = 0
 
     def write(self, chunk: torch.Tensor) -> None:
         _, (_, _, dtype, _) = self._order[self._pos]
-        data = chunk.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        data = chunk.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()  # keeps the tensor alive
+        self._put(("data", data))
         self._written += data.nbytes
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.folder} failed: {self._error}") from self._error
+        self._queue.put(item)
+
+    def _drain(self) -> None:
+        file, digest, path = None, None, ""
+        try:
+            while True:
+                kind, value = self._queue.get()
+                if kind in ("open", "close") and file is not None:
+                    file.close()
+                    self.digests[path] = (digest.hexdigest(), os.path.getsize(path))
+                    file = None
+                if kind == "close":
+                    return
+                if kind == "open":
+                    path = os.path.join(self.folder, self.names[value])
+                    file, digest = open(path, "wb"), hashlib.sha256()
+                    value = self._header(value)
+                file.write(memoryview(value))
+                digest.update(memoryview(value))
+        except BaseException as e:  # noqa: BLE001 (reported by the caller's next write or close)
+            self._error = e
+            while True:  # keep taking items so that the caller never blocks on a full queue
+                if self._queue.get()[0] == "close":
+                    return
 
     def _finish_tensor(self) -> None:
         if self._pos >= 0:
@@ -126,10 +168,7 @@ class StreamWriter:
             if self._written != nbytes:
                 raise RuntimeError(f"tensor {name}: wrote {self._written} bytes, planned {nbytes}")
 
-    def _open(self, shard: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard = shard
+    def _header(self, shard: int) -> bytes:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, dtype, nbytes in self.shards[shard]:
@@ -137,15 +176,16 @@ class StreamWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self._file = open(os.path.join(self.folder, self.names[shard]), "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        return struct.pack("<Q", len(raw)) + raw
 
     def close(self) -> dict[str, Any]:
         self._finish_tensor()
+        self._queue.put(("close", None))
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.folder} failed: {self._error}") from self._error
         if self._pos != len(self._order) - 1:
             raise RuntimeError(f"{len(self._order) - 1 - self._pos} planned tensors were not written")
-        if self._file is not None:
-            self._file.close()
         total = sum(item[3] for shard in self.shards for item in shard)
         if len(self.names) > 1:
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -174,6 +175,12 @@ def test_sharded_in_and_out(tmp_path: Path, store: Path, tiny_models: dict[str, 
     code, single = run_merge(tmp_path / "single", store, "tiny:translator", "tiny:lfm2-1.2b", "single")
     assert max_ulp(out, out_dir(store, "single", single)) == 0
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+    # the shards were hashed as they were written (the commit did not read them again): the digests must be
+    # the files' own, and the store's tamper check must agree
+    for f in m["outputs"]["model"]["files"]:
+        path = store / "sharded" / "merge-x" / f["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"] and path.stat().st_size == f["bytes"], f["path"]
+    Store(str(store)).verify_step("sharded", "merge-x")
 
 
 def test_mismatched_checkpoints_are_exit_3_naming_the_tensor(tmp_path: Path, store: Path, tiny_models: dict[str, Path],
