@@ -372,11 +372,22 @@ class VllmEngine:
         engine = self.llm.llm_engine
 
         def submit() -> None:
-            job = next(pending, None)
+            job = next(pending, None)  # the caller plans the job here: its errors stay its own (not exit 75)
             if job is not None:
                 key, conversations = job
-                internal = self.llm.enqueue_chat(conversations, params, use_tqdm=False) if conversations else []
+                try:
+                    internal = self.llm.enqueue_chat(conversations, params, use_tqdm=False) if conversations else []
+                except self.failures as e:
+                    raise TemporaryError(f"vLLM refused requests: {type(e).__name__}: {e}") from e
                 queued.append((key, list(internal)))
+
+        def step() -> list[Any]:
+            try:
+                if not engine.has_unfinished_requests():
+                    raise TemporaryError("vLLM lost requests of a job it had accepted")
+                return engine.step()
+            except self.failures as e:  # a dead worker or OOM: worth a retry from the head job
+                raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
 
         try:
             submit()
@@ -385,16 +396,12 @@ class VllmEngine:
                 key, internal = queued[0]
                 ids = [_external_id(i) for i in internal]
                 while any(i not in finished for i in ids):
-                    if not engine.has_unfinished_requests():
-                        raise TemporaryError(f"vLLM lost {sum(i not in finished for i in ids)} requests of a job")
-                    for o in engine.step():
+                    for o in step():
                         if o.finished:
                             finished[o.request_id] = o
                 queued.popleft()
                 submit()
                 yield key, [convert(finished.pop(i)) for i in ids]
-        except self.failures as e:  # a dead worker or OOM: worth a retry from the head job
-            raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
         finally:
             left = [i for _, internal in queued for i in internal if _external_id(i) not in finished]
             try:
