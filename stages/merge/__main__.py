@@ -4,11 +4,22 @@
     hala-stage merge --recipe recipes/hala-paper.yaml --step merge-hala-9b --store s3://bucket/hala
 """
 
+import functools
 import sys
 
-from hala import step
-from stages.merge.config import MergeConfig
-from stages.merge.main import main
+from stages.merge.check import Checker  # imports no torch: the check process starts before this one does
+
+
+def run() -> int:
+    # The load-and-generate check's process starts first and imports transformers while this one imports
+    # torch, hashes the inputs and merges.
+    with Checker() as checker:
+        from hala import step
+        from stages.merge.config import MergeConfig
+        from stages.merge.main import main
+
+        return step.run("merge", MergeConfig, functools.partial(main, checker=checker))
+
 
 if __name__ == "__main__":
-    sys.exit(step.run("merge", MergeConfig, main))
+    sys.exit(run())

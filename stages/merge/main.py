@@ -4,12 +4,15 @@ slerp follows MergeKit: inputs cast to `dtype`; each tensor is treated as one ve
 normalised, and when they are nearly colinear (|cos| > 0.9995) slerp falls back to linear interpolation;
 the result is stored in `dtype`, then written in `out_dtype`. Nothing holds a whole model: each tensor is
 read in row chunks (two passes for slerp: norms and dot product, then the result; one read when the tensor
-fits in a chunk), and results go straight to disk.
+fits in a chunk; within a chunk, cache-sized blocks are converted to float32 and computed), and results go
+straight to disk. The load-and-generate check runs in a process of its own (`check.py`), started with the
+stage so that its imports overlap the merge.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -20,12 +23,15 @@ import torch
 from hala.errors import ConfigError, DataError
 from hala.step import StepContext
 from stages.merge import schedule
+from stages.merge.check import Checker
 from stages.merge.config import MergeConfig
 from stages.merge.tensors import TORCH_DTYPES, Checkpoint, StreamWriter, chunk_rows
 
 DOT_THRESHOLD = 0.9995  # MergeKit's: above it the two directions are treated as colinear
 EPS = 1e-8
+BLOCK = 1 << 18  # elements per side converted to float32 at once: 2 MiB for the pair, within the CPU's cache
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "recipe.yaml", "training_args.bin"}
 
 
@@ -64,8 +70,20 @@ def _float(dtype_name: str) -> bool:
     return dtype_name.startswith(("F", "BF"))
 
 
+def _blocks(a: torch.Tensor, b: torch.Tensor, bufs: tuple[torch.Tensor, torch.Tensor]):
+    """(slice, a, b) per block of the two flattened chunks, converted into the float buffers.
+
+    Converting a whole chunk to float32 and running each operation over it streams every value through
+    memory a dozen times; a block of BLOCK elements per side stays in the CPU's cache for all of them."""
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    n = flat_a.numel()
+    for u in range(0, n, BLOCK):
+        k = min(BLOCK, n - u)
+        yield slice(u, u + k), bufs[0][:k].copy_(flat_a[u:u + k]), bufs[1][:k].copy_(flat_b[u:u + k])
+
+
 def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[float, float], method: str,
-                 dtype: torch.dtype, writer: StreamWriter) -> str:
+                 dtype: torch.dtype, writer: StreamWriter, bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]) -> str:
     """Merge one tensor into the writer; returns how: slerp, lerp (slerp's colinear fallback), linear, copied."""
     info = base.tensors[name]
     rows = info.shape[0] if info.shape else 1
@@ -76,52 +94,64 @@ def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[
             writer.write(base.rows(name, s, s + step))
         return "copied"
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if math_dtype not in bufs:
+        bufs[math_dtype] = (torch.empty(BLOCK, dtype=math_dtype), torch.empty(BLOCK, dtype=math_dtype))
+    buf = bufs[math_dtype]
     whole = rows <= step  # most tensors fit in one chunk: read them once, not once per pass
     cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pair(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         if s in cached:
             return cached[s]
-        a = base.rows(name, s, s + step).to(dtype).to(math_dtype, copy=True)  # ours to change in place (slerp)
-        b = model.rows(name, s, s + step).to(dtype).to(math_dtype, copy=True)
+        a = base.rows(name, s, s + step).to(dtype)  # MergeKit casts the inputs to dtype, then computes in float32
+        b = model.rows(name, s, s + step).to(dtype)
         if whole:
             cached[s] = (a, b)
         return a, b
 
     if method == "linear":
-        # MergeKit's order of operations, so that results agree to the bit: sum of w * x, then / sum of w
+        # sum of w * x, then / sum of w; the second product is fused with the sum (addcmul), which keeps
+        # results that cancel to ~0 within one bf16 ulp of MergeKit's (it computes this in dtype)
         wb, wm = (torch.tensor(w, dtype=math_dtype) for w in weights)
         for s in range(0, rows, step):
-            a, b = pair(s)
-            out = torch.zeros_like(a).addcmul_(a, wb).addcmul_(b, wm).div_(wb + wm)
-            writer.write(out.to(dtype))
+            a16, b16 = pair(s)
+            out = torch.empty_like(a16)
+            flat = out.reshape(-1)
+            for where, a, b in _blocks(a16, b16, buf):
+                flat[where] = a.mul_(wb).addcmul_(b, wm).div_(wb + wm)
+            writer.write(out)
         return "linear"
     t = weights[1] / (weights[0] + weights[1])
     # slerp over the whole tensor as one vector. One pass gathers both norms and the dot product (MergeKit's
-    # dot of the normalised vectors equals the raw dot over the product of the norms); a second writes the result.
-    sq_a = sq_b = raw_dot = torch.zeros((), dtype=math_dtype)
+    # dot of the normalised vectors equals the raw dot over the product of the norms); a second writes the
+    # result. Block sums are added in float64, so the order of the blocks does not matter.
+    sq_a = sq_b = raw_dot = 0.0
     for s in range(0, rows, step):
-        a, b = pair(s)
-        flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-        sq_a = sq_a + torch.dot(flat_a, flat_a)
-        sq_b = sq_b + torch.dot(flat_b, flat_b)
-        raw_dot = raw_dot + torch.dot(flat_a, flat_b)
-    norm_a, norm_b = torch.sqrt(sq_a), torch.sqrt(sq_b)
-    norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-    dot = (raw_dot / norm_a / norm_b).clamp(-1, 1)
-    if dot.abs() > DOT_THRESHOLD:
+        a16, b16 = pair(s)
+        for _, a, b in _blocks(a16, b16, buf):
+            sq_a += float(torch.dot(a, a))
+            sq_b += float(torch.dot(b, b))
+            raw_dot += float(torch.dot(a, b))
+    norm_a, norm_b = math.sqrt(sq_a), math.sqrt(sq_b)
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    dot = min(1.0, max(-1.0, raw_dot / norm_a / norm_b))
+    if abs(dot) > DOT_THRESHOLD:
         coef_a, coef_b, how = 1 - t, t, "lerp"
     else:
-        theta = torch.acos(dot)
-        coef_a = float(torch.sin((1 - t) * theta) / torch.sin(theta))
-        coef_b = float(torch.sin(t * theta) / torch.sin(theta))
+        theta = math.acos(dot)
+        coef_a = math.sin((1 - t) * theta) / math.sin(theta)
+        coef_b = math.sin(t * theta) / math.sin(theta)
         how = "slerp"
     for s in range(0, rows, step):
-        a, b = pair(s)
-        # in place, on this merge's own copies (read from disk, cast), never used again; two products and a sum,
-        # rounded one by one as MergeKit's numpy does (a fused multiply-add moves results that cancel to ~0)
-        writer.write(a.mul_(coef_a).add_(b.mul_(coef_b)).to(dtype))
+        a16, b16 = pair(s)
+        out = torch.empty_like(a16)
+        flat = out.reshape(-1)
+        for where, a, b in _blocks(a16, b16, buf):
+            # two products and a sum, rounded one by one as MergeKit's numpy does (a fused multiply-add moves
+            # results that cancel to ~0), then rounded to dtype
+            flat[where] = a.mul_(coef_a).add_(b.mul_(coef_b))
+        writer.write(out)
         cached.pop(s, None)
     return how
 
@@ -169,22 +199,6 @@ def model_card(ctx: StepContext, plan: schedule.Plan, name: str, counts: dict[st
     )
 
 
-def generate_sample(out: str, prompt: str, dtype: torch.dtype) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    if tok.chat_template:
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-    else:
-        enc = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=16, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    return tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def output_name(ctx: StepContext, plan: schedule.Plan, cfg: MergeConfig) -> str:
     if cfg.name:
         return cfg.name
@@ -200,11 +214,21 @@ def output_name(ctx: StepContext, plan: schedule.Plan, cfg: MergeConfig) -> str:
     return f"{base}-{plan.method}-{suffix}"
 
 
-def main(cfg: MergeConfig, ctx: StepContext) -> None:
+def main(cfg: MergeConfig, ctx: StepContext, checker: Checker | None = None) -> None:
+    """`checker`: a check process started before the inputs were hashed (the stage's entrypoint does); one is
+    started here otherwise."""
+    if checker is None:
+        with Checker() as checker:
+            return main(cfg, ctx, checker)
     plan = schedule.from_config(cfg)
     base = Checkpoint(local_model(ctx, "base"))
+    checker.prepare(base.folder)  # the check process imports this architecture's code while we merge
     model = Checkpoint(local_model(ctx, "model"))
     check_compatible(base, model)
+    side = base.folder if plan.tokenizer_source == "base" else model.folder
+    if not any(os.path.exists(os.path.join(side, f)) for f in TOKENIZER_FILES):
+        raise DataError(f"input '{plan.tokenizer_source}' ({side}) has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the merged "
+                        f"model takes its tokenizer and chat template from there; add them, or set tokenizer_source to the other input")
     layers = base.num_layers()
     if layers == 0:
         raise DataError(f"{base.folder}/config.json has no num_hidden_layers: cannot place tensors along the layers")
@@ -219,28 +243,41 @@ def main(cfg: MergeConfig, ctx: StepContext) -> None:
     writer = StreamWriter(out, [(n, base.tensors[n].shape, out_dtype if _float(base.tensors[n].dtype) else _torch(base.tensors[n].dtype))
                                 for n in order], cfg.max_shard_size)
     counts: dict[str, int] = {}
+    bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    # the writer thread (file writes, sha256) needs a core of its own: torch's threads spin-wait when one of
+    # their cores is taken, which made the merge a third slower on 2 cores
+    torch.set_num_threads(max(1, threads - 1))
     t0 = time.monotonic()
-    with ctx.progress(len(order), unit="tensors", what="merge") as progress:
-        for n in order:
-            how = merge_tensor(n, base, model, ts[n], plan.method, dtype, writer)
-            counts[how] = counts.get(how, 0) + 1
-            progress.update()
-    written = writer.close()
+    try:
+        with ctx.progress(len(order), unit="tensors", what="merge") as progress:
+            for n in order:
+                how = merge_tensor(n, base, model, ts[n], plan.method, dtype, writer, bufs)
+                counts[how] = counts.get(how, 0) + 1
+                progress.update()
+        written = writer.close()
+    finally:
+        torch.set_num_threads(threads)
     for path, (sha256, size) in writer.digests.items():
         ctx.known_digest(path, sha256, size)  # hashed as written: the commit does not read them again
     ctx.timings["merge_seconds"] = round(time.monotonic() - t0, 3)
     merge_peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the check loads the model
-    copied = copy_side_files(base.folder if plan.tokenizer_source == "base" else model.folder, out)
+    copied = copy_side_files(side, out)
     write_config(base, out, plan.out_dtype)
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(ctx, plan, name, counts))
-    sample = generate_sample(out, cfg.sample_prompt, out_dtype)
+    answer = checker.check(out, cfg.sample_prompt, plan.out_dtype)
+    # the check's import ran beside the merge; only its load and generation come after it
+    ctx.timings["check_import_seconds"] = answer["seconds"]["import"]
+    ctx.timings["check_seconds"] = answer["seconds"]["load_and_generate"]
     ctx.metrics.update(
         name=name, plan=plan.describe(), tensors=counts, layers=layers, shards=written["shards"], bytes=written["bytes"],
         parents={"base": ctx.input("base").record(), "model": ctx.input("model").record()},
         side_files_from=plan.tokenizer_source, side_files=copied,
-        merge_peak_rss_mb=merge_peak_mb, peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        sample={"prompt": cfg.sample_prompt, "output": sample},
+        # two processes: the merge's and the check's (which loads the merged model); both live until the end
+        merge_peak_rss_mb=merge_peak_mb, check_peak_rss_mb=answer["peak_rss_mb"],
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + answer["peak_rss_mb"], 1),
+        sample={"prompt": cfg.sample_prompt, "output": answer["output"]},
     )
     ctx.set_output("model", format="safetensors", model_name=name, method=plan.method)
 

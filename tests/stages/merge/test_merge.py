@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,32 @@ def test_mismatched_checkpoints_are_exit_3_naming_the_tensor(tmp_path: Path, sto
     code, _ = run_merge(tmp_path / "arch", store, "tiny:fanar-9b", "tiny:lfm2-1.2b", "arch")
     assert code == 3
     assert "architectures differ" in next(e for e in events(capsys.readouterr().out) if e.get("event") == "failed")["error"]
+
+
+def test_a_merge_that_cannot_generate_is_exit_3_and_not_committed(tmp_path: Path, store: Path, tiny_models: dict[str, Path]) -> None:
+    """Through the stage's own entrypoint (the check in its own process, started first): a base whose
+    tokenizer.json is cut short gives a merged folder transformers cannot prompt; the step fails, commits nothing."""
+    base = tmp_path / "base-broken-tokenizer"
+    shutil.copytree(tiny_models["lfm2-1.2b"], base)
+    (base / "tokenizer.json").write_text((base / "tokenizer.json").read_text()[:500])
+    model = perturbed(tiny_models["lfm2-1.2b"], tmp_path / "model")
+    path = write_recipe(tmp_path, {"merge-x": {"stage": "merge", "inputs": {"model": str(model), "base": str(base)}, "config": {}}},
+                        store=str(store), run="broken-tokenizer", tiny_models={"pairs": str(PAIRS)})
+    proc = subprocess.run([sys.executable, "-m", "stages.merge", "--recipe", str(path), "--step", "merge-x"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "HALA_LOG_FORMAT": "json"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    failure = next(e for e in events(proc.stdout) if e.get("event") == "failed")
+    assert "does not load or generate with transformers" in failure["error"] and "tokenizer" in failure["error"]
+    assert Store(str(store)).read_manifest("broken-tokenizer", "merge-x") is None
+    status = Store(str(store)).read_statuses("broken-tokenizer")["merge-x"]
+    assert status["state"] == "failed" and status["exit_code"] == 3
+    # without any tokenizer the step stops before merging, saying where the tokenizer comes from
+    for f in base.glob("tokenizer*"):
+        f.unlink()
+    code, m = run_merge(tmp_path / "none", store, model, base, "no-tokenizer")
+    assert code == 3 and m is None
+    status = Store(str(store)).read_statuses("no-tokenizer")["merge-x"]
+    assert "input 'base'" in status["error"] and "tokenizer_source" in status["error"]
 
 
 def test_config_mistakes_are_exit_2(tmp_path: Path, store: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
