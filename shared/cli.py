@@ -5,12 +5,12 @@
     hala status RUN [--store URL]     state, rows and time per step
     hala verify RUN [STEP ...]        re-hash committed outputs against their manifests (exit 3 on a change)
     hala gather RECIPE STEP           commit a sharded step once all its shards committed their parts
-    hala setup [ENV ...]              create/update the environments under .venvs/ (idempotent)
+    hala setup [ENV ...]              create/update the environments under .venvs/ from locks/ (idempotent)
+    hala lock [SET ...] [--check]     resolve locks/<variant>/<set>.txt with uv (--check: offline staleness test)
     hala test [ENV ...] [-- ARGS]     run every test suite in its own environment
     hala schema STAGE [--write]       print/write a stage's config.schema.json (run in the stage's environment)
     hala run RECIPE --runner compose  the same DAG in containers (`docker compose up`), then every service's exit code
     hala render compose RECIPE        the compose file of a recipe (compose.yaml is the tiny recipe's)
-    hala render images                images/requirements/<set>.txt from the stages' requirements
     hala images list|build [SET ...]  the stage images (one per dependency set), built with docker
     hala record RECIPE                write the run's header (_RUN.json); the first service of a container runner
 
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe))
         return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
-    return runner.run(recipe, args.only, args.force, keep_going=args.keep_going)
+    return runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -67,15 +67,6 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from hala import images
-
-    if args.what == "images":
-        if args.recipe:
-            raise ConfigError("`hala render images` takes no recipe: the images follow the stages' requirements")
-        changed = images.render(check=args.check)
-        for path in changed:
-            print(f"{'differs' if args.check else 'wrote'}: {path.relative_to(images.REPO)}")
-        return 1 if args.check and changed else 0
     if not args.recipe:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
     recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
@@ -163,8 +154,15 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return envs.setup(args.envs or None, force=args.force)
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    from hala import locks
+
+    variants = tuple(args.variant) if args.variant else locks.VARIANTS
+    return locks.main_lock(args.sets or None, variants, check=args.check, force=args.force)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    return envs.test(args.envs or None, args.pytest_args)
+    return envs.test(args.envs or None, args.pytest_args, jobs=args.jobs)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -198,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
     r.add_argument("--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="on a terminal: every step's log lines as they come (default: one line per step, logs in <run>/_logs/)")
     r.add_argument("--runner", choices=["local", "compose", "k8s"], default="local",
                    help="local: each step in its .venvs/<set> (default); compose: the stage images, `docker compose up`; "
                         "k8s: the conductor, one Job per step (runs inside the cluster, see manifests/)")
@@ -217,15 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--runner", default="compose", help="what runs the steps (recorded in _RUN.json)")
     rec.set_defaults(func=cmd_record)
 
-    rn = sub.add_parser("render", help="compose file or Kubernetes manifests of a recipe; the images' requirement files")
-    rn.add_argument("what", choices=["compose", "k8s", "images"])
+    rn = sub.add_parser("render", help="compose file or Kubernetes manifests of a recipe")
+    rn.add_argument("what", choices=["compose", "k8s"])
     rn.add_argument("recipe", nargs="?")
     rn.add_argument("--variant", choices=["cpu", "cuda"], default=None, help="default: cpu for compose, cuda for k8s")
     rn.add_argument("--registry", help="k8s: image registry written into the Jobs (default $REGISTRY or local)")
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
     rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
-    rn.add_argument("--check", action="store_true", help="images: exit 1 if images/requirements/ differs from the rendering")
     rn.set_defaults(func=cmd_render)
 
     im = sub.add_parser("images", help="the stage images: list them, or build them with docker")
@@ -269,8 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--force", action="store_true", help="reinstall even if up to date")
     se.set_defaults(func=cmd_setup)
 
+    lk = sub.add_parser("lock", help="resolve every dependency set into locks/<variant>/ with uv (= make lock)")
+    lk.add_argument("sets", nargs="*", metavar="SET")
+    lk.add_argument("--variant", action="append", choices=["cpu", "cuda"], help="default: both")
+    lk.add_argument("--check", action="store_true", help="exit 1 naming every lock older than its requirement files")
+    lk.add_argument("--force", action="store_true", help="resolve again even where the inputs did not change")
+    lk.set_defaults(func=cmd_lock)
+
     t = sub.add_parser("test", help="run each test suite in its environment")
     t.add_argument("envs", nargs="*")
+    t.add_argument("-j", "--jobs", type=int, help="suites at a time (default $HALA_TEST_JOBS, else one per core up to 2)")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     t.set_defaults(func=cmd_test)
 

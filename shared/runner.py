@@ -9,6 +9,7 @@ shards and then `hala gather` in-process, a failed step stops what depends on it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import envs, logs, sources
+from hala import display, envs, logs, sources
 from hala.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
 from hala.gather import gather
 from hala.recipe import Recipe, Step
@@ -79,12 +80,13 @@ def step_command(recipe: Recipe, step: Step, shard: tuple[int, int] | None = Non
 class _Relay:
     """Shows a child's JSON log lines on this terminal (readable) or passes them on (JSON), and keeps them."""
 
-    def __init__(self) -> None:
+    def __init__(self, view: display.Display | None = None, shard: str | None = None) -> None:
+        self.view, self.shard = view, shard
         self.json = not sys.stdout.isatty() or os.environ.get("HALA_LOG_FORMAT") == "json"
         self.bars: dict[str, Any] = {}
         self.lines: list[str] = []
         self.error: str | None = None  # the child's own account of why it failed
-        if not self.json:
+        if not self.json and view is None:
             import structlog
 
             self.render = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
@@ -105,6 +107,10 @@ class _Relay:
                 return
         if event.get("event") == "failed" and event.get("error"):
             self.error = str(event["error"])
+        if self.view is not None:  # the display shows progress; everything else is in the step's log file
+            if event.get("event") == "progress":
+                self.view.progress(event, self.shard)
+            return
         if self.json:
             print(text, flush=True)
             return
@@ -128,12 +134,78 @@ class _Relay:
             del self.bars[key]
 
 
-def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str) -> tuple[int, str | None]:
+def child_env(view: display.Display | None = None) -> dict[str, str]:
+    """The environment of every step process (and of the warm interpreters they are forked from)."""
     env = dict(os.environ)
     env.update(HALA_LOG_FORMAT="json", HALA_PROGRESS_BAR="0", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    relay = _Relay()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1) as proc:
+    if view is not None:
+        env.setdefault("HALA_PROGRESS_EVERY", "0.5")  # the bar moves; the events stay in the step's log file
+    return env
+
+
+class WarmPool:
+    """One warm interpreter (hala.warm) per environment the run's remaining steps need, started one step ahead
+    so that its imports overlap the step before, and ended once no later step needs it. HALA_WARM=0: none."""
+
+    def __init__(self, steps: list[Step], view: display.Display | None):
+        self.enabled = os.environ.get("HALA_WARM", "1") != "0" and not os.environ.get("HALA_SINGLE_ENV")
+        self.order = [s.spec.env for s in steps if s.spec is not None]
+        self.env = child_env(view)
+        self.servers: dict[str, Any] = {}
+        self.sets = envs.env_sets() if self.enabled else {}
+
+    def _start(self, name: str) -> Any:
+        from hala import warm
+
+        if name not in self.servers and name in self.sets:
+            self.servers[name] = warm.Server(str(envs.python_for(name)), self.sets[name].warm, self.env)
+        return self.servers.get(name)
+
+    def running(self, index: int) -> None:
+        """Step `index` of the run is about to run: its environment's server, and the next two other ones'."""
+        if not self.enabled:
+            return
+        self._start(self.order[index])
+        for name in list(dict.fromkeys(e for e in self.order[index + 1:] if e != self.order[index]))[:2]:
+            self._start(name)
+
+    def popen(self, cmd: list[str], env: dict[str, str]) -> Any:
+        """A warm child for `cmd` (python -m MODULE of a set's environment), or None: then a plain process."""
+        from hala import warm
+
+        name = next((n for n in self.servers if str(envs.python_for(n)) == cmd[0]), None)
+        server = self.servers.get(name) if name else None
+        if server is None or not server.ready():
+            return None
+        try:
+            return server.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except warm.Refused:
+            return None
+        except OSError as e:
+            logs.get("hala.run").warning("warm interpreter failed; a plain process instead", env=name, error=str(e))
+            return None
+
+    def finished(self, index: int) -> None:
+        """Step `index` is over: a server no later step needs is ended (its memory goes back)."""
+        for name in list(self.servers):
+            if name not in self.order[index + 1:]:
+                self.servers.pop(name).close()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        self.servers.clear()
+
+
+def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str, view: display.Display | None = None,
+           shard: str | None = None, warm: WarmPool | None = None) -> tuple[int, str | None]:
+    env = child_env(view)
+    relay = _Relay(view, shard)
+    proc = warm.popen(cmd, env) if warm is not None else None
+    if proc is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+    with proc:
         assert proc.stdout is not None
         try:
             for text in proc.stdout:
@@ -199,54 +271,84 @@ def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None 
     return rows
 
 
-def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None, keep_going: bool = False) -> int:
+def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None, keep_going: bool = False,
+        verbose: bool = False) -> int:
     log = logs.get("hala.run")
     logs.bind(run=recipe.run)
     steps = select(recipe, only)
+    view = display.Display([s.name for s in steps]) if display.wanted(verbose, not logs.console()) else None
+    if view is not None:
+        logging.getLogger().setLevel(logging.WARNING)  # the display says what the info events would say
+    warm = WarmPool(steps, view)
+    try:
+        return _run(recipe, steps, Store(recipe.store), force, keep_going, log, view, warm)
+    finally:
+        warm.close()
+        if view is not None:
+            view.close()
+
+
+def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | None, keep_going: bool, log: Any,
+         view: display.Display | None, warm: WarmPool) -> int:
     check_runnable(recipe, steps)
-    store = Store(recipe.store)
     if store.fs.protocol in ("memory",) or "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else ()):
         raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
     started = record(recipe, store)
+    t_run = time.monotonic()
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
     outcomes: dict[str, Outcome] = {}
     first_failure = EXIT_OK
-    for step in steps:
+    for index, step in enumerate(steps):
         t0 = time.monotonic()
         blocked = [u for u in step.upstream if u in outcomes and outcomes[u].state in ("failed", "blocked")]
         if blocked:
             outcomes[step.name] = Outcome(step.name, "blocked", note=f"after failed {', '.join(blocked)}")
             store.write_status(recipe.run, step.name, state="blocked", after=blocked)
-            log.warning("blocked", step=step.name, after=blocked)
+            log.info("blocked", step=step.name, after=blocked)
+            if view:
+                view.end(step.name, "blocked", note=outcomes[step.name].note)
             continue
         if first_failure and not keep_going:
             outcomes[step.name] = Outcome(step.name, "skipped", note="run stopped at the first failure")
+            if view:
+                view.end(step.name, "skipped", note=outcomes[step.name].note)
             continue
         forced = bool(force) and (ALL in force or step.name in force)
         try:
             state, fp, manifest = _state(store, recipe, step, forced)
         except HalaError as e:
             outcomes[step.name] = Outcome(step.name, "failed", exit_code=e.exit_code, note=str(e))
-            log.error("failed", step=step.name, exit_code=e.exit_code, error=str(e))
+            log.info("failed", step=step.name, exit_code=e.exit_code, error=str(e))
+            if view:
+                view.end(step.name, "failed", note=f"exit {e.exit_code}")
             first_failure = first_failure or e.exit_code
             continue
         if state == "cached":
             outcomes[step.name] = Outcome(step.name, "cached", rows=_rows(manifest))
             log.info("cached", step=step.name, fingerprint=(fp or "")[:12], rows=_rows(manifest))
+            if view:
+                view.end(step.name, "cached", rows=_rows(manifest))
             continue
         log.info("step start", step=step.name, stage=step.stage, shards=step.shards)
-        code, note = _run_step(recipe, step, store, forced)
+        if view:
+            view.start(step.name)
+        warm.running(index)
+        code, note = _run_step(recipe, step, store, forced, view, warm)
+        warm.finished(index)
         seconds = time.monotonic() - t0
         manifest = store.read_manifest(recipe.run, step.name)
         if code == EXIT_OK and manifest is None:
             code, note = EXIT_CONFIG, "the step exited 0 but left no manifest"
         outcomes[step.name] = Outcome(step.name, "done" if code == 0 else "failed", seconds, code, _rows(manifest), note or "")
         if code:
-            log.error("step failed", step=step.name, exit_code=code, seconds=round(seconds, 1))
+            log.info("step failed", step=step.name, exit_code=code, seconds=round(seconds, 1))
             first_failure = first_failure or code
         else:
             log.info("step done", step=step.name, seconds=round(seconds, 1), rows=_rows(manifest))
-    _summary(recipe, store, outcomes, started)
+        if view:
+            view.end(step.name, outcomes[step.name].state, seconds, _rows(manifest),
+                     f"exit {code}; log: {store.uri(store.path(recipe.run, '_logs', step.name + '.jsonl'))}" if code else "")
+    _summary(recipe, store, outcomes, started, view, time.monotonic() - t_run)
     return first_failure
 
 
@@ -263,30 +365,43 @@ def record(recipe: Recipe, store: Store, runner_name: str = "local") -> str:
     return started
 
 
-def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool) -> tuple[int, str | None]:
+def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: display.Display | None = None,
+              warm: WarmPool | None = None) -> tuple[int, str | None]:
     """Exit code and the step's own error message; a sharded step runs its shards, then gathers."""
     if step.shards > 1:
         for i in range(step.shards):
+            label = f"{i + 1}/{step.shards}"
+            if view:
+                view.note(f"shard {label}")
             code, error = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
-                                 store, recipe.run, f"{step.name}.shard-{i}")
+                                 store, recipe.run, f"{step.name}.shard-{i}", view, label, warm)
             if code:
                 return code, f"shard {i}/{step.shards}: {error}" if error else f"shard {i}/{step.shards}"
+        if view:
+            view.note("gather")
         try:
             gather(str(recipe.path), step.name, recipe.store, recipe.run, recipe.overrides)
         except HalaError as e:
             logs.get("hala.run").error("gather failed", step=step.name, error=str(e))
             return e.exit_code, str(e)
         return EXIT_OK, None
-    return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name)
+    return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name, view, warm=warm)
 
 
-def _summary(recipe: Recipe, store: Store, outcomes: dict[str, Outcome], started: str) -> None:
+def _summary(recipe: Recipe, store: Store, outcomes: dict[str, Outcome], started: str,
+             view: display.Display | None = None, seconds: float = 0.0) -> None:
     log = logs.get("hala.run")
     run_file = store.path(recipe.run, "_RUN.json")
     info = store.read_json(run_file) or {}
     info.update(finished=now(), outcomes={k: vars(v) for k, v in outcomes.items()})
     store.write_json(run_file, info)
-    if logs.console():
+    if view is not None:
+        counts: dict[str, int] = {}
+        for o in outcomes.values():
+            counts[o.state] = counts.get(o.state, 0) + 1
+        print(f"{len(outcomes)} steps in {seconds:.1f} s: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+              + f"; store {store.uri(store.path(recipe.run))}, logs in _logs/", flush=True)
+    elif logs.console():
         print(logs.table([{"step": o.step, "state": o.state, "seconds": f"{o.seconds:.1f}", "exit": o.exit_code,
                            "rows": ", ".join(f"{k}={v}" for k, v in o.rows.items())} for o in outcomes.values()],
                          ["step", "state", "seconds", "exit", "rows"]), flush=True)

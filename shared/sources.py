@@ -137,7 +137,9 @@ def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
     )
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """This machine's content-addressed cache (HALA_CACHE, default ~/.cache/hala): downloads, localized outputs,
+    tiny stand-in builds. Entries are named by what they hold, so every store and process can share them."""
     return Path(os.environ.get("HALA_CACHE", Path.home() / ".cache" / "hala"))
 
 
@@ -147,7 +149,7 @@ def _localize_step_output(store: Store, run: str, step: str, manifest: dict[str,
         store.verify_output(run, step, manifest, output)
         return store.path(run, step, entry["path"])
     # remote store: copy into a content-addressed local cache, checking each file as it lands
-    target = _cache_root() / "outputs" / entry["sha256"]
+    target = cache_root() / "outputs" / entry["sha256"]
     done = target / ".complete"
     if done.exists():
         return str(target / entry["path"])
@@ -168,7 +170,7 @@ def _localize_step_output(store: Store, run: str, step: str, manifest: dict[str,
 
 
 def _download(url: str, key: str) -> str:
-    target = _cache_root() / "urls" / key
+    target = cache_root() / "urls" / key
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
         fs, path = fsspec.core.url_to_fs(url)

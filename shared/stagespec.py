@@ -54,7 +54,8 @@ class StageSpec:
     inputs: dict[str, InputSpec] = field(default_factory=dict)
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
     any_inputs: bool = False  # e.g. a training mixture: inputs named by the recipe
-    env_remove: tuple[str, ...] = ()  # packages to uninstall after installing the env (see hala.envs)
+    env_remove: tuple[str, ...] = ()  # packages never installed in the env's cpu variant (see hala.locks)
+    warm: tuple[str, ...] = ()  # modules a warm interpreter of the env imports ahead (see hala.warm)
 
     @property
     def schema_path(self) -> Path:
@@ -138,6 +139,7 @@ def _load(path: Path) -> StageSpec:
         outputs=outputs,
         any_inputs=any_inputs,
         env_remove=tuple(raw.get("env", {}).get("remove", ())),
+        warm=tuple(raw.get("env", {}).get("warm", ())),
     )
 
 

@@ -304,4 +304,6 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "image": os.environ.get("HALA_IMAGE"),
+        # forked from `hala run`'s warm interpreter of the environment (hala.warm): same code, imports done ahead
+        "warm": bool(os.environ.get("HALA_WARM_SOCKET")),
     }

@@ -290,13 +290,17 @@ def build(role: str, pairs_file: Path, prompts: dict[str, Any], out: Path, max_s
 
 
 def ensure(store: Store, role: str, recipe: Any) -> str:
-    """Local folder of `tiny:<role>` for this recipe: built into <store>/_sources/ on first use, then reused."""
+    """Local folder of `tiny:<role>` for this recipe: committed into <store>/_sources/ on first use, then reused.
+
+    The build itself happens once per machine: it lands in the content-addressed cache (hala.sources.cache_root,
+    keyed by the spec's hash) and every store that needs the same stand-in commits a copy of it. Concurrent
+    processes (test suites side by side, two steps of a run) wait for one builder instead of training twice."""
     spec = tiny_spec.spec(role, recipe)
     key = sha256_json(spec)
     name = f"tiny-{role}"
     manifest = store.read_manifest("_sources", name)
     if manifest is None or manifest.get("fingerprint") != key or not store.outputs_present("_sources", name, manifest):
-        manifest = _build_and_commit(store, role, recipe, spec, key)
+        manifest = _commit_from_cache(store, role, recipe, spec, key)
     if store.is_local:
         store.verify_output("_sources", name, manifest, "model")
         return store.path("_sources", name, "model")
@@ -305,12 +309,38 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
     return _localize_step_output(store, "_sources", name, manifest, "model")
 
 
-def _build_and_commit(store: Store, role: str, recipe: Any, spec: dict[str, Any], key: str) -> dict[str, Any]:
+def cached_build(role: str, recipe: Any, spec: dict[str, Any], key: str) -> tuple[Path, dict[str, Any]]:
+    """(model folder, build info) of this spec in the machine cache, building it first if no one has."""
+    import fcntl
+
+    from hala.sources import cache_root
+
+    # HALA_TINY_CACHE: `hala test` points every suite at one folder, so each stand-in trains once per machine
+    root = Path(os.environ.get("HALA_TINY_CACHE") or cache_root() / "tiny")
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / f"{role}-{key[:24]}"
+    with open(root / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (entry / "info.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
+            try:
+                info = build(role, tiny_spec.pairs_path(recipe), spec["prompts"], tmp / "model",
+                             float(recipe.tiny_models.get("max_seconds", 900)))
+                (tmp / "info.json").write_text(json.dumps(info, ensure_ascii=False))  # written last: the entry is whole
+                if entry.exists():
+                    shutil.rmtree(entry)  # a half-written entry of a killed builder
+                os.replace(tmp, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return entry / "model", json.loads((entry / "info.json").read_text())
+
+
+def _commit_from_cache(store: Store, role: str, recipe: Any, spec: dict[str, Any], key: str) -> dict[str, Any]:
     started = now()
+    cached, info = cached_build(role, recipe, spec, key)
     tmp = Path(tempfile.mkdtemp(prefix=f"hala-tiny-{role}-"))
     try:
-        info = build(role, tiny_spec.pairs_path(recipe), spec["prompts"], tmp / "model",
-                     float(recipe.tiny_models.get("max_seconds", 900)))
+        shutil.copytree(cached, tmp / "model")  # the commit moves it: the cache keeps its own copy
         files = store.describe(str(tmp), "model", local=True)
         manifest = {
             "schema": SCHEMA, "run": "_sources", "step": f"tiny-{role}", "stage": "hala.tiny",
@@ -318,7 +348,7 @@ def _build_and_commit(store: Store, role: str, recipe: Any, spec: dict[str, Any]
             "fingerprint": key, "config": spec, "config_hash": key,
             "inputs": {"pairs": {"ref": recipe.tiny_models.get("pairs"), "kind": "path", "sha256": spec["pairs_sha256"]}},
             "outputs": {"model": output_entry(files, "model", "model", None, format="huggingface", role=role)},
-            "counts": None, "quarantine": {"rows": 0, "by_reason": {}}, "metrics": info,
+            "counts": None, "quarantine": {"rows": 0, "by_reason": {}}, "metrics": {**info, "cache": str(cached.parent)},
             "timings": {"started": started, "finished": now(), "seconds": info["build_seconds"]},
             "shards": None, "host": host_info(),
         }

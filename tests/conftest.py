@@ -39,4 +39,6 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
     monkeypatch.setenv("HALA_CACHE", str(cache / "hala"))
+    # tiny stand-ins are content-addressed and deterministic: `hala test` shares one folder of them between suites
+    monkeypatch.setenv("HALA_TINY_CACHE", os.environ.get("HALA_TINY_CACHE") or str(cache / "tiny"))
     monkeypatch.setenv("HALA_LOG_FORMAT", "json")

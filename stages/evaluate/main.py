@@ -117,12 +117,12 @@ def run_benchmarks(cfg: EvaluateConfig, ctx: StepContext, out_dir: str) -> dict[
                               "chat_template": cfg.chat_template, "metric": "acc_norm (log-likelihood, character-normalised)",
                               "data": "local copy" if data else "Hugging Face Hub", "data_origin": cfg.trust_data_origin,
                               "max_samples": cfg.max_samples}
-    for side in ("model", "base"):
-        if side == "base" and not ctx.has_input("base"):
-            continue
-        path = model_path(ctx, side)
-        benchmarks.go_offline(path, data)
-        r = benchmarks.evaluate_model(path, names, cfg, os.path.join(out_dir, f"lighteval-{side}"), ctx.log, data)
+    sides = ["model", "base"] if ctx.has_input("base") else ["model"]
+    models = {side: model_path(ctx, side) for side in sides}
+    scored = benchmarks.evaluate_models(models, names, cfg, {s: os.path.join(out_dir, f"lighteval-{s}") for s in sides},
+                                        ctx.log, data)
+    for side in sides:
+        r = scored[side]
         r["failures"].update({t: f"data: {'; '.join(p[:5])}" + (f" (+{len(p) - 5} more)" if len(p) > 5 else "")
                               for t, p in bad_data.items()})
         r["average"] = benchmarks.average(r["families"])

@@ -6,9 +6,11 @@ the inputs are hashed and the tensors merged, and then waits for the merged fold
 unchanged: `AutoModelForCausalLM.from_pretrained` on the written folder, greedy generation from the chat
 template. It runs on CPU (the merge stage runs on CPU nodes).
 
-A fresh interpreter, not a fork: a process forked after torch has run a parallel operation hangs in its
-first one (GNU OpenMP's thread pool does not survive fork; seen here), and the stage cannot promise that
-nothing ran before. The price is a second import of torch (~1 s of a core, ~150 MB of its own memory).
+A fresh interpreter, not a fork of the stage: a process forked after torch has run a parallel operation hangs
+in its first one (GNU OpenMP's thread pool does not survive fork; seen here), and the stage cannot promise that
+nothing ran before. The price is a second import of torch (~1 s of a core, ~150 MB of its own memory). Under
+`hala run` the stage itself runs warm (hala.warm) and the check is forked from the same pristine warm
+interpreter, which has run nothing: then it starts with its imports done.
 
 Protocol: one JSON object per line. The stage sends {"prepare": folder} (a folder with the architecture's
 config.json: its modeling code is imported ahead) and then {"check": folder, "prompt", "dtype",
@@ -41,8 +43,10 @@ class Checker:
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds `stages/`
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
         # stderr is inherited: the check's warnings and logs land where the stage's do
-        self.proc = subprocess.Popen([sys.executable, "-m", "stages.merge.check"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env)
+        from hala import warm
+
+        self.proc = warm.popen([sys.executable, "-m", "stages.merge.check"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env)
 
     def prepare(self, folder: str) -> None:
         """Import the modeling code of the architecture in `folder` now, while the merge runs."""
