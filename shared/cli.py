@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("test", help="run each test suite in its environment")
     t.add_argument("envs", nargs="*")
     t.add_argument("-j", "--jobs", type=int, help="suites at a time (default $HALA_TEST_JOBS, else one per core up to 2)")
-    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
+    t.set_defaults(pytest_args=[])  # after `--`: arguments for pytest (see main)
     t.set_defaults(func=cmd_test)
 
     rp = sub.add_parser("report", help="one HTML page (and a Markdown twin) about a run, from its manifests")
@@ -296,9 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `hala test [ENV ...] -- ARGS`: what follows `--` is pytest's (argparse would give it to ENV ...)
+    passthrough: list[str] = []
+    if argv[:1] == ["test"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    if getattr(args, "pytest_args", None) and args.pytest_args[:1] == ["--"]:
-        args.pytest_args = args.pytest_args[1:]
+    if args.command == "test":
+        args.pytest_args = passthrough
     logs.setup()
     try:
         return int(args.func(args) or 0)

@@ -173,14 +173,13 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HALA_TINY_CACHE", str(cache_root() / "tiny"))
-    if jobs > 1:  # suites side by side share the cores: one torch thread pool each instead of oversubscribing
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     try:
         last = json.loads(_timings_file().read_text())
     except (OSError, ValueError):
         last = {}
     todo = [(n, [str(p) for p in sets[n].tests if p.exists()]) for n in (names or list(sets))]
     todo = sorted([(n, d) for n, d in todo if d], key=lambda item: -last.get(item[0], 0))
+    jobs = max(1, min(jobs, len(todo)))
     lock = threading.Lock()
 
     def one(item: tuple[str, list[str]]) -> tuple[str, int, float]:

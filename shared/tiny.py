@@ -16,6 +16,7 @@ torch, transformers and tokenizers are imported inside the functions: importing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -292,15 +293,27 @@ def build(role: str, pairs_file: Path, prompts: dict[str, Any], out: Path, max_s
 def ensure(store: Store, role: str, recipe: Any) -> str:
     """Local folder of `tiny:<role>` for this recipe: committed into <store>/_sources/ on first use, then reused.
 
-    The build itself happens once per machine: it lands in the content-addressed cache (hala.sources.cache_root,
-    keyed by the spec's hash) and every store that needs the same stand-in commits a copy of it. Concurrent
-    processes (test suites side by side, two steps of a run) wait for one builder instead of training twice."""
+    The build itself happens once per machine: it lands in the content-addressed cache (HALA_TINY_CACHE, else
+    hala.sources.cache_root()/tiny, keyed by the spec's hash) and every store that needs the same stand-in
+    commits a copy of it. The cache entry's lock is held from the check to the commit, so processes side by
+    side (test suites, compose services sharing the cache on the store volume) wait for one builder and one
+    commit instead of training twice or committing over each other."""
     spec = tiny_spec.spec(role, recipe)
     key = sha256_json(spec)
     name = f"tiny-{role}"
-    manifest = store.read_manifest("_sources", name)
-    if manifest is None or manifest.get("fingerprint") != key or not store.outputs_present("_sources", name, manifest):
-        manifest = _commit_from_cache(store, role, recipe, spec, key)
+
+    def committed() -> dict[str, Any] | None:
+        m = store.read_manifest("_sources", name)
+        if m is None or m.get("fingerprint") != key or not store.outputs_present("_sources", name, m):
+            return None
+        return m
+
+    manifest = committed()
+    if manifest is None:
+        with _locked(role, key) as entry:
+            manifest = committed()  # another process may have committed it while this one waited
+            if manifest is None:
+                manifest = _commit_from_cache(store, role, recipe, spec, key, entry)
     if store.is_local:
         store.verify_output("_sources", name, manifest, "model")
         return store.path("_sources", name, "model")
@@ -309,8 +322,9 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
     return _localize_step_output(store, "_sources", name, manifest, "model")
 
 
-def cached_build(role: str, recipe: Any, spec: dict[str, Any], key: str) -> tuple[Path, dict[str, Any]]:
-    """(model folder, build info) of this spec in the machine cache, building it first if no one has."""
+@contextlib.contextmanager
+def _locked(role: str, key: str) -> Any:
+    """The cache entry of this build (a folder, maybe not there yet), locked for this process."""
     import fcntl
 
     from hala.sources import cache_root
@@ -321,23 +335,29 @@ def cached_build(role: str, recipe: Any, spec: dict[str, Any], key: str) -> tupl
     entry = root / f"{role}-{key[:24]}"
     with open(root / f"{entry.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not (entry / "info.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
-            try:
-                info = build(role, tiny_spec.pairs_path(recipe), spec["prompts"], tmp / "model",
-                             float(recipe.tiny_models.get("max_seconds", 900)))
-                (tmp / "info.json").write_text(json.dumps(info, ensure_ascii=False))  # written last: the entry is whole
-                if entry.exists():
-                    shutil.rmtree(entry)  # a half-written entry of a killed builder
-                os.replace(tmp, entry)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        yield entry
+
+
+def cached_build(role: str, recipe: Any, spec: dict[str, Any], entry: Path) -> tuple[Path, dict[str, Any]]:
+    """(model folder, build info) of this spec in the machine cache, building it first if no one has; the
+    caller holds the entry's lock (_locked)."""
+    if not (entry / "info.json").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        try:
+            info = build(role, tiny_spec.pairs_path(recipe), spec["prompts"], tmp / "model",
+                         float(recipe.tiny_models.get("max_seconds", 900)))
+            (tmp / "info.json").write_text(json.dumps(info, ensure_ascii=False))  # written last: the entry is whole
+            if entry.exists():
+                shutil.rmtree(entry)  # a half-written entry of a killed builder
+            os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return entry / "model", json.loads((entry / "info.json").read_text())
 
 
-def _commit_from_cache(store: Store, role: str, recipe: Any, spec: dict[str, Any], key: str) -> dict[str, Any]:
+def _commit_from_cache(store: Store, role: str, recipe: Any, spec: dict[str, Any], key: str, entry: Path) -> dict[str, Any]:
     started = now()
-    cached, info = cached_build(role, recipe, spec, key)
+    cached, info = cached_build(role, recipe, spec, entry)
     tmp = Path(tempfile.mkdtemp(prefix=f"hala-tiny-{role}-"))
     try:
         shutil.copytree(cached, tmp / "model")  # the commit moves it: the cache keeps its own copy

@@ -90,13 +90,18 @@ def _rendered(recipe_path: Path, variant: str) -> tuple[recipe_mod.Recipe, dict]
     return recipe, compose.render(recipe, variant)
 
 
-def test_cpu_compose_runs_every_enabled_step_one_after_another_in_dependency_order():
+def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_otherwise():
     recipe, spec = _rendered(TINY, "cpu")
     services = spec["services"]
     names = list(services)
     assert names[0] == "record" and names[-1] == "report"
-    for before, after in zip(names, names[1:]):  # a chain: each waits for the one before it
-        assert services[after]["depends_on"] == {before: {"condition": "service_completed_successfully"}}
+    # each service waits for the record and for the services that commit its inputs, nothing else: the seven
+    # corpus translations run side by side once the translator is trained
+    assert set(services["translate-lamini"]["depends_on"]) == {"record", "prepare-lamini", "train-translator"}
+    assert set(services["report"]["depends_on"]) == {"record", *[n for n in names if n not in ("record", "report")
+                                                                   and "shard-" not in n and f"gather-{n}" not in names]}
+    for svc in services.values():  # tiny stand-ins are built once, under a lock on the shared volume
+        assert svc["environment"]["HALA_TINY_CACHE"] == "/store/_tiny-cache"
     enabled = [s for s in recipe.steps.values() if s.enabled]
     assert not any(s.name in services for s in recipe.steps.values() if not s.enabled)
     position = {n: i for i, n in enumerate(names)}
@@ -111,6 +116,7 @@ def test_cpu_compose_runs_every_enabled_step_one_after_another_in_dependency_ord
         for up in step.upstream:  # every input is committed before the step starts
             up_done = f"gather-{up}" if recipe.steps[up].shards > 1 else up
             assert position[up_done] < position[first], (up, step.name)
+            assert services[first]["depends_on"][up_done] == {"condition": "service_completed_successfully"}
         svc = services[first]
         assert svc["image"] == f"${{REGISTRY:-local}}/hala-{step.spec.env}:${{HALA_TAG:-dev}}-cpu"
         assert svc["network_mode"] == "host" and "store:/store" in svc["volumes"]
@@ -122,7 +128,7 @@ def test_cpu_compose_runs_every_enabled_step_one_after_another_in_dependency_ord
         if step.spec.env in ("serve", "eval", "train"):
             assert svc["shm_size"] == "1g"  # vLLM fails with Docker's 64 MiB of /dev/shm
     assert any(recipe.steps[s].shards > 1 for s in recipe.steps)  # the tiny recipe exercises shards and gather
-    assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}}
+    assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}} and spec["name"] == "hala-tiny"
 
 
 def test_cuda_compose_waits_only_for_real_inputs_and_reserves_gpus():

@@ -109,3 +109,35 @@ def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(DataError, match="model.safetensors"):
         tiny.ensure(store, "lfm2-350m", recipe)
+
+
+def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> None:
+    """Compose services and test suites need the same stand-in at the same moment: one builds, the others wait
+    for it, and the store gets one commit; another store then only copies it from the machine cache."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import events
+
+    env = {**os.environ, "HALA_LOG_FORMAT": "json", "HALA_TINY_CACHE": str(tmp_path / "cache")}
+    recipe = REPO / "recipes" / "tiny.yaml"
+
+    def start(store: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "hala.tiny", "lfm2-350m", "--recipe", str(recipe), "--store", str(store)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    procs = [start(tmp_path / "store") for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1
+    built = sum(1 for out, _ in outs for e in events(out) if e.get("event") == "tiny model built")
+    assert built == 1
+    store = Store(str(tmp_path / "store"))
+    store.verify_output("_sources", "tiny-lfm2-350m", store.read_manifest("_sources", "tiny-lfm2-350m"), "model")
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+    other = start(tmp_path / "other-store")
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-2000:]
+    assert not any(e.get("event") == "tiny model built" for e in events(out))  # copied from the cache, not trained
