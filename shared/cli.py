@@ -1,7 +1,8 @@
 """The `hala` command.
 
     hala run RECIPE [--store URL] [--run NAME] [--set STEP.KEY=VALUE ...] [--only STEP ...] [--force [STEP]] [--dry-run]
-    hala steps RECIPE                 the DAG in order, with stage and inputs
+    hala steps RECIPE [--config STEP] the DAG in order, with stage and inputs; or one step's effective config
+    --set-file FILE                   (run, steps, render, record) overrides from a YAML file of STEP.KEY: VALUE
     hala status RUN [--store URL]     state, rows and time per step
     hala verify RUN [STEP ...]        re-hash committed outputs against their manifests (exit 3 on a change)
     hala gather RECIPE STEP           commit a sharded step once all its shards committed their parts
@@ -32,8 +33,19 @@ from hala.store import Store
 DEFAULT_STORE = "artifacts"
 
 
+def _load(args: argparse.Namespace, **kw: object) -> recipe_mod.Recipe:
+    """The recipe with its overrides: every --set-file (in order), then every --set (which win)."""
+    items: list[str] = []
+    sources: dict[str, str] = {}
+    for path in getattr(args, "set_file", None) or []:
+        more, where = recipe_mod.read_set_file(path)
+        items += more
+        sources.update(where)
+    return recipe_mod.load(args.recipe, overrides=items + list(args.set), override_sources=sources, **kw)  # type: ignore[arg-type]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+    recipe = _load(args, store=args.store, run=args.run)
     if args.dry_run:
         rows = runner.plan(recipe, args.only, args.force)
         if args.json:
@@ -60,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    recipe = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+    recipe = _load(args, store=args.store, run=args.run)
     runner.record(recipe, Store(recipe.store), runner_name=args.runner)
     logs.get("hala.record").info("run recorded", run=recipe.run, store=recipe.store, steps=len(recipe.steps))
     return 0
@@ -69,7 +81,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
-    recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
+    recipe = _load(args, check_paths=False)
     args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
     if args.what == "compose":
         from hala import compose
@@ -101,7 +113,19 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
-    recipe = recipe_mod.load(args.recipe, overrides=args.set, check_paths=False)
+    recipe = _load(args, check_paths=False)
+    if args.config:
+        step = recipe.step(args.config)
+        flat = recipe_mod._flat(step.config)
+        rows = [{"key": k, "value": json.dumps(v, ensure_ascii=False), "from": step.provenance.get(k, "default")}
+                for k, v in flat.items()]
+        if args.json:
+            print(json.dumps({"step": step.name, "stage": step.stage, "config": step.config,
+                              "from": {r["key"]: r["from"] for r in rows}}, indent=2, ensure_ascii=False))
+        else:
+            print(f"{step.name} (stage {step.stage}): the effective config, each value with where it came from")
+            print(logs.table(rows, ["key", "value", "from"]))
+        return 0
     rows = []
     for i, step in enumerate(recipe.steps.values(), 1):
         rows.append({
@@ -190,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", help="artifact store URL or path (default: the recipe's)")
     r.add_argument("--run", help="run name (default: the recipe's)")
     r.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    r.add_argument("--set-file", action="append", default=[], metavar="FILE",
+                   help="a YAML file of STEP.KEY: VALUE overrides (the keys of --set); --set wins over it")
     r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their inputs must be committed)")
     r.add_argument("--force", nargs="?", action="append", const=runner.ALL, metavar="STEP",
                    help="rerun even if cached: all steps, or the one named (repeatable)")
@@ -214,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--store")
     rec.add_argument("--run")
     rec.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    rec.add_argument("--set-file", action="append", default=[], metavar="FILE")
     rec.add_argument("--runner", default="compose", help="what runs the steps (recorded in _RUN.json)")
     rec.set_defaults(func=cmd_record)
 
@@ -224,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--registry", help="k8s: image registry written into the Jobs (default $REGISTRY or local)")
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
     rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    rn.add_argument("--set-file", action="append", default=[], metavar="FILE")
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
     rn.set_defaults(func=cmd_render)
 
@@ -240,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("steps", help="list the steps of a recipe in dependency order")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    s.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    s.add_argument("--config", metavar="STEP", help="the effective config of one step, each value with where it came from")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_steps)
 

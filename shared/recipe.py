@@ -151,6 +151,8 @@ class Step:
     description: str = ""
     spec: stagespec.StageSpec | None = None  # None: the stage is not built yet (plan only)
     resources: dict[str, Any] = field(default_factory=dict)  # as written; hala.resources derives the rest
+    # where each config value came from, by dotted key: recipe | default | --set | --set-file FILE
+    provenance: dict[str, str] = field(default_factory=dict)
 
     @property
     def upstream(self) -> list[str]:
@@ -199,8 +201,11 @@ def load(
     store: str | None = None,
     run: str | None = None,
     check_paths: bool = True,
+    override_sources: dict[str, str] | None = None,
 ) -> Recipe:
-    """Read, override, validate and order a recipe. Raises ConfigError (exit 2) with every problem found."""
+    """Read, override, validate and order a recipe. Raises ConfigError (exit 2) with every problem found.
+    `overrides` are --set items (read_set_file turns an override file into them; `override_sources` says
+    which file each came from, for `hala steps --config`)."""
     path = Path(path).resolve()
     if not path.exists():
         raise ConfigError(f"recipe not found: {path}")
@@ -211,9 +216,17 @@ def load(
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping with name, store, run and steps")
     raw = copy.deepcopy(raw)
+    written = {name: _flat((body or {}).get("config") or {}) for name, body in (raw.get("steps") or {}).items()
+               if isinstance(body, dict)} if isinstance(raw.get("steps"), dict) else {}
+    if isinstance(raw.get("steps"), dict):
+        # YAML anchors, aliases and merge keys (`config: &student` ... `config: *student`, `<<: *corpus`) load as
+        # one object shared by every step that names it: each step gets its own copy, so that an override or a
+        # default filled in changes that step alone (one deepcopy of the whole tree would keep the sharing)
+        raw["steps"] = {name: copy.deepcopy(body) for name, body in raw["steps"].items()}
     from_cli: dict[tuple[str, str], str] = {}
+    sources = dict(override_sources or {})
     for item in overrides or []:
-        _apply_override(raw, item, from_cli)
+        _apply_override(raw, item, from_cli, sources.get(item, "--set"))
     problems = _validate_top(raw, path)
     if problems:
         raise ConfigError(_report(path, problems))
@@ -248,6 +261,8 @@ def load(
         problems.append("a step uses a tiny:<role> model, but the recipe has no tiny_models.pairs (the sample pairs the stand-ins learn)")
     if problems:
         raise ConfigError(_report(path, problems))
+    for step in steps.values():
+        step.provenance = _provenance(step, written.get(step.name, {}), from_cli)
     ordered = _toposort(steps, step_names, path)
     return Recipe(
         path=path,
@@ -325,6 +340,26 @@ def _validate_step(step: Step, steps: dict[str, Step], from_cli: dict[tuple[str,
     return problems
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of a nested config (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _provenance(step: Step, written: dict[str, Any], from_cli: dict[tuple[str, str], str]) -> dict[str, str]:
+    out = {}
+    for key in _flat(step.config):
+        cli = next((src for (name, k), src in from_cli.items() if name == step.name and (key == k or key.startswith(k + "."))), None)
+        out[key] = cli or ("recipe" if key in written else "default")
+    return out
+
+
 def validate_config(
     spec: stagespec.StageSpec, step_name: str, config: dict[str, Any], from_cli: dict[tuple[str, str], str] | None = None
 ) -> list[str]:
@@ -334,7 +369,7 @@ def validate_config(
     validator = jsonschema.Draft202012Validator(schema)
     for err in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
         loc = ".".join(str(p) for p in err.absolute_path)
-        origin = " (from --set)" if from_cli and (step_name, loc) in from_cli else ""
+        origin = f" (from {from_cli[(step_name, loc)]})" if from_cli and (step_name, loc) in from_cli else ""
         if err.validator == "additionalProperties":
             allowed = sorted((err.schema.get("properties") or {}).keys())
             where = f"config.{loc}" if loc else "config"
@@ -454,7 +489,48 @@ def _toposort(steps: dict[str, Step], declared: list[str], path: Path) -> list[s
 # --- overrides -----------------------------------------------------------------------------------
 
 
-def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str]) -> None:
+def read_set_file(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """An override file: a YAML mapping with the keys of --set (`STEP.KEY: VALUE`, e.g. `prepare-openorca.max_rows:
+    1000`, `translate-lamini.inputs.data: s3://b/x.parquet`). Returns the --set items it stands for, which is
+    how it reaches every step process, container and Job of a run, and which file each came from."""
+    path = Path(path)
+    try:
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--set-file {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set-file {path}: not valid YAML: {e}") from e
+    if body is None:
+        return [], {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"--set-file {path}: expected a mapping of STEP.KEY: VALUE (the keys of --set)")
+    items, sources = [], {}
+    for key, value in body.items():
+        if not isinstance(key, str) or "." not in key:
+            raise ConfigError(f"--set-file {path}: key {key!r} is not STEP.KEY (e.g. prepare-openorca.max_rows)")
+        text = value if isinstance(value, str) and _plain(value) else yaml.safe_dump(value, default_flow_style=True,
+                                                                                        allow_unicode=True, width=10**9)
+        text = text.strip()
+        if text.endswith("\n..."):
+            text = text[: -len("\n...")].strip()
+        if ".inputs." in key and isinstance(value, str) and "://" not in value and ":" not in value.split("/")[0] \
+                and not Path(value).is_absolute() and (path.parent / value).exists():
+            text = str((path.parent / value).resolve())  # a path of the file's own: relative to the file, not the cwd
+        item = f"{key}={text}"
+        items.append(item)
+        sources[item] = f"--set-file {path}"
+    return items, sources
+
+
+def _plain(text: str) -> bool:
+    """A string that reads back as the same string when parsed as YAML (so it can stand as written)."""
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
+
+
+def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str], source: str = "--set") -> None:
     """`--set STEP.KEY=VALUE`: KEY is a config key (dotted for nested ones), `inputs.NAME`, `shards`,
     `enabled` or `resources.NAME`. VALUE is read as YAML, so 10 is an int, true a bool, [a, b] a list."""
     target, eq, value_text = item.partition("=")
@@ -487,4 +563,4 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: config key '{part}' of step '{step_name}' is not a mapping")
         node[parts[-1]] = value
-    from_cli[(step_name, key)] = value_text
+    from_cli[(step_name, key)] = source

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,99 @@ def test_step_names_say_their_stage_and_tiny_models_need_pairs(tmp_path: Path) -
         recipe_mod.load(write_recipe(tmp_path, steps))
     assert "step 'translate-lamini' runs stage 'prepare': name it prepare-<subject>" in str(err.value)
     assert "no tiny_models.pairs" in str(err.value)
+
+
+SHARED = """\
+name: t
+store: {store}
+run: r
+steps:
+  prepare-a:
+    stage: prepare
+    inputs: &src {{source: {src}}}
+    config: &cfg
+      format: columns
+      columns: {{user: instruction, assistant: response}}
+      max_rows: 5
+  prepare-b:
+    stage: prepare
+    inputs: *src
+    config: *cfg
+  prepare-c:
+    stage: prepare
+    inputs: {{<<: *src}}
+    config: {{<<: *cfg, max_rows: 7}}
+"""
+
+
+def _shared_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SHARED.format(store=tmp_path / "store", src=REPO / "recipes" / "samples" / "lamini.jsonl"))
+    return path
+
+
+def test_an_override_changes_one_step_even_where_the_recipe_shares_config_through_anchors(tmp_path):
+    path = _shared_recipe(tmp_path)
+    recipe = recipe_mod.load(path, overrides=["prepare-a.max_rows=2", "prepare-a.columns.user=prompt",
+                                              "prepare-b.inputs.source=" + str(REPO / "recipes" / "samples" / "dahoas.jsonl")])
+    steps = recipe.steps
+    assert steps["prepare-a"].config["max_rows"] == 2 and steps["prepare-a"].config["columns"]["user"] == "prompt"
+    assert steps["prepare-b"].config["max_rows"] == 5 and steps["prepare-b"].config["columns"]["user"] == "instruction"
+    assert steps["prepare-c"].config["max_rows"] == 7 and steps["prepare-c"].config["columns"]["user"] == "instruction"
+    assert steps["prepare-b"].inputs["source"].uri.endswith("dahoas.jsonl")
+    assert steps["prepare-a"].inputs["source"].uri.endswith("lamini.jsonl") and steps["prepare-c"].inputs["source"].uri.endswith("lamini.jsonl")
+    assert steps["prepare-a"].config is not steps["prepare-b"].config
+
+
+def test_the_tiny_recipe_plans_one_translation_again_when_one_is_overridden():
+    out = hala("run", "recipes/tiny.yaml", "--dry-run", "--json", "--store", "/nonexistent-store-for-the-plan",
+               "--set", "translate-lamini.chunk_rows=8")
+    assert out.returncode == 0, out.stderr
+    recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml", overrides=["translate-lamini.chunk_rows=8"])
+    students = [n for n in recipe.steps if n.startswith("translate-") and n != "translate-openorca-teacher"]
+    assert [n for n in students if recipe.steps[n].config["chunk_rows"] == 8] == ["translate-lamini"]
+    bad = hala("run", "recipes/tiny.yaml", "--dry-run", "--set", "translate-lamini.chunk_rows=abc")
+    assert bad.returncode == 2
+    assert "translate-lamini" in bad.stderr and "problems" not in bad.stderr  # one problem, under its own step
+    assert "translate-openorca:" not in bad.stderr
+
+
+def test_the_dry_run_plans_only_the_overridden_step_of_steps_sharing_an_anchor(tmp_path):
+    path = _shared_recipe(tmp_path)
+    first = hala("run", str(path))
+    assert first.returncode == 0, first.stderr + first.stdout[-2000:]
+    out = hala("run", str(path), "--dry-run", "--json", "--set", "prepare-a.max_rows=2")
+    assert out.returncode == 0, out.stderr
+    states = {s["step"]: s["state"] for s in json.loads(out.stdout)["steps"]}
+    assert states == {"prepare-a": "will run", "prepare-b": "cached", "prepare-c": "cached"}
+
+
+def test_an_override_file_sets_many_keys_validated_like_set_and_reaches_the_step_commands(tmp_path):
+    path = _shared_recipe(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_bytes((REPO / "recipes" / "samples" / "lamini.jsonl").read_bytes())
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("prepare-a.max_rows: 3\nprepare-b.columns: {user: prompt, assistant: response}\n"
+                         "prepare-c.inputs.source: data/mine.jsonl\n")  # relative to the file, not to the cwd
+    out = hala("steps", str(path), "--set-file", str(overrides), "--set", "prepare-a.max_rows=4", "--config", "prepare-a", "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["config"]["max_rows"] == 4 and shown["from"]["max_rows"] == "--set"  # --set wins over the file
+    assert shown["from"]["format"] == "recipe" and shown["from"]["dedup"] == "default"
+    b = json.loads(hala("steps", str(path), "--set-file", str(overrides), "--config", "prepare-b", "--json").stdout)
+    assert b["config"]["columns"]["user"] == "prompt" and b["from"]["columns.user"] == f"--set-file {overrides}"
+    recipe = recipe_mod.load(path, overrides=recipe_mod.read_set_file(overrides)[0])
+    assert recipe.steps["prepare-c"].inputs["source"].uri == str(tmp_path / "data" / "mine.jsonl")
+    assert recipe.steps["prepare-a"].config["max_rows"] == 3 and recipe.steps["prepare-b"].config["max_rows"] == 5
+    # the items reach every step process as --set, so that a container or a Job sees the same recipe
+    from hala import runner
+
+    cmd = runner.step_command(recipe, recipe.steps["prepare-c"])
+    assert f"prepare-c.inputs.source={tmp_path / 'data' / 'mine.jsonl'}" in cmd
+    # wrong keys and values name the file, the step and the key
+    overrides.write_text("prepare-a.max_rows: many\n")
+    bad = hala("run", str(path), "--dry-run", "--set-file", str(overrides))
+    assert bad.returncode == 2 and "prepare-a" in bad.stderr and "max_rows" in bad.stderr and "--set-file" in bad.stderr
+    overrides.write_text("max_rows: 3\n")
+    bad = hala("run", str(path), "--dry-run", "--set-file", str(overrides))
+    assert bad.returncode == 2 and "STEP.KEY" in bad.stderr and str(overrides) in bad.stderr
