@@ -86,6 +86,7 @@ def build_args(image: Image, variant: str, base: str | None = None, revision: st
     return {"BASE_IMAGE": base or os.environ.get("BASE_IMAGE") or CPU_BASE, "VARIANT": variant, "IMAGE_SET": image.set,
             "ENTRYPOINT": image.entrypoint, "TORCH": "1" if image.has("torch", variant) else "",
             "VLLM": "1" if image.has(locks.VLLM[variant], variant) else "", "REVISION": revision,
+            "TORCH_LINKS": "--find-links /wheelhouse" if variant == "cpu" else "",
             "STAGES": " ".join(image.stages), "SOURCE": source()}
 
 
