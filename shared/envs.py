@@ -180,6 +180,7 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
     todo = [(n, [str(p) for p in sets[n].tests if p.exists()]) for n in (names or list(sets))]
     todo = sorted([(n, d) for n, d in todo if d], key=lambda item: -last.get(item[0], 0))
     jobs = max(1, min(jobs, len(todo)))
+
     lock = threading.Lock()
 
     def one(item: tuple[str, list[str]]) -> tuple[str, int, float]:
