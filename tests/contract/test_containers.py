@@ -57,6 +57,23 @@ def test_every_stage_set_has_one_image_built_from_its_lock():
     assert imgs["cli"].entrypoint == "hala" and imgs["train"].entrypoint == "hala-stage"
 
 
+@pytest.mark.parametrize("name", ["data", "publish"])
+def test_the_image_check_runs_in_an_environment_of_the_same_lock(name):
+    # `hala images check` runs this script in each image; .venvs/<set> holds the same lock (plus test tools), so
+    # the same script must pass there: its libraries import, every stage of the image answers --help
+    img = images.images()[name]
+    script = images.check_script(img, "cpu")
+    assert all(f"hala-stage {stage} --help" in script for stage in img.stages)
+    bin_dir = REPO / ".venvs" / name / "bin"
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    pins = img.pins("cpu")
+    printed = dict(item.split("==") for item in out.stdout.splitlines()[0].split())
+    assert printed and all(pins[dist] == version for dist, version in printed.items())
+    assert out.stdout.splitlines()[-1] == "help: ok"
+
+
 def test_every_build_argument_is_declared_in_the_dockerfile():
     declared = set(re.findall(r"^ARG (\w+)", (REPO / "images" / "Dockerfile").read_text(), re.M))
     for img in images.images().values():
