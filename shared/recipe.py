@@ -8,9 +8,11 @@ A step is a stage, its typed config and its named inputs. An input is another st
     hub:Open-Orca/OpenOrca@REV   a Hugging Face Hub repository, optionally pinned to a revision
     tiny:teacher                 a tiny stand-in model built from config (see hala.tiny)
 
-Everything is validated on load, without importing any stage: recipe keys against RECIPE_SCHEMA,
-each step's config against the stage's generated config.schema.json. Errors name the step, the key
-and what is allowed, and end the process with exit code 2.
+Everything is validated on load, without importing any stage's ML libraries: recipe keys against
+RECIPE_SCHEMA, each step's config against the stage's generated config.schema.json, then the stage's own
+start-time checks from its typed config module (stages/<name>/config.py: pydantic and this library only),
+which the step runs again when it loads the recipe, so a dry run refuses what the step would refuse. Errors
+name the step, the key and what is allowed, and end the process with exit code 2.
 """
 
 from __future__ import annotations
@@ -337,7 +339,45 @@ def _validate_step(step: Step, steps: dict[str, Step], from_cli: dict[tuple[str,
     problems.extend(validate_config(spec, step.name, step.config, from_cli))
     if not problems:
         step.config = apply_defaults(spec.schema, step.config)
+        problems.extend(typed_problems(step, from_cli))
     return problems
+
+
+def typed_problems(step: Step, from_cli: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """The checks the stage makes on its config before doing any work (its pydantic validators, and its
+    `check_inputs` against the step's inputs), run here so that a dry run refuses what the step would refuse,
+    with the same message: the step's own start runs this same function when it loads the recipe."""
+    spec = step.spec
+    assert spec is not None
+    module = spec.config_module()
+    try:
+        cfg = spec.config_model().model_validate(step.config)
+    except ValueError as e:  # pydantic.ValidationError is a ValueError; no pydantic import needed here
+        if not hasattr(e, "errors"):
+            raise
+        return pydantic_problems(e, step.name, from_cli)
+    check = getattr(module, "check_inputs", None)
+    if check is not None:
+        try:
+            check(cfg, step.inputs)
+        except ValueError as e:
+            return [f"step '{step.name}': {e}"]
+    return []
+
+
+def pydantic_problems(exc: Any, step_name: str, from_cli: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """One line per error of a pydantic ValidationError, naming the step, the key and where its value came from."""
+    lines = []
+    mine = ", ".join(sorted(f"{k} (from {src})" for (name, k), src in (from_cli or {}).items() if name == step_name))
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if loc:
+            source = (from_cli or {}).get((step_name, loc))
+            lines.append(f"step '{step_name}': config key '{loc}'{f' (from {source})' if source else ''}: {msg}")
+        else:  # a check across keys: name the step's overrides, the likely culprits
+            lines.append(f"step '{step_name}': config: {msg}{f'; overridden: {mine}' if mine else ''}")
+    return lines
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

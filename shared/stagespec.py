@@ -1,5 +1,6 @@
-"""What the library knows about a stage without importing it: `stages/<name>/stage.toml` and
-`stages/<name>/config.schema.json` (generated from the stage's typed config).
+"""What the library knows about a stage without importing its code: `stages/<name>/stage.toml` and
+`stages/<name>/config.schema.json` (generated from the stage's typed config). The typed config module itself
+(`stages/<name>/config.py`) imports pydantic and this library only, so it may be imported anywhere too.
 
 This is what lets the CLI environment validate a whole recipe, plan it and pick each step's
 environment, while the stage's own dependencies (torch, vLLM, ...) live elsewhere.
@@ -11,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,6 +75,24 @@ class StageSpec:
                 f"`hala schema {self.name} --write` in the stage's environment"
             )
         return json.loads(self.schema_path.read_text())
+
+    def config_module(self) -> Any:
+        """The module of the stage's typed config (pydantic). It imports pydantic and the library only, never the
+        stage's ML libraries, so any environment (the CLI's, a dry run's) checks a step as the stage will at start:
+        its validators, and its `check_inputs(cfg, inputs)` where the config must agree with the step's inputs."""
+        name = self.config_class.partition(":")[0]
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # a stage from HALA_STAGES_PATH: its package's folder is on no import path of this process yet
+            entry = str(self.root.parents[len(self.module.split(".")) - 1])
+            if e.name is None or not name.startswith(e.name) or entry in sys.path:
+                raise
+            sys.path.append(entry)
+            return importlib.import_module(name)
+
+    def config_model(self) -> type:
+        return getattr(self.config_module(), self.config_class.partition(":")[2])
 
     @cached_property
     def version(self) -> str:

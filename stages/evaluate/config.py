@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# what each kind reads beyond the model (the inputs are optional in stage.toml: which ones depends on the kind)
+NEEDS = {"translation": {"data": "a prepared pairs dataset (src, tgt)"},
+         "fp8_acceptance": {"data": "a prepared pairs dataset (src, tgt)",
+                            "reference": "the source model the FP8 checkpoint was made from"},
+         "benchmarks": {}}
 
 # The Open Arabic LLM Leaderboard v2 tasks the paper reports (ALRAGE left out: its metric is a 72B judge).
 OALL_V2 = ["alghafa", "arabic_mmlu", "arabic_exams", "madinah_qa", "aratrust", "arabic_mmlu_ht"]
@@ -54,3 +60,10 @@ class EvaluateConfig(BaseModel):
         if self.kind != "benchmarks" and "{text}" not in self.prompt:
             raise ValueError("prompt has no {text} placeholder")
         return self
+
+
+def check_inputs(cfg: EvaluateConfig, inputs: Mapping[str, Any]) -> None:
+    """The inputs the kind reads (recipe.load runs this for the dry run and at the step's start)."""
+    for name, what in NEEDS[cfg.kind].items():
+        if name not in inputs:
+            raise ValueError(f"kind {cfg.kind} needs input '{name}' ({what})")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from hala.errors import ConfigError, DataError
+from hala.errors import DataError
 from hala.step import StepContext
 from stages.merge import schedule
 from stages.merge.check import Checker
@@ -233,9 +233,6 @@ def main(cfg: MergeConfig, ctx: StepContext, checker: Checker | None = None) -> 
     if layers == 0:
         raise DataError(f"{base.folder}/config.json has no num_hidden_layers: cannot place tensors along the layers")
     ts = {name: plan.t(name, layers) for name in base.tensors}
-    bad = {n: w[1] for n, w in ts.items() if not 0.0 <= w[1] / (w[0] + w[1]) <= 1.0}
-    if bad:
-        raise ConfigError(f"step '{ctx.step.name}': t must lie in [0, 1]; {len(bad)} tensors get other values, e.g. {next(iter(bad.items()))}")
     name = output_name(ctx, plan, cfg)
     out = ctx.output_dir("model", folder=name)
     dtype, out_dtype = TORCH_DTYPES[plan.dtype], TORCH_DTYPES[plan.out_dtype]

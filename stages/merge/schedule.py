@@ -91,6 +91,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def numbers(setting: Any) -> list[float]:
+    """Every number a t or weight setting holds (a number, a gradient, filtered values, nested)."""
+    if isinstance(setting, bool):
+        return []
+    if isinstance(setting, (int, float)):
+        return [float(setting)]
+    if isinstance(setting, dict) or hasattr(setting, "model_dump"):
+        return numbers(_plain(setting).get("value"))
+    if isinstance(setting, list):
+        return [x for item in setting for x in numbers(item)]
+    return []
+
+
+def check_ranges(plan: Plan) -> None:
+    """What every tensor will get, checked before any tensor is read: t in [0, 1] (a gradient interpolates
+    between its points and a filter picks one value, so per tensor t stays within the values given), linear
+    weights >= 0."""
+    if plan.weights:
+        bad = [x for key in ("base", "model") for x in numbers(plan.weights[key]) if x < 0]
+        if bad:
+            raise ConfigError(f"linear weights must be >= 0; the setting has {bad[0]}")
+        return
+    bad = [x for x in numbers(plan.t_setting) if not 0.0 <= x <= 1.0]
+    if bad:
+        raise ConfigError(f"t must lie in [0, 1] (0: the base, 1: the fine-tuned model); the setting has {bad[0]}")
+
+
 def from_config(cfg: MergeConfig) -> Plan:
     if cfg.mergekit is not None:
         return from_mergekit(cfg.mergekit, cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,3 +21,17 @@ class PublishConfig(BaseModel):
                            description="environment variable holding the token (a Kubernetes Secret in the cluster); never logged")
     dry_run: bool = Field(False, description="write the cards and the plan only; also what happens without a token or a reachable Hub")
     commit_message: str = Field("Published by the Hala pipeline", description="commit message of each upload")
+
+
+def check_inputs(cfg: PublishConfig, inputs: Mapping[str, Any]) -> None:
+    """What is published are the step's inputs, each a step output of this run (recipe.load runs this for the
+    dry run and at the step's start)."""
+    if not inputs:
+        raise ValueError("nothing to publish; add inputs, e.g. hala_9b: merge-hala-9b")
+    unknown = sorted(set(cfg.names) - set(inputs))
+    if unknown:
+        raise ValueError(f"names for {', '.join(unknown)}, which are not inputs; inputs: {', '.join(inputs)}")
+    for name, ref in inputs.items():
+        if ref.kind != "step":
+            raise ValueError(f"input '{name}' ({ref.raw}) is not a step output; publish takes what this run made, so that "
+                             "its card can tell where it comes from")

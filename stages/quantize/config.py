@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # compressed-tensors preset schemes llm-compressor applies with a QuantizationModifier
 Scheme = Literal["FP8_DYNAMIC", "FP8", "FP8_BLOCK", "W8A8", "W8A16", "W4A16", "W4A16_ASYM", "NVFP4", "NVFP4A16"]
+
+# presets whose activation scales are static (measured on data): compressed-tensors' preset_name_to_scheme gives
+# them input_activations.dynamic other than True (FP8: False; NVFP4: "local", a static global scale). Written
+# here so that any environment can check a recipe; tests/stages/quantize checks it against compressed-tensors.
+STATIC_ACTIVATIONS = frozenset({"FP8", "NVFP4"})
 
 
 class QuantizeConfig(BaseModel):
@@ -41,3 +46,21 @@ class QuantizeConfig(BaseModel):
     min_argmax_agreement: float | None = Field(None, ge=0, le=1, description="optional: exit 3 when fewer positions "
                                                "than this share have the same top token")
     trust_remote_code: bool = Field(False, description="never on by default: remote code runs with the job's credentials")
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizeConfig":
+        if "{text}" not in self.prompt:
+            raise ValueError("prompt has no {text} placeholder (where each sample's source text goes)")
+        return self
+
+
+def needs_calibration(cfg: QuantizeConfig) -> bool:
+    """Static activation scales (FP8, NVFP4) are measured on data; so is everything GPTQ does."""
+    return cfg.algorithm == "gptq" or cfg.scheme in STATIC_ACTIVATIONS
+
+
+def check_inputs(cfg: QuantizeConfig, inputs: Mapping[str, Any]) -> None:
+    """recipe.load runs this for the dry run and at the step's start."""
+    if needs_calibration(cfg) and "calibration" not in inputs:
+        raise ValueError(f"scheme {cfg.scheme} with algorithm {cfg.algorithm} measures activations on data: give the step "
+                         "an input 'calibration' (a prepared dataset)")

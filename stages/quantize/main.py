@@ -19,18 +19,9 @@ import torch
 from hala.errors import ConfigError, DataError
 from hala.step import StepContext
 from stages.quantize import fidelity
-from stages.quantize.config import QuantizeConfig
+from stages.quantize.config import QuantizeConfig, needs_calibration
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def needs_calibration(cfg: QuantizeConfig) -> bool:
-    """Static activation scales (FP8, NVFP4) are measured on data; so is everything GPTQ does."""
-    from compressed_tensors.quantization import preset_name_to_scheme
-
-    scheme = preset_name_to_scheme(cfg.scheme, cfg.targets)
-    acts = scheme.input_activations
-    return cfg.algorithm == "gptq" or (acts is not None and acts.dynamic is not True)
 
 
 def lineage_name(ctx: StepContext, cfg: QuantizeConfig) -> str:
@@ -111,10 +102,7 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     calibration = None
-    if needs_calibration(cfg):
-        if not ctx.has_input("calibration"):
-            raise ConfigError(f"step '{ctx.step.name}': scheme {cfg.scheme} with algorithm {cfg.algorithm} measures "
-                              "activations on data: give the step an input 'calibration' (a prepared dataset)")
+    if needs_calibration(cfg):  # with an input 'calibration': the config's check_inputs
         calibration = read_chats(ctx.input("calibration").local_path(), cfg, cfg.calibration_rows)
     src = ctx.model_path("model")
     device = device_info()

@@ -8,11 +8,13 @@ GPU is asked for. The keys the stage owns (where checkpoints go, resuming, pushi
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from trl import SFTConfig
 
 # The stage decides these: checkpoints live in the step's work area, resuming is automatic, publishing
 # is the publish stage's job, preparation happens once in the tokenized cache.
@@ -21,7 +23,25 @@ OWNED = {
     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
     "hub_revision", "do_train", "do_eval", "do_predict", "use_cpu", "no_cuda",
 }
-TRAINER_KEYS = sorted(f.name for f in dataclasses.fields(SFTConfig) if f.init and f.name not in OWNED and not f.name.startswith("_"))
+
+
+def _trainer_schema(schema: dict[str, Any]) -> None:
+    """`trainer`'s keys in the generated schema: SFTConfig's own fields, read from TRL. Called only when the
+    schema is generated (`hala schema train --write`, in the train environment), so this module imports
+    without TRL: any environment can check a recipe (recipe.typed_problems)."""
+    from trl import SFTConfig
+
+    # the keys the stage owns are listed too, so that setting one gets the validator's "set by the stage", not "unknown"
+    keys = sorted(f.name for f in dataclasses.fields(SFTConfig) if f.init and not f.name.startswith("_"))
+    schema.update({"properties": {k: {} for k in keys}, "additionalProperties": False})
+
+
+@functools.cache
+def trainer_keys() -> frozenset[str]:
+    """SFTConfig's arguments as the generated schema lists them (the train suite keeps the file equal to TRL)."""
+    schema = json.loads((Path(__file__).parent / "config.schema.json").read_text())
+    return frozenset(schema["properties"]["trainer"]["properties"]) - OWNED
+
 
 DIRECTION = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
 
@@ -73,7 +93,7 @@ class TrainConfig(BaseModel):
         "num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps, max_length, packing, "
         "packing_strategy, lr_scheduler_type, warmup_ratio, bf16, gradient_checkpointing, use_liger_kernel, "
         "eval_steps, save_steps, ...)",
-        json_schema_extra={"properties": {k: {} for k in TRAINER_KEYS}, "additionalProperties": False},
+        json_schema_extra=_trainer_schema,
     )
     lora: LoraSettings | None = Field(None, description="train a LoRA adapter instead of all weights (merged before commit)")
     load_dtype: Literal["float32", "bfloat16"] = Field(
@@ -106,7 +126,7 @@ class TrainConfig(BaseModel):
         owned = sorted(set(v) & OWNED)
         if owned:
             raise ValueError(f"{', '.join(owned)}: set by the stage (checkpoints go to the step's work area, resuming is automatic)")
-        unknown = sorted(set(v) - set(TRAINER_KEYS))
+        unknown = sorted(set(v) - trainer_keys())
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not SFTConfig arguments of TRL")
         return v
@@ -132,8 +152,21 @@ class TrainConfig(BaseModel):
                     raise ValueError(f"prompt for {d} has no {{text}} placeholder")
         elif self.prompt is not None:
             raise ValueError("prompt is for task pairs; conversations carry their own instructions")
+        if self.trainer.get("packing") and "max_length" in self.trainer and self.trainer["max_length"] is None:
+            raise ValueError("trainer.packing needs trainer.max_length (the length of a packed sequence)")
         return self
 
     def prompts(self) -> dict[str, str]:
         assert self.prompt is not None
         return self.prompt if isinstance(self.prompt, dict) else {d: self.prompt for d in self.directions}
+
+
+def check_inputs(cfg: TrainConfig, inputs: Mapping[str, Any]) -> None:
+    """Every input but the model is data; the mixture weighs those (recipe.load runs this for the dry run and at
+    the step's start)."""
+    names = [n for n in inputs if n != "model"]
+    if not names:
+        raise ValueError("no data inputs; add e.g. inputs.pairs: <a translate step>.pairs")
+    unknown = sorted(set(cfg.mixture or {}) - set(names))
+    if unknown:
+        raise ValueError(f"mixture names {', '.join(unknown)}, which are not data inputs; inputs: {', '.join(names)}")

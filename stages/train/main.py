@@ -91,11 +91,6 @@ def tokenizer_fingerprint(tok: Any, template: str) -> str:
 
 def read_examples(cfg: TrainConfig, ctx: StepContext) -> data.Examples:
     names = [n for n in ctx.inputs if n != "model"]
-    if not names:
-        raise ConfigError(f"step '{ctx.step.name}': no data inputs; add e.g. inputs.pairs: <a translate step>.pairs")
-    unknown = sorted(set(cfg.mixture or {}) - set(names))
-    if unknown:
-        raise ConfigError(f"step '{ctx.step.name}': mixture names {', '.join(unknown)}, which are not data inputs; inputs: {', '.join(names)}")
     out = data.Examples()
     for name in names:
         path = ctx.input(name).local_path()

@@ -6,6 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hala.engine import Sampling
+
+PROMPT_SLACK = 16  # chat-template tokens around the unit, on top of the prompt's own
+
 Output = Literal["conversations", "pairs", "tuples"]
 
 
@@ -54,6 +58,10 @@ class TranslateConfig(BaseModel):
             raise ValueError(f"sampling keys {sorted(unknown)} are unknown; use temperature, top_p, max_tokens, repetition_penalty, seed")
         if self.gate.length_ratio[0] >= self.gate.length_ratio[1]:
             raise ValueError("gate.length_ratio must be [low, high] with low < high")
+        max_tokens = self.sampling.get("max_tokens", Sampling.max_tokens)
+        if self.max_model_len - max_tokens <= PROMPT_SLACK:
+            raise ValueError(f"max_model_len {self.max_model_len} leaves no room beside sampling.max_tokens {max_tokens}: "
+                             f"the prompt needs more than {PROMPT_SLACK} tokens; raise max_model_len or lower max_tokens")
         return self
 
     @property

@@ -144,6 +144,18 @@ def test_schemes_that_measure_activations_need_calibration_data(tmp_path: Path, 
     assert acts["dynamic"] is False and "model.layers.0.self_attn.q_proj.input_scale" in load_file(out / "model.safetensors")
 
 
+def test_the_offline_list_of_static_activation_schemes_is_compressed_tensors_own() -> None:
+    # the recipe loader decides "needs calibration" without compressed-tensors (any environment can plan a run)
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from typing import get_args
+
+    from stages.quantize.config import STATIC_ACTIVATIONS, Scheme
+
+    measured = {s for s in get_args(Scheme) if (a := preset_name_to_scheme(s, ["Linear"]).input_activations) is not None
+                and a.dynamic is not True}
+    assert measured == STATIC_ACTIVATIONS
+
+
 def test_sequential_mode_measures_the_same_as_together(store: Path, sample: Path) -> None:
     recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml")
     src = tiny.ensure(Store(str(store)), "teacher", recipe)
