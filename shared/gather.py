@@ -37,13 +37,14 @@ def _gather(recipe: Any, step: Any, log: Any) -> dict[str, Any]:
     store = Store(recipe.store)
     resolved = sources.resolve(store, recipe, step)
     fp = sources.fingerprint(step, resolved)
-    existing = store.read_manifest(recipe.run, step.name)
-    if existing and existing.get("fingerprint") == fp:
-        log.info("cached", fingerprint=fp[:12])
-        return existing
     t0 = time.monotonic()
     n = step.shards
     base = f"{store.work_path(recipe.run, step.name, fp)}/shards"
+    existing = store.read_manifest(recipe.run, step.name)
+    current = existing is not None and existing.get("fingerprint") == fp
+    if current and not store.fs.exists(base):
+        log.info("cached", fingerprint=fp[:12])
+        return existing
     parts: list[dict[str, Any]] = []
     missing = []
     for i in range(n):
@@ -52,6 +53,13 @@ def _gather(recipe: Any, step: Any, log: Any) -> dict[str, Any]:
             missing.append(i)
         else:
             parts.append(part)
+    # Parts under the committed fingerprint are newer than its manifest (a commit removes them): every shard
+    # rerun (--force) is committed in place of the old result, never reported as cached. A forced rerun that
+    # did not finish every shard leaves the committed result standing, and its parts go.
+    if current and missing:
+        log.info("cached", fingerprint=fp[:12], dropped_parts=n - len(missing))
+        store.clean_work(recipe.run, step.name)
+        return existing  # type: ignore[return-value]
     if missing:
         raise TemporaryError(
             f"step '{step.name}': {len(missing)} of {n} shards have not committed their part "

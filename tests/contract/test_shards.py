@@ -52,6 +52,36 @@ def test_runner_runs_every_shard_then_gathers(tmp_path: Path) -> None:
     assert {e["state"] for e in events(again.stdout) if e.get("event") == "summary"} == {"cached"}
 
 
+def test_a_forced_sharded_step_commits_its_new_result(tmp_path: Path) -> None:
+    # issue 18: `--force` reran every shard, then gather found the old manifest with the same fingerprint, said
+    # cached, kept the old outputs and left the new parts in _work/ while the run summary said done
+    path = _recipe(tmp_path, rows=10, shards=3)
+    assert hala("run", str(path)).returncode == 0
+    step_dir = tmp_path / "store" / "r" / "echo-rows"
+    before = manifest(tmp_path / "store", "r", "echo-rows")
+    (step_dir / "data" / "s00001-rows.jsonl").write_text("")  # what the rerun must replace, not keep
+    forced = hala("run", str(path), "--force", "echo-rows")
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr
+    after = manifest(tmp_path / "store", "r", "echo-rows")
+    assert after["fingerprint"] == before["fingerprint"]
+    assert after["timings"]["started"] > before["timings"]["finished"]  # a new commit, from the new parts
+    assert not (step_dir / "_work").exists()  # nothing left behind
+    rows = sorted(json.loads(line)["n"] for f in after["outputs"]["data"]["files"]
+                  for line in (step_dir / f["path"]).read_text().splitlines())
+    assert rows == list(range(10))
+    assert [e for e in events(forced.stdout) if e.get("event") == "gathered"]
+    assert not [e for e in events(forced.stdout) if e.get("event") == "cached"]
+    assert hala("verify", "r", "--store", str(tmp_path / "store")).returncode == 0
+    # a forced rerun of one shard only (a pod rerun by hand) leaves the committed result standing
+    assert _shard(path, "1/3").returncode == 0  # cached: the step is committed
+    forced_one = subprocess.run([sys.executable, "-m", "echo_stage", "--recipe", str(path), "--step", "echo-rows",
+                                 "--shard", "1/3", "--force"], capture_output=True, text=True, cwd=REPO)
+    assert forced_one.returncode == 0 and (step_dir / "_work").exists()
+    gathered = hala("gather", str(path), "echo-rows")
+    assert gathered.returncode == 0 and not (step_dir / "_work").exists()
+    assert manifest(tmp_path / "store", "r", "echo-rows") == after
+
+
 def test_gather_waits_for_every_shard(tmp_path: Path) -> None:
     path = _recipe(tmp_path, rows=9, shards=3)
     assert _shard(path, "0/3").returncode == 0
