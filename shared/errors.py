@@ -4,6 +4,8 @@ The codes are a contract with the runners: Kubernetes fails an index at once on 
 wrong config or bad input does not help) and retries 75 (a temporary failure, worth a retry).
 """
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error: a bug; the traceback is logged
 EXIT_CONFIG = 2  # usage or config error
@@ -29,12 +31,28 @@ class TemporaryError(HalaError):
     exit_code = EXIT_TEMPORARY
 
 
+# What an object store's client raises once its own retries are spent: the store or the network did not answer
+# (botocore and aiohttp name their connection and timeout errors so; s3fs turns a 5xx into OSError EREMOTEIO, a
+# 503 SlowDown into EBUSY)
+_TEMPORARY_NAMES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                              "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError",
+                              "ResponseStreamingError", "IncompleteReadError"})
+_TEMPORARY_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, getattr(errno, "EREMOTEIO", errno.EIO)})
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Map any exception to the exit code a runner should see."""
     if isinstance(exc, HalaError):
         return exc.exit_code
     # The network or the store not answering is worth a retry; anything else unexpected is a bug.
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return EXIT_TEMPORARY
+    if any(cls.__name__ in _TEMPORARY_NAMES for cls in type(exc).__mro__):
+        return EXIT_TEMPORARY
+    if isinstance(exc, OSError) and exc.errno in _TEMPORARY_ERRNOS:
+        return EXIT_TEMPORARY
+    code = getattr(exc, "code", None)  # gcsfs's HttpError after its retries
+    if type(exc).__name__ == "HttpError" and isinstance(code, int) and code >= 500:
         return EXIT_TEMPORARY
     if isinstance(exc, MemoryError):
         return EXIT_TEMPORARY

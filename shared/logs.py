@@ -63,7 +63,8 @@ def setup(level: str | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level_name)
     # Libraries log at INFO a lot (httpx, filelock); keep their noise out unless asked for.
-    for noisy in ("httpx", "filelock", "urllib3", "fsspec", "asyncio"):
+    for noisy in ("httpx", "filelock", "urllib3", "fsspec", "asyncio", "botocore", "aiobotocore", "s3fs", "gcsfs",
+                  "google.auth", "aiohttp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)
     _configured = True

@@ -293,6 +293,7 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
     check_runnable(recipe, steps)
     if store.fs.protocol in ("memory",) or "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else ()):
         raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
+    store.check()
     started = record(recipe, store)
     t_run = time.monotonic()
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))

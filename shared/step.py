@@ -156,6 +156,7 @@ def open_context(args: argparse.Namespace, stage: str, config_model: type) -> tu
     shard = parse_shard(args.shard, step)
     logs.bind(run=recipe.run, step=step.name, stage=stage, shard=f"{shard[0]}/{shard[1]}" if shard else None)
     store = Store(recipe.store)
+    store.check()  # a missing bucket or refused credentials: exit 2 before any work
     resolved = sources.resolve(store, recipe, step)
     fp = sources.fingerprint(step, resolved)
     work = store.work_path(recipe.run, step.name, fp)

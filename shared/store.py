@@ -41,15 +41,60 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def storage_options(url: str) -> dict[str, Any]:
+    """How the store's client retries and waits, set on purpose rather than left to defaults. fsspec's own
+    configuration (FSSPEC_CONFIG_DIR, FSSPEC_<PROTOCOL>_<KEY>) wins over these; credentials come from the client's
+    standard places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / profiles / instance roles; GOOGLE_APPLICATION_CREDENTIALS)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    opts: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        # botocore's standard retry mode: exponential backoff with jitter on throttling (SlowDown), 5xx and dropped
+        # connections, 5 attempts in all; a connection gets 10 s, a response 60 s (a part of a multipart upload is
+        # 50 MB). s3fs adds its own 5 tries of a call on top (S3FileSystem.retries).
+        opts["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 5}, "connect_timeout": 10,
+                                 "read_timeout": 60}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:  # MinIO, Ceph, R2, a test server: botocore reads these too, older releases did not
+            opts["endpoint_url"] = endpoint
+    elif protocol in ("gs", "gcs"):
+        opts["requests_timeout"] = 60  # gcsfs retries 5xx and dropped connections itself (6 tries, backoff)
+    return {**opts, **(fsspec.config.conf.get(protocol) or {})}
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
         try:
-            self.fs, root = fsspec.core.url_to_fs(url)
+            self.fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
         except (ImportError, ValueError) as e:
             raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def check(self) -> None:
+        """The store answers and can be used: its bucket exists and the credentials are accepted (exit 2 with the
+        fix, naming the URL), or it does not answer within the client's retries (exit 75). One request."""
+        if self.is_local or "memory" in self.fs.protocol:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            if hasattr(self.fs, "call_s3"):
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            else:
+                self.fs.info(bucket)
+        except FileNotFoundError:
+            raise ConfigError(f"store {self.url}: bucket {bucket!r} does not exist (or is not visible to these credentials); "
+                              "create it, or fix the store URL (--store, the recipe's store:)") from None
+        except PermissionError as e:
+            raise ConfigError(f"store {self.url}: the credentials were refused ({e}); set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY (or a profile, or GOOGLE_APPLICATION_CREDENTIALS for gs://) for an "
+                              "identity that may read and write the bucket") from None
+        except Exception as e:  # noqa: BLE001 - classified below: temporary or a bug
+            from hala.errors import TemporaryError, exit_code_for
+
+            if exit_code_for(e) == 75:
+                raise TemporaryError(f"store {self.url} did not answer after the client's retries: {type(e).__name__}: {e}") from e
+            raise
 
     # --- paths ------------------------------------------------------------------------------------
 
@@ -204,7 +249,11 @@ class Store:
         for entry in self.fs.ls(work, detail=False):
             if keep is None or entry.rstrip("/").rsplit("/", 1)[-1] != keep:
                 self.fs.rm(entry, recursive=True)
-        if not self.fs.ls(work, detail=False):
+        try:  # on an object store a prefix ends with its last object: nothing is left to remove
+            left = self.fs.ls(work, detail=False, refresh=True) if not self.is_local else os.listdir(work)
+        except FileNotFoundError:
+            return
+        if not left:
             self.fs.rm(work, recursive=True)
 
     # --- run bookkeeping --------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The store on a real S3 API: moto's server mode on 127.0.0.1 (started here, stopped after), so that s3fs,
+aiobotocore and botocore run their real code over HTTP: multipart uploads, ETags, listings, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, events, hala, write_recipe
+
+from hala.errors import ConfigError, TemporaryError
+from hala.store import Store
+
+FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
+LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
+# short waits for the tests; fsspec's own configuration wins over the store's deliberate defaults
+QUICK = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 2,
+                                      "read_timeout": 10}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """An S3 API on 127.0.0.1 and the environment that points s3fs at it (standard variables only)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FSSPEC_S3": QUICK}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        fs.mkdir("hala-store")
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _recipe(folder: Path, store: str) -> Path:
+    rows = folder / "rows.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(10)))
+    return write_recipe(folder, {
+        "prepare-lamini": {"stage": "prepare", "inputs": {"source": str(LAMINI)},
+                           "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}}},
+        "echo-rows": {"stage": "echo", "shards": 3, "inputs": {"data": str(rows), "after": "prepare-lamini"},
+                      "config": {"quarantine_every": 3}},
+    }, store=store)
+
+
+def _status(recipe_store: str, env: dict[str, str]) -> dict[str, tuple]:
+    out = hala("status", "r", "--store", recipe_store, "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    return {r["step"]: (r["state"], r["rows"], r["counts"]) for r in json.loads(out.stdout)}
+
+
+def test_a_run_on_s3_commits_what_a_local_run_commits(s3: dict[str, str], tmp_path: Path) -> None:
+    env = {**s3, "HALA_STAGES_PATH": str(FIXTURES), "HALA_WARM": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))}
+    local = _recipe(tmp_path / "local", str(tmp_path / "local" / "store"))
+    remote_url = "s3://hala-store/runs"
+    remote = _recipe(tmp_path / "remote", remote_url)
+    assert hala("run", str(local), env=env).returncode == 0
+    first = hala("run", str(remote), env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr
+    assert _status(remote_url, env) == _status(str(tmp_path / "local" / "store"), env)
+    assert {s for s, *_ in _status(remote_url, env).values()} == {"committed"}
+    verify = hala("verify", "r", "--store", remote_url, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # every file's sha256 read back from the server
+    seconds = {}
+    for where, recipe in (("local", local), ("s3", remote)):
+        t0 = time.monotonic()
+        again = hala("run", str(recipe), env=env)
+        seconds[where] = time.monotonic() - t0
+        assert again.returncode == 0
+        assert {e["state"] for e in events(again.stdout) if e.get("event") == "summary"} == {"cached"}
+    print(f"\n[s3] cached rerun: local store {seconds['local']:.2f} s, s3 (moto on 127.0.0.1) {seconds['s3']:.2f} s")
+
+
+def test_a_missing_bucket_is_a_config_error_naming_the_url(s3: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist"):
+        Store("s3://no-such-bucket/x").check()
+    recipe = _recipe(tmp_path, "s3://no-such-bucket/x")
+    out = hala("run", str(recipe), "--only", "prepare-lamini", env={**s3, "HALA_STAGES_PATH": str(FIXTURES)})
+    assert out.returncode == 2 and "bucket 'no-such-bucket' does not exist" in out.stderr
+
+
+def test_a_store_that_does_not_answer_is_temporary(s3: dict[str, str], tmp_path: Path, monkeypatch) -> None:
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", down)
+    with pytest.raises(TemporaryError, match="did not answer after the client's retries"):
+        Store("s3://hala-store/x").check()
+    recipe = _recipe(tmp_path, "s3://hala-store/x")
+    out = hala("run", str(recipe), "--only", "prepare-lamini", env={**s3, "AWS_ENDPOINT_URL": down,
+                                                                      "HALA_STAGES_PATH": str(FIXTURES)})
+    assert out.returncode == 75, out.stderr
