@@ -291,7 +291,7 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
 def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | None, keep_going: bool, log: Any,
          view: display.Display | None, warm: WarmPool) -> int:
     check_runnable(recipe, steps)
-    if store.fs.protocol in ("memory",) or "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else ()):
+    if "memory" in store.fs.protocol:  # a str or a tuple of names
         raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
     store.check()
     started = record(recipe, store)

@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from hala.errors import ConfigError, DataError
+from hala.errors import EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
 from hala.hashing import sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
@@ -90,9 +90,7 @@ class Store:
                               "AWS_SECRET_ACCESS_KEY (or a profile, or GOOGLE_APPLICATION_CREDENTIALS for gs://) for an "
                               "identity that may read and write the bucket") from None
         except Exception as e:  # noqa: BLE001 - classified below: temporary or a bug
-            from hala.errors import TemporaryError, exit_code_for
-
-            if exit_code_for(e) == 75:
+            if exit_code_for(e) == EXIT_TEMPORARY:
                 raise TemporaryError(f"store {self.url} did not answer after the client's retries: {type(e).__name__}: {e}") from e
             raise
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from helpers import REPO, hala, write_recipe
@@ -57,9 +59,6 @@ def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves
 
 
 def _version_in(root: Path, stage: str) -> str:
-    import subprocess
-    import sys
-
     code = f"from hala import stagespec; print(stagespec.find({stage!r}).version)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root)})
