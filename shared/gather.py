@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from hala import logs, recipe as recipe_mod, sources
+from hala import lease, logs, recipe as recipe_mod, sources
 from hala.errors import ConfigError, DataError, TemporaryError
 from hala.store import PART, Store, check_counts, new_manifest, now, output_entry
 
@@ -30,11 +30,12 @@ def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: 
         raise ConfigError(f"step '{step.name}': stage '{step.stage}' is not sharded; its step commits itself")
     # scoped: the local runner gathers in its own process, and later events must not carry this step
     with structlog.contextvars.bound_contextvars(run=recipe.run, step=step.name, stage=step.stage):
-        return _gather(recipe, step, log)
+        store = Store(recipe.store)
+        with lease.held(store, recipe.run, step.name, log) as held:  # two gathers of one step: one commits
+            return _gather(recipe, step, store, held, log)
 
 
-def _gather(recipe: Any, step: Any, log: Any) -> dict[str, Any]:
-    store = Store(recipe.store)
+def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -> dict[str, Any]:
     resolved = sources.resolve(store, recipe, step)
     fp = sources.fingerprint(step, resolved)
     t0 = time.monotonic()
@@ -123,6 +124,7 @@ def _gather(recipe: Any, step: Any, log: Any) -> dict[str, Any]:
         },
         shards={"count": n, "hosts": sorted({p.get("host", {}).get("hostname", "?") for p in parts})},
     )
+    held.check()
     store.commit(recipe.run, step.name, moves, False, manifest)
     store.clean_work(recipe.run, step.name)
     log.info("gathered", shards=n, counts=counts_total, seconds=round(time.monotonic() - t0, 2))

@@ -7,9 +7,11 @@ This is the exact command the local runner, compose and the Kubernetes Jobs run.
 1. load and validate the recipe (exit 2 on any config problem), build the stage's typed config;
 2. resolve the inputs and the step's fingerprint; a committed step with the same fingerprint is a
    cache hit (exit 0 at once, nothing read);
-3. give `main` a StepContext: verified inputs, local staging folders for outputs, a resumable work
+3. take the step's lease (hala.lease; a shard takes its shard's): a second process of the same step waits,
+   then finds it committed (exit 0) or resumes the work area of one that failed;
+4. give `main` a StepContext: verified inputs, local staging folders for outputs, a resumable work
    area `_work/<fingerprint>/`, counters, metrics, progress;
-4. commit: outputs hashed and moved in place, `_MANIFEST.json` last. A sharded step's shard instead
+5. commit: outputs hashed and moved in place, `_MANIFEST.json` last. A sharded step's shard instead
    commits a part under `_work/` with a `_PART.json` marker, and `hala gather` writes the manifest.
 
 Exceptions end the process with the codes of hala.errors (2 config, 3 data, 75 temporary).
@@ -27,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hala import logs, recipe as recipe_mod, sources
+from hala import lease, logs, recipe as recipe_mod, sources
 from hala.errors import ConfigError, HalaError, exit_code_for
 from hala.recipe import Recipe, Step
 from hala.sources import ResolvedInput
@@ -176,6 +178,13 @@ def is_cached(ctx: StepContext) -> bool:
     return False
 
 
+def lease_name(ctx: StepContext) -> str:
+    """The step's lease, or its shard's: shards of one step run side by side, two copies of one shard do not."""
+    if ctx.shard and ctx.shard[1] > 1:
+        return f"{ctx.step.name}.shard-{ctx.shard[0]:05d}-of-{ctx.shard[1]:05d}"
+    return ctx.step.name
+
+
 def build_outputs(ctx: StepContext, base: str, local: bool) -> dict[str, Any]:
     assert ctx.step.spec is not None
     outputs = {}
@@ -272,21 +281,28 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
         if rank() != 0:
             main(cfg, ctx)
             return 0
-        ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)  # another fingerprint's work is stale
-        if os.path.exists(ctx.staging) and ctx.store.is_local:
-            shutil.rmtree(ctx.staging)  # outputs are rewritten whole; resumable state lives beside them
-        ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="running", fingerprint=ctx.fingerprint)
-        log.info("start", fingerprint=ctx.fingerprint[:12], inputs={k: v.ref.describe() for k, v in ctx.inputs.items()})
-        main(cfg, ctx)
-        seconds = time.monotonic() - t0
-        if ctx.shard and ctx.shard[1] > 1:
-            part = commit_part(ctx, started, seconds)
-            log.info("part committed", seconds=round(seconds, 2), counts=part["counts"])
-        else:
-            manifest = commit(ctx, started, seconds)
-            log.info("committed", seconds=round(seconds, 2), counts=manifest["counts"],
-                     outputs={k: v["rows"] for k, v in manifest["outputs"].items()})
-        ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="done", seconds=round(seconds, 3), exit_code=0)
+        # one writer per step (or shard) on the store: a second process of the same step waits here, then finds
+        # it committed, or resumes the work area of one that failed (hala.lease)
+        with lease.held(ctx.store, ctx.run, lease_name(ctx), log) as held:
+            if held.waited_for is not None and not args.force and is_cached(ctx):
+                log.info("cached", fingerprint=ctx.fingerprint[:12], committed_by=lease.describe(held.waited_for))
+                return 0
+            ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)  # another fingerprint's work is stale
+            if os.path.exists(ctx.staging) and ctx.store.is_local:
+                shutil.rmtree(ctx.staging)  # outputs are rewritten whole; resumable state lives beside them
+            ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="running", fingerprint=ctx.fingerprint)
+            log.info("start", fingerprint=ctx.fingerprint[:12], inputs={k: v.ref.describe() for k, v in ctx.inputs.items()})
+            main(cfg, ctx)
+            seconds = time.monotonic() - t0
+            held.check()  # a writer that may have lost its lease commits nothing
+            if ctx.shard and ctx.shard[1] > 1:
+                part = commit_part(ctx, started, seconds)
+                log.info("part committed", seconds=round(seconds, 2), counts=part["counts"])
+            else:
+                manifest = commit(ctx, started, seconds)
+                log.info("committed", seconds=round(seconds, 2), counts=manifest["counts"],
+                         outputs={k: v["rows"] for k, v in manifest["outputs"].items()})
+            ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="done", seconds=round(seconds, 3), exit_code=0)
         return 0
     except BaseException as exc:  # noqa: BLE001 - every way out gets an exit code and a status
         if isinstance(exc, KeyboardInterrupt):

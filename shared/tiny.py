@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hala import logs, spans, tiny_spec
+from hala import lease, logs, spans, tiny_spec
 from hala.hashing import sha256_json
 from hala.store import SCHEMA, Store, code_version, host_info, now, output_entry
 
@@ -310,7 +310,8 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
 
     manifest = committed()
     if manifest is None:
-        with _locked(role, key) as entry:
+        # the machine's cache entry, then the store's lease: machines sharing one store commit it once
+        with _locked(role, key) as entry, lease.held(store, "_sources", name, logs.get("hala.tiny")):
             manifest = committed()  # another process may have committed it while this one waited
             if manifest is None:
                 manifest = _commit_from_cache(store, role, recipe, spec, key, entry)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hala import tables
+from hala import lease, tables
 from hala.errors import ConfigError, DataError
 from hala.hashing import sha256_json
 from hala.step import StepContext, rank
@@ -131,15 +131,24 @@ def tokenized(cfg: TrainConfig, ctx: StepContext, tok: Any, template: str, sft: 
     name = f"tokenized-{key[:20]}"
     store = ctx.store
     with PartialState().main_process_first():  # rank 0 builds; the others wait, then read what it committed
-        manifest = store.read_manifest(CACHE_RUN, name)
-        hit = manifest is not None and manifest.get("fingerprint") == key and store.outputs_present(CACHE_RUN, name, manifest)
+        def committed() -> dict[str, Any] | None:
+            m = store.read_manifest(CACHE_RUN, name)
+            return m if m is not None and m.get("fingerprint") == key and store.outputs_present(CACHE_RUN, name, m) else None
+
+        manifest = committed()
+        hit = manifest is not None
         if not hit:
-            t0 = time.monotonic()
-            examples = read_examples(cfg, ctx)
-            prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"), sft.get("truncation_mode", "keep_start"),
-                                    bool(sft.get("packing")), sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
-                                    bool(sft.get("shuffle_dataset")))
-            manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
+            with lease.held(store, CACHE_RUN, name, ctx.log):  # two steps (or pods) with one cache key build it once
+                manifest = committed()
+                hit = manifest is not None
+                if not hit:
+                    t0 = time.monotonic()
+                    examples = read_examples(cfg, ctx)
+                    prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"),
+                                            sft.get("truncation_mode", "keep_start"), bool(sft.get("packing")),
+                                            sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
+                                            bool(sft.get("shuffle_dataset")))
+                    manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
         if store.is_local:
             store.verify_output(CACHE_RUN, name, manifest, "data")
             path = store.path(CACHE_RUN, name, "data")

@@ -30,6 +30,15 @@ def hala(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeou
                           text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (the only address a test server listens on)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def events(stdout: str) -> list[dict[str, Any]]:
     """The JSON log events of a command's stdout (non-JSON lines are skipped)."""
     out = []

@@ -1,58 +1,21 @@
-"""The store on a real S3 API: moto's server mode on 127.0.0.1 (started here, stopped after), so that s3fs,
+"""The store on a real S3 API: moto's server mode on 127.0.0.1 (conftest.py starts it, and stops it after), so that s3fs,
 aiobotocore and botocore run their real code over HTTP: multipart uploads, ETags, listings, errors."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, events, hala, write_recipe
+from helpers import REPO, events, free_port, hala, write_recipe
 
 from hala.errors import ConfigError, TemporaryError
 from hala.store import Store
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
-# short waits for the tests; fsspec's own configuration wins over the store's deliberate defaults
-QUICK = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 2,
-                                      "read_timeout": 10}})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    """An S3 API on 127.0.0.1 and the environment that points s3fs at it (standard variables only)."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FSSPEC_S3": QUICK}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
-        fs.mkdir("hala-store")
-        yield env
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _recipe(folder: Path, store: str) -> Path:
@@ -105,7 +68,7 @@ def test_a_missing_bucket_is_a_config_error_naming_the_url(s3: dict[str, str], t
 
 
 def test_a_store_that_does_not_answer_is_temporary(s3: dict[str, str], tmp_path: Path, monkeypatch) -> None:
-    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", down)
     with pytest.raises(TemporaryError, match="did not answer after the client's retries"):
         Store("s3://hala-store/x").check()

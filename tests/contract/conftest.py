@@ -1,0 +1,69 @@
+"""Fixtures of the contract suite: a real S3 API on 127.0.0.1 (moto's server), started once, stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Iterator
+
+import pytest
+from helpers import free_port
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
+# short waits for the tests; fsspec's own configuration wins over the store's deliberate defaults
+QUICK = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 2,
+                                      "read_timeout": 10}})
+BUCKET = "hala-store"
+
+
+class _OneAtATime:
+    """S3 applies a conditional write (If-None-Match / If-Match) atomically; moto's handler checks, then writes, and
+    its threaded server could interleave two of them. Serving one request at a time gives the ordering S3 gives,
+    so what the tests see is our code's behaviour and not a race inside the stand-in."""
+
+    def __init__(self, app: Any):
+        self.app, self.lock = app, threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with self.lock:
+            return list(self.app(environ, start_response))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """An S3 API on 127.0.0.1 (moto's server: s3fs, aiobotocore and botocore run their real code over HTTP);
+    its endpoint URL. Bounded: it serves this session's requests and stops with it."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", free_port(), app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server: str) -> Iterator[dict[str, str]]:
+    """The environment that points s3fs at the server (standard variables only), with a bucket `hala-store`."""
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server, "FSSPEC_S3": QUICK}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+        if not fs.exists(BUCKET):
+            fs.mkdir(BUCKET)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
