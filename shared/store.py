@@ -154,13 +154,22 @@ class Store:
         return self.path(run, step, entry["path"])
 
     def outputs_present(self, run: str, step: str, manifest: dict[str, Any]) -> bool:
-        """Cheap check for a cache hit: every listed file exists with its recorded size."""
+        """Cheap check for a cache hit: every listed file exists with its recorded size. One listing per folder
+        (on S3 a LIST answers for up to 1,000 files, where a size is one HEAD each), never a cached one."""
+        sizes: dict[str, Any] = {}
+        listed: set[str] = set()
         for entry in manifest.get("outputs", {}).values():
             for f in entry.get("files", []):
-                try:
-                    if self.fs.size(self.path(run, step, f["path"])) != f["bytes"]:
+                path = self.path(run, step, f["path"])
+                folder = path.rsplit("/", 1)[0]
+                if folder not in listed:
+                    listed.add(folder)
+                    try:
+                        for info in self.fs.ls(folder, detail=True, refresh=True):
+                            sizes[info["name"].rstrip("/")] = info.get("size")
+                    except (FileNotFoundError, NotADirectoryError):
                         return False
-                except FileNotFoundError:
+                if sizes.get(path) != f["bytes"]:
                     return False
         return True
 

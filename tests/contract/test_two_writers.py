@@ -21,7 +21,7 @@ from helpers import REPO, events, hala, write_recipe
 from hala.store import Store
 
 PY = REPO / ".venvs" / "data" / "bin" / "python"
-ROWS = 150_000  # prepare takes a few seconds on 2 cores: the second writer starts while the first works
+ROWS = 50_000  # started together, the second writer meets the first one's lease (and waits) whatever the size
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 
 
