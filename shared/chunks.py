@@ -60,6 +60,7 @@ class Chunks:
                 shutil.move(local, dst)
             else:
                 self.store.fs.put(local, dst)
+                os.remove(local)  # moved, as on a local store: the caller's folder is empty again
             placed[output] = dst
         self.store.write_json(self._marker(k), {"chunk": k, "files": placed, **info})
 

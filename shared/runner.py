@@ -251,6 +251,29 @@ def _state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: boo
     return "run", fp, manifest
 
 
+def _probe(store: Store, recipe: Recipe, steps: list[Step], force: list[str] | None) -> dict[str, tuple[str, str | None, dict[str, Any] | None]]:
+    """Every step's state read before the run starts, side by side, each manifest once and every file's size from one
+    listing of the run: on an object store each state was a few requests (its manifest, its inputs' manifests, a
+    listing per output folder), and one after the other they were most of a cached run (the tiny DAG on S3: 2.8 s
+    of 4.0 s, 118 requests). A step whose state cannot be read here is read again in order, where its error is
+    reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(step: Step) -> tuple[str, str | None, dict[str, Any] | None] | None:
+        try:
+            return _state(store, recipe, step, bool(force) and (ALL in force or step.name in force), planning=True)
+        except Exception:  # noqa: BLE001 - reported by the step's own turn
+            return None
+
+    store.memo, store.sizes = {}, store.list_run(recipe.run)
+    try:
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe") as pool:
+            states = dict(zip([s.name for s in steps], pool.map(one, steps)))
+    finally:
+        store.memo = store.sizes = None  # from here on every read is fresh: steps run and commit
+    return {name: state for name, state in states.items() if state is not None}
+
+
 def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
     """What `hala run` would do, without running or downloading anything."""
     store = Store(recipe.store)
@@ -299,6 +322,7 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
     outcomes: dict[str, Outcome] = {}
     first_failure = EXIT_OK
+    probed = _probe(store, recipe, steps, force)
     for index, step in enumerate(steps):
         t0 = time.monotonic()
         blocked = [u for u in step.upstream if u in outcomes and outcomes[u].state in ("failed", "blocked")]
@@ -316,7 +340,12 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
             continue
         forced = bool(force) and (ALL in force or step.name in force)
         try:
-            state, fp, manifest = _state(store, recipe, step, forced)
+            ahead = probed.get(step.name)
+            # read ahead before any step ran: still true while every upstream step of this run was cached too
+            if ahead and ahead[0] == "cached" and all(outcomes[u].state == "cached" for u in step.upstream if u in outcomes):
+                state, fp, manifest = ahead
+            else:
+                state, fp, manifest = _state(store, recipe, step, forced)
         except HalaError as e:
             outcomes[step.name] = Outcome(step.name, "failed", exit_code=e.exit_code, note=str(e))
             log.info("failed", step=step.name, exit_code=e.exit_code, error=str(e))

@@ -70,6 +70,9 @@ class Store:
             raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        # planning only (hala.runner._probe): manifests read once, file sizes from one listing of the run
+        self.memo: dict[str, Any] | None = None
+        self.sizes: dict[str, Any] | None = None
 
     def check(self) -> None:
         """The store answers and can be used: its bucket exists and the credentials are accepted (exit 2 with the
@@ -112,8 +115,7 @@ class Store:
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.fs.cat_file(path))  # one GET on an object store (open() adds a HEAD)
         except FileNotFoundError:
             return None
         except json.JSONDecodeError as e:
@@ -136,7 +138,13 @@ class Store:
     # --- manifests --------------------------------------------------------------------------------
 
     def read_manifest(self, run: str, step: str) -> dict[str, Any] | None:
-        manifest = self.read_json(self.path(run, step, MANIFEST))
+        path = self.path(run, step, MANIFEST)
+        if self.memo is not None:
+            if path not in self.memo:
+                self.memo[path] = self.read_json(path)
+            manifest = self.memo[path]
+        else:
+            manifest = self.read_json(path)
         if manifest is not None and manifest.get("schema") != SCHEMA:
             raise DataError(
                 f"{self.uri(self.path(run, step, MANIFEST))}: manifest schema {manifest.get('schema')!r}, "
@@ -156,13 +164,13 @@ class Store:
     def outputs_present(self, run: str, step: str, manifest: dict[str, Any]) -> bool:
         """Cheap check for a cache hit: every listed file exists with its recorded size. One listing per folder
         (on S3 a LIST answers for up to 1,000 files, where a size is one HEAD each), never a cached one."""
-        sizes: dict[str, Any] = {}
+        sizes: dict[str, Any] = self.sizes if self.sizes is not None else {}
         listed: set[str] = set()
         for entry in manifest.get("outputs", {}).values():
             for f in entry.get("files", []):
                 path = self.path(run, step, f["path"])
                 folder = path.rsplit("/", 1)[0]
-                if folder not in listed:
+                if folder not in listed and self.sizes is None:
                     listed.add(folder)
                     try:
                         for info in self.fs.ls(folder, detail=True, refresh=True):
@@ -172,6 +180,14 @@ class Store:
                 if sizes.get(path) != f["bytes"]:
                     return False
         return True
+
+    def list_run(self, run: str) -> dict[str, Any]:
+        """Path -> size of every file of a run: one recursive listing (S3: a LIST per 1,000 objects)."""
+        try:
+            found = self.fs.find(self.path(run), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name.rstrip("/"): info.get("size") for name, info in found.items()}
 
     def verify_output(self, run: str, step: str, manifest: dict[str, Any], output: str) -> None:
         """Re-hash every file of one output; DataError (exit 3) naming the first file that differs."""
