@@ -26,7 +26,7 @@ def _recipe(folder: Path, store: str) -> Path:
         "prepare-lamini": {"stage": "prepare", "inputs": {"source": str(LAMINI)},
                            "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}}},
         "echo-rows": {"stage": "echo", "shards": 3, "inputs": {"data": str(rows), "after": "prepare-lamini"},
-                      "config": {"quarantine_every": 3}},
+                      "config": {"quarantine_every": 3, "chunk_rows": 1}},
     }, store=store)
 
 

@@ -15,6 +15,7 @@ class EchoConfig:
     quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
     misreport: bool = False  # claim one row too many: the library must refuse to commit
     sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
+    chunk_rows: int = 0  # > 0: the kept rows go out through hala.chunks, a file per chunk (as translate and judge do)
 
     @classmethod
     def model_validate(cls, data: dict) -> "EchoConfig":
@@ -36,5 +37,27 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
                 continue
             f.write(json.dumps(row) + "\n")
             kept += 1
+    if cfg.chunk_rows:
+        _rechunk(ctx, out, cfg.chunk_rows)
     ctx.set_output("data", rows=kept, format="jsonl")
     ctx.count(rows_in=len(rows) + (1 if cfg.misreport else 0), rows_out=kept, rows_quarantined=len(rows) - kept)
+
+
+def _rechunk(ctx: StepContext, path: str, size: int) -> None:
+    """The output file again as resumable chunks in the work area, then into the output (hala.chunks)."""
+    import tempfile
+
+    from hala.chunks import Chunks
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    os.remove(path)
+    chunks = Chunks(ctx)
+    for k, start in enumerate(range(0, len(lines), size)):
+        tmp = tempfile.mkdtemp()
+        local = os.path.join(tmp, "rows.jsonl")
+        with open(local, "w", encoding="utf-8") as f:
+            f.writelines(lines[start:start + size])
+        chunks.commit(k, {"data": local}, {"rows": len(lines[start:start + size])})
+        os.rmdir(tmp)  # the chunk's files were moved into the work area, on any store
+    chunks.finish(["data"])
