@@ -6,6 +6,7 @@ Each request is forwarded to the upstream server unless the schedule picks a fau
     internal     500 InternalError after forwarding (the request took effect, its answer was lost)
     reset        the upstream answer's head and half its body, then a TCP reset (a dropped connection)
     stall        no answer for `stall_s`, longer than the client's read timeout, then the connection closes
+    deny         403 InvalidAccessKeyId, not forwarded (what S3 answers to credentials it does not know)
 
 The schedule is a seeded random draw per request (`rates`: kind -> fraction), so a run is reproducible in what it
 injects (not in which request gets it: the clients' concurrency orders requests). `hold` pauses requests whose
@@ -26,8 +27,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-KINDS = ("slowdown", "internal", "reset", "stall")
-_ERROR = {"slowdown": (503, "SlowDown", "Please reduce your request rate."),
+KINDS = ("slowdown", "internal", "reset", "stall", "deny")
+_ERROR = {"deny": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+          "slowdown": (503, "SlowDown", "Please reduce your request rate."),
           "internal": (500, "InternalError", "We encountered an internal error. Please try again.")}
 
 
@@ -156,7 +158,7 @@ class FaultProxy:
                     if proxy.drop_held:
                         return self._reset()  # the client is gone: the request never reaches the server
                 kind = proxy._draw()
-                if kind == "slowdown":
+                if kind in ("slowdown", "deny"):
                     return self._error(kind)
                 if kind == "stall":
                     time.sleep(proxy.stall_s)

@@ -76,3 +76,8 @@ def test_a_store_that_does_not_answer_is_temporary(s3: dict[str, str], tmp_path:
     out = hala("run", str(recipe), "--only", "prepare-lamini", env={**s3, "AWS_ENDPOINT_URL": down,
                                                                       "HALA_STAGES_PATH": str(FIXTURES)})
     assert out.returncode == 75, out.stderr
+
+
+def test_a_store_whose_client_is_not_installed_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"store 'abfs://container/x': Install adlfs .*install the fsspec package"):
+        Store("abfs://container/x")

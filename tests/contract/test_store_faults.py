@@ -136,3 +136,16 @@ def test_a_kill_between_the_data_and_the_manifest_commits_nothing_and_the_rerun_
     assert set(store.fs.find(data)) == listed, "files of the killed writer were left beside the committed ones"
     print(f"\n[kill before the manifest] {uploaded} data files were uploaded when the writer was killed, no manifest; "
           f"the rerun committed all {ROWS} rows in {len(listed)} files")
+
+
+def test_refused_credentials_are_a_config_error_naming_the_url_and_the_fix(tmp_path: Path, s3: dict[str, str],
+                                                                           proxy: FaultProxy) -> None:
+    """What S3 answers to an unknown access key (403 InvalidAccessKeyId), on every request: exit 2 before any work,
+    naming the store and the variables to set; nothing retried for minutes."""
+    url = f"s3://hala-store/{tmp_path.name}"
+    recipe = _recipe(tmp_path, url)
+    proxy.set_rates({"deny": 1.0})
+    out = _hala(_env(s3, proxy), "run", str(recipe), "--only", "prepare-lamini")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"store {url}" in out.stderr and "credentials were refused" in out.stderr and "AWS_ACCESS_KEY_ID" in out.stderr
+    assert proxy.counts["requests"] <= 5, "a refusal is not worth a retry"
