@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hala import envs, locks, pipconf
 from hala.errors import ConfigError
@@ -200,13 +201,21 @@ def check_script(image: Image, variant: str) -> str:
 
 def check(names: list[str] | None, variant: str = "cpu", registry: str | None = None, tag: str | None = None) -> int:
     """Run check_script in each image (no GPU needed); exit 1 when one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
     imgs = images()
     todo = [imgs[n.removeprefix("hala-")] for n in names] if names else list(imgs.values())
     failed = []
-    for img in todo:
+
+    def run(img: Image) -> tuple[str, Any]:
         ref = reference(img.set, variant, registry, tag)
         cmd = [docker(), "run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", ref, "-c", check_script(img, variant)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        return ref, subprocess.run(cmd, capture_output=True, text=True)
+
+    # two containers at a time: each is a few seconds of imports on one core (8 images: 72 s one by one)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, todo))
+    for ref, out in results:
         lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "==" in ln or ln.startswith(("torch cuda", "help"))]
         print(f"[images] {ref}: {'ok' if out.returncode == 0 else f'FAILED (exit {out.returncode})'}", flush=True)
         for ln in (lines if out.returncode == 0 else (out.stdout + out.stderr).splitlines()[-15:]):
