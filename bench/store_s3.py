@@ -40,6 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_s3() -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server in its own process on 127.0.0.1 (it lives until killed or its stdin closes), with a bucket
+    `hala-bench`, and the environment that points s3fs at it."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import ThreadedMotoServer; "
+                               f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "HALA_LOG_FORMAT": "json"}
+    time.sleep(2)
+    subprocess.run([sys.executable, "-c", "import s3fs; s3fs.S3FileSystem().mkdir('hala-bench')"], env=env, check=True)
+    return server, env
+
+
 def run(recipe: Path, env: dict[str, str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB of the largest process: `hala run` or the step it started)."""
     code = ("import resource, subprocess, sys, time\n"
@@ -57,15 +71,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 500_000])
     args = p.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", "import sys, time; from moto.server import ThreadedMotoServer; "
-                               f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); "
-                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "HALA_WARM": "0", "HALA_LOG_FORMAT": "json"}
+    server, env = start_s3()
+    env["HALA_WARM"] = "0"
     try:
-        time.sleep(2)
-        subprocess.run([sys.executable, "-c", "import s3fs; s3fs.S3FileSystem().mkdir('hala-bench')"], env=env, check=True)
         print("| rows | store | seconds | rows/s | peak RSS (MB) |\n| --- | --- | --- | --- | --- |")
         with tempfile.TemporaryDirectory() as tmp:
             for n in args.rows:

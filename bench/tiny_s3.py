@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_s3 import free_port  # noqa: E402
+from store_s3 import start_s3  # noqa: E402
 
 RECIPE = REPO / "recipes" / "tiny.yaml"
 
@@ -45,16 +44,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local", default=str(REPO / "artifacts"), help="a local store holding the tiny run (make run)")
     args = p.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import ThreadedMotoServer; "
-                               f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); "
-                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "HALA_LOG_FORMAT": "json"}
+    server, env = start_s3()
     s3 = "s3://hala-bench/stores/tiny"
     try:
-        time.sleep(2)
-        subprocess.run([sys.executable, "-c", "import s3fs; s3fs.S3FileSystem().mkdir('hala-bench')"], env=env, check=True)
         local_first, out = timed(env, args.local)  # fills the local store if it is not (cached otherwise)
         if out.returncode:
             sys.exit(f"local run failed: {out.stderr[-2000:]}")
