@@ -1,102 +1,146 @@
-"""Resumable chunks for long steps (translate, judge): a chunk's files first, then its marker.
+"""Resumable chunks for long steps (translate, judge): a shard's row range, chunk by chunk, each chunk's tables
+committed to the work area (files, then a marker) and appended to the step's outputs as it goes.
 
-    chunks = Chunks(ctx)
-    for k, rows in enumerate(batches):
-        if chunks.done(k):            # committed before a crash or a preemption: skip it
-            continue
-        ...write local files...
-        chunks.commit(k, {"data": path, "quarantine": qpath}, {"rows_in": ..., ...})
-    chunks.finish()                   # move every chunk file into the step's outputs, in chunk order
+    chunks = Chunks(ctx, schemas)                 # schemas: output name -> pyarrow schema
+    todo, done = chunks.plan(start, stop, size)   # this shard's rows [start, stop) in chunks of `size`
+    for k, first, last in todo:                   # committed chunks are skipped (their markers are read, not data)
+        ...
+        chunks.commit(k, {"data": table, "quarantine": qtable}, {"rows_in": ..., ...})
+    files = chunks.finish()                       # the outputs: part-00000.parquet, ... at a sane size
 
 With an engine stream (hala.engine), the chunks still to do are planned lazily and their results come back in order:
 
-    todo, done = split(chunks, rows, size)
-    jobs = (plan(k, batch) for k, _, batch in todo)           # -> (key, prompts)
+    jobs = (plan(k, rows) for k, rows in chunks.rows(reader, todo))          # -> (key, prompts)
     for k, key, outs in results(todo, engine.chat_stream(jobs, sampling)):
-        ...gate, write, chunks.commit(k, ...)
+        ...gate, chunks.commit(k, ...)
 
-Chunks live in the step's (or shard's) work area `_work/<fingerprint>/.../chunks/`: a rerun with the same
-fingerprint resumes after the last committed chunk; another fingerprint starts clean. Format-agnostic: the
-stage writes the files (parquet, usually), this only places them and keeps the markers.
+Two copies of a chunk's rows, for two purposes. The work area `_work/<fingerprint>/.../chunks/` keeps one small
+parquet file per chunk and output, so a killed shard loses at most a chunk. The outputs are written once, as the
+chunks are committed, by `tables.PartWriter` into the step's staging folder: files of up to a million rows with
+row groups sized for scanning, whatever `chunk_rows` is. Only a resumed shard reads chunk files back (the chunks
+committed before it restarted, once, into its outputs); nothing is downloaded to be uploaded again at finish.
+
+A marker records its chunk's row span. A work area whose markers do not match the plan (another row assignment,
+from an older hala that gave shard i the rows `i mod n`, or another chunk size) is set aside whole: resuming it
+would lose or repeat rows.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
+from hala import tables
 from hala.errors import TemporaryError
 
 MARKERS = "_done"
+LAYOUT = "range/1"  # how rows map to shards and chunks: contiguous ranges (hala.tables.shard_range)
 
 
 class Chunks:
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
+    def __init__(self, ctx: Any, schemas: dict[str, Any]):
+        self.ctx, self.schemas = ctx, schemas
         self.store = ctx.store
         self.root = f"{ctx.work}/chunks"
+        self.writers = {name: tables.PartWriter(ctx.output_dir(name), schema) for name, schema in schemas.items()}
+        self.done: dict[int, dict[str, Any]] = {}
+        self.spans: dict[int, tuple[int, int]] = {}  # chunk -> its rows [first, stop), from plan()
+        self.appended = 0  # chunks [0, appended) are in the outputs
 
     def _marker(self, k: int) -> str:
         return f"{self.root}/{MARKERS}/{k:06d}.json"
 
-    def done(self, k: int) -> dict[str, Any] | None:
-        return self.store.read_json(self._marker(k))
-
-    def committed(self) -> list[dict[str, Any]]:
+    def _markers(self) -> dict[int, dict[str, Any]]:
         folder = f"{self.root}/{MARKERS}"
-        if not self.store.fs.exists(folder):
-            return []
-        return [self.store.read_json(p) or {} for p in sorted(self.store.fs.ls(folder, detail=False))]
+        try:
+            paths = sorted(self.store.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return {}
+        with ThreadPoolExecutor(8) as pool:  # on an object store, one GET each: in parallel
+            markers = list(pool.map(self.store.read_json, paths))
+        return {m["chunk"]: m for m in markers if m}
 
-    def commit(self, k: int, files: dict[str, str], info: dict[str, Any]) -> None:
-        """Place the chunk's local files under chunks/<output>/, then write its marker (last)."""
+    def plan(self, start: int, stop: int, size: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, dict[str, Any]]]]:
+        """Rows [start, stop) in chunks of `size`: (k, first row, stop row) still to do, and (k, marker) committed."""
+        spans = [(k, a, min(a + size, stop)) for k, a in enumerate(range(start, stop, size))]
+        markers = self._markers()
+        expected = {k: (a, b) for k, a, b in spans}
+        stale = [k for k, m in markers.items() if m.get("layout") != LAYOUT or expected.get(k) != (m.get("first"), m.get("stop"))]
+        if stale:
+            self.ctx.log.warning("work area written for another row assignment: set aside, this shard starts clean",
+                                 chunks=len(markers), mismatched=len(stale), layout=LAYOUT)
+            self.store.fs.rm(self.root, recursive=True)
+            markers = {}
+        self.done, self.spans = markers, expected
+        todo = [(k, a, b) for k, a, b in spans if k not in markers]
+        return todo, sorted(markers.items())
+
+    def rows(self, reader: Any, todo: list[tuple[int, int, int]], batch_rows: int = 4096) -> Iterator[tuple[int, list[tuple[int, dict[str, Any]]]]]:
+        """(k, [(row index, row), ...]) for the chunks to do, decoding only their rows (`tables.RowGroups`)."""
+        for k, a, b in todo:
+            yield k, list(reader.rows(a, b, batch_rows=min(batch_rows, max(b - a, 1))))
+
+    def commit(self, k: int, out: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        """The chunk's tables (pyarrow, or lists of row dicts) as files in the work area, then its marker (last);
+        then into the outputs, after any committed chunk before it."""
+        import pyarrow as pa
+
+        out = {name: t if isinstance(t, pa.Table) else pa.Table.from_pylist(t, schema=self.schemas[name]) for name, t in out.items()}
+        tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
         placed = {}
-        for output, local in files.items():
-            ext = os.path.splitext(local)[1]
-            dst = f"{self.root}/{output}/chunk-{k:06d}{ext}"
-            if self.store.is_local:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.move(local, dst)
-            else:
-                self.store.fs.put(local, dst)
-                os.remove(local)  # moved, as on a local store: the caller's folder is empty again
-            placed[output] = dst
-        self.store.write_json(self._marker(k), {"chunk": k, "files": placed, **info})
-
-    def finish(self, outputs: list[str]) -> None:
-        """Every committed chunk file into the staging folder of its output (chunk order is file order)."""
-        for output in outputs:
-            dest = self.ctx.output_dir(output)
-            folder = f"{self.root}/{output}"
-            if not self.store.fs.exists(folder):
-                continue
-            for src in sorted(self.store.fs.ls(folder, detail=False)):
-                name = src.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            for name, table in out.items():
+                local = os.path.join(tmp, f"{name}.parquet")
+                tables.write_table(local, table)
+                dst = f"{self.root}/{name}/chunk-{k:06d}.parquet"
                 if self.store.is_local:
-                    shutil.move(src, os.path.join(dest, name))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.replace(local, dst)
                 else:
-                    self.store.fs.get(src, os.path.join(dest, name))
+                    self.store.fs.put(local, dst)
+                    os.remove(local)
+                placed[name] = dst
+        finally:
+            for f in os.listdir(tmp):
+                os.remove(os.path.join(tmp, f))
+            os.rmdir(tmp)
+        first, stop = self.spans[k]
+        marker = {"chunk": k, "layout": LAYOUT, "first": first, "stop": stop, "files": placed, **info}
+        self.store.write_json(self._marker(k), marker)
+        self._append_done(before=k)
+        for name, table in out.items():
+            self.writers[name].write(table)
+        self.appended = k + 1
+        return marker
+
+    def _append_done(self, before: int) -> None:
+        """Committed chunks before `before` not yet in the outputs (a resumed shard's): read back, in order."""
+        import pyarrow.parquet as pq
+
+        for k in range(self.appended, before):
+            marker = self.done.get(k)
+            if marker is None:
+                raise RuntimeError(f"chunk {k} is neither committed nor planned")  # plan() makes this impossible
+            for name, path in marker["files"].items():
+                with self.store.fs.open(path, "rb") as f:
+                    self.writers[name].write(pq.read_table(f, schema=self.schemas[name]))
+        self.appended = max(self.appended, before)
+
+    def finish(self) -> dict[str, list[str]]:
+        """Every committed chunk in the outputs, in chunk order; the output files by name."""
+        if self.done:
+            self._append_done(before=max([*self.done, self.appended - 1]) + 1)
+        return {name: w.close() for name, w in self.writers.items()}
 
 
-def split(chunks: Chunks, rows: list[Any], size: int) -> tuple[list[tuple[int, int, list[Any]]], list[tuple[int, dict[str, Any]]]]:
-    """This shard's rows in chunks of `size`: (k, first row, rows) still to do, and (k, marker) already committed."""
-    todo, done = [], []
-    for k, start in enumerate(range(0, len(rows), size)):
-        marker = chunks.done(k)
-        if marker is None:
-            todo.append((k, start, rows[start : start + size]))
-        else:
-            done.append((k, marker))
-    return todo, done
-
-
-def results(todo: list[tuple[int, int, list[Any]]], stream: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, Any, Any]]:
+def results(todo: list[tuple[int, int, int]], stream: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, Any, Any]]:
     """(k, key, outputs) of an engine stream over the chunks to do, in order. A TemporaryError (exit 75) names the
     chunk whose results were awaited: every chunk before it is committed, so the retry resumes there."""
-    for k, start, batch in todo:
+    for k, first, stop in todo:
         try:
             key, outs = next(stream)
         except TemporaryError as e:
-            raise TemporaryError(f"chunk {k} (shard rows {start}-{start + len(batch) - 1}): {e}") from e
+            raise TemporaryError(f"chunk {k} (rows {first}-{stop - 1}): {e}") from e
         yield k, key, outs

@@ -61,6 +61,10 @@ class StepEngine:
         self.engine: Any = None
 
     def get(self) -> Any:
+        if self.engine is None and bench_engine() == "instant":
+            self.engine = InstantEngine(self.ctx.model_path(self.model_input), self.cfg.prompt)
+            self.ctx.metrics["engine"] = self.engine.info()
+            self.ctx.log.warning("engine ready", **self.engine.info())
         if self.engine is None:
             c = self.cfg
             self.engine = open_engine(self.ctx.model_path(self.model_input), c.engine, max_model_len=c.max_model_len, dtype=c.dtype,
@@ -78,6 +82,71 @@ class StepEngine:
         else:
             self.ctx.metrics["engine"] = {"engine": sorted(engines_seen)[0] if engines_seen else None,
                                           "note": "every chunk was committed by an earlier run"}
+
+
+BENCH_ENGINE = "HALA_BENCH_ENGINE"
+
+
+def bench_engine() -> str | None:
+    """The benchmarks' engine stand-in, from the environment alone: no recipe or config key can select it, and a
+    step's fingerprint includes it (hala.sources), so its outputs never pass for a real model's in a cache."""
+    value = os.environ.get(BENCH_ENGINE)
+    if value and value != "instant":
+        raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")
+    return value or None
+
+
+_LATIN_TO_ARABIC = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                                 "ابتثجحخدذرزسشصضطظعغفقكلمنه" "ابتثجحخدذرزسشصضطظعغفقكلمنه")
+
+
+class InstantEngine:
+    """For benchmarks of the data plane only (HALA_BENCH_ENGINE=instant): answers at once, without a model, so that
+    what is measured is the stage's own work (read, plan, protect spans, gate, write). Its "translation" maps Latin
+    letters to Arabic ones one for one (markers, digits and punctuation kept), so the gate passes it; the judge
+    accepts a pair unless a hash of it falls in one tenth. It is named in every marker and in the manifest."""
+
+    name = "instant"
+
+    def __init__(self, model: str, prompt: str):
+        from transformers import AutoTokenizer
+
+        t0 = time.monotonic()
+        self.tok = AutoTokenizer.from_pretrained(model)  # planning counts tokens with the model's own tokenizer
+        self.model_path = model
+        self.prefix, _, self.suffix = prompt.partition("{text}")
+        self.start_seconds = round(time.monotonic() - t0, 2)
+
+    def count_tokens(self, conversation: list[dict[str, str]]) -> int:
+        return len(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
+        out = []
+        for conv in conversations:
+            text = conv[-1]["content"].removeprefix(self.prefix).removesuffix(self.suffix)
+            arabic = text.translate(_LATIN_TO_ARABIC)
+            out.append(Generation(arabic, prompt_tokens=len(text) // 4, completion_tokens=len(arabic) // 4, finished=True))  # ~4 chars a token
+        return out
+
+    def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
+        import zlib
+
+        return [Choice(labels[1] if zlib.crc32(conv[-1]["content"].encode()) % 10 == 0 else labels[0]) for conv in conversations]
+
+    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+        for key, conversations in jobs:
+            yield key, self.chat(conversations, sampling)
+
+    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+        for key, conversations in jobs:
+            yield key, self.choose(conversations, labels)
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": "instant", "model": self.model_path, "start_seconds": self.start_seconds,
+                "note": "benchmark stand-in (HALA_BENCH_ENGINE=instant): no model ran, the outputs are not translations"}
+
+    def close(self) -> None:
+        pass
 
 
 def vllm_available() -> bool:

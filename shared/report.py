@@ -137,21 +137,26 @@ def plots(data: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
         ax.legend(fontsize=7)
         out.append(("Training loss curves", _png(fig, plt)))
-    speed = []
+    generation, training = [], []
     for n, man in m.items():
         mm = (man or {}).get("metrics") or {}
         tps = mm.get("train_tokens_per_second") or mm.get("tokens_per_second")
-        if tps is None and man and man.get("stage") in ("translate", "judge"):
-            tokens = (man.get("counts") or {}).get("completion_tokens") or mm.get("completion_tokens")
-            seconds = (man.get("timings") or {}).get("seconds")
-            tps = tokens / seconds if tokens and seconds else None
         if tps:
-            speed.append((n, float(tps)))
-    if speed:
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(speed) + 1.2))
-        ax.barh([s[0] for s in speed], [s[1] for s in speed], color="#4a7bb7")
-        ax.set(xlabel="tokens / s", title="Throughput per step")
-        out.append(("Throughput per step", _png(fig, plt)))
+            training.append((n, float(tps)))
+        elif man and man.get("stage") == "translate":
+            # engine start-up excluded; shards run side by side, so their rates add up
+            per_shard = mm.get("shards") or [mm]
+            rates = [s["completion_tokens"] / s["generation_seconds"] for s in per_shard
+                     if s.get("completion_tokens") and s.get("generation_seconds")]
+            if rates:
+                generation.append((n, sum(rates)))
+    for title, xlabel, bars in (("Generation throughput per step (engine start-up excluded)", "completion tokens / s", generation),
+                                ("Training throughput per step", "training tokens / s", training)):
+        if bars:
+            fig, ax = plt.subplots(figsize=(7, 0.35 * len(bars) + 1.2))
+            ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4a7bb7")
+            ax.set(xlabel=xlabel, title=title)
+            out.append((title, _png(fig, plt)))
     reasons: dict[str, int] = {}
     for man in m.values():
         for reason, n in (((man or {}).get("quarantine") or {}).get("by_reason") or {}).items():

@@ -4,15 +4,13 @@ log-probabilities on transformers): accepted, rejected (with the verdict), or qu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from hala import tables
-from hala.chunks import Chunks, results as chunk_results, split as chunk_split
+from hala.chunks import Chunks, results as chunk_results
 from hala.engine import Choice, StepEngine
 from hala.errors import ConfigError
 from hala.step import StepContext
@@ -76,38 +74,31 @@ def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> Chun
     return plan
 
 
-def commit_chunk(chunks: Chunks, plan: ChunkPlan, schemas: dict[str, Any], engine_name: str) -> dict[str, Any]:
+def commit_chunk(chunks: Chunks, plan: ChunkPlan, engine_name: str) -> dict[str, Any]:
     """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
-    tmp = tempfile.mkdtemp(prefix=f"chunk-{plan.k:06d}-")
-    files = {}
-    for name in OUTPUTS:
-        files[name] = os.path.join(tmp, f"{name}.parquet")
-        tables.write(files[name], plan.out[name], schemas[name])
     marker = {"rows_in": len(plan.rows), "accepted": len(plan.out["accepted"]), "rejected": len(plan.out["rejected"]),
               "rows_quarantined": len(plan.out["quarantine"]), "by_reason": dict(plan.reasons),
               "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
-    chunks.commit(plan.k, files, marker)
-    os.rmdir(tmp)
-    return marker
+    return chunks.commit(plan.k, plan.out, marker)
 
 
 def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     import pyarrow as pa
 
-    rows, columns = tables.read(ctx.input("data").local_path())
-    if not {"src", "tgt"} <= set(columns):
-        raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {columns}; the judge reads pairs (src, tgt)")
+    reader = ctx.input("data").row_groups()  # footers only: rows are decoded chunk by chunk, this shard's alone
+    if not {"src", "tgt"} <= set(reader.columns):
+        raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {reader.columns}; the judge reads pairs (src, tgt)")
     i, n = ctx.shard or (0, 1)
-    mine = [(idx, row) for idx, row in enumerate(rows) if idx % n == i]
+    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
     schemas = {"accepted": tables.pairs_schema(),
                "rejected": tables.pairs_schema(("verdict", pa.string()), ("scores", pa.string())),
                "quarantine": tables.quarantine_schema()}
-    chunks = Chunks(ctx)
+    chunks = Chunks(ctx, schemas)
     engine = StepEngine(ctx, "model", cfg)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
-    with ctx.progress(len(mine), unit="pairs", what="judge") as progress:
+    with ctx.progress(stop - start, unit="pairs", what="judge") as progress:
 
         def account(marker: dict[str, Any]) -> None:
             for key in ("rows_in", "accepted", "rejected", "rows_quarantined"):
@@ -116,18 +107,18 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
             engines.add(marker["engine"])
             progress.update(marker["rows_in"])
 
-        todo, done = chunk_split(chunks, mine, cfg.chunk_rows)
+        todo, done = chunks.plan(start, stop, cfg.chunk_rows)
         for k, marker in done:
             ctx.log.info("chunk already committed", chunk=k, pairs=marker["rows_in"])
             account(marker)
         # chunk k+1 is checked and queued in the engine before chunk k is written (hala.engine)
-        jobs = (plan_chunk(engine.get(), k, batch, cfg) for k, _, batch in todo)
+        jobs = (plan_chunk(engine.get(), k, batch, cfg) for k, batch in chunks.rows(reader, todo))
         for k, plan, picks in chunk_results(todo, engine.get().choose_stream(jobs, cfg.labels) if todo else iter(())):
-            marker = commit_chunk(chunks, finish_chunk(plan, picks, cfg), schemas, engine.get().name)
+            marker = commit_chunk(chunks, finish_chunk(plan, picks, cfg), engine.get().name)
             ctx.log.info("chunk committed", chunk=k, pairs=len(plan.rows), accepted=marker["accepted"], rejected=marker["rejected"])
             account(marker)
     engine.close(engines)
-    chunks.finish(OUTPUTS)
+    files = chunks.finish()
     for name, key in (("accepted", "accepted"), ("rejected", "rejected"), ("quarantine", "rows_quarantined")):
         ctx.set_output(name, rows=totals[key], format="parquet", schema="quarantine" if name == "quarantine" else "pairs")
     for reason, count in reasons.items():
@@ -135,4 +126,6 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     ctx.count(rows_in=totals["rows_in"], rows_out=totals["accepted"], rows_quarantined=totals["rows_quarantined"],
               rows_removed={"rejected": totals["rejected"]})
     judged = totals["accepted"] + totals["rejected"]
-    ctx.metrics.update(engines=sorted(engines), labels=cfg.labels, acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)
+    if stop - start != totals["rows_in"]:
+        raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
+    ctx.metrics.update(engines=sorted(engines), labels=cfg.labels, row_range=[start, stop], files={o: len(f) for o, f in files.items()}, acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)

@@ -29,29 +29,30 @@ QUARANTINE = tables.quarantine_schema()
 
 
 class ShardWriter:
-    """Rows to `part-00000.parquet`, `part-00001.parquet`, ... (at least one file, so readers always find a table)."""
+    """Rows to `part-00000.parquet`, `part-00001.parquet`, ... of `rows_per_file` rows each, through
+    `tables.PartWriter` (row groups sized for scanning and for shards that read a range): a batch of dicts at a
+    time becomes Arrow, so memory follows the batch, not the file. At least one file, so readers find a table."""
+
+    BATCH = 2048
 
     def __init__(self, folder: str, schema: pa.Schema, rows_per_file: int):
-        self.folder, self.schema, self.rows_per_file = folder, schema, rows_per_file
+        self.schema = schema
+        self.parts = tables.PartWriter(folder, schema, file_rows=rows_per_file, group_rows=min(tables.GROUP_ROWS, rows_per_file))
         self.buffer: list[dict[str, Any]] = []
-        self.files = 0
         self.rows = 0
 
     def add(self, row: dict[str, Any]) -> None:
         self.buffer.append(row)
         self.rows += 1
-        if len(self.buffer) >= self.rows_per_file:
-            self._flush()
-
-    def _flush(self) -> None:
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
-        pq.write_table(table, os.path.join(self.folder, f"part-{self.files:05d}.parquet"), compression="zstd")
-        self.files += 1
-        self.buffer = []
+        if len(self.buffer) >= self.BATCH:
+            self.parts.write_rows(self.buffer)
+            self.buffer = []
 
     def close(self) -> None:
-        if self.buffer or self.files == 0:
-            self._flush()
+        if self.buffer:
+            self.parts.write_rows(self.buffer)
+            self.buffer = []
+        self.parts.close()
 
 
 def _rows(ctx: StepContext, cfg: PrepareConfig) -> Iterator[Any]:

@@ -7,16 +7,14 @@ reason. A restarted shard skips its committed chunks and starts no engine if not
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from hala import spans, tables
-from hala.chunks import Chunks, results as chunk_results, split as chunk_split
+from hala.chunks import Chunks, results as chunk_results
 from hala.engine import Generation, Sampling, StepEngine
 from hala.errors import ConfigError
 from hala.step import StepContext
@@ -205,22 +203,14 @@ def finish_chunk(plan: ChunkPlan, gens: list[Generation], cfg: TranslateConfig) 
             "prompt_tokens": sum(g.prompt_tokens for g in gens), "completion_tokens": sum(g.completion_tokens for g in gens)}
 
 
-def commit_chunk(chunks: Chunks, plan: ChunkPlan, result: dict[str, Any], outputs: list[str], table_schemas: dict[str, Any],
-                 engine_name: str) -> dict[str, Any]:
+def commit_chunk(chunks: Chunks, plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str) -> dict[str, Any]:
     """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
-    tmp = tempfile.mkdtemp(prefix=f"chunk-{plan.k:06d}-")
-    files = {}
-    for name in outputs:
-        files[name] = os.path.join(tmp, f"{name}.parquet")
-        tables.write(files[name], result["out"][name], table_schemas[name])
     quarantined = sum(result["reasons"].values())
     marker = {"rows_in": len(plan.rows), "rows_out": len(plan.rows) - quarantined, "rows_quarantined": quarantined,
               "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
               "requests": result["requests"], "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
               "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
-    chunks.commit(plan.k, files, marker)
-    os.rmdir(tmp)
-    return marker
+    return chunks.commit(plan.k, {o: result["out"][o] for o in outputs}, marker)
 
 
 def schemas(cfg: TranslateConfig) -> dict[str, Any]:
@@ -237,25 +227,26 @@ def schemas(cfg: TranslateConfig) -> dict[str, Any]:
 
 
 def main(cfg: TranslateConfig, ctx: StepContext) -> None:
-    rows, columns = tables.read(ctx.input("data").local_path())
+    reader = ctx.input("data").row_groups()  # footers only: rows are decoded chunk by chunk, this shard's alone
+    columns = reader.columns
     kind = "conversations" if "messages" in columns else "pairs" if "src" in columns else None
     if kind is None:
         raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {columns}: neither conversations (messages) nor pairs (src)")
     if kind == "pairs" and set(cfg.outputs) != {"pairs"}:
         raise ConfigError(f"step '{ctx.step.name}': a pairs input gives outputs [pairs] only, not {cfg.outputs}")
     i, n = ctx.shard or (0, 1)
-    mine = [(idx, row) for idx, row in enumerate(rows) if idx % n == i]  # deterministic: row idx belongs to shard idx % n
+    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
     outputs = [*cfg.outputs, "quarantine"]
     table_schemas = schemas(cfg)
     sampling = Sampling(**{k: v for k, v in cfg.sampling.items()})
     budget = cfg.max_model_len - sampling.max_tokens  # > PROMPT_SLACK: the config's check
-    chunks = Chunks(ctx)
+    chunks = Chunks(ctx, {o: table_schemas[o] for o in outputs})
     engine = StepEngine(ctx, "model", cfg)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
     t_all = time.monotonic()
-    with ctx.progress(len(mine), unit="rows", what="translate") as progress:
+    with ctx.progress(stop - start, unit="rows", what="translate") as progress:
 
         def account(marker: dict[str, Any]) -> None:
             for key in ("rows_in", "rows_out", "rows_quarantined", "requests", "prompt_tokens", "completion_tokens"):
@@ -268,31 +259,33 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
                           tokens_per_s=round(totals["completion_tokens"] / max(time.monotonic() - t_all, 1e-9), 1))
             progress.update(marker["rows_in"])
 
-        todo, done = chunk_split(chunks, mine, cfg.chunk_rows)
+        todo, done = chunks.plan(start, stop, cfg.chunk_rows)
         for k, marker in done:
             ctx.log.info("chunk already committed", chunk=k, rows=marker["rows_in"])
             account(marker)
         # chunk k+1 is planned and queued in the engine before chunk k is gated and committed (hala.engine)
-        jobs = (plan_chunk(engine.get(), k, batch, cfg, budget) for k, _, batch in todo)
+        jobs = (plan_chunk(engine.get(), k, batch, cfg, budget) for k, batch in chunks.rows(reader, todo))
         for k, plan, gens in chunk_results(todo, engine.get().chat_stream(jobs, sampling) if todo else iter(())):
-            marker = commit_chunk(chunks, plan, finish_chunk(plan, gens, cfg), outputs, table_schemas, engine.get().name)
+            marker = commit_chunk(chunks, plan, finish_chunk(plan, gens, cfg), outputs, engine.get().name)
             ctx.log.info("chunk committed", chunk=k, rows=len(plan.rows), quarantined=marker["rows_quarantined"],
                          tokens=marker["completion_tokens"], tokens_per_s=round(marker["completion_tokens"] / max(marker["seconds"], 1e-9), 1))
             account(marker)
     engine.close(engines)
-    chunks.finish(outputs)
+    files = chunks.finish()
     for o in outputs:
         ctx.set_output(o, rows=totals[f"out:{o}"], format="parquet",
                        schema={"conversations": "conversations", "pairs": "pairs", "tuples": "tuples", "quarantine": "quarantine"}[o])
     for reason, count in reasons.items():
         ctx.quarantine(reason, count)
     ctx.count(rows_in=totals["rows_in"], rows_out=totals["rows_out"], rows_quarantined=totals["rows_quarantined"], rows_removed={})
-    if len(mine) != totals["rows_in"]:
-        raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {len(mine)}")
-    elapsed = time.monotonic() - t_all
+    if stop - start != totals["rows_in"]:
+        raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
+    # generation throughput without the engine's start-up (30-60 s for vLLM, more than a tiny run's generation)
+    elapsed = (time.monotonic() - t_all - (engine.engine.start_seconds if engine.engine is not None else 0.0)
+               - ctx.timings.get("engine_close_seconds", 0.0))
     ctx.metrics.update(
-        engines=sorted(engines), direction=cfg.direction, units=totals["requests"],
-        chunks_resumed=len(done),
+        generation_seconds=round(elapsed, 3), engines=sorted(engines), direction=cfg.direction, units=totals["requests"],
+        chunks_resumed=len(done), row_range=[start, stop], files={o: len(f) for o, f in files.items()},
         prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"],
         completion_tokens_per_s=round(totals["completion_tokens"] / max(elapsed, 1e-9), 1),
     )

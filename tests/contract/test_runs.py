@@ -244,7 +244,12 @@ def test_the_run_report_opens_in_headless_chromium_with_its_tables_and_plots(tmp
     assert dom.returncode == 0, dom.stderr[-2000:]
     for table in ("steps", "rows-left-out", "fp8-acceptance", "translation-quality", "arabic-benchmarks"):
         assert f'id="{table}"' in dom.stdout, table
-    assert dom.stdout.count('src="data:image/png;base64,') == 3  # loss curves, throughput, reasons
+    assert dom.stdout.count('src="data:image/png;base64,') == 4  # loss curves, generation, training, reasons
+    assert "Generation throughput per step (engine start-up excluded)" in dom.stdout and "Training throughput per step" in dom.stdout
+    for name in ("translate-openorca-teacher", "translate-openorca"):  # the rate the plot shows leaves the engine's start out
+        m = json.loads((store / "tiny" / name / "_MANIFEST.json").read_text())
+        shards = m["metrics"].get("shards") or [m["metrics"]]
+        assert all(0 < s["generation_seconds"] < m["timings"]["seconds"] for s in shards), name
     assert "evaluate-hala-9b" in dom.stdout and "Hala-9B" in dom.stdout
     # the plots are drawn, not just referenced: the screenshot holds the bar colours of two of them
     shot = tmp_path / "page.png"

@@ -194,13 +194,36 @@ def test_a_killed_shard_resumes_after_its_last_committed_chunk(tmp_path: Path, s
     redone = [e["chunk"] for e in events(again.stdout) if e.get("event") == "chunk committed"]
     assert set(first) <= set(skipped), "every chunk committed before the kill is skipped"
     assert not set(skipped) & set(redone) and sorted(skipped + redone) == list(range(20))
-    assert subprocess.run([*cmd[:-1], "1/2"], capture_output=True, text=True, env=env).returncode == 0
+    # Shard 1 finds a work area written by an older row assignment (i mod n): shard 0's first chunk, under shard
+    # 1's name, with a marker that has no row span. Resumed as if it were shard 1's, it would repeat 4 of shard
+    # 0's rows and lose 4 of its own.
+    (work0,) = (store / "kill" / "translate-x" / "_work").glob("*/shards/00000-of-00002")
+    stale = work0.parent / "00001-of-00002" / "chunks"
+    (stale / "_done").mkdir(parents=True)
+    old = json.loads((work0 / "chunks" / "_done" / "000000.json").read_text())
+    for name, path in old["files"].items():
+        (stale / name).mkdir()
+        (stale / name / "chunk-000000.parquet").write_bytes(Path(path).read_bytes())
+    old = {k: v for k, v in old.items() if k not in ("layout", "first", "stop")}
+    (stale / "_done" / "000000.json").write_text(json.dumps({**old, "files": {n: str(stale / n / "chunk-000000.parquet") for n in old["files"]}}))
+    shard1 = subprocess.run([*cmd[:-1], "1/2"], capture_output=True, text=True, env=env)
+    assert shard1.returncode == 0, shard1.stdout[-2000:]
+    assert any(e.get("event", "").startswith("work area written for another row assignment") for e in events(shard1.stdout))
     gathered = hala("gather", str(recipe), "translate-x")
     assert gathered.returncode == 0, gathered.stderr
     m = Store(str(store)).read_manifest("kill", "translate-x")
     out = [r["id"] for r in rows(store, "kill", "conversations")] + [r["id"] for r in rows(store, "kill", "quarantine")]
     assert sorted(out) == sorted(r["id"] for r in many), "every row exactly once"
-    assert m["counts"]["rows_in"] == 160 and m["shards"]["count"] == 2
+    quarantined = {r["id"] for r in rows(store, "kill", "quarantine")}
+    assert [r["id"] for r in rows(store, "kill", "conversations")] == [r["id"] for r in many if r["id"] not in quarantined], \
+        "in input order: shard 0's rows, then shard 1's"
+    c = m["counts"]
+    assert c["rows_in"] == 160 == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()) and m["shards"]["count"] == 2
+    # 40 chunks of 4 rows, but one file per output and shard: chunk files stay in the work area, for resume only
+    assert {"conversations", "quarantine"} <= set(m["outputs"])
+    for name in m["outputs"]:
+        assert sorted(f["path"].rsplit("/", 1)[-1] for f in m["outputs"][name]["files"]) == ["s00000-part-00000.parquet", "s00001-part-00000.parquet"]
+    assert [s["row_range"] for s in sorted(m["metrics"]["shards"], key=lambda s: s["shard"])] == [[0, 80], [80, 160]]
 
 
 @pytest.mark.slow

@@ -1,0 +1,194 @@
+"""Paper scale on this machine: the data plane of prepare -> translate (S shards) -> gather -> judge (S shards) ->
+gather at N rows, each step a process of its own stage environment, as `hala run` starts them. The model is the
+instant engine (HALA_BENCH_ENGINE=instant, hala.engine.InstantEngine): it answers at once, so what is measured is
+the stages' own work (read the shard's rows, plan, protect spans, gate, write, commit), never a model.
+
+    .venvs/cli/bin/python bench/scale.py --rows 10000 100000 1000000 --shards 2 8 [--out bench/scale.json]
+
+Rows are synthesized from the real rows of ../shared/data in the shares of an instruction mixture: Alpaca (single
+turn), GSM8K (arithmetic with <<...>> annotations), LIMA (long answers), glaive tool-call chats (multi-turn),
+GPTeacher codegen (code blocks) and MATH-500 (LaTeX). Each row gets a serial number in its first turn, so exact
+dedup keeps every one. Shards run one after another (one core each, as one pod each would): a shard's rows/s is
+its own, the step's is N over the sum of its shards' seconds. Peak RSS is that of the step's process (each step
+runs alone, in a fresh wrapper that reads RUSAGE_CHILDREN), files are those its manifest lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("HALA_SHARED_DATA", REPO.parent / "shared" / "data"))
+VENVS = REPO / ".venvs"
+
+
+def _load(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pools() -> dict[str, list[list[dict[str, str]]]]:
+    """Conversations (user/assistant turns) from the real rows, by source."""
+    alpaca = [[{"role": "user", "content": (r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""))},
+               {"role": "assistant", "content": r["output"]}] for r in _load(DATA / "en-alpaca-5000" / "alpaca_5000.json")]
+    gsm8k = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+             for r in _load(DATA / "en-gsm8k" / "train.jsonl")]
+    lima = []
+    for r in _load(DATA / "en-lima" / "lima.json"):
+        turns = r.get("conversations") or [r.get("instruction", ""), r.get("output", "")]
+        lima.append([{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns) if t])
+    glaive = []
+    for r in _load(DATA / "en-glaive-toolcall-demo" / "glaive_toolcall_en_demo.json"):
+        turns = [t for t in r["conversations"] if t["from"] in ("human", "gpt")]
+        msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+        if msgs and msgs[0]["role"] == "user":
+            glaive.append(msgs)
+    code = [[{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")},
+             {"role": "assistant", "content": r["response"]}]
+            for r in _load(DATA / "en-gpteacher-codegen" / "codegen-instruct.json")]
+    math = [[{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]
+            for r in _load(DATA / "en-math500" / "test_ori.jsonl")]
+    return {"alpaca": alpaca, "gsm8k": gsm8k, "lima": lima, "glaive": glaive, "code": code, "math": math}
+
+
+SHARES = {"alpaca": 0.55, "gsm8k": 0.15, "lima": 0.05, "glaive": 0.15, "code": 0.05, "math": 0.05}
+
+
+def synthesize(n: int, path: Path, seed: int = 0) -> None:
+    """n rows of {"messages": [...]} as JSON lines, drawn by SHARES, each first turn numbered (dedup keeps it)."""
+    rng = random.Random(seed)
+    sources = pools()
+    names, weights = list(SHARES), list(SHARES.values())
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            msgs = rng.choice(sources[rng.choices(names, weights)[0]])
+            first = {**msgs[0], "content": f"({i}) {msgs[0]['content']}"}
+            f.write(json.dumps({"messages": [first, *msgs[1:]]}, ensure_ascii=False) + "\n")
+
+
+def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Path:
+    """One store for every run: the tiny stand-in's tokenizer is built once. The judge reads the translator's
+    tokenizer too: the instant engine loads no weights, and the judge stand-in would cost a minute to train."""
+    import yaml
+
+    body = {
+        "name": "scale", "store": str(store), "run": run,
+        "tiny_models": {"pairs": str(REPO / "recipes" / "samples" / "pairs.en-ar.tsv")},
+        "steps": {
+            "prepare-mix": {"stage": "prepare", "inputs": {"source": str(source)}, "config": {"format": "messages", "drop_code": False}},
+            "translate-mix": {"stage": "translate", "shards": shards, "inputs": {"data": "prepare-mix", "model": "tiny:translator"},
+                              "config": {"engine": "transformers", "max_model_len": 4096, "unit": "paragraph",
+                                         "sampling": {"max_tokens": 2048}, "outputs": ["conversations", "pairs"], "chunk_rows": 2048}},
+            "judge-mix": {"stage": "judge", "shards": shards, "inputs": {"data": "translate-mix.pairs", "model": "tiny:translator"},
+                          "config": {"engine": "transformers", "max_model_len": 8192, "chunk_rows": 4096}},
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+WRAP = ("import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+        "sys.stderr.write(rc.stderr.decode()[-3000:])\n"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc.returncode)\n")
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command, in a fresh wrapper process."""
+    out = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
+    seconds, rss, rc = out.stdout.split()
+    if rc != "0":
+        sys.exit(f"{' '.join(cmd[:4])} ... failed ({rc}): {out.stderr[-3000:]}")
+    return float(seconds), float(rss)
+
+
+def stage_cmd(env_name: str, stage: str, path: Path, step: str, shard: str | None = None) -> list[str]:
+    cmd = [str(VENVS / env_name / "bin" / "python"), "-m", f"stages.{stage}", "--recipe", str(path), "--step", step]
+    return cmd + (["--shard", shard] if shard else [])
+
+
+def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    run = folder.name
+    path = recipe(folder, store, run, source, shards)
+
+    def manifest(_: Path, step: str) -> dict[str, Any]:
+        return json.loads((store / run / step / "_MANIFEST.json").read_text())
+
+    seconds, rss = timed(stage_cmd("data", "prepare", path, "prepare-mix"), env)
+    m = manifest(folder, "prepare-mix")
+    yield {"step": "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"], "seconds": seconds, "rss_mb": rss,
+           "files": len(m["outputs"]["data"]["files"])}
+    for step, stage in (("translate-mix", "translate"), ("judge-mix", "judge")):
+        per = [timed(stage_cmd("serve", stage, path, step, f"{i}/{shards}"), env) for i in range(shards)]
+        g_seconds, g_rss = timed([str(VENVS / "cli" / "bin" / "python"), "-m", "hala.cli", "gather", str(path), step], env)
+        m = manifest(folder, step)
+        c = m["counts"]
+        assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), c
+        engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in m["metrics"]["shards"]) if "shards" in m["metrics"] else 0
+        yield {"step": stage, "rows": n, "shards": shards, "rows_in": c["rows_in"], "seconds": sum(s for s, _ in per),
+               "shard_seconds": [round(s, 2) for s, _ in per], "rss_mb": max(r for _, r in per), "engine_start_s": engine_start,
+               "gather_seconds": g_seconds, "gather_rss_mb": g_rss, "rows_quarantined": c["rows_quarantined"],
+               "files": {o: len(e["files"]) for o, e in m["outputs"].items()}}
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in sorted({(r["step"], r["shards"]) for r in results}):
+        pts = sorted((r["rows"], r["rows_in"] / r["seconds"], r["rss_mb"]) for r in results if (r["step"], r["shards"]) == key)
+        label = key[0] if key[1] == 1 else f"{key[0]} ({key[1]} shards)"
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    a.set(xscale="log", xlabel="rows (N)", ylabel="rows / s (per core)", title="Throughput against N")
+    b.set(xscale="log", xlabel="rows (N)", ylabel="peak RSS of a process (MB)", title="Memory against N")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
+    args = p.parse_args()
+    env = {**os.environ, "HALA_BENCH_ENGINE": "instant", "HALA_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1",
+           "HALA_CACHE": os.environ.get("HALA_CACHE", str(Path.home() / ".cache" / "hala"))}
+    results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.exists() else []
+    print("| step | N | shards | rows/s | seconds | peak RSS (MB) | files | gather s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.rows:
+            source = Path(tmp) / f"rows-{n}.jsonl"
+            synthesize(n, source)
+            for shards in args.shards:
+                folder = Path(tmp) / f"n{n}-s{shards}"
+                for r in measure(n, shards, source, folder, Path(tmp) / "store", env):
+                    if r["step"] == "prepare" and shards != args.shards[0]:
+                        continue  # the same prepare each time: one row
+                    results = [x for x in results if (x["step"], x["rows"], x["shards"]) != (r["step"], r["rows"], r["shards"])] + [r]
+                    print(f"| {r['step']} | {n:,} | {r['shards']} | {r['rows_in'] / r['seconds']:,.0f} | {r['seconds']:.1f} | "
+                          f"{r['rss_mb']:.0f} | {r['files']} | {r.get('gather_seconds', 0):.1f} |", flush=True)
+                    args.out.write_text(json.dumps(results, indent=1))
+                subprocess.run(["rm", "-rf", str(folder), str(Path(tmp) / "store" / folder.name)], check=False)
+    plot(results, args.out.with_suffix(".png"))
+    print(f"results: {args.out}, plot: {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
