@@ -7,9 +7,11 @@ file that cannot be read at all (a JSON array with a syntax error) is a DataErro
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -65,20 +67,94 @@ def _decode_line(raw: bytes) -> tuple[str | None, Broken | None]:
         return None, Broken("invalid_utf8", f"byte {e.start}: {e.reason}", raw.decode("utf-8", "backslashreplace"))
 
 
-def _iter_json(fs: Any, path: str, uri: str) -> Iterator[dict[str, Any] | Broken]:
+def _iter_json(fs: Any, path: str, uri: str) -> Iterator[Any]:
+    """A .json file: a JSON array, parsed row by row as it streams in, or JSON lines under a .json name."""
     with fs.open(path, "rb", compression="infer") as f:
-        data = f.read()
-    head = data.lstrip()[:1]
-    if head == b"[":
-        # surrogateescape keeps invalid bytes as lone surrogates: the rows holding them are quarantined, not the file
-        text = data.decode("utf-8", "surrogateescape")
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{uri}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file or use JSON lines") from None
-        yield from rows
+        head = f.read(4096).lstrip()[:1]
+    with fs.open(path, "rb", compression="infer") as f:  # opened again: a compressed stream cannot seek back
+        if head == b"[":
+            yield from iter_json_array(f, uri)
+        else:
+            yield from _iter_lines(f, json_lines=True)
+
+
+READ_BYTES = 1 << 20  # read a MiB at a time
+MAX_ROW_BYTES = 64 << 20  # one row of a JSON array may be this large; beyond, the array is treated as broken
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
+    """The elements of a JSON array, one at a time, holding about a MiB of text (and the row being parsed).
+
+    Each element is decoded by json's C decoder (`raw_decode`) from a sliding buffer. An element that does not
+    parse yet is read further, up to MAX_ROW_BYTES: a syntax error is a DataError (exit 3) naming the byte offset,
+    line and column, after every row before it went through (a malformed array has no rows that can be trusted
+    after the error, so nothing past it is read)."""
+    decoder = json.JSONDecoder()
+    incremental = codecs.getincrementaldecoder("utf-8")("surrogateescape")  # invalid bytes: rows quarantined later
+    buf, pos = "", 0
+    bytes_read, lines_before = 0, 0  # bytes decoded so far; newlines in text already dropped from buf
+    eof = False
+
+    def more(size: int = READ_BYTES) -> bool:
+        nonlocal buf, pos, bytes_read, lines_before, eof
+        if eof:
+            return False
+        chunk = f.read(size)
+        bytes_read += len(chunk)
+        if not chunk:
+            eof = True
+            buf += incremental.decode(b"", final=True)
+            return False
+        lines_before += buf.count("\n", 0, pos)
+        buf, pos = buf[pos:] + incremental.decode(chunk), 0
+        return True
+
+    def fail(msg: str, at: int) -> DataError:
+        byte = bytes_read - len(buf[at:].encode("utf-8", "surrogateescape"))
+        line = lines_before + buf.count("\n", 0, at) + 1
+        return DataError(f"{uri}: not a valid JSON array at byte {byte} (line {line}): {msg}; fix the file or use JSON lines "
+                         "(one row per line: a broken line is quarantined, not the file)")
+
+    def skip() -> None:
+        nonlocal pos
+        while True:
+            pos = _SPACE.match(buf, pos).end()  # type: ignore[union-attr]
+            if pos < len(buf) or not more():
+                return
+
+    skip()
+    if buf[pos:pos + 1] != "[":
+        raise fail("expected '['", pos)
+    pos += 1
+    skip()
+    if buf[pos:pos + 1] == "]":
         return
-    yield from _iter_lines(io.BytesIO(data), json_lines=True)
+    while True:
+        need = READ_BYTES
+        while True:
+            try:
+                row, end = decoder.raw_decode(buf, pos)
+                if end == len(buf) and not eof:  # a number may go on in the next read
+                    raise json.JSONDecodeError("incomplete", buf, end)
+                break
+            except json.JSONDecodeError as e:
+                if len(buf) - pos > MAX_ROW_BYTES:
+                    raise fail(f"a row larger than {MAX_ROW_BYTES >> 20} MiB, or broken JSON: {e.msg}", e.pos) from None
+                if eof:
+                    raise fail(e.msg, e.pos) from None
+                more(need)  # more of the row, or the end of the file: either way, decode again
+                need *= 2  # a long row: read more at a time, so parsing it again stays cheap
+        yield row
+        pos = end
+        skip()
+        sep = buf[pos:pos + 1]
+        if sep == "]":
+            return
+        if sep != ",":
+            raise fail("expected ',' or ']' after a row" if sep else "the array ends before its ']'", pos)
+        pos += 1
+        skip()
 
 
 def _iter_lines(f: Any, json_lines: bool) -> Iterator[Any]:

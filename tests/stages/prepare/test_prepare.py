@@ -216,6 +216,34 @@ def test_a_json_file_that_does_not_parse_is_exit_3_naming_file_and_line(tmp_path
     assert str(src) in failure["error"] and "line 3" in failure["error"]
 
 
+def test_a_json_array_streams_row_by_row_and_a_late_error_names_its_byte(tmp_path: Path, shared_data: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A gzipped JSON array read 4 KiB at a time (rows cross reads; one row is larger than many reads) gives the
+    rows json.load gives; the same array cut short fails at the byte where it breaks, with nothing committed."""
+    import gzip
+
+    from stages.prepare import readers
+
+    alpaca = json.loads((shared_data / "en-alpaca-5000" / "alpaca_5000.json").read_text(encoding="utf-8"))[:400]
+    alpaca[7] = {**alpaca[7], "output": "long " * 20_000}  # 100 KB: 25 reads
+    text = json.dumps(alpaca, ensure_ascii=False, indent=2)
+    src = tmp_path / "alpaca.json.gz"
+    src.write_bytes(gzip.compress(text.encode()))
+    monkeypatch.setattr(readers, "READ_BYTES", 4096)
+    got = list(readers.iter_json_array(gzip.open(src, "rb"), str(src)))
+    assert got == alpaca
+    code, m, _ = run_prepare(tmp_path / "ok", src, format="alpaca", dedup=False)
+    assert code == 0 and m["counts"]["rows_in"] == 400
+    cut = text.rindex('"instruction"')  # the last row breaks after its first key
+    broken = tmp_path / "cut.json"
+    broken.write_text(text[:cut] + '"instruction" "no colon"}]', encoding="utf-8")
+    code, m, _ = run_prepare(tmp_path / "bad", broken, format="alpaca")
+    assert code == 3 and m is None
+    error = next(e for e in events(capsys.readouterr().out) if e.get("event") == "failed")["error"]
+    assert str(broken) in error and f"byte {len(text[:cut].encode()) + 14}" in error
+
+
 def test_aligned_sides_of_different_length_are_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "en.txt").write_text("one\ntwo\nthree\n")
     (tmp_path / "ar.txt").write_text("واحد\nاثنان\n")
