@@ -64,15 +64,20 @@ SHARES = {"alpaca": 0.55, "gsm8k": 0.15, "lima": 0.05, "glaive": 0.15, "code": 0
 
 
 def synthesize(n: int, path: Path, seed: int = 0) -> None:
-    """n rows of {"messages": [...]} as JSON lines, drawn by SHARES, each first turn numbered (dedup keeps it)."""
+    """n rows of {"messages": [...]} drawn by SHARES, each first turn numbered (dedup keeps it): JSON lines, or one
+    JSON array when the path ends in .json (prepare's streaming parser)."""
     rng = random.Random(seed)
     sources = pools()
     names, weights = list(SHARES), list(SHARES.values())
+    array = path.suffix == ".json"
     with path.open("w", encoding="utf-8") as f:
+        f.write("[\n" if array else "")
         for i in range(n):
             msgs = rng.choice(sources[rng.choices(names, weights)[0]])
             first = {**msgs[0], "content": f"({i}) {msgs[0]['content']}"}
-            f.write(json.dumps({"messages": [first, *msgs[1:]]}, ensure_ascii=False) + "\n")
+            sep = ("," if i else " ") if array else ""
+            f.write(sep + json.dumps({"messages": [first, *msgs[1:]]}, ensure_ascii=False) + "\n")
+        f.write("]\n" if array else "")
 
 
 def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Path:
@@ -129,7 +134,7 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
 
     seconds, rss = timed(stage_cmd("data", "prepare", path, "prepare-mix"), env)
     m = manifest(folder, "prepare-mix")
-    yield {"step": "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"], "seconds": seconds, "rss_mb": rss,
+    yield {"step": "prepare (JSON array)" if source.suffix == ".json" else "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"], "seconds": seconds, "rss_mb": rss,
            "files": len(m["outputs"]["data"]["files"])}
     for step, stage in (("translate-mix", "translate"), ("judge-mix", "judge"))[: 2 if judge else 1]:
         per = [timed(stage_cmd("serve", stage, path, step, f"{i}/{shards}"), env) for i in range(shards)]
@@ -137,11 +142,42 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
         m = manifest(folder, step)
         c = m["counts"]
         assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), c
-        engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in m["metrics"]["shards"]) if "shards" in m["metrics"] else 0
-        yield {"step": stage, "rows": n, "shards": shards, "rows_in": c["rows_in"], "seconds": sum(s for s, _ in per),
-               "shard_seconds": [round(s, 2) for s, _ in per], "rss_mb": max(r for _, r in per), "engine_start_s": engine_start,
+        shards_m = m["metrics"].get("shards") or [m["metrics"]]
+        engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in shards_m)
+        work = sum(s["generation_seconds"] for s in shards_m)  # the stage's own work: no imports, no engine start
+        extra = load_ratio(store / run / step / "conversations", env) if stage == "translate" else {}
+        yield {**extra, "step": stage, "rows": n, "shards": shards, "rows_in": c["rows_in"], "seconds": sum(s for s, _ in per),
+               "shard_seconds": [round(s, 2) for s, _ in per], "rss_mb": max(r for _, r in per), "engine_start_s": engine_start, "work_seconds": round(work, 2),
                "gather_seconds": g_seconds, "gather_rss_mb": g_rss, "rows_quarantined": c["rows_quarantined"],
                "files": {o: len(e["files"]) for o, e in m["outputs"].items()}}
+
+
+LOAD = """
+import glob, sys, tempfile, time
+import datasets, pyarrow.parquet as pq
+folder = sys.argv[1]
+files = sorted(glob.glob(folder + "/*.parquet"))
+one = tempfile.mkdtemp() + "/one.parquet"
+pq.write_table(pq.read_table(files), one, compression="zstd")  # the same rows, one file, pyarrow's defaults
+datasets.disable_progress_bars()
+def load(data_files):
+    t = time.perf_counter()
+    ds = datasets.load_dataset("parquet", data_files=data_files, split="train", cache_dir=tempfile.mkdtemp())
+    return time.perf_counter() - t, ds.num_rows
+(a, n), (b, m) = load(files), load([one])
+assert n == m
+print(a, b, n, len(files))
+"""
+
+
+def load_ratio(folder: Path, env: dict[str, str]) -> dict[str, float]:
+    """datasets.load_dataset("parquet") of a committed output against the same rows written as one file."""
+    out = subprocess.run([str(VENVS / "data" / "bin" / "python"), "-c", LOAD, str(folder)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"load_dataset failed: {out.stderr[-2000:]}")
+    committed, single, rows, files = out.stdout.split()
+    return {"load_committed_s": round(float(committed), 2), "load_one_file_s": round(float(single), 2),
+            "load_ratio": round(float(single) / float(committed), 3), "load_files": int(files)}
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> None:
@@ -168,24 +204,27 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--judge-max-rows", type=int, default=None, help="measure judge only up to this N (its pairs are ~2.2 N)")
+    p.add_argument("--array", action="store_true", help="write the source as one JSON array instead of JSON lines")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
     args = p.parse_args()
     env = {**os.environ, "HALA_BENCH_ENGINE": "instant", "HALA_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1",
            "HALA_CACHE": os.environ.get("HALA_CACHE", str(Path.home() / ".cache" / "hala"))}
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.exists() else []
-    print("| step | N | shards | rows/s | seconds | peak RSS (MB) | files | gather s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| step | N | shards | rows/s | rows/s of the stage's work | seconds | peak RSS (MB) | files | gather s |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.rows:
-            source = Path(tmp) / f"rows-{n}.jsonl"
+            source = Path(tmp) / f"rows-{n}.{'json' if args.array else 'jsonl'}"
             synthesize(n, source)
             for shards in args.shards:
                 folder = Path(tmp) / f"n{n}-s{shards}"
                 judge = args.judge_max_rows is None or n <= args.judge_max_rows
                 for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge):
-                    if r["step"] == "prepare" and shards != args.shards[0]:
+                    if r["step"].startswith("prepare") and shards != args.shards[0]:
                         continue  # the same prepare each time: one row
                     results = [x for x in results if (x["step"], x["rows"], x["shards"]) != (r["step"], r["rows"], r["shards"])] + [r]
-                    print(f"| {r['step']} | {n:,} | {r['shards']} | {r['rows_in'] / r['seconds']:,.0f} | {r['seconds']:.1f} | "
+                    work = f"{r['rows_in'] / r['work_seconds']:,.0f}" if r.get("work_seconds") else "-"
+                    print(f"| {r['step']} | {n:,} | {r['shards']} | {r['rows_in'] / r['seconds']:,.0f} | {work} | {r['seconds']:.1f} | "
                           f"{r['rss_mb']:.0f} | {r['files']} | {r.get('gather_seconds', 0):.1f} |", flush=True)
                     args.out.write_text(json.dumps(results, indent=1))
                 subprocess.run(["rm", "-rf", str(folder), str(Path(tmp) / "store" / folder.name)], check=False)

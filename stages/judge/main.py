@@ -98,6 +98,7 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     totals: Counter = Counter()
     reasons: Counter = Counter()
     engines: set[str] = set()
+    t_all = time.monotonic()
     with ctx.progress(stop - start, unit="pairs", what="judge") as progress:
 
         def account(marker: dict[str, Any]) -> None:
@@ -126,6 +127,10 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     ctx.count(rows_in=totals["rows_in"], rows_out=totals["accepted"], rows_quarantined=totals["rows_quarantined"],
               rows_removed={"rejected": totals["rejected"]})
     judged = totals["accepted"] + totals["rejected"]
+    # the shard's own time without the engine's start-up and shutdown: what the run report's rates divide by
+    elapsed = (time.monotonic() - t_all - engine.start_seconds
+               - ctx.timings.get("engine_close_seconds", 0.0))
+    ctx.metrics["generation_seconds"] = round(elapsed, 3)
     if stop - start != totals["rows_in"]:
         raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
     ctx.metrics.update(engines=sorted(engines), labels=cfg.labels, row_range=[start, stop], files={o: len(f) for o, f in files.items()}, acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)

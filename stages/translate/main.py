@@ -281,7 +281,7 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
     if stop - start != totals["rows_in"]:
         raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
     # generation throughput without the engine's start-up (30-60 s for vLLM, more than a tiny run's generation)
-    elapsed = (time.monotonic() - t_all - (engine.engine.start_seconds if engine.engine is not None else 0.0)
+    elapsed = (time.monotonic() - t_all - engine.start_seconds
                - ctx.timings.get("engine_close_seconds", 0.0))
     ctx.metrics.update(
         generation_seconds=round(elapsed, 3), engines=sorted(engines), direction=cfg.direction, units=totals["requests"],
