@@ -81,7 +81,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
-    recipe = _load(args, check_paths=False)
+    recipe = _load(args, check_paths=False, store=args.store)
     args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
     if args.what == "compose":
         from hala import compose
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--variant", choices=["cpu", "cuda"], default=None, help="default: cpu for compose, cuda for k8s")
     rn.add_argument("--registry", help="k8s: image registry written into the Jobs (default $REGISTRY or local)")
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
+    rn.add_argument("--store", help="the store the containers use: an object store URL (s3://, gs://) is passed to every "
+                    "service with its credentials' variables; a path means the shared volume (the default)")
     rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
     rn.add_argument("--set-file", action="append", default=[], metavar="FILE")
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")

@@ -93,8 +93,17 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
     ref = {name: images_mod.reference(name, variant, registry="${REGISTRY:-local}", tag="${HALA_TAG:-dev}")
            for name in images_mod.images()}
     volume = f"hala-{recipe.name}-store"
-    # tiny stand-ins: one build for every container, under a lock on the shared volume (hala.tiny.ensure)
-    common_env = {"HALA_LOG_FORMAT": "json", "HALA_TINY_CACHE": f"{STORE_IN_IMAGE}/_tiny-cache"}
+    store = store_url(recipe)
+    if store == STORE_IN_IMAGE:
+        # tiny stand-ins: one build for every container, under a lock on the shared volume (hala.tiny.ensure)
+        common_env: dict[str, Any] = {"HALA_LOG_FORMAT": "json", "HALA_TINY_CACHE": f"{STORE_IN_IMAGE}/_tiny-cache"}
+        mounts = [f"store:{STORE_IN_IMAGE}", f"./recipes:{RECIPES_IN_IMAGE}:ro"]
+    else:
+        # an object store: no volume; its client reads the standard variables, passed from the caller's environment
+        # at `up` (a name without a value: set in the container only where it is set outside). Stand-ins are
+        # committed to the store once (its lease) and each container reads them back.
+        common_env = {"HALA_LOG_FORMAT": "json", **{name: None for name in STORE_ENV}}
+        mounts = [f"./recipes:{RECIPES_IN_IMAGE}:ro"]
     if variant == "cpu":
         # the tiny recipe reads nothing from a hub; vLLM's CPU backend gets 1 GiB of KV cache. One torch thread per
         # container: independent steps run side by side, and torch pools of two threads each on two cores spin
@@ -114,15 +123,14 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
         # default, and vLLM's compiled mode loads the C++ it builds there (Kubernetes emptyDirs allow it)
         service: dict[str, Any] = {"image": ref[image], "command": command, "network_mode": "host", "init": True,
                                    "read_only": True, "tmpfs": ["/tmp:exec,mode=1777", f"/home/app:exec,uid={UID},gid={UID}"],
-                                   "environment": dict(common_env),
-                                   "volumes": [f"store:{STORE_IN_IMAGE}", f"./recipes:{RECIPES_IN_IMAGE}:ro"]}
+                                   "environment": dict(common_env), "volumes": list(mounts)}
         if deps:
             service["depends_on"] = {d: {"condition": "service_completed_successfully"} for d in deps}
         service.update(extra or {})
         services[name] = service
         previous = name
 
-    add("record", "cli", ["record", recipe_in_image(recipe), "--store", STORE_IN_IMAGE, "--run", recipe.run, *set_args(recipe)], [])
+    add("record", "cli", ["record", recipe_in_image(recipe), "--store", store, "--run", recipe.run, *set_args(recipe)], [])
     done_name: dict[str, str] = {}  # step -> the service whose success means the step is committed
     for step in recipe.steps.values():
         if not step.enabled:
@@ -142,20 +150,34 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
             shard_names = []
             for i in range(step.shards):
                 name = f"{step.name}-shard-{i}"
-                add(name, _image_set(step), step_args(recipe, step, (i, step.shards)), after, extra)
+                add(name, _image_set(step), step_args(recipe, step, (i, step.shards), store=store), after, extra)
                 shard_names.append(name)
             gather_name = f"gather-{step.name}"
-            add(gather_name, "cli", ["gather", recipe_in_image(recipe), step.name, "--store", STORE_IN_IMAGE, "--run", recipe.run,
+            add(gather_name, "cli", ["gather", recipe_in_image(recipe), step.name, "--store", store, "--run", recipe.run,
                                      *set_args(recipe)],
                 shard_names, {"labels": {"io.hala.step": step.name, "io.hala.stage": "gather"}})
             done_name[step.name] = gather_name
         else:
-            add(step.name, _image_set(step), step_args(recipe, step), after, extra)
+            add(step.name, _image_set(step), step_args(recipe, step, store=store), after, extra)
             done_name[step.name] = step.name
-    add("report", "cli", ["report", recipe.run, "--store", STORE_IN_IMAGE], ["record", *done_name.values()])
+    add("report", "cli", ["report", recipe.run, "--store", store], ["record", *done_name.values()])
     # the project's name: `docker compose up` from any folder (a clone named anything) gives the containers of
     # `hala run --runner compose` (-p hala-<recipe>)
-    return {"name": f"hala-{recipe.name}", "services": services, "volumes": {"store": {"name": volume}}}
+    spec: dict[str, Any] = {"name": f"hala-{recipe.name}", "services": services}
+    if store == STORE_IN_IMAGE:
+        spec["volumes"] = {"store": {"name": volume}}
+    return spec
+
+
+# What an object store's client reads (s3fs/botocore, gcsfs): passed through to every container, never baked in.
+STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def store_url(recipe: Recipe) -> str:
+    """The store as the containers see it: an object store's URL as it is, anything else the shared volume."""
+    url = recipe.store
+    return url if "://" in url and not url.startswith(("file://", "local://")) else STORE_IN_IMAGE
 
 
 def text(recipe: Recipe, variant: str = "cpu", file: str = "compose.yaml") -> str:
@@ -234,7 +256,7 @@ def run(recipe: Recipe, variant: str = "cpu", timeout: float = 7200, export: str
             print(f"--- last lines of {name} (exit {code}):\n{tail.stdout}{tail.stderr}", file=sys.stderr, flush=True)
     print(logs.table(rows, ["service", "exit"]), flush=True)
     log.info("compose done", project=project, up_exit=up_code, failed=failed, seconds=round(time.monotonic() - t0, 1))
-    if export:
+    if export and "volumes" in spec:
         export_store(spec["volumes"]["store"]["name"], images_mod.reference("cli", variant), export)
     subprocess.run([*base, "rm", "-f", "-s"], capture_output=True)  # containers only: the store volume stays
     os.unlink(file)

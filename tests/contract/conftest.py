@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
+import s3server
 from helpers import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -17,28 +18,11 @@ QUICK = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max
 BUCKET = "hala-store"
 
 
-class _OneAtATime:
-    """S3 applies a conditional write (If-None-Match / If-Match) atomically; moto's handler checks, then writes, and
-    its threaded server could interleave two of them. Serving one request at a time gives the ordering S3 gives,
-    so what the tests see is our code's behaviour and not a race inside the stand-in."""
-
-    def __init__(self, app: Any):
-        self.app, self.lock = app, threading.Lock()
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        with self.lock:
-            return list(self.app(environ, start_response))
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """An S3 API on 127.0.0.1 (moto's server: s3fs, aiobotocore and botocore run their real code over HTTP);
-    its endpoint URL. Bounded: it serves this session's requests and stops with it."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
-
-    app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", free_port(), app, threaded=True, request_handler=MotoRequestHandler)
+    """An S3 API on 127.0.0.1 serving one request at a time (s3server.py says why); its endpoint URL. Bounded: it
+    serves this session's requests and stops with it."""
+    server, _ = s3server.make(free_port())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -196,6 +196,19 @@ def test_record_writes_the_run_header_that_status_reads(tmp_path):
     assert {r["state"] for r in json.loads(status.stdout)} == {"not run"}
 
 
+def test_compose_on_an_object_store_passes_the_url_and_its_credentials_variables_and_mounts_no_volume():
+    recipe = recipe_mod.load(TINY, check_paths=False, store="s3://hala-bucket/runs")
+    spec = compose.render(recipe, "cpu")
+    assert "volumes" not in spec
+    for name, svc in spec["services"].items():
+        assert svc["command"][svc["command"].index("--store") + 1] == "s3://hala-bucket/runs", name
+        assert svc["volumes"] == ["./recipes:/opt/hala/recipes:ro"] and "HALA_TINY_CACHE" not in svc["environment"]
+        # names without values: compose sets each in the container only where the caller's environment has it
+        assert {k: svc["environment"][k] for k in compose.STORE_ENV} == dict.fromkeys(compose.STORE_ENV)
+    text = compose.text(recipe, "cpu")
+    assert "AWS_ENDPOINT_URL: null" in text and "hala-tiny-store" not in text
+
+
 @pytest.mark.parametrize("flag", [["--only", "prepare-openorca"], ["--force"], ["--keep-going"]])
 def test_compose_runner_refuses_local_runner_flags(flag, tmp_path):
     out = hala("run", str(TINY), "--runner", "compose", "--store", str(tmp_path), *flag)
