@@ -125,7 +125,7 @@ def stage_cmd(env_name: str, stage: str, path: Path, step: str, shard: str | Non
 
 
 def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: dict[str, str],
-            judge: bool = True) -> Iterator[dict[str, Any]]:
+            judge: bool = True, prepare_only: bool = False) -> Iterator[dict[str, Any]]:
     run = folder.name
     path = recipe(folder, store, run, source, shards)
 
@@ -136,6 +136,8 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
     m = manifest(folder, "prepare-mix")
     yield {"step": "prepare (JSON array)" if source.suffix == ".json" else "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"], "seconds": seconds, "rss_mb": rss,
            "files": len(m["outputs"]["data"]["files"])}
+    if prepare_only:
+        return
     for step, stage in (("translate-mix", "translate"), ("judge-mix", "judge"))[: 2 if judge else 1]:
         per = [timed(stage_cmd("serve", stage, path, step, f"{i}/{shards}"), env) for i in range(shards)]
         g_seconds, g_rss = timed([str(VENVS / "cli" / "bin" / "python"), "-m", "hala.cli", "gather", str(path), step], env)
@@ -204,6 +206,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--judge-max-rows", type=int, default=None, help="measure judge only up to this N (its pairs are ~2.2 N)")
+    p.add_argument("--prepare-only", action="store_true", help="measure prepare alone")
     p.add_argument("--array", action="store_true", help="write the source as one JSON array instead of JSON lines")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
     args = p.parse_args()
@@ -219,7 +222,7 @@ def main() -> None:
             for shards in args.shards:
                 folder = Path(tmp) / f"n{n}-s{shards}"
                 judge = args.judge_max_rows is None or n <= args.judge_max_rows
-                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge):
+                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge, args.prepare_only):
                     if r["step"].startswith("prepare") and shards != args.shards[0]:
                         continue  # the same prepare each time: one row
                     results = [x for x in results if (x["step"], x["rows"], x["shards"]) != (r["step"], r["rows"], r["shards"])] + [r]

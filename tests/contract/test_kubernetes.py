@@ -241,6 +241,14 @@ def test_an_object_store_needs_no_volume_claim(tmp_path):
     assert "--store" in job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "s3://bucket/hala" in job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [v for v in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    # every pod, the conductor's included, takes the store's credentials and endpoint from the optional Secret
+    conductor = files["conductor.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert conductor["args"][conductor["args"].index("--store") + 1] == "s3://bucket/hala"
+    for pod in [conductor] + [j["spec"]["template"]["spec"]["containers"][0] for j in _jobs(files)]:
+        assert {"secretRef": {"name": "hala-store-credentials", "optional": True}} in pod["envFrom"]
+        assert not [m for m in pod.get("volumeMounts", []) if m["mountPath"] == "/store"]
+    out = hala("render", "k8s", str(PAPER), "--store", "s3://bucket/hala", "-o", str(tmp_path / "m"))
+    assert out.returncode == 0 and not (tmp_path / "m" / "storage.yaml").exists(), out.stderr
 
 
 # ------------------------------------------------------------------ the conductor
