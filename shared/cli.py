@@ -194,7 +194,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hala import report
 
-    page, md = report.write(Store(args.store), args.run, args.out)
+    store = Store(args.store)
+    page, md = report.write(store, args.run, args.out)
+    if not args.out:  # in the store: its URL (s3://...), not the client's bucket-relative path
+        page, md = store.uri(page), store.uri(md)
     logs.get("hala.report").info("report written", html=page, markdown=md)
     if logs.console():
         print(f"report: {page}")

@@ -113,6 +113,16 @@ class RowGroups:
                     first += rows
         self.total = first
 
+    @classmethod
+    def local(cls, path: str) -> "RowGroups":
+        """The parquet files of a local file or folder (every *.parquet below it, in path order)."""
+        import glob
+
+        import fsspec
+
+        paths = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        return cls(fsspec.filesystem("file"), paths)
+
     @property
     def columns(self) -> list[str]:
         return list(self.schema.names) if self.schema is not None else []

@@ -12,10 +12,12 @@ once, and as quarantined only when none of its examples survives.
 from __future__ import annotations
 
 import json
+import os
 import random
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from hala import spans
 from stages.train.config import TrainConfig
@@ -23,21 +25,56 @@ from stages.train.config import TrainConfig
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-@dataclass
 class Examples:
-    """Examples of every data input, and the rows that gave none."""
+    """Examples of every data input and the rows that gave none. Examples go to an Arrow file as they are made,
+    a batch at a time (memory follows the batch, not the corpus); `dataset()` maps it back, memory-mapped."""
 
-    rows_in: dict[str, int] = field(default_factory=dict)
-    items: list[dict[str, Any]] = field(default_factory=list)  # {"input", "row", "id", "example" (JSON)}
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-    augmented: int = 0  # masked forms added (span_markers)
+    BATCH = 4096
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder or tempfile.mkdtemp(prefix="hala-examples-")
+        self.rows_in: dict[str, int] = {}
+        self.quarantine: list[dict[str, Any]] = []
+        self.augmented = 0  # masked forms added (span_markers)
+        self.count = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._writer: Any = None
+        self._dataset: Any = None
 
     def reject(self, name: str, row: int, rid: str, reason: str, detail: str, raw: Any) -> None:
         self.quarantine.append({"id": rid, "origin": name, "row_index": row, "reason": reason, "detail": detail,
                                 "raw": json.dumps(raw, ensure_ascii=False, default=str)[:4000]})
 
     def add(self, name: str, row: int, rid: str, example: dict[str, Any]) -> None:
-        self.items.append({"input": name, "row": row, "id": rid, "example": json.dumps(example, ensure_ascii=False)})
+        self._buffer.append({"input": name, "row": row, "id": rid, "example": json.dumps(example, ensure_ascii=False)})
+        self.count += 1
+        if len(self._buffer) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._writer is None:
+            self._writer = pa.ipc.new_stream(os.path.join(self.folder, "examples.arrow"), EXAMPLE_SCHEMA())
+        if self._buffer:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self._buffer, schema=EXAMPLE_SCHEMA()))
+            self._buffer = []
+
+    def dataset(self) -> Any:
+        """Every example, as a `datasets.Dataset` memory-mapped from the Arrow file (input, row, id, example)."""
+        if self._dataset is None:
+            from datasets import Dataset
+
+            self._flush()
+            self._writer.close()
+            self._dataset = Dataset.from_file(os.path.join(self.folder, "examples.arrow"))
+        return self._dataset
+
+
+def EXAMPLE_SCHEMA() -> Any:  # noqa: N802 - a constant built on demand (pyarrow is imported inside)
+    import pyarrow as pa
+
+    return pa.schema([("input", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("example", pa.string())])
 
 
 def kind_of(columns: list[str]) -> str | None:
@@ -48,7 +85,7 @@ def kind_of(columns: list[str]) -> str | None:
     return None
 
 
-def add_pairs(out: Examples, name: str, rows: list[dict[str, Any]], cfg: TrainConfig) -> None:
+def add_pairs(out: Examples, name: str, rows: Iterable[dict[str, Any]], cfg: TrainConfig) -> None:
     prompts = cfg.prompts()
     for i, r in enumerate(rows):
         rid = str(r.get("id") or f"{name}:{i}")
@@ -81,7 +118,7 @@ def add_pairs(out: Examples, name: str, rows: list[dict[str, Any]], cfg: TrainCo
             out.reject(name, i, rid, "unsupported_direction", f"pair is {stored}; the step trains {', '.join(cfg.directions)}", r)
 
 
-def add_conversations(out: Examples, name: str, rows: list[dict[str, Any]]) -> None:
+def add_conversations(out: Examples, name: str, rows: Iterable[dict[str, Any]]) -> None:
     for i, r in enumerate(rows):
         rid = str(r.get("id") or f"{name}:{i}")
         messages, problem = [], None
@@ -151,81 +188,117 @@ def prepare(examples: Examples, tok: Any, template: str | None, cfg: TrainConfig
     `shuffle` is SFTConfig's shuffle_dataset, as TRL applies it: before packing (so that packed rows mix
     sources). Without it the rows stay in input order and the Trainer's seeded sampler alone orders the
     batches, exactly as it would for a bare SFTTrainer given the same rows.
+
+    The bookkeeping is columnar: lengths, targets and row keys are numpy arrays read from the memory-mapped
+    tokenized table, and the eval split and mixture are index operations, so memory grows by bytes per example,
+    not by Python objects per row. The draws are the same `random.Random(seed)` calls on the same row orders
+    as before, so a corpus gives the same split and mixture.
     """
-    from datasets import Dataset
+    import numpy as np
     from trl import pack_dataset
 
-    ds = Dataset.from_list(examples.items)
-    ds = ds.map(tokenize, fn_kwargs={"tok": tok, "template": template, "task": cfg.task}, num_proc=workers,
-                remove_columns=["example"], desc="tokenizing")
-    lengths, targets = ds["length"], ds["targets"]
-    inputs, rows = ds["input"], ds["row"]
+    raw = examples.dataset()
+    ds = raw.map(tokenize, fn_kwargs={"tok": tok, "template": template, "task": cfg.task}, num_proc=workers,
+                 remove_columns=["example"], desc="tokenizing")
+    table = ds.data
+    lengths = table.column("length").to_numpy()
+    targets = table.column("targets").to_numpy()
+    rows = table.column("row").to_numpy().astype(np.int64)
+    encoded = table.column("input").combine_chunks().dictionary_encode()
+    input_names = encoded.dictionary.to_pylist()
+    keys = (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) << 40) | rows  # one int per (input, row)
 
-    ok: dict[tuple[str, int], list[int]] = defaultdict(list)  # row -> indices of its usable examples
-    failed: dict[tuple[str, int], tuple[str, str, int]] = {}
-    truncated: list[int] = []
-    dropped_examples = 0
-    for k in range(len(ds)):
-        key = (inputs[k], rows[k])
-        if targets[k] == 0:
-            failed.setdefault(key, ("no_target_tokens", "the template marked no token for the loss", k))
-            continue
-        if max_length is not None and lengths[k] > max_length:
-            if cfg.too_long == "drop":
-                failed.setdefault(key, ("too_long", f"{lengths[k]} tokens > trainer.max_length {max_length} (too_long: drop)", k))
-                dropped_examples += 1
-                continue
-            truncated.append(k)
-        ok[key].append(k)
+    def name_row(key: int) -> tuple[str, int]:
+        return input_names[key >> 40], int(key & ((1 << 40) - 1))
+
+    def quarantined(k: int, reason: str, detail: str, raw_text: str | None = None) -> dict[str, Any]:
+        item = raw[int(k)]
+        name, row = name_row(int(keys[k]))
+        return {"id": item["id"], "origin": name, "row_index": row, "reason": reason, "detail": detail,
+                "raw": item["example"][:4000] if raw_text is None else raw_text}
+
+    usable = targets > 0
+    too_long = (lengths > max_length) if max_length is not None else np.zeros(len(lengths), dtype=bool)
+    if cfg.too_long == "drop":
+        dropped = usable & too_long
+        usable &= ~too_long
+        truncated = np.zeros(0, dtype=np.int64)
+    else:
+        dropped = np.zeros(len(lengths), dtype=bool)
+        truncated = np.flatnonzero(usable & too_long)
     quarantine = list(examples.quarantine)
-    for key, (reason, detail, k) in failed.items():
-        if key in ok:
-            continue  # another example of the row (a direction, the plain form) is usable
-        quarantine.append({"id": ds[k]["id"], "origin": key[0], "row_index": key[1], "reason": reason, "detail": detail,
-                           "raw": examples.items[k]["example"][:4000]})
+    # a row is quarantined when none of its examples (directions, the masked form) is usable: with the reason of
+    # its first failing example
+    failing = np.flatnonzero(~usable)
+    _, first = np.unique(keys[failing], return_index=True)
+    first_failures = failing[np.sort(first)]
+    for k in first_failures[~np.isin(keys[first_failures], keys[usable])]:  # rows with no usable example at all
+        if targets[k] == 0:
+            quarantine.append(quarantined(k, "no_target_tokens", "the template marked no token for the loss"))
+        else:
+            quarantine.append(quarantined(k, "too_long", f"{lengths[k]} tokens > trainer.max_length {max_length} (too_long: drop)"))
 
-    if max_length is not None and truncated:
+    if max_length is not None and len(truncated):
         sl = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
         ds = ds.map(lambda x: {"input_ids": x["input_ids"][sl], "labels": x["labels"][sl]}, num_proc=workers, desc="truncating")
         # a prompt that fills max_length leaves nothing to learn: such rows join the quarantine
+        left = Counter(keys[usable][np.isin(keys[usable], keys[truncated])].tolist())  # usable examples of those rows
         for k in truncated:
-            if any(t != -100 for t in ds[k]["labels"]):
+            if any(t != -100 for t in ds[int(k)]["labels"]):
                 continue
-            key = (inputs[k], rows[k])
-            ok[key].remove(k)
-            if not ok[key]:
-                del ok[key]
-                quarantine.append({"id": ds[k]["id"], "origin": key[0], "row_index": key[1], "reason": "too_long",
-                                   "detail": f"no target token within the first {max_length} tokens", "raw": ""})
+            usable[k] = False
+            left[int(keys[k])] -= 1
+            if left[int(keys[k])] == 0:
+                quarantine.append(quarantined(k, "too_long", f"no target token within the first {max_length} tokens", ""))
+
+    # usable examples grouped by row key, in example order within a row
+    u = np.flatnonzero(usable)
+    order = np.argsort(keys[u], kind="stable")
+    u_sorted, uk_sorted = u[order], keys[u][order]
+    row_keys = np.unique(uk_sorted)
+
+    def examples_of(chosen: np.ndarray) -> np.ndarray:
+        """The usable example indices of each chosen row key, in the order of the keys (repeats kept)."""
+        starts = np.searchsorted(uk_sorted, chosen, "left")
+        counts = np.searchsorted(uk_sorted, chosen, "right") - starts
+        if not counts.sum():
+            return np.zeros(0, dtype=np.int64)
+        shift = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+        return u_sorted[shift + np.arange(counts.sum())]
 
     rng = random.Random(cfg.seed)
-    by_input: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for key in sorted(ok):
-        by_input[key[0]].append(key)
-    eval_rows: list[tuple[str, int]] = []
+    by_input: dict[str, list[int]] = {}
+    for code in sorted(range(len(input_names)), key=lambda c: input_names[c]):  # inputs by name, rows ascending
+        mine = row_keys[(row_keys >> 40) == code]
+        if len(mine):
+            by_input[input_names[code]] = mine.tolist()
+    eval_rows: list[int] = []
     if cfg.eval_fraction > 0:  # held out before weighting, so no row is in both splits
-        for name, keys in by_input.items():
-            n = max(1, round(len(keys) * cfg.eval_fraction)) if len(keys) > 1 else 0
-            held = set(rng.sample(range(len(keys)), n))
-            eval_rows += [keys[i] for i in sorted(held)]
-            by_input[name] = [key for i, key in enumerate(keys) if i not in held]
+        for name, rk in by_input.items():
+            n = max(1, round(len(rk) * cfg.eval_fraction)) if len(rk) > 1 else 0
+            held = set(rng.sample(range(len(rk)), n))
+            eval_rows += [rk[i] for i in sorted(held)]
+            by_input[name] = [key for i, key in enumerate(rk) if i not in held]
     weights = cfg.mixture or {}
-    train_idx: list[int] = []
+    chosen_all: list[int] = []
     mixed: dict[str, int] = {}
     sampled_out = 0
-    for name, keys in by_input.items():
+    for name, rk in by_input.items():
         w = weights.get(name, 1.0)
         whole, frac = int(w), w - int(w)
-        chosen = keys * whole + rng.sample(keys, round(len(keys) * frac))
+        chosen = rk * whole + rng.sample(rk, round(len(rk) * frac))
         if w < 1:
-            sampled_out += len(keys) - len(chosen)
+            sampled_out += len(rk) - len(chosen)
         mixed[name] = len(chosen)
-        train_idx += [k for key in chosen for k in ok[key]]
+        chosen_all += chosen
+    train_idx = examples_of(np.asarray(chosen_all, dtype=np.int64))
     train = ds.select(train_idx)
     if shuffle:
         train = train.shuffle(seed=cfg.seed)
-    eval_ds = ds.select([k for key in eval_rows for k in ok[key]]) if eval_rows else None
-    train_tokens = sum(train["length"]) if max_length is None else sum(min(x, max_length) for x in train["length"])
+    eval_idx = examples_of(np.asarray(eval_rows, dtype=np.int64))
+    eval_ds = ds.select(eval_idx) if eval_rows else None
+    train_lengths = lengths[train_idx]
+    train_tokens = int(train_lengths.sum() if max_length is None else np.minimum(train_lengths, max_length).sum())
     keep = ["input_ids", "labels"]
     train = train.select_columns(keep)
     eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
@@ -235,15 +308,14 @@ def prepare(examples: Examples, tok: Any, template: str | None, cfg: TrainConfig
         train = pack_dataset(train, max_length, packing_strategy, {"num_proc": workers})
         if eval_ds is not None:
             eval_ds = pack_dataset(eval_ds, max_length, packing_strategy, {"num_proc": workers})
-    used_rows = {key for key in ok}
     stats = {
         "rows_in": examples.rows_in,
-        "rows_used": len(used_rows) - sampled_out,
+        "rows_used": len(row_keys) - sampled_out,
         "rows_sampled_out": sampled_out,
         "rows_eval": len(eval_rows),
         "rows_per_input_after_mixture": mixed,
         "examples": len(ds), "examples_augmented": examples.augmented, "examples_train": len(train_idx),
-        "examples_truncated": len(truncated), "examples_dropped_too_long": dropped_examples,
+        "examples_truncated": len(truncated), "examples_dropped_too_long": int(dropped.sum()),
         "sequences_train": len(train), "sequences_eval": len(eval_ds) if eval_ds is not None else 0,
         "tokens_train": train_tokens, "packing": packing,
         "quarantine_by_reason": dict(Counter(q["reason"] for q in quarantine)),

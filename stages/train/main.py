@@ -93,13 +93,15 @@ def read_examples(cfg: TrainConfig, ctx: StepContext) -> data.Examples:
     names = [n for n in ctx.inputs if n != "model"]
     out = data.Examples()
     for name in names:
-        path = ctx.input(name).local_path()
-        rows, columns = tables.read(path)
+        path = ctx.input(name).local_path()  # every file checked against its manifest (and local: read it twice)
+        reader = tables.RowGroups.local(path)
+        columns = reader.columns
         kind = data.kind_of(columns)
         if kind != cfg.task:
             raise DataError(f"step '{ctx.step.name}': input '{name}' ({ctx.input(name).ref.raw}) holds "
                             f"{kind or 'neither pairs nor conversations'} (columns {', '.join(columns) or 'none'}), task is {cfg.task}")
-        out.rows_in[name] = len(rows)
+        out.rows_in[name] = reader.total
+        rows = (row for _, row in reader.rows(0, reader.total))  # a batch of rows at a time, never the whole input
         if kind == "pairs":
             data.add_pairs(out, name, rows, cfg)
         else:
@@ -144,11 +146,14 @@ def tokenized(cfg: TrainConfig, ctx: StepContext, tok: Any, template: str, sft: 
                 if not hit:
                     t0 = time.monotonic()
                     examples = read_examples(cfg, ctx)
-                    prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"),
-                                            sft.get("truncation_mode", "keep_start"), bool(sft.get("packing")),
-                                            sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
-                                            bool(sft.get("shuffle_dataset")))
-                    manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
+                    try:
+                        prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"),
+                                                sft.get("truncation_mode", "keep_start"), bool(sft.get("packing")),
+                                                sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
+                                                bool(sft.get("shuffle_dataset")))
+                        manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
+                    finally:
+                        shutil.rmtree(examples.folder, ignore_errors=True)  # the examples and datasets' map caches
         if store.is_local:
             store.verify_output(CACHE_RUN, name, manifest, "data")
             path = store.path(CACHE_RUN, name, "data")

@@ -126,8 +126,9 @@ def test_masked_forms_teach_the_translator_to_carry_markers(tmp_path: Path) -> N
             {"id": "c", "src_lang": "fr", "tgt_lang": "ar", "src": "Merci", "tgt": "شكرا"},
             {"id": "d", "src_lang": "en", "tgt_lang": "ar", "src": "Hi", "tgt": " "}]
     data.add_pairs(out, "p", rows, cfg)
-    completions = [json.loads(i["example"])["completion"][0]["content"] for i in out.items]
-    prompts = [json.loads(i["example"])["prompt"][0]["content"] for i in out.items]
+    made = [json.loads(e) for e in out.dataset()["example"]]  # written to Arrow as they are made, read back mapped
+    completions = [e["completion"][0]["content"] for e in made]
+    prompts = [e["prompt"][0]["content"] for e in made]
     assert completions == ["احسب $x^2$ الآن.", "احسب ⟦0⟧ الآن.", "شكرا"]  # b is flipped to en-ar
     assert prompts[1].endswith("Compute ⟦0⟧ now.") and prompts[2].endswith("Thanks")
     assert out.augmented == 1
