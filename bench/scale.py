@@ -103,20 +103,35 @@ def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Pa
     return path
 
 
-WRAP = ("import resource, subprocess, sys, time\n"
+# Peak RSS (ru_maxrss) counts the pages of memory-mapped files the process touched (datasets' Arrow files: train's
+# tokenized table); RssAnon, sampled from /proc every 0.1 s, is the memory the process itself holds.
+WRAP = ("import resource, subprocess, sys, time, tempfile\n"
         "t = time.perf_counter()\n"
-        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
-        "sys.stderr.write(rc.stderr.decode()[-3000:])\n"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc.returncode)\n")
+        "err = tempfile.TemporaryFile()\n"
+        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=err)\n"
+        "anon = 0\n"
+        "while p.poll() is None:\n"
+        "    try:\n"
+        "        for line in open(f'/proc/{p.pid}/status'):\n"
+        "            if line.startswith('RssAnon:'): anon = max(anon, int(line.split()[1]))\n"
+        "    except OSError: pass\n"
+        "    time.sleep(0.1)\n"
+        "err.seek(0); sys.stderr.write(err.read().decode()[-3000:])\n"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, anon / 1024, p.returncode)\n")
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command, in a fresh wrapper process."""
+    """(seconds, peak RSS in MB) of one command, in a fresh wrapper process; the peak of its anonymous memory is
+    kept in ANON[-1] (MB)."""
     out = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
-    seconds, rss, rc = out.stdout.split()
+    seconds, rss, anon, rc = out.stdout.split()
     if rc != "0":
         sys.exit(f"{' '.join(cmd[:4])} ... failed ({rc}): {out.stderr[-3000:]}")
+    ANON.append(float(anon))
     return float(seconds), float(rss)
+
+
+ANON: list[float] = []
 
 
 def stage_cmd(env_name: str, stage: str, path: Path, step: str, shard: str | None = None) -> list[str]:
@@ -125,7 +140,7 @@ def stage_cmd(env_name: str, stage: str, path: Path, step: str, shard: str | Non
 
 
 def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: dict[str, str],
-            judge: bool = True, prepare_only: bool = False) -> Iterator[dict[str, Any]]:
+            judge: bool = True, prepare_only: bool = False, tokenize_rows: bool = False) -> Iterator[dict[str, Any]]:
     run = folder.name
     path = recipe(folder, store, run, source, shards)
 
@@ -134,12 +149,14 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
 
     seconds, rss = timed(stage_cmd("data", "prepare", path, "prepare-mix"), env)
     m = manifest(folder, "prepare-mix")
-    yield {"step": "prepare (JSON array)" if source.suffix == ".json" else "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"], "seconds": seconds, "rss_mb": rss,
+    yield {"step": "prepare (JSON array)" if source.suffix == ".json" else "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"],
+           "seconds": seconds, "rss_mb": rss, "anon_mb": ANON[-1],
            "files": len(m["outputs"]["data"]["files"])}
     if prepare_only:
         return
     for step, stage in (("translate-mix", "translate"), ("judge-mix", "judge"))[: 2 if judge else 1]:
         per = [timed(stage_cmd("serve", stage, path, step, f"{i}/{shards}"), env) for i in range(shards)]
+        shard_anon = max(ANON[-shards:])
         g_seconds, g_rss = timed([str(VENVS / "cli" / "bin" / "python"), "-m", "hala.cli", "gather", str(path), step], env)
         m = manifest(folder, step)
         c = m["counts"]
@@ -148,10 +165,41 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
         engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in shards_m)
         work = sum(s["generation_seconds"] for s in shards_m)  # the stage's own work: no imports, no engine start
         extra = load_ratio(store / run / step / "conversations", env) if stage == "translate" else {}
+        if stage == "translate" and tokenize_rows:
+            t = tokenize(store, run, env)
+            yield {"step": "train tokenization", "rows": n, "shards": 1, "rows_in": m["outputs"]["conversations"]["rows"], "seconds": t["seconds"],
+                   "rss_mb": t["rss_mb"], "anon_mb": t["anon_mb"], "files": "-"}
         yield {**extra, "step": stage, "rows": n, "shards": shards, "rows_in": c["rows_in"], "seconds": sum(s for s, _ in per),
-               "shard_seconds": [round(s, 2) for s, _ in per], "rss_mb": max(r for _, r in per), "engine_start_s": engine_start, "work_seconds": round(work, 2),
+               "shard_seconds": [round(s, 2) for s, _ in per], "rss_mb": max(r for _, r in per), "anon_mb": shard_anon, "engine_start_s": engine_start, "work_seconds": round(work, 2),
                "gather_seconds": g_seconds, "gather_rss_mb": g_rss, "rows_quarantined": c["rows_quarantined"],
                "files": {o: len(e["files"]) for o, e in m["outputs"].items()}}
+
+
+TOKENIZE = """
+import glob, sys
+from stages.train import data
+from stages.train.config import TrainConfig
+from hala import tables
+from transformers import AutoTokenizer
+folder, model = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(model)
+reader = tables.RowGroups.local(folder)
+examples = data.Examples()
+examples.rows_in["mix"] = reader.total
+data.add_conversations(examples, "mix", (row for _, row in reader.rows(0, reader.total)))
+cfg = TrainConfig(task="conversations", eval_fraction=0.01)
+p = data.prepare(examples, tok, None, cfg, 2048, "keep_start", False, "bfd", None)
+print(p.stats["rows_used"] + sum(p.stats["quarantine_by_reason"].values()) + p.stats["rows_eval"], p.stats["sequences_train"])
+"""
+
+
+def tokenize(store: Path, run: str, env: dict[str, str]) -> dict[str, Any]:
+    """train's data path (stages.train.data: examples to Arrow, tokenize, too_long, eval split) on translate's output,
+    with the translator stand-in's tokenizer and chat template, in the train environment."""
+    model = store / "_sources" / "tiny-translator" / "model"
+    cmd = [str(VENVS / "train" / "bin" / "python"), "-c", TOKENIZE, str(store / run / "translate-mix" / "conversations"), str(model)]
+    seconds, rss = timed(cmd, {**env, "HF_DATASETS_CACHE": str(store / "_hf")})
+    return {"seconds": seconds, "rss_mb": rss, "anon_mb": ANON[-1]}
 
 
 LOAD = """
@@ -190,11 +238,13 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in sorted({(r["step"], r["shards"]) for r in results}):
-        pts = sorted((r["rows"], r["rows_in"] / r["seconds"], r["rss_mb"]) for r in results if (r["step"], r["shards"]) == key)
+        pts = sorted((r["rows"], r["rows_in"] / (r.get("work_seconds") or r["seconds"]), r["rss_mb"])
+                     for r in results if (r["step"], r["shards"]) == key)
         label = key[0] if key[1] == 1 else f"{key[0]} ({key[1]} shards)"
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    a.set(xscale="log", xlabel="rows (N)", ylabel="rows / s (per core)", title="Throughput against N")
+    a.set(xscale="log", xlabel="rows (N)", ylabel="rows / s, one core (translate, judge: the stage's own work)",
+          title="Throughput against N")
     b.set(xscale="log", xlabel="rows (N)", ylabel="peak RSS of a process (MB)", title="Memory against N")
     a.legend(fontsize=7)
     fig.tight_layout()
@@ -206,6 +256,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--judge-max-rows", type=int, default=None, help="measure judge only up to this N (its pairs are ~2.2 N)")
+    p.add_argument("--tokenize-max-rows", type=int, default=100_000, help="measure train's tokenization up to this N")
     p.add_argument("--prepare-only", action="store_true", help="measure prepare alone")
     p.add_argument("--array", action="store_true", help="write the source as one JSON array instead of JSON lines")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
@@ -213,8 +264,8 @@ def main() -> None:
     env = {**os.environ, "HALA_BENCH_ENGINE": "instant", "HALA_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1",
            "HALA_CACHE": os.environ.get("HALA_CACHE", str(Path.home() / ".cache" / "hala"))}
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.exists() else []
-    print("| step | N | shards | rows/s | rows/s of the stage's work | seconds | peak RSS (MB) | files | gather s |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| step | N | shards | rows/s | rows/s of the stage's work | seconds | peak RSS (MB) | of it anonymous (MB) | files | gather s |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.rows:
             source = Path(tmp) / f"rows-{n}.{'json' if args.array else 'jsonl'}"
@@ -222,13 +273,14 @@ def main() -> None:
             for shards in args.shards:
                 folder = Path(tmp) / f"n{n}-s{shards}"
                 judge = args.judge_max_rows is None or n <= args.judge_max_rows
-                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge, args.prepare_only):
+                tok = n <= args.tokenize_max_rows and shards == args.shards[0]
+                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge, args.prepare_only, tok):
                     if r["step"].startswith("prepare") and shards != args.shards[0]:
                         continue  # the same prepare each time: one row
                     results = [x for x in results if (x["step"], x["rows"], x["shards"]) != (r["step"], r["rows"], r["shards"])] + [r]
                     work = f"{r['rows_in'] / r['work_seconds']:,.0f}" if r.get("work_seconds") else "-"
                     print(f"| {r['step']} | {n:,} | {r['shards']} | {r['rows_in'] / r['seconds']:,.0f} | {work} | {r['seconds']:.1f} | "
-                          f"{r['rss_mb']:.0f} | {r['files']} | {r.get('gather_seconds', 0):.1f} |", flush=True)
+                          f"{r['rss_mb']:.0f} | {r.get('anon_mb', 0):.0f} | {r['files']} | {r.get('gather_seconds', 0):.1f} |", flush=True)
                     args.out.write_text(json.dumps(results, indent=1))
                 subprocess.run(["rm", "-rf", str(folder), str(Path(tmp) / "store" / folder.name)], check=False)
     plot(results, args.out.with_suffix(".png"))
