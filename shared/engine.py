@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from hala.errors import ConfigError, TemporaryError
+from hala.sources import bench_engine
 
 
 @dataclass
@@ -87,18 +88,6 @@ class StepEngine:
         else:
             self.ctx.metrics["engine"] = {"engine": sorted(engines_seen)[0] if engines_seen else None,
                                           "note": "every chunk was committed by an earlier run"}
-
-
-BENCH_ENGINE = "HALA_BENCH_ENGINE"
-
-
-def bench_engine() -> str | None:
-    """The benchmarks' engine stand-in, from the environment alone: no recipe or config key can select it, and a
-    step's fingerprint includes it (hala.sources), so its outputs never pass for a real model's in a cache."""
-    value = os.environ.get(BENCH_ENGINE)
-    if value and value != "instant":
-        raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")
-    return value or None
 
 
 _LATIN_TO_ARABIC = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",

@@ -168,8 +168,6 @@ def resolve(store: Store, recipe: Recipe, step: Step) -> dict[str, ResolvedInput
 def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
     """The cache key of a step: stage code, typed config (with defaults) and the identity of its inputs."""
     assert step.spec is not None
-    from hala.engine import BENCH_ENGINE, bench_engine
-
     key = {
         "stage": step.stage,
         "stage_version": step.spec.version,
@@ -179,6 +177,19 @@ def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
     if bench_engine():
         key[BENCH_ENGINE] = bench_engine()  # a benchmark's stand-in outputs are never a model's cached result
     return sha256_json(key)
+
+
+BENCH_ENGINE = "HALA_BENCH_ENGINE"
+
+
+def bench_engine() -> str | None:
+    """The benchmarks' engine stand-in (hala.engine.InstantEngine), from the environment alone: no recipe or config
+    key can select it, and every step's fingerprint includes it, so its outputs never pass for a model's in a cache.
+    Here, not in hala.engine: every stage's version covers the modules it imports, and prepare imports no engine."""
+    value = os.environ.get(BENCH_ENGINE)
+    if value and value != "instant":
+        raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")
+    return value or None
 
 
 def cache_root() -> Path:
