@@ -28,6 +28,7 @@ would lose or repeat rows.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -88,24 +89,22 @@ class Chunks:
         import pyarrow as pa
 
         out = {name: t if isinstance(t, pa.Table) else pa.Table.from_pylist(t, schema=self.schemas[name]) for name, t in out.items()}
-        tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
         placed = {}
-        try:
-            for name, table in out.items():
-                local = os.path.join(tmp, f"{name}.parquet")
-                tables.write_table(local, table)
-                dst = f"{self.root}/{name}/chunk-{k:06d}.parquet"
-                if self.store.is_local:
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    os.replace(local, dst)
-                else:
-                    self.store.fs.put(local, dst)
-                    os.remove(local)
-                placed[name] = dst
-        finally:
-            for f in os.listdir(tmp):
-                os.remove(os.path.join(tmp, f))
-            os.rmdir(tmp)
+        for name, table in out.items():
+            dst = f"{self.root}/{name}/chunk-{k:06d}.parquet"
+            if self.store.is_local:
+                # written beside its place, then renamed: /tmp may be another file system (a container's tmpfs
+                # over a volume), where a rename fails
+                tables.write_table(dst + ".partial", table)
+                os.replace(dst + ".partial", dst)
+            else:
+                tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
+                try:
+                    tables.write_table(os.path.join(tmp, f"{name}.parquet"), table)
+                    self.store.fs.put(os.path.join(tmp, f"{name}.parquet"), dst)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            placed[name] = dst
         first, stop = self.spans[k]
         marker = {"chunk": k, "layout": LAYOUT, "first": first, "stop": stop, "files": placed, **info}
         self.store.write_json(self._marker(k), marker)

@@ -123,3 +123,20 @@ def test_shard_argument_is_checked(tmp_path: Path) -> None:
     assert _shard(path, "2/2").returncode == 2
     wrong_n = _shard(path, "0/3")
     assert wrong_n.returncode == 2 and "shards: 2 in the recipe" in wrong_n.stdout
+
+
+def test_chunks_commit_where_the_temporary_folder_is_another_file_system(tmp_path: Path) -> None:
+    """In a container /tmp is a tmpfs and the store a volume: a chunk renamed from one to the other failed (EXDEV).
+    Here TMPDIR is /dev/shm (tmpfs) and the store lies on the disk of the test's folder."""
+    import tempfile
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        path = _recipe(tmp_path, rows=9, shards=1, chunk_rows=2)
+        result = hala("run", str(path), env={"TMPDIR": str(shm)})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+        assert manifest(tmp_path / "store", "r", "echo-rows")["outputs"]["data"]["rows"] == 9
+    finally:
+        import shutil
+
+        shutil.rmtree(shm, ignore_errors=True)
