@@ -110,7 +110,7 @@ def _sizes(fs: Any, paths: list[str]) -> dict[str, int]:
     for folder in sorted({p.rsplit("/", 1)[0] for p in paths}):
         try:
             for info in fs.ls(folder, detail=True):
-                out[fs._strip_protocol(info["name"]) if hasattr(fs, "_strip_protocol") else info["name"]] = info.get("size")
+                out[fs._strip_protocol(info["name"])] = info.get("size")
         except FileNotFoundError:
             continue
     return out

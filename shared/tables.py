@@ -132,17 +132,18 @@ class RowGroups:
         in batches of at most `batch_rows` (memory follows the batch, not the row group or the file)."""
         import pyarrow.parquet as pq
 
-        opened: dict[int, Any] = {}
+        current, handle, parquet = -1, None, None  # one file open at a time
         try:
             for f, g, first, rows in self.groups:
                 if first + rows <= start or first >= stop:
                     continue
-                if f not in opened:
-                    opened.clear()  # one file open at a time
-                    handle = self.fs.open(self.paths[f], "rb")
-                    opened[f] = (handle, pq.ParquetFile(handle))
+                if f != current:
+                    if handle is not None:
+                        handle.close()
+                    current, handle = f, self.fs.open(self.paths[f], "rb")
+                    parquet = pq.ParquetFile(handle)
                 at = first
-                for batch in opened[f][1].iter_batches(batch_size=batch_rows, row_groups=[g]):
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[g]):
                     lo, hi = max(start - at, 0), min(stop - at, batch.num_rows)
                     if hi > lo:
                         yield batch.slice(lo, hi - lo)
@@ -150,7 +151,7 @@ class RowGroups:
                     if at >= stop:
                         return
         finally:
-            for handle, _ in opened.values():
+            if handle is not None:
                 handle.close()
 
     def rows(self, start: int, stop: int, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -236,16 +237,11 @@ class PartWriter:
         self.writer, self.file_rows_written = None, 0
 
     def close(self) -> list[str]:
-        import pyarrow as pa
-
         self._flush()
         if self.writer is not None:
             self._roll()
         if not self.files:  # no row at all: one empty file with the schema
-            os.makedirs(self.folder, exist_ok=True)
             self.path = os.path.join(self.folder, "part-00000.parquet")
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist([], schema=self.schema), self.path, compression="zstd")
+            write_table(self.path, self.schema.empty_table())
             self.files.append(self.path)
         return self.files
