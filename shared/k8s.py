@@ -74,8 +74,7 @@ def _labels(recipe: Recipe, step: str, stage: str) -> dict[str, str]:
     return labels
 
 
-def _store_url(recipe: Recipe) -> str:
-    return recipe.store if "://" in recipe.store and not recipe.store.startswith("file://") else STORE_MOUNT
+_store_url = compose_mod.store_url  # an object store's URL as it is, else the volume at /store (one rule for both)
 
 
 def _env(recipe: Recipe, variant: str) -> list[dict[str, Any]]:
