@@ -6,7 +6,6 @@ code), and the manifest says so. Nothing is dropped silently.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 from hala import tables
 from hala.errors import DataError
 from hala.step import StepContext
-from stages.prepare import formats, readers
+from stages.prepare import dedup, formats, readers
 from stages.prepare.config import PrepareConfig
 from stages.prepare.readers import Broken
 
@@ -82,11 +81,31 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
     kind = cfg.kind
     data = ShardWriter(ctx.output_dir("data"), CONVERSATIONS if kind == "conversations" else PAIRS, cfg.rows_per_file)
     quarantine = ShardWriter(ctx.output_dir("quarantine"), QUARANTINE, cfg.rows_per_file)
-    seen: set[bytes] = set()
+    seen = dedup.SeenSet()
+    pending: list[tuple[int, dict[str, Any]]] = []  # rows waiting for the batched duplicate check, in order
     removed = {"duplicates": 0, "code": 0, "excluded": 0}
     stats = {"turns": 0, "multi_turn_rows": 0, "tool_rows": 0, "src_chars": 0, "tgt_chars": 0}
     rows_in = 0
     t0 = time.monotonic()
+
+    def keep(out: dict[str, Any]) -> None:
+        data.add(out)
+        if kind == "conversations":
+            stats["turns"] += len(out["messages"])
+            stats["multi_turn_rows"] += sum(m["role"] == "user" for m in out["messages"]) > 1
+            stats["tool_rows"] += bool(out["tools"]) or any(m["tool_calls"] or m["role"] == "tool" for m in out["messages"])
+        else:
+            stats["src_chars"] += len(out["src"])
+            stats["tgt_chars"] += len(out["tgt"])
+
+    def flush() -> None:
+        for first, (_, out) in zip(seen.first_seen([d for d, _ in pending]), pending):
+            if first:
+                keep(out)
+            else:
+                removed["duplicates"] += 1
+        pending.clear()
+
     with ctx.progress(cfg.max_rows, unit="rows", what="normalize") as progress:
         for index, raw in enumerate(_rows(ctx, cfg)):
             if cfg.max_rows is not None and index >= cfg.max_rows:
@@ -116,20 +135,13 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
                 quarantine.add({"id": row_id, "origin": origin, "row_index": index, "reason": r.reason, "detail": r.detail,
                                 "raw": tables.raw_text(raw.raw if isinstance(raw, Broken) else raw)})
                 continue
-            if cfg.dedup:
-                digest = hashlib.blake2b(key, digest_size=16).digest()
-                if digest in seen:
-                    removed["duplicates"] += 1
-                    continue
-                seen.add(digest)
-            data.add(out)
-            if kind == "conversations":
-                stats["turns"] += len(out["messages"])
-                stats["multi_turn_rows"] += sum(m["role"] == "user" for m in out["messages"]) > 1
-                stats["tool_rows"] += bool(out["tools"]) or any(m["tool_calls"] or m["role"] == "tool" for m in out["messages"])
-            else:
-                stats["src_chars"] += len(out["src"])
-                stats["tgt_chars"] += len(out["tgt"])
+            if not cfg.dedup:
+                keep(out)
+                continue
+            pending.append((dedup.digest(key), out))
+            if len(pending) >= ShardWriter.BATCH:
+                flush()
+        flush()
     data.close()
     quarantine.close()
     ctx.timings["normalize_seconds"] = round(time.monotonic() - t0, 3)

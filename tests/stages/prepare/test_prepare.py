@@ -160,6 +160,35 @@ def test_flores_both_directions_and_tsv_pairs(tmp_path: Path, shared_data: Path)
     assert ds.column_names == ["id", "origin", "src_lang", "tgt_lang", "src", "tgt"]
 
 
+def test_duplicates_across_batches_and_merged_runs_keep_the_first_of_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeats land in the same batch, in a later batch, and after the recent digests were merged into the sorted
+    array (a buffer of 500 forces ~10 merges): exactly the first of every distinct row is kept, in input order."""
+    from stages.prepare import dedup
+    monkeypatch.setattr(dedup, "BUFFER", 500)
+    rng = __import__("random").Random(7)
+    order = [rng.randrange(3000) for _ in range(9000)]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"task {k}", "output": f"answer {k}"}) + "\n" for k in order))
+    code, m, out = run_prepare(tmp_path, src, format="alpaca")
+    assert code == 0
+    balanced(m)
+    firsts = {}
+    for i, k in enumerate(order):
+        firsts.setdefault(k, i)
+    kept = rows(out)
+    assert [r["id"] for r in kept] == [f"x:{i}" for i in sorted(firsts.values())]
+    assert m["counts"]["rows_removed"]["duplicates"] == len(order) - len(firsts)
+
+
+def test_the_seen_set_holds_eight_bytes_a_row() -> None:
+    from stages.prepare import dedup
+    seen = dedup.SeenSet(buffer=1000)
+    digests = [dedup.digest(f"row {i}".encode()) for i in range(20_000)]
+    assert all(seen.first_seen(digests[i:i + 2048]) == [True] * len(digests[i:i + 2048]) for i in range(0, 20_000, 2048))
+    assert not any(seen.first_seen(digests[::7]))
+    assert len(seen) == 20_000 and seen.sorted.nbytes >= 19_000 * 8 and len(seen.recent) < 1000
+
+
 # --- malformed input --------------------------------------------------------------------------------
 
 
