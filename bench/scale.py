@@ -80,6 +80,20 @@ def synthesize(n: int, path: Path, seed: int = 0) -> None:
         f.write("]\n" if array else "")
 
 
+def synthesize_alpaca(n: int, path: Path) -> None:
+    """n rows in Alpaca's own format (instruction, input, output), the 5,000 real rows over and over, each
+    instruction numbered: the rows the issue's 40K rows/s figure was measured on (format: alpaca)."""
+    rows = _load(DATA / "en-alpaca-5000" / "alpaca_5000.json")
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            r = rows[i % len(rows)]
+            f.write(json.dumps({**r, "instruction": f"({i}) {r['instruction']}"}, ensure_ascii=False) + "\n")
+
+
+def _label(source: Path) -> str:
+    return "prepare (Alpaca rows)" if "alpaca" in source.name else "prepare (JSON array)" if source.suffix == ".json" else "prepare"
+
+
 def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Path:
     """One store for every run: the tiny stand-in's tokenizer is built once. The judge reads the translator's
     tokenizer too: the instant engine loads no weights, and the judge stand-in would cost a minute to train."""
@@ -89,7 +103,7 @@ def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Pa
         "name": "scale", "store": str(store), "run": run,
         "tiny_models": {"pairs": str(REPO / "recipes" / "samples" / "pairs.en-ar.tsv")},
         "steps": {
-            "prepare-mix": {"stage": "prepare", "inputs": {"source": str(source)}, "config": {"format": "messages", "drop_code": False}},
+            "prepare-mix": {"stage": "prepare", "inputs": {"source": str(source)}, "config": {"format": "alpaca" if "alpaca" in source.name else "messages", "drop_code": False}},
             "translate-mix": {"stage": "translate", "shards": shards, "inputs": {"data": "prepare-mix", "model": "tiny:translator"},
                               "config": {"engine": "transformers", "max_model_len": 4096, "unit": "paragraph",
                                          "sampling": {"max_tokens": 2048}, "outputs": ["conversations", "pairs"], "chunk_rows": 2048}},
@@ -149,7 +163,7 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
 
     seconds, rss = timed(stage_cmd("data", "prepare", path, "prepare-mix"), env)
     m = manifest(folder, "prepare-mix")
-    yield {"step": "prepare (JSON array)" if source.suffix == ".json" else "prepare", "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"],
+    yield {"step": _label(source), "rows": n, "shards": 1, "rows_in": m["counts"]["rows_in"],
            "seconds": seconds, "rss_mb": rss, "anon_mb": ANON[-1],
            "files": len(m["outputs"]["data"]["files"])}
     if prepare_only:
@@ -259,6 +273,7 @@ def main() -> None:
     p.add_argument("--tokenize-max-rows", type=int, default=100_000, help="measure train's tokenization up to this N")
     p.add_argument("--prepare-only", action="store_true", help="measure prepare alone")
     p.add_argument("--array", action="store_true", help="write the source as one JSON array instead of JSON lines")
+    p.add_argument("--alpaca", action="store_true", help="prepare alone, on rows in Alpaca's format (instruction, input, output)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
     args = p.parse_args()
     env = {**os.environ, "HALA_BENCH_ENGINE": "instant", "HALA_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1",
@@ -268,13 +283,13 @@ def main() -> None:
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.rows:
-            source = Path(tmp) / f"rows-{n}.{'json' if args.array else 'jsonl'}"
-            synthesize(n, source)
+            source = Path(tmp) / f"{'alpaca' if args.alpaca else 'rows'}-{n}.{'json' if args.array else 'jsonl'}"
+            (synthesize_alpaca if args.alpaca else synthesize)(n, source)
             for shards in args.shards:
                 folder = Path(tmp) / f"n{n}-s{shards}"
                 judge = args.judge_max_rows is None or n <= args.judge_max_rows
                 tok = n <= args.tokenize_max_rows and shards == args.shards[0]
-                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge, args.prepare_only, tok):
+                for r in measure(n, shards, source, folder, Path(tmp) / "store", env, judge, args.prepare_only or args.alpaca, tok):
                     if r["step"].startswith("prepare") and shards != args.shards[0]:
                         continue  # the same prepare each time: one row
                     results = [x for x in results if (x["step"], x["rows"], x["shards"]) != (r["step"], r["rows"], r["shards"])] + [r]

@@ -57,22 +57,6 @@ def write_table(path: str, table: Any) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def read(folder: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every row of the parquet files under folder (name order), and the column names."""
-    import glob
-
-    import pyarrow.parquet as pq
-
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
-    rows: list[dict[str, Any]] = []
-    columns: list[str] = []
-    for f in files:
-        table = pq.read_table(f)
-        columns = columns or table.column_names
-        rows.extend(table.to_pylist())
-    return rows, columns
-
-
 # --- reading a shard's rows ---------------------------------------------------------------------------------------
 #
 # Rows are numbered across the input's parquet files in path order (file by file, row group by row group), and
@@ -127,9 +111,10 @@ class RowGroups:
     def columns(self) -> list[str]:
         return list(self.schema.names) if self.schema is not None else []
 
-    def batches(self, start: int, stop: int, batch_rows: int = 4096) -> Iterator[Any]:
+    def batches(self, start: int, stop: int, batch_rows: int = 4096, columns: list[str] | None = None) -> Iterator[Any]:
         """Arrow record batches holding exactly rows [start, stop), in order; only overlapping row groups are read,
-        in batches of at most `batch_rows` (memory follows the batch, not the row group or the file)."""
+        in batches of at most `batch_rows` (memory follows the batch, not the row group or the file), and of them
+        only `columns` when given (parquet reads those columns' pages alone)."""
         import pyarrow.parquet as pq
 
         current, handle, parquet = -1, None, None  # one file open at a time
@@ -143,7 +128,7 @@ class RowGroups:
                     current, handle = f, self.fs.open(self.paths[f], "rb")
                     parquet = pq.ParquetFile(handle)
                 at = first
-                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[g]):
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
                     lo, hi = max(start - at, 0), min(stop - at, batch.num_rows)
                     if hi > lo:
                         yield batch.slice(lo, hi - lo)
@@ -154,10 +139,11 @@ class RowGroups:
             if handle is not None:
                 handle.close()
 
-    def rows(self, start: int, stop: int, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(row index, row) for rows [start, stop), decoding a batch at a time."""
+    def rows(self, start: int = 0, stop: int | None = None, batch_rows: int = 4096,
+             columns: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row index, row) for rows [start, stop) (every row by default), decoding a batch at a time."""
         index = start
-        for batch in self.batches(start, stop, batch_rows):
+        for batch in self.batches(start, self.total if stop is None else stop, batch_rows, columns):
             for row in batch.to_pylist():
                 yield index, row
                 index += 1

@@ -51,7 +51,7 @@ def write_translations(ctx: StepContext, pairs: translation.Pairs, columns: dict
 
 
 def run_translation(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
-    pairs = translation.read_pairs(ctx.input("data").local_path(), cfg, f"step '{ctx.step.name}' input 'data'")
+    pairs = translation.read_pairs(ctx.input("data").row_groups(), cfg, f"step '{ctx.step.name}' input 'data'")
     result: dict[str, Any] = {"rows": len(pairs.ids), "skipped": pairs.skipped, "direction": cfg.direction, "prompt": cfg.prompt}
     columns = {}
     for side in ("model", "base"):
@@ -68,7 +68,7 @@ def run_translation(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
 
 
 def run_fp8(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
-    pairs = translation.read_pairs(ctx.input("data").local_path(), cfg, f"step '{ctx.step.name}' input 'data'")
+    pairs = translation.read_pairs(ctx.input("data").row_groups(), cfg, f"step '{ctx.step.name}' input 'data'")
     sides = {}
     columns = {}
     for side in ("reference", "model"):

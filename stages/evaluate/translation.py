@@ -26,13 +26,16 @@ class Pairs:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def read_pairs(path: str, cfg: EvaluateConfig, where: str) -> Pairs:
-    rows, columns = tables.read(path)
+def read_pairs(reader: tables.RowGroups, cfg: EvaluateConfig, where: str) -> Pairs:
+    """The pairs to score, read a record batch at a time and only as far as `max_rows` needs (a test split of a
+    million-row corpus costs its first row groups, not the whole table)."""
+    columns = reader.columns
     if not {"src", "tgt"} <= set(columns):
-        raise DataError(f"{where}: expected a pairs dataset (columns src, tgt), found {', '.join(columns) or 'no parquet files'} in {path}")
+        raise DataError(f"{where}: expected a pairs dataset (columns src, tgt), found {', '.join(columns) or 'no parquet files'} in {reader.paths[0]}")
     want_src, want_tgt = cfg.direction.split("-")
     out = Pairs()
-    for i, r in enumerate(rows):
+    wanted = [c for c in ("id", "src_lang", "tgt_lang", "src", "tgt") if c in columns]
+    for i, r in reader.rows(columns=wanted):
         if cfg.max_rows is not None and len(out.ids) >= cfg.max_rows:
             break
         langs = (r.get("src_lang"), r.get("tgt_lang"))
@@ -50,7 +53,7 @@ def read_pairs(path: str, cfg: EvaluateConfig, where: str) -> Pairs:
         out.src.append(s.strip())
         out.ref.append(t.strip())
     if not out.ids:
-        raise DataError(f"{where}: no {cfg.direction} pair to score in {path} (skipped: {out.skipped or 'none'})")
+        raise DataError(f"{where}: no {cfg.direction} pair to score in {reader.paths[0]} (skipped: {out.skipped or 'none'})")
     return out
 
 

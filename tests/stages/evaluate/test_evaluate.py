@@ -94,7 +94,7 @@ def test_translator_base_against_model_on_flores_devtest(tmp_path: Path, store: 
         assert 0 <= r[side]["bleu"] <= 100 and 0 <= r[side]["chrf++"] <= 100
         assert r[side]["engine"]["engine"] == "transformers" and r[side]["completion_tokens"] > 0
     assert r["difference"]["chrf++"] == round(r["model"]["chrf++"] - r["base"]["chrf++"], 2)
-    out = tables.read(str(store / "flores" / "evaluate-x" / "translations"))[0]
+    out = [r for _, r in tables.RowGroups.local(str(store / "flores" / "evaluate-x" / "translations")).rows()]
     assert len(out) == 24 and {"src", "ref", "hyp_model", "hyp_base"} <= set(out[0])
 
 
@@ -187,7 +187,7 @@ def test_missing_inputs_and_unknown_tasks_fail_clearly(tmp_path: Path, store: Pa
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _ = evaluate(tmp_path / "c", store, "bad", {"model": "tiny:teacher", "data": str(empty)}, kind="translation")
-    assert code == 3 and "expected a pairs dataset" in capsys.readouterr().out
+    assert code == 3 and f"input 'data' ({empty}) holds no parquet file" in capsys.readouterr().out
 
 
 def test_localdata_reports_rows_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -167,7 +167,7 @@ def test_a_killed_shard_resumes_after_its_last_committed_chunk(tmp_path: Path, s
     """SIGKILL mid-run, restart: no row lost or written twice, and the restart does only the chunks left."""
     from hala import tables
 
-    source, _ = tables.read(str(prepared["tulu3"]))
+    source = [r for _, r in tables.RowGroups.local(str(prepared["tulu3"])).rows()]
     many = [{**r, "id": f"{r['id']}-{k}"} for k in range(40) for r in source]  # 160 rows
     data = tmp_path / "many"
     tables.write(str(data / "part-0.parquet"), many, tables.conversations_schema())
@@ -258,7 +258,7 @@ def test_a_dead_vllm_engine_is_exit_75_naming_the_chunk_and_the_retry_resumes_th
 
     from hala import tables
 
-    source, _ = tables.read(str(prepared["tulu3"]))
+    source = [r for _, r in tables.RowGroups.local(str(prepared["tulu3"])).rows()]
     # 48 rows, 6 chunks: the kill comes at the first committed chunk, the rerun does the rest (160 rows cost ~60 s more)
     many = [{**r, "id": f"{r['id']}-{k}"} for k in range(12) for r in source]
     data = tmp_path / "many"
