@@ -51,7 +51,6 @@ def main() -> None:
     os.environ["HALA_CACHE"] = str(tmp / "cache")
     import s3fs
 
-    from hala.sources import _localize_step_output
     from hala.store import SCHEMA, Store, output_entry
 
     def manifest_of(store: Store, run: str, step: str, folder: Path, output: str) -> dict:
@@ -88,7 +87,7 @@ def main() -> None:
             fs.get(f"hala-bench/ref{k}/data", str(out), recursive=True)
             ref_get = time.perf_counter() - t
             t = time.perf_counter()
-            _localize_step_output(store, "bench", "data-step", store.read_manifest("bench", "data-step"), "data")
+            store.localize("bench", "data-step", store.read_manifest("bench", "data-step"), "data")
             ours_get = time.perf_counter() - t
             print(f"| read an input into HALA_CACHE | {args.data_gb:g} | {ref_get:.1f} | {ours_get:.1f} | {ref_get / ours_get:.2f} | "
                   "hala checks each file's sha256, s3fs nothing |", flush=True)

@@ -164,7 +164,7 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from hala.sources import cache_root
+    from hala.store import cache_root
 
     sets = env_sets()
     unknown = [n for n in names or [] if n not in sets]

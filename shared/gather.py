@@ -41,8 +41,8 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
     t0 = time.monotonic()
     n = step.shards
     base = f"{store.work_path(recipe.run, step.name, fp)}/shards"
-    existing = store.read_manifest(recipe.run, step.name)
-    current = existing is not None and existing.get("fingerprint") == fp
+    existing = store.committed(recipe.run, step.name, fp)
+    current = existing is not None
     if current and not store.fs.exists(base):
         log.info("cached", fingerprint=fp[:12])
         return existing

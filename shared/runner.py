@@ -245,10 +245,8 @@ def _state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: boo
             raise
         return "waiting", None, None  # an upstream step is not committed yet: it runs first
     fp = sources.fingerprint(step, resolved)
-    manifest = store.read_manifest(recipe.run, step.name)
-    if not forced and manifest and manifest.get("fingerprint") == fp and store.outputs_present(recipe.run, step.name, manifest):
-        return "cached", fp, manifest
-    return "run", fp, manifest
+    manifest = None if forced else store.committed(recipe.run, step.name, fp)
+    return ("cached", fp, manifest) if manifest is not None else ("run", fp, None)
 
 
 def _probe(store: Store, recipe: Recipe, steps: list[Step], force: list[str] | None) -> dict[str, tuple[str, str | None, dict[str, Any] | None]]:

@@ -24,9 +24,9 @@ import fsspec
 
 from hala import tiny_spec
 from hala.errors import ConfigError, DataError
-from hala.hashing import WORKERS, sha256_file, sha256_json, sha256_tree
+from hala.hashing import WORKERS, sha256_json, sha256_tree
 from hala.recipe import InputRef, Recipe, Step
-from hala.store import Store
+from hala.store import Store, cache_root
 
 
 class NotCommitted(ConfigError):
@@ -67,7 +67,7 @@ class ResolvedInput:
             return self.uri
         if self.kind == "step":
             assert self.store is not None and self.run is not None and self.manifest is not None
-            return _localize_step_output(self.store, self.run, self.ref.step or "", self.manifest, self.ref.output or "")
+            return self.store.localize(self.run, self.ref.step or "", self.manifest, self.ref.output or "")
         if self.kind == "url":
             return _download(self.uri, self.key)
         if self.kind == "tiny":
@@ -190,50 +190,6 @@ def bench_engine() -> str | None:
     if value and value != "instant":
         raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")
     return value or None
-
-
-def cache_root() -> Path:
-    """This machine's content-addressed cache (HALA_CACHE, default ~/.cache/hala): downloads, localized outputs,
-    tiny stand-in builds. Entries are named by what they hold, so every store and process can share them."""
-    return Path(os.environ.get("HALA_CACHE", Path.home() / ".cache" / "hala"))
-
-
-def _localize_step_output(store: Store, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
-    entry = manifest["outputs"][output]
-    if store.is_local:
-        store.verify_output(run, step, manifest, output)
-        return store.path(run, step, entry["path"])
-    # remote store: copy into a content-addressed local cache, checking each file as it lands
-    target = cache_root() / "outputs" / entry["sha256"]
-    done = target / ".complete"
-    if done.exists():
-        return str(target / entry["path"])
-    local = fsspec.filesystem("file")
-
-    def fetch(f: dict[str, Any]) -> None:
-        """One file down, then hashed while the other workers download theirs."""
-        dst = target / f["path"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        store.fs.get(store.path(run, step, f["path"]), str(dst))
-        digest, size = sha256_file(local, str(dst))
-        if digest != f["sha256"] or size != f["bytes"]:
-            raise DataError(
-                f"artifact changed since it was written: {store.uri(store.path(run, step, f['path']))} "
-                f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
-            )
-
-    # several files at a time (a model's shards, a dataset's parts), largest first so that the last to finish is small;
-    # one at a time this path was the slowest way to read an output (bench/store_throughput.py)
-    files = sorted(entry.get("files", []), key=lambda f: -f["bytes"])
-    with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(files)))) as pool:
-        for _ in pool.map(fetch, files):
-            pass
-    (target / entry["path"]).mkdir(parents=True, exist_ok=True)
-    done.touch()
-    return str(target / entry["path"])
-
-
-FETCH_WORKERS = 8  # files downloaded at once from a remote store (each over its own connection)
 
 
 def _download(url: str, key: str) -> str:

@@ -170,8 +170,7 @@ def open_context(args: argparse.Namespace, stage: str, config_model: type) -> tu
 
 
 def is_cached(ctx: StepContext) -> bool:
-    manifest = ctx.store.read_manifest(ctx.run, ctx.step.name)
-    if manifest and manifest.get("fingerprint") == ctx.fingerprint and ctx.store.outputs_present(ctx.run, ctx.step.name, manifest):
+    if ctx.store.committed(ctx.run, ctx.step.name, ctx.fingerprint) is not None:
         return True
     if ctx.shard and ctx.shard[1] > 1 and ctx.store.fs.exists(f"{ctx.work}/{PART}"):
         return True  # this shard's part is committed; the step waits for `hala gather`

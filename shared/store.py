@@ -21,6 +21,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,22 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from hala.errors import EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
-from hala.hashing import sha256_files, sha256_listing
+from hala.hashing import sha256_file, sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
 PART = "_PART.json"
 WORK = "_work"
 SCHEMA = "hala.manifest/1"
 COUNT_KEYS = ("rows_in", "rows_out", "rows_quarantined", "rows_removed")
+
+
+FETCH_WORKERS = 8  # files downloaded at once from a remote store (each over its own connection)
+
+
+def cache_root() -> Path:
+    """This machine's content-addressed cache (HALA_CACHE, default ~/.cache/hala): downloads, localized outputs,
+    tiny stand-in builds. Entries are named by what they hold, so every store and process can share them."""
+    return Path(os.environ.get("HALA_CACHE", Path.home() / ".cache" / "hala"))
 
 
 def now() -> str:
@@ -152,6 +163,50 @@ class Store:
             )
         return manifest
 
+    def committed(self, run: str, step: str, fingerprint: str | None) -> dict[str, Any] | None:
+        """The one cache predicate: the step's manifest when it is committed under this fingerprint with every output
+        file present at its recorded size, else None. A step, a shard's planning, gather, the runner's plan, a tiny
+        stand-in and train's tokenized cache all ask this, and nothing else."""
+        manifest = self.read_manifest(run, step)
+        if manifest is None or fingerprint is None or manifest.get("fingerprint") != fingerprint:
+            return None
+        return manifest if self.outputs_present(run, step, manifest) else None
+
+    def localize(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
+        """A local path holding one committed output, every file checked against the manifest: on a local store the
+        output itself (re-hashed), on an object store a copy in this machine's content-addressed cache
+        (cache_root()/outputs/<sha256>), fetched once per machine, several files at a time, each hashed as it lands."""
+        entry = manifest["outputs"][output]
+        if self.is_local:
+            self.verify_output(run, step, manifest, output)
+            return self.path(run, step, entry["path"])
+        target = cache_root() / "outputs" / entry["sha256"]
+        done = target / ".complete"
+        if done.exists():
+            return str(target / entry["path"])
+        local = fsspec.filesystem("file")
+
+        def fetch(f: dict[str, Any]) -> None:
+            dst = target / f["path"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(self.path(run, step, f["path"]), str(dst))
+            digest, size = sha256_file(local, str(dst))
+            if digest != f["sha256"] or size != f["bytes"]:
+                raise DataError(
+                    f"artifact changed since it was written: {self.uri(self.path(run, step, f['path']))} "
+                    f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
+                )
+
+        # largest first, so that the last to finish is small; one at a time this was the slowest way to read an
+        # output (bench/store_throughput.py)
+        files = sorted(entry.get("files", []), key=lambda f: -f["bytes"])
+        with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(files)))) as pool:
+            for _ in pool.map(fetch, files):
+                pass
+        (target / entry["path"]).mkdir(parents=True, exist_ok=True)
+        done.touch()
+        return str(target / entry["path"])
+
     def output_path(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
         try:
             entry = manifest["outputs"][output]
@@ -218,21 +273,8 @@ class Store:
 
     def describe(self, base: str, rel_dir: str, local: bool,
                  known: dict[str, tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
-        """Files under base/rel_dir with sha256 and size; paths relative to base. `known`: local files already
-        hashed by their writer (abs path -> sha256, size, mtime_ns), taken only if size and mtime still match."""
-        fs = fsspec.filesystem("file") if local else self.fs
-        root = f"{base.rstrip('/')}/{rel_dir}"
-        if not fs.exists(root):
-            return []
-        paths = [root] if fs.isfile(root) else sorted(fs.find(root))
-        found: dict[str, tuple[str, int]] = {}
-        for p in paths if local and known else []:
-            entry, st = known.get(os.path.abspath(p)), os.stat(p)
-            if entry is not None and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
-                found[p] = (entry[0], entry[1])
-        rest = [p for p in paths if p not in found]
-        found.update(zip(rest, sha256_files(fs, rest)))
-        return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": found[p][0], "bytes": found[p][1]} for p in paths]
+        """Files under base/rel_dir (on this machine when `local`, else in the store) with sha256 and size."""
+        return describe(fsspec.filesystem("file") if local else self.fs, base, rel_dir, known if local else None)
 
     def commit(self, run: str, step: str, moves: list[tuple[str, str]], from_local: bool, manifest: dict[str, Any]) -> None:
         """Publish outputs, then the manifest. `moves` are (source, path relative to the step folder):
@@ -298,6 +340,27 @@ class Store:
         return out
 
 
+def describe(fs: Any, base: str, rel_dir: str, known: dict[str, tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
+    """Files under base/rel_dir with sha256 and size; paths relative to base. `known`: local files already hashed by
+    their writer (abs path -> sha256, size, mtime_ns), taken only if size and mtime still match."""
+    root = f"{base.rstrip('/')}/{rel_dir}"
+    if not fs.exists(root):
+        return []
+    paths = [root] if fs.isfile(root) else sorted(fs.find(root))
+    found: dict[str, tuple[str, int]] = {}
+    for p in paths if known else []:
+        entry, st = known.get(os.path.abspath(p)), os.stat(p)
+        if entry is not None and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
+            found[p] = (entry[0], entry[1])
+    rest = [p for p in paths if p not in found]
+    found.update(zip(rest, sha256_files(fs, rest)))
+    return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": found[p][0], "bytes": found[p][1]} for p in paths]
+
+
+def describe_local(base: str, rel_dir: str) -> list[dict[str, Any]]:
+    return describe(fsspec.filesystem("file"), base, rel_dir)
+
+
 def output_entry(files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int | None, **extra: Any) -> dict[str, Any]:
     prefix = rel_dir.rstrip("/") + "/"
     return {
@@ -311,21 +374,39 @@ def output_entry(files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int
     }
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What made an artifact, as its manifest records it: a recipe step (`of_step`), or an artifact no recipe names
+    (a tiny stand-in, a tokenized cache) described by its builder."""
+
+    name: str
+    stage: str
+    stage_version: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str | None = None
+
+    @classmethod
+    def of_step(cls, step: Any) -> "Identity":
+        return cls(step.name, step.stage, step.spec.version, step.config, step.config_hash())
+
+
 def new_manifest(*, run: str, step: Any, fingerprint: str, inputs: dict[str, Any], outputs: dict[str, Any],
                  counts: dict[str, Any] | None, quarantine: dict[str, Any], metrics: dict[str, Any],
                  timings: dict[str, Any], shards: dict[str, Any] | None) -> dict[str, Any]:
-    """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the fields)."""
+    """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the fields).
+    `step`: a recipe Step or an Identity."""
+    who = step if isinstance(step, Identity) else Identity.of_step(step)
     return {
         "schema": SCHEMA,
         "run": run,
-        "step": step.name,
-        "stage": step.stage,
-        "stage_version": step.spec.version,
+        "step": who.name,
+        "stage": who.stage,
+        "stage_version": who.stage_version,
         "code_version": code_version(),
         "image": os.environ.get("HALA_IMAGE"),
         "fingerprint": fingerprint,
-        "config": step.config,
-        "config_hash": step.config_hash(),
+        "config": who.config,
+        "config_hash": who.config_hash,
         "inputs": inputs,
         "outputs": outputs,
         "counts": counts,

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hala import lease, logs, spans, tiny_spec
+from hala import artifact, logs, spans, tiny_spec
 from hala.hashing import sha256_json
-from hala.store import SCHEMA, Store, code_version, host_info, now, output_entry
+from hala.store import Identity, Store, describe_local, new_manifest, now, output_entry
 
 # ids 0-3 follow LFM2's pad / bos / eos naming; <|endoftext|> is there because transformers' Qwen2 tokenizer
 # class adds it as unk when missing, which would make the judge's tokenizer one token longer than its model.
@@ -294,33 +294,15 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
     """Local folder of `tiny:<role>` for this recipe: committed into <store>/_sources/ on first use, then reused.
 
     The build itself happens once per machine: it lands in the content-addressed cache (HALA_TINY_CACHE, else
-    hala.sources.cache_root()/tiny, keyed by the spec's hash) and every store that needs the same stand-in
-    commits a copy of it. The cache entry's lock is held from the check to the commit, so processes side by
-    side (test suites, compose services sharing the cache on the store volume) wait for one builder and one
-    commit instead of training twice or committing over each other."""
+    hala.store.cache_root()/tiny, keyed by the spec's hash) and every store that needs the same stand-in commits a
+    copy of it (hala.artifact: the store's lease, then the cache entry's lock, so processes side by side, test
+    suites or compose services, wait for one builder and one commit instead of training twice)."""
     spec = tiny_spec.spec(role, recipe)
     key = sha256_json(spec)
     name = f"tiny-{role}"
-
-    def committed() -> dict[str, Any] | None:
-        m = store.read_manifest("_sources", name)
-        if m is None or m.get("fingerprint") != key or not store.outputs_present("_sources", name, m):
-            return None
-        return m
-
-    manifest = committed()
-    if manifest is None:
-        # the machine's cache entry, then the store's lease: machines sharing one store commit it once
-        with _locked(role, key) as entry, lease.held(store, "_sources", name, logs.get("hala.tiny")):
-            manifest = committed()  # another process may have committed it while this one waited
-            if manifest is None:
-                manifest = _commit_from_cache(store, role, recipe, spec, key, entry)
-    if store.is_local:
-        store.verify_output("_sources", name, manifest, "model")
-        return store.path("_sources", name, "model")
-    from hala.sources import _localize_step_output
-
-    return _localize_step_output(store, "_sources", name, manifest, "model")
+    manifest, _ = artifact.ensure(store, "_sources", name, key, lambda folder: _commit_from_cache(role, recipe, spec, key, folder),
+                                  logs.get("hala.tiny"))
+    return store.localize("_sources", name, manifest, "model")
 
 
 @contextlib.contextmanager
@@ -328,7 +310,7 @@ def _locked(role: str, key: str) -> Any:
     """The cache entry of this build (a folder, maybe not there yet), locked for this process."""
     import fcntl
 
-    from hala.sources import cache_root
+    from hala.store import cache_root
 
     # HALA_TINY_CACHE: `hala test` points every suite at one folder, so each stand-in trains once per machine
     root = Path(os.environ.get("HALA_TINY_CACHE") or cache_root() / "tiny")
@@ -356,27 +338,20 @@ def cached_build(role: str, recipe: Any, spec: dict[str, Any], entry: Path) -> t
     return entry / "model", json.loads((entry / "info.json").read_text())
 
 
-def _commit_from_cache(store: Store, role: str, recipe: Any, spec: dict[str, Any], key: str, entry: Path) -> dict[str, Any]:
+def _commit_from_cache(role: str, recipe: Any, spec: dict[str, Any], key: str, folder: str) -> dict[str, Any]:
+    """The stand-in's files under folder/model (copied: the machine cache keeps its own) and its manifest."""
     started = now()
-    cached, info = cached_build(role, recipe, spec, entry)
-    tmp = Path(tempfile.mkdtemp(prefix=f"hala-tiny-{role}-"))
-    try:
-        shutil.copytree(cached, tmp / "model")  # the commit moves it: the cache keeps its own copy
-        files = store.describe(str(tmp), "model", local=True)
-        manifest = {
-            "schema": SCHEMA, "run": "_sources", "step": f"tiny-{role}", "stage": "hala.tiny",
-            "stage_version": spec["builder"], "code_version": code_version(), "image": os.environ.get("HALA_IMAGE"),
-            "fingerprint": key, "config": spec, "config_hash": key,
-            "inputs": {"pairs": {"ref": recipe.tiny_models.get("pairs"), "kind": "path", "sha256": spec["pairs_sha256"]}},
-            "outputs": {"model": output_entry(files, "model", "model", None, format="huggingface", role=role)},
-            "counts": None, "quarantine": {"rows": 0, "by_reason": {}}, "metrics": {**info, "cache": str(cached.parent)},
-            "timings": {"started": started, "finished": now(), "seconds": info["build_seconds"]},
-            "shards": None, "host": host_info(),
-        }
-        store.commit("_sources", f"tiny-{role}", [(str(tmp / "model"), "model")], True, manifest)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(role, key) as entry:
+        cached, info = cached_build(role, recipe, spec, entry)
+        shutil.copytree(cached, os.path.join(folder, "model"))
+    files = describe_local(folder, "model")
+    return new_manifest(
+        run="_sources", step=Identity(f"tiny-{role}", "hala.tiny", spec["builder"], spec, key), fingerprint=key,
+        inputs={"pairs": {"ref": recipe.tiny_models.get("pairs"), "kind": "path", "sha256": spec["pairs_sha256"]}},
+        outputs={"model": output_entry(files, "model", "model", None, format="huggingface", role=role)},
+        counts=None, quarantine={"rows": 0, "by_reason": {}}, metrics={**info, "cache": str(cached.parent)},
+        timings={"started": started, "finished": now(), "seconds": info["build_seconds"]}, shards=None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

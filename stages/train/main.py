@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from hala import lease, tables
+from hala import artifact, tables
 from hala.errors import ConfigError, DataError
 from hala.hashing import sha256_json
 from hala.step import StepContext, rank
-from hala.store import SCHEMA, code_version, host_info, now, output_entry
+from hala.store import Identity, describe_local, new_manifest, now, output_entry
 from stages.train import checkpoints, data
 from stages.train.config import TrainConfig
 
@@ -126,73 +126,52 @@ def cache_key(cfg: TrainConfig, ctx: StepContext, tok_fp: str, sft: dict[str, An
 
 
 def tokenized(cfg: TrainConfig, ctx: StepContext, tok: Any, template: str, sft: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Local folder of the tokenized cache (train/, eval/, quarantine.parquet, stats.json), built if missing."""
+    """Local folder of the tokenized cache (train/, eval/, quarantine.parquet, stats.json), built if missing: a
+    content-addressed artifact of the store (hala.artifact), so two steps or pods with one cache key build it once."""
     from accelerate import PartialState
 
     key = cache_key(cfg, ctx, tokenizer_fingerprint(tok, template), sft)
     name = f"tokenized-{key[:20]}"
-    store = ctx.store
+
+    def build(folder: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        examples = read_examples(cfg, ctx)
+        try:
+            prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"), sft.get("truncation_mode", "keep_start"),
+                                    bool(sft.get("packing")), sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
+                                    bool(sft.get("shuffle_dataset")))
+            return cache_manifest(ctx, folder, name, key, prepared, time.monotonic() - t0)
+        finally:
+            shutil.rmtree(examples.folder, ignore_errors=True)  # the examples and datasets' map caches
+
     with PartialState().main_process_first():  # rank 0 builds; the others wait, then read what it committed
-        def committed() -> dict[str, Any] | None:
-            m = store.read_manifest(CACHE_RUN, name)
-            return m if m is not None and m.get("fingerprint") == key and store.outputs_present(CACHE_RUN, name, m) else None
-
-        manifest = committed()
-        hit = manifest is not None
-        if not hit:
-            with lease.held(store, CACHE_RUN, name, ctx.log):  # two steps (or pods) with one cache key build it once
-                manifest = committed()
-                hit = manifest is not None
-                if not hit:
-                    t0 = time.monotonic()
-                    examples = read_examples(cfg, ctx)
-                    try:
-                        prepared = data.prepare(examples, tok, template, cfg, sft.get("max_length"),
-                                                sft.get("truncation_mode", "keep_start"), bool(sft.get("packing")),
-                                                sft.get("packing_strategy", "bfd"), cfg.tokenize_workers,
-                                                bool(sft.get("shuffle_dataset")))
-                        manifest = commit_cache(ctx, name, key, prepared, time.monotonic() - t0)
-                    finally:
-                        shutil.rmtree(examples.folder, ignore_errors=True)  # the examples and datasets' map caches
-        if store.is_local:
-            store.verify_output(CACHE_RUN, name, manifest, "data")
-            path = store.path(CACHE_RUN, name, "data")
-        else:
-            from hala.sources import _localize_step_output
-
-            path = _localize_step_output(store, CACHE_RUN, name, manifest, "data")
+        manifest, hit = artifact.ensure(ctx.store, CACHE_RUN, name, key, build, ctx.log)
+        path = ctx.store.localize(CACHE_RUN, name, manifest, "data")
     ctx.log.info("tokenized data", cache=name, hit=hit, **{k: manifest["metrics"][k] for k in ("sequences_train", "tokens_train")})
     return path, {"cache": f"{CACHE_RUN}/{name}", "hit": hit, **manifest["metrics"]}
 
 
-def commit_cache(ctx: StepContext, name: str, key: str, prepared: data.Prepared, seconds: float) -> dict[str, Any]:
+def cache_manifest(ctx: StepContext, folder: str, name: str, key: str, prepared: data.Prepared, seconds: float) -> dict[str, Any]:
+    """The tokenized data under folder/data, and its manifest."""
     import pyarrow as pa
 
     started = now()
-    tmp = tempfile.mkdtemp(prefix="hala-tokenized-")
-    try:
-        folder = os.path.join(tmp, "data")
-        prepared.train.save_to_disk(os.path.join(folder, "train"))
-        if prepared.eval is not None:
-            prepared.eval.save_to_disk(os.path.join(folder, "eval"))
-        tables.write(os.path.join(folder, "quarantine.parquet"), prepared.quarantine, tables.quarantine_schema())
-        stats = {**prepared.stats, "seconds": round(seconds, 3)}
-        with open(os.path.join(folder, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
-        files = ctx.store.describe(tmp, "data", local=True)
-        manifest = {
-            "schema": SCHEMA, "run": CACHE_RUN, "step": name, "stage": "train.tokenize", "stage_version": ctx.step.spec.version if ctx.step.spec else None,
-            "code_version": code_version(), "image": os.environ.get("HALA_IMAGE"), "fingerprint": key, "config": {"made_by": ctx.step.name},
-            "config_hash": key, "inputs": {n: r.record() for n, r in ctx.inputs.items() if n != "model"},
-            "outputs": {"data": output_entry(files, "data", "dataset", stats["sequences_train"], format="arrow", pyarrow=pa.__version__)},
-            "counts": None, "quarantine": {"rows": len(prepared.quarantine), "by_reason": stats["quarantine_by_reason"]},
-            "metrics": stats, "timings": {"started": started, "finished": now(), "seconds": round(seconds, 3)},
-            "shards": None, "host": host_info(),
-        }
-        ctx.store.commit(CACHE_RUN, name, [(folder, "data")], True, manifest)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = os.path.join(folder, "data")
+    prepared.train.save_to_disk(os.path.join(out, "train"))
+    if prepared.eval is not None:
+        prepared.eval.save_to_disk(os.path.join(out, "eval"))
+    tables.write(os.path.join(out, "quarantine.parquet"), prepared.quarantine, tables.quarantine_schema())
+    stats = {**prepared.stats, "seconds": round(seconds, 3)}
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    files = describe_local(folder, "data")
+    return new_manifest(
+        run=CACHE_RUN, step=Identity(name, "train.tokenize", ctx.step.spec.version if ctx.step.spec else None, {"made_by": ctx.step.name}, key),
+        fingerprint=key, inputs={n: r.record() for n, r in ctx.inputs.items() if n != "model"},
+        outputs={"data": output_entry(files, "data", "dataset", stats["sequences_train"], format="arrow", pyarrow=pa.__version__)},
+        counts=None, quarantine={"rows": len(prepared.quarantine), "by_reason": stats["quarantine_by_reason"]},
+        metrics=stats, timings={"started": started, "finished": now(), "seconds": round(seconds, 3)}, shards=None,
+    )
 
 
 def sft_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:
