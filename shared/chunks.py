@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -143,3 +144,80 @@ def results(todo: list[tuple[int, int, int]], stream: Iterator[tuple[Any, Any]])
         except TemporaryError as e:
             raise TemporaryError(f"chunk {k} (rows {first}-{stop - 1}): {e}") from e
         yield k, key, outs
+
+
+# --- the chunk loop of an engine step (translate, judge) ------------------------------------------------------------
+
+
+class Loop:
+    """What `loop` did for one shard: totals of the markers' counters (a marker's `rows` dict as `out:<name>`), the
+    quarantine's reasons, the engines that answered, the output files, the rows and the time without the engine's
+    start-up and shutdown (what the run report's rates divide by)."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.totals: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.engines: set[str] = set()
+        self.files: dict[str, list[str]] = {}
+        self.resumed = 0
+        self.row_range = (0, 0)
+        self.generation_seconds = 0.0
+
+    def account(self, marker: dict[str, Any]) -> None:
+        for key, value in marker.items():
+            if key == "rows" and isinstance(value, dict):
+                self.totals.update({f"out:{o}": v for o, v in value.items()})
+            elif isinstance(value, int) and not isinstance(value, bool) and key not in ("chunk", "first", "stop"):
+                self.totals[key] += value
+        self.reasons.update(marker.get("by_reason") or {})
+        self.engines.add(marker["engine"])
+
+
+def loop(ctx: Any, cfg: Any, reader: Any, schemas: dict[str, Any], *, unit: str, what: str,
+         stream: Any, plan: Any, finish: Any, progress_note: Any = None) -> Loop:
+    """This shard's rows of `reader`, chunk by chunk through the step's engine, each chunk committed as it comes back.
+
+    The stage brings what is its own: `plan(engine, k, rows) -> (plan, prompts)` checks a chunk's rows and makes its
+    prompts; `stream(engine, jobs)` is the engine's stream for them (chat_stream, choose_stream); `finish(plan,
+    outs, engine_name) -> (tables, marker)` turns the answers into the chunk's output tables and its marker's
+    counters (rows_in, rows_quarantined, by_reason, ...). The rest is here: the shard's row range, committed chunks
+    skipped (their markers counted), the engine opened once and closed with the engines that answered, chunk k+1
+    planned and queued before chunk k is committed, the outputs finished, and every row of the range accounted for."""
+    from hala.engine import StepEngine
+
+    done_loop = Loop()
+    i, n = ctx.shard or (0, 1)
+    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
+    done_loop.row_range = (start, stop)
+    chunks = Chunks(ctx, schemas)
+    engine = StepEngine(ctx, "model", cfg)
+    t_all = time.monotonic()
+    with ctx.progress(stop - start, unit=unit, what=what) as progress:
+
+        def account(marker: dict[str, Any]) -> None:
+            done_loop.account(marker)
+            if progress_note is not None:
+                progress.note(**progress_note(done_loop.totals, time.monotonic() - t_all))
+            progress.update(marker["rows_in"])
+
+        todo, committed = chunks.plan(start, stop, cfg.chunk_rows)
+        done_loop.resumed = len(committed)
+        for k, marker in committed:
+            ctx.log.info("chunk already committed", chunk=k, rows=marker["rows_in"])
+            account(marker)
+        jobs = (plan(engine.get(), k, batch) for k, batch in chunks.rows(reader, todo))
+        for k, planned, outs in results(todo, stream(engine.get(), jobs) if todo else iter(())):
+            out, info = finish(planned, outs, engine.get().name)
+            marker = chunks.commit(k, out, info)
+            ctx.log.info("chunk committed", chunk=k, **{key: v for key, v in info.items() if key in ("rows_in", "rows_quarantined", "accepted", "rejected", "completion_tokens")})
+            account(marker)
+    engine.close(done_loop.engines)
+    done_loop.files = chunks.finish()
+    if stop - start != done_loop.totals["rows_in"]:
+        raise RuntimeError(f"chunks account for {done_loop.totals['rows_in']} rows of {stop - start}")
+    done_loop.generation_seconds = round(time.monotonic() - t_all - engine.start_seconds - ctx.timings.get("engine_close_seconds", 0.0), 3)
+    for reason, count in done_loop.reasons.items():
+        ctx.quarantine(reason, count)
+    return done_loop

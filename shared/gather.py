@@ -21,8 +21,13 @@ from hala.store import PART, Store, check_counts, new_manifest, now, output_entr
 
 def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: str | None = None,
            overrides: list[str] | None = None) -> dict[str, Any]:
+    """`hala gather`: load the recipe, then gather_step."""
+    return gather_step(recipe_mod.load(recipe_path, overrides=overrides, store=store_url, run=run), step_name)
+
+
+def gather_step(recipe: Any, step_name: str) -> dict[str, Any]:
+    """Commit the parts of a sharded step of a loaded recipe (the runner and the conductor hold one already)."""
     log = logs.get("hala.gather")
-    recipe = recipe_mod.load(recipe_path, overrides=overrides, store=store_url, run=run)
     step = recipe.step(step_name)
     if step.spec is None:
         raise ConfigError(f"step '{step.name}': stage '{step.stage}' does not exist yet")

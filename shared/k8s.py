@@ -27,9 +27,9 @@ from typing import Any, Callable, Protocol
 
 import yaml
 
-from hala import compose as compose_mod, images as images_mod, logs, runner
+from hala import compose as compose_mod, images as images_mod, logs, runner, schedule
 from hala.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
-from hala.gather import gather
+from hala.gather import gather_step
 from hala.recipe import Recipe, Step
 from hala.resources import FP8_MIN_CAPABILITY, Needs, needs
 from hala.store import Store
@@ -406,18 +406,19 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
     state: dict[str, str] = {}
     failure: tuple[str, int, str] | None = None
     polls = 0
+    tracked = {s.name for s in steps}
     while True:
         for step in steps:
-            if state.get(step.name) in ("done", "cached", "failed", "blocked"):
+            if state.get(step.name) in schedule.FINAL:
                 continue
-            ups = [u for u in step.upstream if u in recipe.steps]
-            if any(state.get(u) in ("failed", "blocked") for u in ups):
-                state[step.name] = "blocked"
-                continue
-            if failure or not all(state.get(u) in ("done", "cached") or not recipe.steps[u].enabled for u in ups):
-                continue  # waits for its inputs; after a failure nothing new starts
+            if state.get(step.name) != "running":
+                move, _ = schedule.next_move(recipe, step, state, tracked, stopped=failure is not None)
+                if move == "blocked":
+                    state[step.name] = "blocked"
+                if move != "go":
+                    continue  # waits for its inputs; after a failure nothing new starts (Jobs running finish)
             try:
-                decision, fp, _ = runner._state(store, recipe, step, forced=False)
+                decision, fp, _ = schedule.state(store, recipe, step, forced=False)
             except HalaError as e:
                 state[step.name], failure = "failed", (step.name, e.exit_code, str(e))
                 continue
@@ -461,7 +462,7 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
                 continue
             try:
                 if step.shards > 1:
-                    gather(str(recipe.path), step.name, recipe.store, recipe.run, recipe.overrides)
+                    gather_step(recipe, step.name)
             except HalaError as e:
                 state[step.name], failure = "failed", (step.name, e.exit_code, f"gather: {e}")
                 continue

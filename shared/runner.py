@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import display, envs, logs, sources
+from hala import display, envs, logs, schedule
 from hala.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
-from hala.gather import gather
+from hala.gather import gather_step
 from hala.recipe import Recipe, Step
 from hala.store import Store, now
 
-ALL = "*"
+ALL = schedule.ALL
 
 
 @dataclass
@@ -236,42 +236,6 @@ def _rows(manifest: dict[str, Any] | None) -> dict[str, Any]:
     return {name: out.get("rows") for name, out in manifest.get("outputs", {}).items()}
 
 
-def _state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: bool = False) -> tuple[str, str | None, dict[str, Any] | None]:
-    """('cached' | 'run' | 'waiting', fingerprint, manifest) for one step, reading only manifests and inputs."""
-    try:
-        resolved = sources.resolve(store, recipe, step)
-    except sources.NotCommitted:
-        if not planning:
-            raise
-        return "waiting", None, None  # an upstream step is not committed yet: it runs first
-    fp = sources.fingerprint(step, resolved)
-    manifest = None if forced else store.committed(recipe.run, step.name, fp)
-    return ("cached", fp, manifest) if manifest is not None else ("run", fp, None)
-
-
-def _probe(store: Store, recipe: Recipe, steps: list[Step], force: list[str] | None) -> dict[str, tuple[str, str | None, dict[str, Any] | None]]:
-    """Every step's state read before the run starts, side by side, each manifest once and every file's size from one
-    listing of the run: on an object store each state was a few requests (its manifest, its inputs' manifests, a
-    listing per output folder), and one after the other they were most of a cached run (the tiny DAG on S3: 2.8 s
-    of 4.0 s, 118 requests). A step whose state cannot be read here is read again in order, where its error is
-    reported."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(step: Step) -> tuple[str, str | None, dict[str, Any] | None] | None:
-        try:
-            return _state(store, recipe, step, bool(force) and (ALL in force or step.name in force), planning=True)
-        except Exception:  # noqa: BLE001 - reported by the step's own turn
-            return None
-
-    store.memo, store.sizes = {}, store.list_run(recipe.run)
-    try:
-        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe") as pool:
-            states = dict(zip([s.name for s in steps], pool.map(one, steps)))
-    finally:
-        store.memo = store.sizes = None  # from here on every read is fresh: steps run and commit
-    return {name: state for name, state in states.items() if state is not None}
-
-
 def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
     """What `hala run` would do, without running or downloading anything."""
     store = Store(recipe.store)
@@ -285,9 +249,8 @@ def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None 
         elif step.spec is None:
             item["state"] = "stage missing"
         else:
-            forced = bool(force) and (ALL in force or step.name in force)
             item["state"] = {"waiting": "will run (after its inputs)", "run": "will run", "cached": "cached"}[
-                _state(store, recipe, step, forced, planning=True)[0]]
+                schedule.state(store, recipe, step, schedule.is_forced(step, force), planning=True)[0]]
         rows.append(item)
     return rows
 
@@ -320,30 +283,33 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
     outcomes: dict[str, Outcome] = {}
     first_failure = EXIT_OK
-    probed = _probe(store, recipe, steps, force)
+    probed = schedule.probe(store, recipe, steps, force)
+    tracked = {s.name for s in steps}
     for index, step in enumerate(steps):
         t0 = time.monotonic()
-        blocked = [u for u in step.upstream if u in outcomes and outcomes[u].state in ("failed", "blocked")]
-        if blocked:
-            outcomes[step.name] = Outcome(step.name, "blocked", note=f"after failed {', '.join(blocked)}")
-            store.write_status(recipe.run, step.name, state="blocked", after=blocked)
-            log.info("blocked", step=step.name, after=blocked)
+        states = {name: o.state for name, o in outcomes.items()}
+        move, why = schedule.next_move(recipe, step, states, tracked, stopped=bool(first_failure) and not keep_going)
+        if move == "blocked":
+            outcomes[step.name] = Outcome(step.name, "blocked", note=f"after failed {', '.join(why)}")
+            store.write_status(recipe.run, step.name, state="blocked", after=why)
+            log.info("blocked", step=step.name, after=why)
             if view:
                 view.end(step.name, "blocked", note=outcomes[step.name].note)
             continue
-        if first_failure and not keep_going:
+        if move == "skip":
             outcomes[step.name] = Outcome(step.name, "skipped", note="run stopped at the first failure")
             if view:
                 view.end(step.name, "skipped", note=outcomes[step.name].note)
             continue
-        forced = bool(force) and (ALL in force or step.name in force)
+        assert move == "go", (step.name, move, why)  # steps come in dependency order: every input was decided
+        forced = schedule.is_forced(step, force)
         try:
             ahead = probed.get(step.name)
             # read ahead before any step ran: still true while every upstream step of this run was cached too
             if ahead and ahead[0] == "cached" and all(outcomes[u].state == "cached" for u in step.upstream if u in outcomes):
                 state, fp, manifest = ahead
             else:
-                state, fp, manifest = _state(store, recipe, step, forced)
+                state, fp, manifest = schedule.state(store, recipe, step, forced)
         except HalaError as e:
             outcomes[step.name] = Outcome(step.name, "failed", exit_code=e.exit_code, note=str(e))
             log.info("failed", step=step.name, exit_code=e.exit_code, error=str(e))
@@ -408,7 +374,7 @@ def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: disp
         if view:
             view.note("gather")
         try:
-            gather(str(recipe.path), step.name, recipe.store, recipe.run, recipe.overrides)
+            gather_step(recipe, step.name)
         except HalaError as e:
             logs.get("hala.run").error("gather failed", step=step.name, error=str(e))
             return e.exit_code, str(e)

@@ -9,9 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from hala import tables
-from hala.chunks import Chunks, results as chunk_results
-from hala.engine import Choice, StepEngine
+from hala import chunks, tables
+from hala.engine import Choice
 from hala.errors import ConfigError
 from hala.step import StepContext
 from stages.judge.config import JudgeConfig
@@ -74,12 +73,12 @@ def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> Chun
     return plan
 
 
-def commit_chunk(chunks: Chunks, plan: ChunkPlan, engine_name: str) -> dict[str, Any]:
-    """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
+def marker_of(plan: ChunkPlan, engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chunk's tables and its marker's counters (hala.chunks writes the files, then the marker)."""
     marker = {"rows_in": len(plan.rows), "accepted": len(plan.out["accepted"]), "rejected": len(plan.out["rejected"]),
               "rows_quarantined": len(plan.out["quarantine"]), "by_reason": dict(plan.reasons),
               "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
-    return chunks.commit(plan.k, plan.out, marker)
+    return plan.out, marker
 
 
 def main(cfg: JudgeConfig, ctx: StepContext) -> None:
@@ -88,49 +87,19 @@ def main(cfg: JudgeConfig, ctx: StepContext) -> None:
     reader = ctx.input("data").row_groups()  # footers only: rows are decoded chunk by chunk, this shard's alone
     if not {"src", "tgt"} <= set(reader.columns):
         raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {reader.columns}; the judge reads pairs (src, tgt)")
-    i, n = ctx.shard or (0, 1)
-    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
     schemas = {"accepted": tables.pairs_schema(),
                "rejected": tables.pairs_schema(("verdict", pa.string()), ("scores", pa.string())),
                "quarantine": tables.quarantine_schema()}
-    chunks = Chunks(ctx, schemas)
-    engine = StepEngine(ctx, "model", cfg)
-    totals: Counter = Counter()
-    reasons: Counter = Counter()
-    engines: set[str] = set()
-    t_all = time.monotonic()
-    with ctx.progress(stop - start, unit="pairs", what="judge") as progress:
-
-        def account(marker: dict[str, Any]) -> None:
-            for key in ("rows_in", "accepted", "rejected", "rows_quarantined"):
-                totals[key] += marker[key]
-            reasons.update(marker["by_reason"])
-            engines.add(marker["engine"])
-            progress.update(marker["rows_in"])
-
-        todo, done = chunks.plan(start, stop, cfg.chunk_rows)
-        for k, marker in done:
-            ctx.log.info("chunk already committed", chunk=k, pairs=marker["rows_in"])
-            account(marker)
-        # chunk k+1 is checked and queued in the engine before chunk k is written (hala.engine)
-        jobs = (plan_chunk(engine.get(), k, batch, cfg) for k, batch in chunks.rows(reader, todo))
-        for k, plan, picks in chunk_results(todo, engine.get().choose_stream(jobs, cfg.labels) if todo else iter(())):
-            marker = commit_chunk(chunks, finish_chunk(plan, picks, cfg), engine.get().name)
-            ctx.log.info("chunk committed", chunk=k, pairs=len(plan.rows), accepted=marker["accepted"], rejected=marker["rejected"])
-            account(marker)
-    engine.close(engines)
-    files = chunks.finish()
+    done = chunks.loop(ctx, cfg, reader, schemas, unit="pairs", what="judge",
+                       stream=lambda engine, jobs: engine.choose_stream(jobs, cfg.labels),
+                       plan=lambda engine, k, rows: plan_chunk(engine, k, rows, cfg),
+                       finish=lambda plan, picks, engine_name: marker_of(finish_chunk(plan, picks, cfg), engine_name))
+    totals = done.totals
     for name, key in (("accepted", "accepted"), ("rejected", "rejected"), ("quarantine", "rows_quarantined")):
         ctx.set_output(name, rows=totals[key], format="parquet", schema="quarantine" if name == "quarantine" else "pairs")
-    for reason, count in reasons.items():
-        ctx.quarantine(reason, count)
     ctx.count(rows_in=totals["rows_in"], rows_out=totals["accepted"], rows_quarantined=totals["rows_quarantined"],
               rows_removed={"rejected": totals["rejected"]})
     judged = totals["accepted"] + totals["rejected"]
-    # the shard's own time without the engine's start-up and shutdown: what the run report's rates divide by
-    elapsed = (time.monotonic() - t_all - engine.start_seconds
-               - ctx.timings.get("engine_close_seconds", 0.0))
-    ctx.metrics["generation_seconds"] = round(elapsed, 3)
-    if stop - start != totals["rows_in"]:
-        raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
-    ctx.metrics.update(engines=sorted(engines), labels=cfg.labels, row_range=[start, stop], files={o: len(f) for o, f in files.items()}, acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)
+    ctx.metrics.update(generation_seconds=done.generation_seconds, engines=sorted(done.engines), labels=cfg.labels,
+                       row_range=list(done.row_range), files={o: len(f) for o, f in done.files.items()},
+                       acceptance_rate=round(totals["accepted"] / judged, 4) if judged else None)

@@ -13,9 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import spans, tables
-from hala.chunks import Chunks, results as chunk_results
-from hala.engine import Generation, Sampling, StepEngine
+from hala import chunks, spans, tables
+from hala.engine import Generation, Sampling
 from hala.errors import ConfigError
 from hala.step import StepContext
 from hala.text import script_share
@@ -203,14 +202,14 @@ def finish_chunk(plan: ChunkPlan, gens: list[Generation], cfg: TranslateConfig) 
             "prompt_tokens": sum(g.prompt_tokens for g in gens), "completion_tokens": sum(g.completion_tokens for g in gens)}
 
 
-def commit_chunk(chunks: Chunks, plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str) -> dict[str, Any]:
-    """The chunk's parquet files, then its marker: a restarted shard skips the chunk from then on."""
+def marker_of(plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chunk's tables and its marker's counters (hala.chunks writes the files, then the marker)."""
     quarantined = sum(result["reasons"].values())
     marker = {"rows_in": len(plan.rows), "rows_out": len(plan.rows) - quarantined, "rows_quarantined": quarantined,
               "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
               "requests": result["requests"], "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
               "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
-    return chunks.commit(plan.k, {o: result["out"][o] for o in outputs}, marker)
+    return {o: result["out"][o] for o in outputs}, marker
 
 
 def schemas(cfg: TranslateConfig) -> dict[str, Any]:
@@ -234,58 +233,28 @@ def main(cfg: TranslateConfig, ctx: StepContext) -> None:
         raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {columns}: neither conversations (messages) nor pairs (src)")
     if kind == "pairs" and set(cfg.outputs) != {"pairs"}:
         raise ConfigError(f"step '{ctx.step.name}': a pairs input gives outputs [pairs] only, not {cfg.outputs}")
-    i, n = ctx.shard or (0, 1)
-    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
     outputs = [*cfg.outputs, "quarantine"]
     table_schemas = schemas(cfg)
     sampling = Sampling(**{k: v for k, v in cfg.sampling.items()})
     budget = cfg.max_model_len - sampling.max_tokens  # > PROMPT_SLACK: the config's check
-    chunks = Chunks(ctx, {o: table_schemas[o] for o in outputs})
-    engine = StepEngine(ctx, "model", cfg)
-    totals: Counter = Counter()
-    reasons: Counter = Counter()
-    engines: set[str] = set()
-    t_all = time.monotonic()
-    with ctx.progress(stop - start, unit="rows", what="translate") as progress:
 
-        def account(marker: dict[str, Any]) -> None:
-            for key in ("rows_in", "rows_out", "rows_quarantined", "requests", "prompt_tokens", "completion_tokens"):
-                totals[key] += marker[key]
-            for o in outputs:
-                totals[f"out:{o}"] += marker["rows"][o]
-            reasons.update(marker["by_reason"])
-            engines.add(marker["engine"])
-            progress.note(tokens=totals["completion_tokens"],
-                          tokens_per_s=round(totals["completion_tokens"] / max(time.monotonic() - t_all, 1e-9), 1))
-            progress.update(marker["rows_in"])
+    def note(totals: Any, elapsed: float) -> dict[str, Any]:
+        return {"tokens": totals["completion_tokens"], "tokens_per_s": round(totals["completion_tokens"] / max(elapsed, 1e-9), 1)}
 
-        todo, done = chunks.plan(start, stop, cfg.chunk_rows)
-        for k, marker in done:
-            ctx.log.info("chunk already committed", chunk=k, rows=marker["rows_in"])
-            account(marker)
-        # chunk k+1 is planned and queued in the engine before chunk k is gated and committed (hala.engine)
-        jobs = (plan_chunk(engine.get(), k, batch, cfg, budget) for k, batch in chunks.rows(reader, todo))
-        for k, plan, gens in chunk_results(todo, engine.get().chat_stream(jobs, sampling) if todo else iter(())):
-            marker = commit_chunk(chunks, plan, finish_chunk(plan, gens, cfg), outputs, engine.get().name)
-            ctx.log.info("chunk committed", chunk=k, rows=len(plan.rows), quarantined=marker["rows_quarantined"],
-                         tokens=marker["completion_tokens"], tokens_per_s=round(marker["completion_tokens"] / max(marker["seconds"], 1e-9), 1))
-            account(marker)
-    engine.close(engines)
-    files = chunks.finish()
+    done = chunks.loop(ctx, cfg, reader, {o: table_schemas[o] for o in outputs}, unit="rows", what="translate",
+                       stream=lambda engine, jobs: engine.chat_stream(jobs, sampling),
+                       plan=lambda engine, k, rows: plan_chunk(engine, k, rows, cfg, budget),
+                       finish=lambda plan, gens, engine_name: marker_of(plan, finish_chunk(plan, gens, cfg), outputs, engine_name),
+                       progress_note=note)
+    totals = done.totals
     for o in outputs:
         ctx.set_output(o, rows=totals[f"out:{o}"], format="parquet",
                        schema={"conversations": "conversations", "pairs": "pairs", "tuples": "tuples", "quarantine": "quarantine"}[o])
-    for reason, count in reasons.items():
-        ctx.quarantine(reason, count)
     ctx.count(rows_in=totals["rows_in"], rows_out=totals["rows_out"], rows_quarantined=totals["rows_quarantined"], rows_removed={})
-    if stop - start != totals["rows_in"]:
-        raise RuntimeError(f"chunks account for {totals['rows_in']} rows of {stop - start}")
     # generation throughput without the engine's start-up (30-60 s for vLLM, more than a tiny run's generation)
-    elapsed = (time.monotonic() - t_all - engine.start_seconds
-               - ctx.timings.get("engine_close_seconds", 0.0))
     ctx.metrics.update(
-        generation_seconds=round(elapsed, 3), engines=sorted(engines), direction=cfg.direction, units=totals["requests"],
-        chunks_resumed=len(done), row_range=[start, stop], files={o: len(f) for o, f in files.items()},
+        generation_seconds=done.generation_seconds, engines=sorted(done.engines), direction=cfg.direction, units=totals["requests"],
+        chunks_resumed=done.resumed, row_range=list(done.row_range), files={o: len(f) for o, f in done.files.items()},
         prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"],
-        completion_tokens_per_s=round(totals["completion_tokens"] / max(elapsed, 1e-9), 1),
+        completion_tokens_per_s=round(totals["completion_tokens"] / max(done.generation_seconds, 1e-9), 1),
     )

@@ -53,3 +53,18 @@ def test_stage_launcher_lists_stages() -> None:
     assert out.returncode == 0 and "prepare" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "hala.launch", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr
+
+
+def test_no_stage_or_library_module_reaches_for_a_private_library_name() -> None:
+    """The library's public names are its contract with the stages: `from hala.x import _y` or `hala.x._y(...)` in a
+    stage (or in another library module) couples it to what the library may change at will (issue 18: two stages
+    imported hala.sources._localize_step_output)."""
+    import re
+
+    private = re.compile(r"from\s+hala(?:\.\w+)?\s+import\s+\(?[^)\n]*\b_[a-z]\w*|\bhala\.\w+\._[a-z]\w*|\b(?:runner|sources|store|step|gather|lease|tiny|tables|chunks)\._[a-z]\w*\(")
+    found = []
+    for path in sorted([*(REPO / "stages").rglob("*.py"), *(REPO / "shared").glob("*.py")]):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if private.search(line.split("#")[0]):
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "make these public or keep them inside their module:\n" + "\n".join(found)
