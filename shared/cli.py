@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from hala import envs, logs, recipe as recipe_mod, runner
-from hala.errors import ConfigError, HalaError, exit_code_for
+from hala.errors import ConfigError, HalaError, TemporaryError, exit_code_for
 from hala.gather import gather
 from hala.store import Store
 
@@ -47,6 +47,10 @@ def _load(args: argparse.Namespace, **kw: object) -> recipe_mod.Recipe:
 def cmd_run(args: argparse.Namespace) -> int:
     recipe = _load(args, store=args.store, run=args.run)
     if args.dry_run:
+        unpinned = recipe_mod.unpinned_hub_inputs(recipe)
+        for step_name, ref in unpinned:  # a cache keyed by a name whose content can change: say so every time
+            logs.get("hala.plan").warning("hub input not pinned", step=step_name, input=ref.name, repo=ref.uri,
+                                          fix=f"hala pin {args.recipe}  (or {ref.raw}@<commit sha> in the recipe)")
         rows = runner.plan(recipe, args.only, args.force)
         if args.json:
             print(json.dumps({"recipe": str(recipe.path), "store": recipe.store, "run": recipe.run, "steps": rows}, indent=2))
@@ -69,6 +73,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe))
         return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """Resolve every hub input the recipe does not pin itself to the commit its default branch names now, and write
+    them to the lock beside the recipe (a commit the recipe names stays in the recipe)."""
+    import datetime as dt
+    import os
+
+    import yaml
+
+    from hala import sources
+
+    recipe = _load(args, check_paths=False)
+    refs = {recipe_mod.hub_key(r): r for s in recipe.steps.values() for r in s.inputs.values()
+            if r.kind == "hub" and r.pinned != "recipe"}
+    if refs and sources.hub_offline():
+        raise ConfigError("hala pin asks the hub for each repository's commit: unset HF_HUB_OFFLINE")
+    old = recipe_mod.read_lock(recipe.path)
+    pins: dict[str, str] = {}
+    for key, ref in sorted(refs.items()):
+        try:
+            pins[key] = sources.hub_commit(ref.hub_type, ref.uri or "", None)
+        except Exception as e:  # noqa: BLE001 - a repository the hub does not know is the recipe's mistake
+            if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+                raise ConfigError(f"{ref.raw} ({ref.hub_type}): the hub has no such repository, or refuses this token "
+                                  f"({type(e).__name__}); fix the id, or set HF_TOKEN") from None
+            raise TemporaryError(f"the hub did not answer for {ref.raw}: {type(e).__name__}: {str(e)[:300]}; "
+                                 f"nothing was written, run `hala pin` again") from e
+    path = recipe_mod.lock_path(recipe.path)
+    header = (f"# Hub revisions of {recipe.path.name}, written by `hala pin {args.recipe}` on "
+              f"{dt.date.today().isoformat()}: every hub input\n# the recipe does not pin (hub:ORG/NAME@REV) reads "
+              "the commit named here. Run `hala pin` again to move them.\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump({"hub": pins}, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    rows = [{"repository": k, "commit": v[:12], "change": "same" if old.get(k) == v else "new" if k not in old else f"was {old[k][:12]}"}
+            for k, v in pins.items()]
+    print(logs.table(rows, ["repository", "commit", "change"]) if rows else "no unpinned hub input")
+    print(f"wrote: {path}")
+    return 0
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -239,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=7200, help="--runner compose: seconds before `up` is stopped")
     r.add_argument("--export", metavar="DIR", help="--runner compose: copy the store volume to this folder afterwards")
     r.set_defaults(func=cmd_run)
+
+    pn = sub.add_parser("pin", help="write the commit of every unpinned hub input into the lock beside the recipe")
+    pn.add_argument("recipe")
+    pn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    pn.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    pn.set_defaults(func=cmd_pin)
 
     rec = sub.add_parser("record", help="write a run's header (_RUN.json) without running anything")
     rec.add_argument("recipe")

@@ -18,6 +18,7 @@ name the step, the key and what is allowed, and end the process with exit code 2
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,8 @@ class InputRef:
     output: str | None = None
     uri: str | None = None  # absolute path, URL, hub repo id, or tiny role
     revision: str | None = None
+    pinned: str | None = None  # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
+    hub_type: str = "model"  # hub: a model or a dataset repository (the stage's stage.toml says which)
 
     def describe(self) -> str:
         if self.kind == "step":
@@ -265,6 +268,7 @@ def load(
         raise ConfigError(_report(path, problems))
     for step in steps.values():
         step.provenance = _provenance(step, written.get(step.name, {}), from_cli)
+    pin_hub_inputs(steps, path)
     ordered = _toposort(steps, step_names, path)
     return Recipe(
         path=path,
@@ -478,7 +482,7 @@ def parse_ref(name: str, raw: str, steps: dict[str, Any], base: Path, check_path
         repo, _, revision = raw[len("hub:") :].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise ConfigError(f"input '{name}': hub id {repo!r} must look like 'org/name' (e.g. hub:Open-Orca/OpenOrca)")
-        return InputRef(name, raw, "hub", uri=repo, revision=revision or None)
+        return InputRef(name, raw, "hub", uri=repo, revision=revision or None, pinned="recipe" if revision else None)
     if "://" in raw:
         if raw.startswith("file://"):
             raw_path = raw[len("file://") :]
@@ -604,3 +608,57 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
                 raise ConfigError(f"--set {item!r}: config key '{part}' of step '{step_name}' is not a mapping")
         node[parts[-1]] = value
     from_cli[(step_name, key)] = source
+
+
+# --- hub revisions ------------------------------------------------------------------------------------------------
+#
+# A hub input is pinned by the recipe (hub:ORG/NAME@REV) or by the lock beside it (`hala pin RECIPE` writes
+# <recipe>.lock.yaml with the commit each unpinned hub input resolves to). An input pinned by neither is resolved to
+# its current commit when the hub answers (hala.sources) and is exit 2 when it does not: its cache key would
+# otherwise be a name whose content can change under a cached step.
+
+
+def lock_path(recipe_path: Path) -> Path:
+    return recipe_path.with_name(f"{recipe_path.stem}.lock.yaml")
+
+
+def hub_key(ref: InputRef) -> str:
+    return f"{ref.hub_type}:{ref.uri}"
+
+
+def read_lock(recipe_path: Path) -> dict[str, str]:
+    """{"model:ORG/NAME" | "dataset:ORG/NAME": commit sha} from the recipe's lock, {} without one."""
+    path = lock_path(recipe_path)
+    if not path.exists():
+        return {}
+    body = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    hub = body.get("hub") if isinstance(body, dict) else None
+    if not isinstance(hub, dict) or not all(isinstance(v, str) and v for v in hub.values()):
+        raise ConfigError(f"{path}: expected `hub: {{model:ORG/NAME: <commit sha>, ...}}`; write it again with `hala pin {recipe_path}`")
+    return hub
+
+
+def pin_hub_inputs(steps: dict[str, Step], recipe_path: Path) -> None:
+    """Every hub input gets its repository type from its stage, and its revision from the lock when the recipe
+    gives none."""
+    lock = read_lock(recipe_path)
+    for step in steps.values():
+        for name, ref in list(step.inputs.items()):
+            if ref.kind != "hub":
+                continue
+            ref = dataclasses.replace(ref, hub_type=step.spec.hub_type(name) if step.spec else "model")
+            if ref.revision is None and hub_key(ref) in lock:
+                ref = dataclasses.replace(ref, revision=lock[hub_key(ref)], pinned="lock")
+            step.inputs[name] = ref
+
+
+def unpinned_hub_inputs(recipe: "Recipe") -> list[tuple[str, InputRef]]:
+    """(step, input) of every enabled step's hub input that neither the recipe nor its lock pins to a commit."""
+    return [(s.name, ref) for s in recipe.steps.values() if s.enabled for ref in s.inputs.values()
+            if ref.kind == "hub" and not is_commit(ref.revision)]
+
+
+def is_commit(revision: str | None) -> bool:
+    """A full commit sha: a branch or tag name can move, a commit cannot."""
+    return bool(revision) and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)  # type: ignore[union-attr]
+

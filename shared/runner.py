@@ -249,7 +249,8 @@ def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None 
         elif step.spec is None:
             item["state"] = "stage missing"
         else:
-            item["state"] = {"waiting": "will run (after its inputs)", "run": "will run", "cached": "cached"}[
+            item["state"] = {"waiting": "will run (after its inputs)", "run": "will run", "cached": "cached",
+                             "unpinned": "will run (a hub input is not pinned: see the warning)"}[
                 schedule.state(store, recipe, step, schedule.is_forced(step, force), planning=True)[0]]
         rows.append(item)
     return rows

@@ -39,6 +39,10 @@ def state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: bool
         if not planning:
             raise
         return "waiting", None, None  # an upstream step is not committed yet: it runs first
+    except sources.Unpinned:
+        if not planning:
+            raise
+        return "unpinned", None, None  # a plan still shows it; running it is exit 2 until it is pinned
     fp = sources.fingerprint(step, resolved)
     manifest = None if forced else store.committed(recipe.run, step.name, fp)
     return ("cached", fp, manifest) if manifest is not None else ("run", fp, None)

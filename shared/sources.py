@@ -13,6 +13,7 @@ The identity of an input (`key`) is what the fingerprint of the consuming step h
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +26,16 @@ import fsspec
 from hala import tiny_spec
 from hala.errors import ConfigError, DataError
 from hala.hashing import WORKERS, sha256_json, sha256_tree
-from hala.recipe import InputRef, Recipe, Step
+from hala.recipe import InputRef, Recipe, Step, hub_key, is_commit, lock_path
 from hala.store import Store, cache_root
 
 
 class NotCommitted(ConfigError):
     """An input comes from a step that has no manifest (yet) in this run."""
+
+
+class Unpinned(ConfigError):
+    """A hub input pinned neither by the recipe nor by its lock, while the hub cannot be asked for its commit."""
 
 
 @dataclass
@@ -41,6 +46,7 @@ class ResolvedInput:
     store: Store | None = None
     run: str | None = None
     manifest: dict[str, Any] | None = None  # the producer's manifest, for step outputs
+    revision: str | None = None  # hub: the revision read (a commit sha, or the recipe's tag where the hub is not asked)
 
     @property
     def kind(self) -> str:
@@ -57,8 +63,8 @@ class ResolvedInput:
         rec: dict[str, Any] = {"ref": self.ref.raw, "kind": self.kind, "uri": self.uri, "sha256": self.key}
         if self.kind == "step":
             rec.update(step=self.ref.step, output=self.ref.output, rows=(self.output or {}).get("rows"))
-        if self.ref.revision:
-            rec["revision"] = self.ref.revision
+        if self.kind == "hub":
+            rec.update(revision=self.revision, pinned=self.ref.pinned or "resolved", repo_type=self.ref.hub_type)
         return rec
 
     def local_path(self) -> str:
@@ -149,7 +155,8 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
             raise ConfigError(f"step '{step.name}': input '{ref.name}' not found: {ref.uri}") from None
         return ResolvedInput(ref, key, ref.uri or "")
     if ref.kind == "hub":
-        return ResolvedInput(ref, sha256_json({"hub": ref.uri, "revision": ref.revision or "unpinned"}), ref.uri or "")
+        revision = hub_revision(ref, step.name)
+        return ResolvedInput(ref, sha256_json({"hub": hub_key(ref), "revision": revision}), ref.uri or "", revision=revision)
     if ref.kind == "tiny":
         spec = tiny_spec.spec(ref.uri or "", recipe)
         return ResolvedInput(ref, sha256_json(spec), store.uri(tiny_spec.source_path(store, ref.uri or "")), store, recipe.run)
@@ -203,3 +210,44 @@ def _download(url: str, key: str) -> str:
         os.replace(tmp, target)
     (entry,) = list(target.iterdir())
     return str(entry)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_commit(repo_type: str, repo: str, revision: str | None) -> str:
+    """The commit sha a revision of a Hub repository (its default branch without one) names now: one API call,
+    once per process. huggingface_hub's errors pass through (the caller sorts them)."""
+    from huggingface_hub import HfApi
+
+    return HfApi().repo_info(repo, repo_type=repo_type, revision=revision, timeout=20).sha
+
+
+def hub_revision(ref: InputRef, where: str) -> str:
+    """The revision a hub input's cache key and its reader use: the recipe's or the lock's commit as it is; otherwise
+    the commit its branch (or tag) names now, asked of the hub. An input pinned by nothing, with no hub to ask, is
+    exit 2 with the fix: caching it under its name would let its content change under a cached step."""
+    if is_commit(ref.revision):
+        return ref.revision or ""
+    why = "HF_HUB_OFFLINE is set"
+    if not hub_offline():
+        try:
+            return hub_commit(ref.hub_type, ref.uri or "", ref.revision)
+        except ImportError:
+            why = "huggingface_hub is not installed in this environment"
+        except Exception as e:  # noqa: BLE001 - sorted here: missing or refused is the recipe's error, the rest the network's
+            name = type(e).__name__
+            if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+                raise ConfigError(f"step '{where}': input '{ref.name}' ({ref.raw}): the hub has no {ref.hub_type} repository or "
+                                  f"revision by that name, or refuses this token ({name}); fix the id, or set HF_TOKEN") from None
+            why = f"the hub did not answer ({name}: {str(e)[:200]})"
+    if ref.revision:
+        return ref.revision  # the recipe's branch or tag, as written: pinned by its author, if not to a commit
+    raise Unpinned(
+        f"step '{where}': input '{ref.name}' ({ref.raw}) is not pinned to a revision, and {why}, so its current "
+        f"commit cannot be read. Pin it: write {ref.raw}@<commit sha> in the recipe, or run `hala pin <recipe>` where "
+        f"the hub answers (it writes the commits to the lock beside the recipe, e.g. {lock_path(Path('recipe.yaml')).name})"
+    )
+

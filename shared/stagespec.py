@@ -36,6 +36,7 @@ class InputSpec:
     name: str
     required: bool = True
     description: str = ""
+    hub: str = "model"  # what a hub:ORG/NAME given here is: a model or a dataset repository (its revision's API)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,14 @@ class StageSpec:
     inputs: dict[str, InputSpec] = field(default_factory=dict)
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
     any_inputs: bool = False  # e.g. a training mixture: inputs named by the recipe
+    any_hub: str = "dataset"  # what a hub id given to one of those is
     env_remove: tuple[str, ...] = ()  # packages never installed in the env's cpu variant (see hala.locks)
     warm: tuple[str, ...] = ()  # modules a warm interpreter of the env imports ahead (see hala.warm)
+
+    def hub_type(self, input_name: str) -> str:
+        """'model' or 'dataset': the kind of Hub repository a hub:ORG/NAME for this input is."""
+        spec = self.inputs.get(input_name)
+        return spec.hub if spec is not None else self.any_hub
 
     @property
     def schema_path(self) -> Path:
@@ -205,12 +212,15 @@ def _load(path: Path) -> StageSpec:
     meta = raw.get("stage", {})
     name = meta.get("name", path.parent.name)
     inputs: dict[str, InputSpec] = {}
-    any_inputs = False
+    any_inputs, any_hub = False, "dataset"
     for key, val in raw.get("inputs", {}).items():
+        hub = val.get("hub", "dataset" if key == "*" else "model")
+        if hub not in ("model", "dataset"):
+            raise ConfigError(f"{path}: [inputs.{key}] hub = {hub!r}; write \"model\" or \"dataset\"")
         if key == "*":
-            any_inputs = True
+            any_inputs, any_hub = True, hub
             continue
-        inputs[key] = InputSpec(key, bool(val.get("required", True)), val.get("description", ""))
+        inputs[key] = InputSpec(key, bool(val.get("required", True)), val.get("description", ""), hub)
     outputs = {
         key: OutputSpec(key, val.get("kind", "dataset"), bool(val.get("default", False)), val.get("description", ""))
         for key, val in raw.get("outputs", {}).items()
@@ -231,6 +241,7 @@ def _load(path: Path) -> StageSpec:
         inputs=inputs,
         outputs=outputs,
         any_inputs=any_inputs,
+        any_hub=any_hub,
         env_remove=tuple(raw.get("env", {}).get("remove", ())),
         warm=tuple(raw.get("env", {}).get("warm", ())),
     )

@@ -111,7 +111,10 @@ class StepContext:
 
             return tiny.ensure(self.store, resolved.ref.uri or "", self.recipe)
         if resolved.kind == "hub":
-            return resolved.uri  # a hub id works wherever a path does in from_pretrained
+            from huggingface_hub import snapshot_download
+
+            # the pinned commit's files (once per machine, in the hub's cache), never whatever main is today
+            return snapshot_download(resolved.uri, revision=resolved.revision)
         return resolved.local_path()
 
     def output_dir(self, name: str, folder: str | None = None) -> str:

@@ -37,12 +37,15 @@ SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "R
 
 def local_model(ctx: StepContext, name: str) -> str:
     """A local folder for a model input; a hub repository is downloaded (safetensors, configs, tokenizer only)."""
-    path = ctx.model_path(name)
-    if ctx.input(name).kind == "hub":
+    resolved = ctx.input(name)
+    if resolved.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(path, revision=ctx.input(name).ref.revision,
+        # the pinned commit (hala.sources.hub_revision), without the duplicate .bin weights some repositories carry
+        path = snapshot_download(resolved.uri, revision=resolved.revision,
                                  allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
+    else:
+        path = ctx.model_path(name)
     if not os.path.isdir(path):
         raise DataError(f"input '{name}': {path} is not a model folder")
     return path

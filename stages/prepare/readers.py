@@ -229,7 +229,7 @@ def iter_hub(resolved: ResolvedInput, subset: str | None, split: str) -> Iterato
     where = f"hub dataset {resolved.uri}" + (f" ({subset})" if subset else "") + f", split {split}"
     try:
         # streaming: the paper takes the first 405K of OpenOrca's 4.2M rows; nothing past max_rows is downloaded
-        ds = datasets.load_dataset(resolved.uri, subset, split=split, revision=resolved.ref.revision, streaming=True)
+        ds = datasets.load_dataset(resolved.uri, subset, split=split, revision=resolved.revision, streaming=True)
     except DatasetNotFoundError as e:
         raise ConfigError(f"{where}: {e} (gated sets need HF_TOKEN in the environment)") from None
     except ConnectionError as e:

@@ -363,10 +363,16 @@ def test_object_store_paths(tmp_path: Path, repo: Path) -> None:
 
 
 def test_hub_without_network_is_a_temporary_failure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, m, _ = run_prepare(tmp_path, "hub:Open-Orca/OpenOrca", format="openorca", max_rows=10)
+    # pinned to a commit: the key needs no hub, the read does, and a missing network is worth a retry
+    code, m, _ = run_prepare(tmp_path / "pinned", f"hub:Open-Orca/OpenOrca@{'0' * 40}", format="openorca", max_rows=10)
     assert code == 75 and m is None
     failure = next(e for e in events(capsys.readouterr().out) if e.get("event") == "failed")
     assert "Open-Orca/OpenOrca" in failure["error"] and "retry" in failure["error"]
+    # pinned by nothing: its commit cannot be read offline, and a retry would not change that (issue 18)
+    code, m, _ = run_prepare(tmp_path / "unpinned", "hub:Open-Orca/OpenOrca", format="openorca", max_rows=10)
+    assert code == 2 and m is None
+    failure = next(e for e in events(capsys.readouterr().out) if e.get("event") == "failed")
+    assert "not pinned to a revision" in failure["error"] and "hala pin" in failure["error"]
 
 
 def test_stage_image_entrypoint_prints_usage() -> None:
