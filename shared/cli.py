@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.runner == "k8s":
         from hala import k8s
 
-        jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe))
+        jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe), selector=k8s.run_selector(recipe))
         return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
 

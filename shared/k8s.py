@@ -23,7 +23,7 @@ import hashlib
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import yaml
 
@@ -339,14 +339,22 @@ class Jobs(Protocol):
     def create(self, job: dict[str, Any]) -> None: ...
     def get(self, name: str) -> dict[str, Any] | None: ...
     def delete(self, name: str) -> None: ...
+    def wait(self, seconds: float) -> None: ...
+
+
+def run_selector(recipe: Recipe) -> str:
+    """The label selector of a run's Jobs (every step, shard and gather Job carries these labels)."""
+    return f"app.kubernetes.io/part-of={k8s_name(recipe.name)},hala.dev/run={k8s_name(recipe.run)}"
 
 
 class KubeJobs:
-    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config)."""
+    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config, KUBECONFIG)."""
 
-    def __init__(self, ns: str):
+    def __init__(self, ns: str, selector: str | None = None):
         from kubernetes import client, config
 
+        self.selector = selector
+        self.version: str | None = None  # the resourceVersion the next watch starts from
         try:
             config.load_incluster_config()
         except config.ConfigException:
@@ -378,6 +386,35 @@ class KubeJobs:
             if e.status != 404:
                 raise
 
+    def wait(self, seconds: float) -> None:
+        """Until a Job of the run changes, or `seconds` pass: the watch API, from the last resourceVersion seen, so no
+        change between two waits is missed. The conductor reads every Job it follows after each wait, which is the
+        resync: a watch the server ends or drops returns at once (after a short pause, so a flapping API server is
+        not hammered), and a 410 Gone (a version older than the server keeps) starts again from a fresh list."""
+        from kubernetes import watch
+
+        if self.version is None:
+            listing = self.api.list_namespaced_job(self.ns, label_selector=self.selector)
+            self.version = listing.metadata.resource_version
+        w = watch.Watch()
+        started = time.monotonic()
+        try:
+            for event in w.stream(self.api.list_namespaced_job, self.ns, label_selector=self.selector,
+                                  resource_version=self.version, timeout_seconds=max(1, int(seconds)),
+                                  allow_watch_bookmarks=True):
+                self.version = event["object"].metadata.resource_version or self.version
+                if event["type"] != "BOOKMARK":
+                    return  # a Job was added, changed or deleted: the conductor looks
+        except self.exc as e:
+            if e.status != 410:
+                raise
+            self.version = None  # expired: list again next time
+        except Exception as e:  # noqa: BLE001 - a dropped connection (urllib3's errors): the next pass resyncs
+            logs.get("hala.k8s").info("watch dropped", error=f"{type(e).__name__}: {e}"[:300])
+            time.sleep(max(0.0, min(5.0, seconds - (time.monotonic() - started))))
+        finally:
+            w.stop()
+
 
 def job_outcome(job: dict[str, Any]) -> tuple[str, str]:
     """('complete' | 'failed' | 'running', reason) from the Job's conditions."""
@@ -392,8 +429,8 @@ def job_outcome(job: dict[str, Any]) -> tuple[str, str]:
 
 
 def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str | None = None, tag: str | None = None,
-            poll_seconds: float = 15.0, recipe_arg: str | None = None, store_arg: str | None = None,
-            sleep: Callable[[float], None] = time.sleep, max_polls: int | None = None) -> int:
+            resync_seconds: float = 300.0, recipe_arg: str | None = None, store_arg: str | None = None,
+            max_polls: int | None = None) -> int:
     """Drive the recipe's enabled steps as Jobs until all are committed, or one fails (exit code != 0)."""
     log = logs.get("hala.k8s")
     store = Store(recipe.store)
@@ -440,7 +477,7 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
                                          store_arg=store_arg))
                     log.info("job created", step=step.name, job=name, shards=step.shards, fingerprint=(fp or "")[:12])
                 except Conflict:
-                    log.info("job still being deleted", step=step.name, job=name)  # try again at the next poll
+                    log.info("job still being deleted", step=step.name, job=name)  # tried again at the next pass
                 state[step.name] = "running"
                 continue
             if state.get(step.name) != "running":
@@ -481,7 +518,7 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
         if max_polls is not None and polls >= max_polls:
             log.info("conductor stopping", after_polls=polls, running=active)
             return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-        sleep(poll_seconds)
+        jobs.wait(resync_seconds)  # returns when a Job changes (the watch API), at the latest after resync_seconds
     counts: dict[str, int] = {}
     for s in steps:
         counts[state.get(s.name, "not run")] = counts.get(state.get(s.name, "not run"), 0) + 1

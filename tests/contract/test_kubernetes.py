@@ -282,8 +282,8 @@ class FakeCluster:
         self.jobs.pop(name, None)
         self.deleted.append(name)
 
-    # the kubelet and the Job controller
-    def tick(self, _seconds: float = 0) -> None:
+    # the kubelet and the Job controller, between two looks of the conductor (KubeJobs.wait watches the real API)
+    def wait(self, _seconds: float = 0) -> None:
         self.polls += 1
         if self.paused:
             return
@@ -326,7 +326,7 @@ def _dag(tmp_path: Path, **a_config: Any) -> recipe_mod.Recipe:
 
 
 def _conduct(recipe: recipe_mod.Recipe, cluster: FakeCluster, **kw: Any) -> int:
-    return k8s.conduct(recipe, cluster, variant="cpu", poll_seconds=0, sleep=cluster.tick,
+    return k8s.conduct(recipe, cluster, variant="cpu", resync_seconds=0,
                        recipe_arg=str(recipe.path), store_arg=recipe.store, **kw)
 
 
@@ -384,3 +384,36 @@ def test_a_job_left_from_another_config_is_replaced_not_adopted(tmp_path, echo):
     assert _conduct(recipe, cluster) == 0
     assert cluster.deleted == ["echo-c"] and ("echo-c" in [n for _, n in cluster.created])
     assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
+
+
+def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_history(tmp_path: Path, monkeypatch) -> None:
+    """KubeJobs.wait (what the conductor does between two looks at its Jobs) against a stand-in of the API server's
+    Job list and watch (tests/_lib/kubeapi.py) through the official client: a change ends the wait at once, the
+    next watch starts after the version seen, and a 410 Gone (history compacted) lists again instead of failing."""
+    import threading
+    import time
+
+    from kubeapi import KubeAPI
+
+    with KubeAPI() as api:
+        (tmp_path / "kubeconfig").write_text(api.kubeconfig())
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        jobs = k8s.KubeJobs("hala", selector="app.kubernetes.io/part-of=x,hala.dev/run=r")
+        t0 = time.monotonic()
+        jobs.wait(1)  # no change: the watch ends at its timeout
+        assert time.monotonic() - t0 >= 0.9 and jobs.version == "5"
+        threading.Timer(0.5, api.change, args=("echo-a",)).start()
+        t0 = time.monotonic()
+        jobs.wait(60)
+        assert time.monotonic() - t0 < 20 and jobs.version == "6"  # returned on the change, not after 60 s
+        api.change("echo-b")  # between two waits: not missed, the next watch starts after version 6
+        jobs.wait(60)
+        assert jobs.version == "7"
+        api.forget()
+        jobs.wait(60)  # 410 Gone: no error, the version is dropped
+        assert jobs.version is None
+        jobs.wait(1)  # lists again, then watches from the fresh version
+        assert jobs.version == str(api.version)
+        watches = [p for p in api.requests if "watch=" in p.lower()]
+        assert watches and all("labelSelector=app.kubernetes.io%2Fpart-of%3Dx%2Chala.dev%2Frun%3Dr" in p for p in api.requests)
+        assert "resourceVersion=6" in watches[2] and len([p for p in api.requests if "watch=" not in p.lower()]) == 2
