@@ -114,8 +114,8 @@ def perturb(src: Path, dst: Path) -> None:
 
 def make_pair(kind: str, work: Path) -> tuple[Path, Path]:
     if kind == "tiny":
-        from hala import recipe as recipe_mod, tiny
-        from hala.store import Store
+        from hala.contract import recipe as recipe_mod, tiny
+        from hala.contract.store import Store
 
         recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml")
         store = Store(str(work / "store"))
@@ -139,8 +139,8 @@ def make_pair(kind: str, work: Path) -> tuple[Path, Path]:
         base = work / "smollm2-shaped-base"
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(base)
     # any tokenizer does for the load-and-generate check: ours, from the tiny builder
-    from hala import tiny
-    from hala.tiny_spec import DEFAULT_PROMPTS
+    from hala.contract import tiny
+    from hala.contract.tiny_spec import DEFAULT_PROMPTS
 
     tok = tiny.build_tokenizer(tiny.read_pairs(PAIRS), DEFAULT_PROMPTS)
     tok.save_pretrained(base)

@@ -1,6 +1,6 @@
 """Paper scale on this machine: the data plane of prepare -> translate (S shards) -> gather -> judge (S shards) ->
 gather at N rows, each step a process of its own stage environment, as `hala run` starts them. The model is the
-instant engine (HALA_BENCH_ENGINE=instant, hala.engine.InstantEngine): it answers at once, so what is measured is
+instant engine (HALA_BENCH_ENGINE=instant, hala.kit.engine.InstantEngine): it answers at once, so what is measured is
 the stages' own work (read the shard's rows, plan, protect spans, gate, write, commit), never a model.
 
     .venvs/cli/bin/python bench/scale.py --rows 10000 100000 1000000 --shards 2 8 [--out bench/scale.json]
@@ -171,7 +171,7 @@ def measure(n: int, shards: int, source: Path, folder: Path, store: Path, env: d
     for step, stage in (("translate-mix", "translate"), ("judge-mix", "judge"))[: 2 if judge else 1]:
         per = [timed(stage_cmd("serve", stage, path, step, f"{i}/{shards}"), env) for i in range(shards)]
         shard_anon = max(ANON[-shards:])
-        g_seconds, g_rss = timed([str(VENVS / "cli" / "bin" / "python"), "-m", "hala.cli", "gather", str(path), step], env)
+        g_seconds, g_rss = timed([str(VENVS / "cli" / "bin" / "python"), "-m", "hala.ops.cli", "gather", str(path), step], env)
         m = manifest(folder, step)
         c = m["counts"]
         assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), c
@@ -193,7 +193,7 @@ TOKENIZE = """
 import glob, sys
 from stages.train import data
 from stages.train.config import TrainConfig
-from hala import tables
+from hala.contract import tables
 from transformers import AutoTokenizer
 folder, model = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(model)

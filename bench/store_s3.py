@@ -58,7 +58,7 @@ def run(recipe: Path, env: dict[str, str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB of the largest process: `hala run` or the step it started)."""
     code = ("import resource, subprocess, sys, time\n"
             "t = time.perf_counter()\n"
-            "rc = subprocess.run([sys.executable, '-m', 'hala.cli', 'run', sys.argv[1]], stdout=subprocess.DEVNULL).returncode\n"
+            "rc = subprocess.run([sys.executable, '-m', 'hala.ops.cli', 'run', sys.argv[1]], stdout=subprocess.DEVNULL).returncode\n"
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)\n")
     out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env, cwd=REPO)
     seconds, rss, rc = out.stdout.split()

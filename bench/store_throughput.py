@@ -51,7 +51,7 @@ def main() -> None:
     os.environ["HALA_CACHE"] = str(tmp / "cache")
     import s3fs
 
-    from hala.store import SCHEMA, Store, output_entry
+    from hala.contract.store import SCHEMA, Store, output_entry
 
     def manifest_of(store: Store, run: str, step: str, folder: Path, output: str) -> dict:
         """What a stage's commit writes for one output folder: every file's sha256 and size (computed here)."""

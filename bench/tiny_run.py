@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def timed_run(store: Path, cache: Path) -> tuple[float, dict[str, int]]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "hala.cli", "run", "recipes/tiny.yaml", "--store", str(store)],
+    out = subprocess.run([sys.executable, "-m", "hala.ops.cli", "run", "recipes/tiny.yaml", "--store", str(store)],
                          cwd=REPO, capture_output=True, text=True,
                          env={"HALA_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin", "HALA_CACHE": str(cache)})
     seconds = time.perf_counter() - t0

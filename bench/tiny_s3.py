@@ -26,7 +26,7 @@ RECIPE = REPO / "recipes" / "tiny.yaml"
 
 
 def hala(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hala.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "hala.ops.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
 
 
 def status(env: dict[str, str], store: str) -> dict[str, tuple]:

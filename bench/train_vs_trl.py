@@ -66,7 +66,7 @@ def bare(model: str, rows: int, steps: int, out: str) -> dict:
 
 
 def stage(store: Path, pairs_dir: Path, steps: int, run: str) -> dict:
-    from hala.store import Store
+    from hala.contract.store import Store
 
     sys.path.insert(0, str(REPO / "tests" / "_lib"))
     from helpers import write_recipe
@@ -99,8 +99,8 @@ def main() -> None:
             print(json.dumps(bare(args.bare, args.rows, args.steps, out)))
         return
 
-    from hala import recipe as recipe_mod, tables, tiny
-    from hala.store import Store
+    from hala.contract import recipe as recipe_mod, tables, tiny
+    from hala.contract.store import Store
 
     sys.path.insert(0, str(REPO / "tests" / "_lib"))
     from helpers import write_recipe

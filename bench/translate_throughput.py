@@ -75,7 +75,7 @@ def cpu_seconds() -> float:
 
 
 def dataset(folder: Path, n: int) -> list[dict]:
-    from hala import tables
+    from hala.contract import tables
 
     # Distinct rows matter: with a few dozen rows repeated, the raw call (sorted by length over everything)
     # batches identical prompts, which also finish at the same step; chunks see fewer copies of each.
@@ -90,9 +90,9 @@ def dataset(folder: Path, n: int) -> list[dict]:
 
 
 def run(kind: str, n: int, work: Path, chunk_rows: int) -> dict:
-    from hala import recipe as recipe_mod, step, tiny
-    from hala.engine import Sampling, open_engine
-    from hala.store import Store
+    from hala.contract import recipe as recipe_mod, step, tiny
+    from hala.kit.engine import Sampling, open_engine
+    from hala.contract.store import Store
     from stages.translate.config import TranslateConfig
     from stages.translate.main import main as translate_main, plan_chunk
 

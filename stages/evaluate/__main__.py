@@ -6,7 +6,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.main import main
 

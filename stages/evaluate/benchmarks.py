@@ -44,7 +44,7 @@ def configure_hub(offline: bool, datasets_cache: str) -> None:
     """The Hub libraries' switches for this LightEval run: offline, and a private datasets cache (datasets keys a
     local folder's cache on its name and file names, so an edited or another copy of OALL/Arabic_EXAMS would be
     read from an older cache). The variables serve a fresh interpreter, which has not imported the libraries yet;
-    under `hala run` this process is forked from a warm interpreter (hala.warm) that imported them already, and
+    under `hala run` this process is forked from a warm interpreter (hala.kit.warm) that imported them already, and
     their import-time copies of the same switches are set as well."""
     os.environ["HF_DATASETS_CACHE"] = datasets_cache
     if offline:
@@ -156,8 +156,8 @@ def run_isolated(models: dict[str, str], names: list[str], cfg: EvaluateConfig, 
     """run_lighteval in a process of its own: LightEval keeps registered tasks for the life of a process, so a
     later pipeline in the same process would reuse the first one's task configs (and their data folders). One
     process serves the sides of one step (same tasks, same data): its ~20 s of imports are paid once, or not at
-    all under `hala run`, where it is forked from the step's warm interpreter (hala.warm)."""
-    from hala import warm
+    all under `hala run`, where it is forked from the step's warm interpreter (hala.kit.warm)."""
+    from hala.kit import warm
 
     request = json.dumps({"models": models, "names": names, "config": cfg.model_dump(), "out_dirs": out_dirs, "data": data,
                           "hub_offline": hub_offline})

@@ -32,7 +32,7 @@ class _NoCache:
 
 class VllmLogprobModel(LightevalModel):
     def __init__(self, config: Any) -> None:
-        from hala.engine import prepare_vllm_env
+        from hala.kit.engine import prepare_vllm_env
 
         prepare_vllm_env()
         from vllm import LLM

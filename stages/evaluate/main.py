@@ -12,10 +12,10 @@ import json
 import os
 from typing import Any
 
-from hala import tables
-from hala.engine import check_fp8_hardware
-from hala.errors import DataError
-from hala.step import StepContext
+from hala.contract import tables
+from hala.contract.errors import DataError
+from hala.contract.step import StepContext
+from hala.kit.engine import check_fp8_hardware
 from stages.evaluate import benchmarks, translation
 from stages.evaluate.config import EvaluateConfig
 

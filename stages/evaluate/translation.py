@@ -1,6 +1,6 @@
 """Translation quality with sacrebleu, and the FP8 acceptance check built on it.
 
-Each model translates the same source texts greedily through the serving engine (hala.engine: vLLM, or
+Each model translates the same source texts greedily through the serving engine (hala.kit.engine: vLLM, or
 transformers); BLEU (13a or intl) and chrF++ come from sacrebleu on the whole corpus, with their
 signatures. Throughput is completion tokens per second of the generation call alone (engine start-up is
 timed apart), so the FP8/source ratio compares the models, not the start-up.
@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import tables
-from hala.engine import Sampling, open_engine
-from hala.errors import DataError
+from hala.contract import tables
+from hala.contract.errors import DataError
+from hala.kit.engine import open_engine, Sampling
 from stages.evaluate.config import EvaluateConfig
 
 

@@ -6,7 +6,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.judge.config import JudgeConfig
 from stages.judge.main import main
 

@@ -9,10 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from hala import chunks, tables
-from hala.engine import Choice
-from hala.errors import ConfigError
-from hala.step import StepContext
+from hala.contract import tables
+from hala.contract.errors import ConfigError
+from hala.contract.step import StepContext
+from hala.kit import chunks
+from hala.kit.engine import Choice
 from stages.judge.config import JudgeConfig
 
 OUTPUTS = ["accepted", "rejected", "quarantine"]
@@ -74,7 +75,7 @@ def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> Chun
 
 
 def marker_of(plan: ChunkPlan, engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The chunk's tables and its marker's counters (hala.chunks writes the files, then the marker)."""
+    """The chunk's tables and its marker's counters (hala.kit.chunks writes the files, then the marker)."""
     marker = {"rows_in": len(plan.rows), "accepted": len(plan.out["accepted"]), "rejected": len(plan.out["rejected"]),
               "rows_quarantined": len(plan.out["quarantine"]), "by_reason": dict(plan.reasons),
               "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit

@@ -14,7 +14,7 @@ def run() -> int:
     # The load-and-generate check's process starts first and imports transformers while this one imports
     # torch, hashes the inputs and merges.
     with Checker() as checker:
-        from hala import step
+        from hala.contract import step
         from stages.merge.config import MergeConfig
         from stages.merge.main import main
 

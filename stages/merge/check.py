@@ -9,7 +9,7 @@ template. It runs on CPU (the merge stage runs on CPU nodes).
 A fresh interpreter, not a fork of the stage: a process forked after torch has run a parallel operation hangs
 in its first one (GNU OpenMP's thread pool does not survive fork; seen here), and the stage cannot promise that
 nothing ran before. The price is a second import of torch (~1 s of a core, ~150 MB of its own memory). Under
-`hala run` the stage itself runs warm (hala.warm) and the check is forked from the same pristine warm
+`hala run` the stage itself runs warm (hala.kit.warm) and the check is forked from the same pristine warm
 interpreter, which has run nothing: then it starts with its imports done.
 
 Protocol: one JSON object per line. The stage sends {"prepare": folder} (a folder with the architecture's
@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any, TextIO
 
-from hala.errors import DataError, TemporaryError
+from hala.contract.errors import DataError, TemporaryError
 
 MAX_NEW_TOKENS = 16
 
@@ -43,7 +43,7 @@ class Checker:
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds `stages/`
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
         # stderr is inherited: the check's warnings and logs land where the stage's do
-        from hala import warm
+        from hala.kit import warm
 
         self.proc = warm.popen([sys.executable, "-m", "stages.merge.check"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env)

@@ -46,7 +46,7 @@ class MergeConfig(BaseModel):
     def _check(self) -> "MergeConfig":
         if self.mergekit is not None and (self.method is not None or self.t is not None):
             raise ValueError("give either mergekit or method/t, not both (mergekit's config holds its own method and t)")
-        from hala.errors import ConfigError
+        from hala.contract.errors import ConfigError
         from stages.merge import schedule  # it imports this module: here, not at the top
 
         try:  # a MergeKit config's own checks, and t's range, before any tensor is read (and in the dry run)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from hala.errors import DataError
-from hala.step import StepContext
+from hala.contract.errors import DataError
+from hala.contract.step import StepContext
 from stages.merge import schedule
 from stages.merge.check import Checker
 from stages.merge.config import MergeConfig
@@ -41,7 +41,7 @@ def local_model(ctx: StepContext, name: str) -> str:
     if resolved.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        # the pinned commit (hala.sources.hub_revision), without the duplicate .bin weights some repositories carry
+        # the pinned commit (hala.contract.sources.hub_revision), without the duplicate .bin weights some repositories carry
         path = snapshot_download(resolved.uri, revision=resolved.revision,
                                  allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
     else:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala.errors import ConfigError
+from hala.contract.errors import ConfigError
 from stages.merge.config import MergeConfig
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -6,7 +6,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.prepare.config import PrepareConfig
 from stages.prepare.main import main
 

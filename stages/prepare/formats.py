@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from hala.text import script_share
+from hala.kit.text import script_share
 from stages.prepare.config import PrepareConfig
 
 ROLES = {

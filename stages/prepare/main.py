@@ -15,9 +15,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hala import tables
-from hala.errors import DataError
-from hala.step import StepContext
+from hala.contract import tables
+from hala.contract.errors import DataError
+from hala.contract.step import StepContext
 from stages.prepare import dedup, formats, readers
 from stages.prepare.config import PrepareConfig
 from stages.prepare.readers import Broken

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import fsspec
 
-from hala.errors import ConfigError, DataError, TemporaryError
-from hala.sources import ResolvedInput
+from hala.contract.errors import ConfigError, DataError, TemporaryError
+from hala.contract.sources import ResolvedInput
 from stages.prepare.config import PrepareConfig
 
 SUFFIXES = {

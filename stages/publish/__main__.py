@@ -6,7 +6,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.publish.config import PublishConfig
 from stages.publish.main import main
 

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any
 
-from hala.errors import ConfigError, TemporaryError
-from hala.step import StepContext
+from hala.contract.errors import ConfigError, TemporaryError
+from hala.contract.step import StepContext
 from stages.publish.config import PublishConfig
 
 

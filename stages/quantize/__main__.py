@@ -6,7 +6,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.quantize.config import QuantizeConfig
 from stages.quantize.main import main
 

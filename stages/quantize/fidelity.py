@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hala import logs
-from hala.errors import DataError
+from hala.contract import logs
+from hala.contract.errors import DataError
 
 
 @dataclass

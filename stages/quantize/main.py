@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from hala.errors import ConfigError, DataError
-from hala.step import StepContext
+from hala.contract.errors import ConfigError, DataError
+from hala.contract.step import StepContext
 from stages.quantize import fidelity
 from stages.quantize.config import QuantizeConfig, needs_calibration
 

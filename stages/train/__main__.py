@@ -9,7 +9,7 @@ stage's config for it (stages/train/accelerate/) when N GPUs are there; elsewher
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.train.config import TrainConfig
 from stages.train.launch import relaunch
 from stages.train.main import main

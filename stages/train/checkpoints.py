@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from hala.store import Store
+from hala.contract.store import Store
 
 MARK = "hala-complete.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from hala import spans
+from hala.contract import spans
 from stages.train.config import TrainConfig
 
 ROLES = {"system", "user", "assistant", "tool"}

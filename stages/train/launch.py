@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from hala import logs, recipe as recipe_mod
+from hala.contract import logs, recipe as recipe_mod
 
 CONFIGS = Path(__file__).resolve().parent / "accelerate"
 

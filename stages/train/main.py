@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from hala import artifact, tables
-from hala.errors import ConfigError, DataError
-from hala.hashing import sha256_json
-from hala.step import StepContext, rank
-from hala.store import Identity, describe_local, new_manifest, now, output_entry
+from hala.contract import artifact, tables
+from hala.contract.errors import ConfigError, DataError
+from hala.contract.hashing import sha256_json
+from hala.contract.step import rank, StepContext
+from hala.contract.store import describe_local, Identity, new_manifest, now, output_entry
 from stages.train import checkpoints, data
 from stages.train.config import TrainConfig
 
@@ -127,7 +127,7 @@ def cache_key(cfg: TrainConfig, ctx: StepContext, tok_fp: str, sft: dict[str, An
 
 def tokenized(cfg: TrainConfig, ctx: StepContext, tok: Any, template: str, sft: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Local folder of the tokenized cache (train/, eval/, quarantine.parquet, stats.json), built if missing: a
-    content-addressed artifact of the store (hala.artifact), so two steps or pods with one cache key build it once."""
+    content-addressed artifact of the store (hala.contract.artifact), so two steps or pods with one cache key build it once."""
     from accelerate import PartialState
 
     key = cache_key(cfg, ctx, tokenizer_fingerprint(tok, template), sft)

@@ -7,7 +7,7 @@
 
 import sys
 
-from hala import step
+from hala.contract import step
 from stages.translate.config import TranslateConfig
 from stages.translate.main import main
 

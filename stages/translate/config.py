@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hala.engine import Sampling
+from hala.kit.engine import Sampling
 
 PROMPT_SLACK = 16  # chat-template tokens around the unit, on top of the prompt's own
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from hala import spans
-from hala.text import script_share
+from hala.contract import spans
+from hala.kit.text import script_share
 from stages.translate.config import Gate
 
 _RUN = re.compile(r"(.)\1{29,}", re.S)

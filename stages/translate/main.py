@@ -13,11 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import chunks, spans, tables
-from hala.engine import Generation, Sampling
-from hala.errors import ConfigError
-from hala.step import StepContext
-from hala.text import script_share
+from hala.contract import spans, tables
+from hala.contract.errors import ConfigError
+from hala.contract.step import StepContext
+from hala.kit import chunks
+from hala.kit.engine import Generation, Sampling
+from hala.kit.text import script_share
 from stages.translate import gate
 from stages.translate.config import PROMPT_SLACK, TranslateConfig
 
@@ -203,7 +204,7 @@ def finish_chunk(plan: ChunkPlan, gens: list[Generation], cfg: TranslateConfig) 
 
 
 def marker_of(plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The chunk's tables and its marker's counters (hala.chunks writes the files, then the marker)."""
+    """The chunk's tables and its marker's counters (hala.kit.chunks writes the files, then the marker)."""
     quarantined = sum(result["reasons"].values())
     marker = {"rows_in": len(plan.rows), "rows_out": len(plan.rows) - quarantined, "rows_quarantined": quarantined,
               "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},

@@ -26,7 +26,7 @@ def write_recipe(folder: Path, steps: dict[str, Any], name: str = "test", store:
 def hala(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The `hala` command, as a user runs it (a subprocess of this environment's Python)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "hala.cli", *args], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hala.ops.cli", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from helpers import REPO, hala, write_recipe
 
-from hala import compose, envs, images, recipe as recipe_mod, runner
-from hala.resources import needs
+from hala.contract import recipe as recipe_mod
+from hala.ops import compose, envs, images, runner
+from hala.ops.resources import needs
 
 TINY = REPO / "recipes" / "tiny.yaml"
 PAPER = REPO / "recipes" / "hala-paper.yaml"
@@ -216,13 +217,13 @@ def test_compose_runner_refuses_local_runner_flags(flag, tmp_path):
 
 
 def test_the_entrypoint_lists_the_stages_of_its_image():
-    out = subprocess.run([sys.executable, "-m", "hala.launch", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "hala.ops.launch", "--help"], capture_output=True, text=True,
                          env={**os.environ, "HALA_IMAGE": "hala-serve"})
     assert out.returncode == 0
     assert "stages of this image (hala-serve):" in out.stdout
     listed = [line.split()[0] for line in out.stdout.split("stages of this image")[1].splitlines()[1:] if line.startswith("  ")]
     assert listed == ["judge", "translate"]
-    wrong = subprocess.run([sys.executable, "-m", "hala.launch", "translat"], capture_output=True, text=True)
+    wrong = subprocess.run([sys.executable, "-m", "hala.ops.launch", "translat"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "no stage 'translat'" in wrong.stderr
 
 

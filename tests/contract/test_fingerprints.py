@@ -13,7 +13,7 @@ from pathlib import Path
 
 from helpers import REPO, hala, write_recipe
 
-from hala import stagespec
+from hala.contract import stagespec
 
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
 
@@ -48,18 +48,18 @@ def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves
     assert _states(recipe, env) == {"prepare-lamini": "cached"}
 
     # the Kubernetes renderer: no stage imports it
-    with open(root / "hala" / "k8s.py", "a") as f:
+    with open(root / "hala" / "ops" / "k8s.py", "a") as f:
         f.write("\n# an edit that shapes no output\n")
     assert _states(recipe, env) == {"prepare-lamini": "cached"}
 
-    # hala.tables writes every dataset prepare commits
-    with open(root / "hala" / "tables.py", "a") as f:
+    # hala.contract.tables writes every dataset prepare commits
+    with open(root / "hala" / "contract" / "tables.py", "a") as f:
         f.write("\n# an edit to code the step runs\n")
     assert _states(recipe, env) == {"prepare-lamini": "will run"}
 
 
 def _version_in(root: Path, stage: str) -> str:
-    code = f"from hala import stagespec; print(stagespec.find({stage!r}).version)"
+    code = f"from hala.contract import stagespec; print(stagespec.find({stage!r}).version)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr

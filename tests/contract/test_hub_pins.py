@@ -101,7 +101,7 @@ def test_hala_pin_writes_the_lock_that_the_recipe_then_reads_offline(tmp_path: P
 
 
 def test_a_recipe_pin_wins_and_a_dataset_input_asks_the_dataset_api(tmp_path: Path) -> None:
-    from hala import recipe as recipe_mod
+    from hala.contract import recipe as recipe_mod
 
     path = write_recipe(tmp_path, {
         "prepare-a": {"stage": "prepare", "inputs": {"source": f"hub:acme/corpus@{SHA2}"}, "config": {"format": "messages"}},

@@ -21,8 +21,9 @@ import pytest
 import yaml
 from helpers import REPO, hala, write_recipe
 
-from hala import k8s, recipe as recipe_mod
-from hala.resources import needs
+from hala.contract import recipe as recipe_mod
+from hala.ops import k8s
+from hala.ops.resources import needs
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -296,7 +297,7 @@ class FakeCluster:
             for i in indexes:
                 env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(i)} if i is not None else {})}
                 args = spec["template"]["spec"]["containers"][0]["args"]
-                code = subprocess.run([sys.executable, "-m", "hala.launch", *args], env=env, capture_output=True, text=True).returncode
+                code = subprocess.run([sys.executable, "-m", "hala.ops.launch", *args], env=env, capture_output=True, text=True).returncode
                 self.pods.append((name, i, code))
                 if code:
                     failed.append((i, code))

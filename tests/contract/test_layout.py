@@ -6,7 +6,8 @@ import subprocess
 import sys
 import tomllib
 
-from hala import envs, stagespec
+from hala.contract import stagespec
+from hala.ops import envs
 from helpers import REPO
 
 
@@ -40,7 +41,7 @@ def test_environments_follow_the_stages() -> None:
 
 def test_the_library_imports_no_ml_stack() -> None:
     code = (
-        "import sys, hala.cli, hala.runner, hala.gather, hala.step, hala.sources, hala.tiny, hala.tiny_spec, hala.launch\n"
+        "import sys, hala.ops.cli, hala.ops.runner, hala.ops.gather, hala.contract.step, hala.contract.sources, hala.contract.tiny, hala.contract.tiny_spec, hala.ops.launch\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets', 'pyarrow', 'pydantic') if m in sys.modules)\n"
         "print(','.join(heavy))"
     )
@@ -49,16 +50,16 @@ def test_the_library_imports_no_ml_stack() -> None:
 
 
 def test_stage_launcher_lists_stages() -> None:
-    out = subprocess.run([sys.executable, "-m", "hala.launch", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hala.ops.launch", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "prepare" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "hala.launch", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "hala.ops.launch", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr
 
 
 def test_no_stage_or_library_module_reaches_for_a_private_library_name() -> None:
     """The library's public names are its contract with the stages: `from hala.x import _y` or `hala.x._y(...)` in a
     stage (or in another library module) couples it to what the library may change at will (issue 18: two stages
-    imported hala.sources._localize_step_output)."""
+    imported hala.contract.sources._localize_step_output)."""
     import re
 
     private = re.compile(r"from\s+hala(?:\.\w+)?\s+import\s+\(?[^)\n]*\b_[a-z]\w*|\bhala\.\w+\._[a-z]\w*|\b(?:runner|sources|store|step|gather|lease|tiny|tables|chunks)\._[a-z]\w*\(")
@@ -68,3 +69,23 @@ def test_no_stage_or_library_module_reaches_for_a_private_library_name() -> None
             if private.search(line.split("#")[0]):
                 found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "make these public or keep them inside their module:\n" + "\n".join(found)
+
+
+def test_the_library_is_layered_contract_kit_ops_and_stages_import_only_the_first_two() -> None:
+    """hala.contract (what every step relies on) imports nothing of the kit or the operations side; hala.kit (what
+    stages import beside it) nothing of the operations side; a stage only the contract and the kit (read from the
+    source as the fingerprints read it: imports inside functions count)."""
+    from hala.contract import stagespec
+
+    def layers(path) -> set[str]:
+        return {name.split(".")[0] for name in stagespec._hala_imports(path) if "." in name or name in ("contract", "kit", "ops")}
+
+    allowed = {"contract": {"contract"}, "kit": {"contract", "kit"}, "ops": {"contract", "kit", "ops"}}
+    wrong = []
+    for layer, ok in allowed.items():
+        for path in sorted((REPO / "shared" / layer).glob("*.py")):
+            wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - ok]
+    for path in sorted((REPO / "stages").rglob("*.py")):
+        wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - allowed["kit"]]
+    assert not wrong, "\n".join(wrong)
+    assert sorted(p.name for p in (REPO / "shared").glob("*.py")) == ["__init__.py"]  # every module has its layer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from helpers import REPO, hala
 
-from hala import envs, locks, pipconf
+from hala.ops import envs, locks, pipconf
 
 
 def test_every_set_has_current_locks_for_both_variants():
@@ -69,7 +69,7 @@ def _copy_checkout(dst: Path) -> Path:
 
 
 def _check(pypath: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from hala import locks; print(locks.REPO); sys.exit(locks.main_lock(None, locks.VARIANTS, True, False))"
+    code = "import sys; from hala.ops import locks; print(locks.REPO); sys.exit(locks.main_lock(None, locks.VARIANTS, True, False))"
     env = {**os.environ, "PYTHONPATH": str(pypath)}
     # cwd outside the checkout: `python -c` puts the working directory first on sys.path
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=pypath)
@@ -103,7 +103,7 @@ def test_pip_configuration_becomes_uv_sources(tmp_path):
     wheels.mkdir()
     (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
     conf.write_text(f"[global]\nextra-index-url = file:///mirror/a/simple file:///mirror/b/simple\nfind-links = {wheels}\n")
-    code = ("import json; from hala import pipconf; "
+    code = ("import json; from hala.ops import pipconf; "
             "print(json.dumps([pipconf.uv_args(), str(pipconf.local_wheel('torch-2.13.0+cpu-*.whl'))]))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=str(conf))

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from hala import logs
+from hala.contract import logs
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, events, free_port, hala, write_recipe
 
-from hala.errors import ConfigError, TemporaryError
-from hala.store import Store
+from hala.contract.errors import ConfigError, TemporaryError
+from hala.contract.store import Store
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hala import recipe as recipe_mod
-from hala.errors import ConfigError
+from hala.contract import recipe as recipe_mod
+from hala.contract.errors import ConfigError
 from helpers import REPO, hala, write_recipe
 
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
@@ -284,7 +284,7 @@ def test_an_override_file_sets_many_keys_validated_like_set_and_reaches_the_step
     assert recipe.steps["prepare-c"].inputs["source"].uri == str(tmp_path / "data" / "mine.jsonl")
     assert recipe.steps["prepare-a"].config["max_rows"] == 3 and recipe.steps["prepare-b"].config["max_rows"] == 5
     # the items reach every step process as --set, so that a container or a Job sees the same recipe
-    from hala import runner
+    from hala.ops import runner
 
     cmd = runner.step_command(recipe, recipe.steps["prepare-c"])
     assert f"prepare-c.inputs.source={tmp_path / 'data' / 'mine.jsonl'}" in cmd

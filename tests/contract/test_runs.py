@@ -153,7 +153,7 @@ def test_a_killed_step_stays_invisible_and_a_rerun_commits_it(tmp_path: Path) ->
     path = write_recipe(tmp_path, {"prepare-big": _lamini(big), "prepare-copy": _copy("prepare-big")})
     store = tmp_path / "store"
     env = {**os.environ, "HALA_PROGRESS_EVERY": "0.2", "HALA_LOG_FORMAT": "json"}
-    cmd = [sys.executable, "-m", "hala.cli", "run", str(path), "--only", "prepare-big"]
+    cmd = [sys.executable, "-m", "hala.ops.cli", "run", str(path), "--only", "prepare-big"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:  # kill the whole process group at the first progress event: mid-way through

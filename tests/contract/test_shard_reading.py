@@ -1,4 +1,4 @@
-"""How sharded stages read and write rows (hala.tables): contiguous row ranges, read by row group, and outputs
+"""How sharded stages read and write rows (hala.contract.tables): contiguous row ranges, read by row group, and outputs
 written at a sane file size however small the chunks are."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hala import tables
+from hala.contract import tables
 
 SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 

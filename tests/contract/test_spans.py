@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hala import spans
+from hala.contract import spans
 
 
 def _turns(shared_data: Path) -> list[str]:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, events, hala
 
-from hala import cli, envs, stagespec
+from hala.contract import stagespec
+from hala.ops import cli, envs
 
 TINY = "recipes/tiny.yaml"
 
@@ -111,7 +112,7 @@ def at_start(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[int, s
         by_env[spec.env].append(i)
     driver = (
         "import importlib, json, sys\n"
-        "from hala import stagespec, step\n"
+        "from hala.contract import stagespec, step\n"
         "cases = json.loads(sys.argv[1])\n"
         "for i, stage, argv in cases:\n"
         "    spec = stagespec.find(stage)\n"
@@ -177,7 +178,7 @@ def test_every_check_of_every_stage_config_has_a_case() -> None:
 
 def test_config_modules_import_without_the_stages_libraries() -> None:
     # what lets any environment (the CLI's, a laptop's dry run of the paper recipe) run the stages' own checks
-    code = ("import sys\nfrom hala import stagespec\n"
+    code = ("import sys\nfrom hala.contract import stagespec\n"
             "for spec in stagespec.all_stages().values(): spec.config_model()\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datasets', 'pyarrow', 'llmcompressor', "
             "'compressed_tensors', 'lighteval', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"

@@ -19,7 +19,7 @@ import pytest
 from faultproxy import FaultProxy
 from helpers import REPO, write_recipe
 
-from hala.store import Store
+from hala.contract.store import Store
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
@@ -62,7 +62,7 @@ def _recipe(folder: Path, url: str) -> Path:
 
 
 def _hala(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hala.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hala.ops.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from helpers import REPO, events, hala, write_recipe
 
-from hala.store import Store
+from hala.contract.store import Store
 
 PY = REPO / ".venvs" / "data" / "bin" / "python"
 ROWS = 50_000  # started together, the second writer meets the first one's lease (and waits) whatever the size
@@ -148,7 +148,7 @@ def test_two_runs_of_a_sharded_dag_on_one_store(tmp_path: Path) -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))}
     import sys
 
-    runs = [subprocess.Popen([sys.executable, "-m", "hala.cli", "run", str(recipe)], cwd=REPO, env=env,
+    runs = [subprocess.Popen([sys.executable, "-m", "hala.ops.cli", "run", str(recipe)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in runs]
     assert [p.returncode for p in runs] == [0, 0], [o[0][-2000:] + o[1][-2000:] for o in outs]

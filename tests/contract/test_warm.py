@@ -1,4 +1,4 @@
-"""Warm interpreters (hala.warm): a forked child is what `python -m MODULE ARGS` would be, or it is refused."""
+"""Warm interpreters (hala.kit.warm): a forked child is what `python -m MODULE ARGS` would be, or it is refused."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import REPO, events, hala, manifest, write_recipe
 
-from hala import warm
+from hala.kit import warm
 
 PROBE = '''
 import json, os, sys
 STATE = globals().setdefault("STATE", [])
-import hala.warm as w
+import hala.kit.warm as w
 w._probe_calls = getattr(w, "_probe_calls", 0) + 1        # module state: must not leak from one child to the next
 text = sys.stdin.read()
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "stdin": text,

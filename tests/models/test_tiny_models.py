@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from hala import recipe as recipe_mod, tiny, tiny_spec
-from hala.errors import DataError
-from hala.store import Store
+from hala.contract import recipe as recipe_mod, tiny, tiny_spec
+from hala.contract.errors import DataError
+from hala.contract.store import Store
 from helpers import REPO
 
 ARCH = {"teacher": "Cohere2ForCausalLM", "judge": "Qwen2ForCausalLM", "translator": "Lfm2ForCausalLM",
@@ -124,7 +124,7 @@ def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> No
     recipe = REPO / "recipes" / "tiny.yaml"
 
     def start(store: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "hala.tiny", "lfm2-350m", "--recipe", str(recipe), "--store", str(store)],
+        return subprocess.Popen([sys.executable, "-m", "hala.contract.tiny", "lfm2-350m", "--recipe", str(recipe), "--store", str(store)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     procs = [start(tmp_path / "store") for _ in range(3)]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from hala import schema, step, tables, tiny
-from hala.store import Store
+from hala.contract import schema, step, tables, tiny
+from hala.contract.store import Store
 from helpers import REPO, write_recipe
 from stages.evaluate import localdata, main as emain, translation
 from stages.evaluate.config import EvaluateConfig

@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from hala import step, tables
-from hala.store import Store
+from hala.contract import step, tables
+from hala.contract.store import Store
 from helpers import REPO, write_recipe
 from stages.judge.config import JudgeConfig
 from stages.judge.main import main as judge_main
@@ -84,7 +84,7 @@ def test_vllm_guided_decoding_gives_the_same_verdicts(tmp_path: Path, store: Pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = Store(str(store)).read_manifest("vllm", "judge-x")
     assert m["metrics"]["engine"]["engine"] == "vllm"
-    # several chunks share the engine's queue (hala.engine streams): each verdict must land on its own pair
+    # several chunks share the engine's queue (hala.kit.engine streams): each verdict must land on its own pair
     assert len([line for line in out.stdout.splitlines() if '"event": "chunk committed"' in line]) >= 3
     ref = {r["src"] for r in _rows(store, "ref", "accepted")}
     got = {r["src"] for r in _rows(store, "vllm", "accepted")}

@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hala import recipe as recipe_mod, schema, step, tiny
-from hala.store import Store
+from hala.contract import recipe as recipe_mod, schema, step, tiny
+from hala.contract.store import Store
 from helpers import REPO, events, write_recipe
 from stages.merge import main as mmain, schedule
 from stages.merge.config import MergeConfig

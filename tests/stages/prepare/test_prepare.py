@@ -14,8 +14,8 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from hala import schema, step
-from hala.store import Store
+from hala.contract import schema, step
+from hala.contract.store import Store
 from helpers import events, write_recipe
 from stages.prepare.config import PrepareConfig
 from stages.prepare.main import main
@@ -376,5 +376,5 @@ def test_hub_without_network_is_a_temporary_failure(tmp_path: Path, capsys: pyte
 
 
 def test_stage_image_entrypoint_prints_usage() -> None:
-    out = subprocess.run([sys.executable, "-m", "hala.launch", "prepare", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hala.ops.launch", "prepare", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--recipe" in out.stdout and "--shard" in out.stdout

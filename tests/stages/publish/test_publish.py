@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hala import schema
+from hala.contract import schema
 from helpers import REPO, hala, write_recipe
 
 SAMPLES = REPO / "recipes" / "samples"

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hala import engine, recipe as recipe_mod, schema, step, tiny
-from hala.errors import ConfigError
-from hala.store import Store
+from hala.contract import recipe as recipe_mod, schema, step, tiny
+from hala.contract.errors import ConfigError
+from hala.contract.store import Store
+from hala.kit import engine
 from helpers import REPO, events, write_recipe
 from stages.quantize import fidelity, main as qmain
 from stages.quantize.config import QuantizeConfig

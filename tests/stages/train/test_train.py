@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hala import schema, step, tables, tiny
-from hala.store import Store
+from hala.contract import schema, step, tables, tiny
+from hala.contract.store import Store
 from helpers import REPO, events, write_recipe
 from stages.train import data, launch, main as tmain
 from stages.train.config import TrainConfig
@@ -252,8 +252,8 @@ def test_bad_settings_fail_with_exit_2_naming_the_setting(store: Path, tmp_path:
 
 
 def test_a_misspelt_trainer_key_fails_when_the_recipe_loads(tmp_path: Path) -> None:
-    from hala import recipe as recipe_mod
-    from hala.errors import ConfigError
+    from hala.contract import recipe as recipe_mod
+    from hala.contract.errors import ConfigError
 
     path = write_recipe(tmp_path, {"train-x": {"stage": "train", "inputs": {"model": "hub:a/b", "d": "x"},
                                                "config": {"task": "pairs", "prompt": PROMPT, "trainer": {"learning_rte": 1e-5}}}})
@@ -264,7 +264,7 @@ def test_a_misspelt_trainer_key_fails_when_the_recipe_loads(tmp_path: Path) -> N
 
 
 def _recipe(tmp_path: Path, store: Path) -> Any:
-    from hala import recipe as recipe_mod
+    from hala.contract import recipe as recipe_mod
 
     steps = {"prepare-x": {"stage": "prepare", "inputs": {"source": str(PAIRS)}, "config": {"format": "pairs"}}}
     return recipe_mod.load(str(write_recipe(tmp_path / "r", steps, store=str(store), tiny_models={"pairs": str(PAIRS)})))

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from hala import schema, spans, step
-from hala.store import Store
+from hala.contract import schema, spans, step
+from hala.contract.store import Store
 from helpers import REPO, events, hala, write_recipe
 from stages.prepare.config import PrepareConfig
 from stages.prepare.main import main as prepare_main
@@ -139,7 +139,7 @@ def test_quality_gate(src: str, out: str, reason: str | None) -> None:
 def test_bad_rows_and_bad_config(tmp_path: Path, store: Path) -> None:
     import pyarrow as pa
 
-    from hala import tables
+    from hala.contract import tables
 
     folder = tmp_path / "bad"
     good = {"id": "b:0", "origin": "b", "tools": None,
@@ -165,7 +165,7 @@ def test_bad_rows_and_bad_config(tmp_path: Path, store: Path) -> None:
 
 def test_a_killed_shard_resumes_after_its_last_committed_chunk(tmp_path: Path, store: Path, prepared: dict[str, Path]) -> None:
     """SIGKILL mid-run, restart: no row lost or written twice, and the restart does only the chunks left."""
-    from hala import tables
+    from hala.contract import tables
 
     source = [r for _, r in tables.RowGroups.local(str(prepared["tulu3"])).rows()]
     many = [{**r, "id": f"{r['id']}-{k}"} for k in range(40) for r in source]  # 160 rows
@@ -241,7 +241,7 @@ def test_vllm_cpu_translates_like_transformers(tmp_path: Path, store: Path, prep
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = Store(str(store)).read_manifest("vllm", "translate-x")
     assert m["metrics"]["engine"]["engine"] == "vllm" and m["counts"]["rows_out"] > 0
-    # several chunks share the engine's queue (hala.engine streams): each chunk must get its own results back
+    # several chunks share the engine's queue (hala.kit.engine streams): each chunk must get its own results back
     assert len([e for e in events(out.stdout) if e.get("event") == "chunk committed"]) >= 3
     ref = {r["id"]: r["messages"] for r in rows(store, "ref", "conversations")}
     got = {r["id"]: r["messages"] for r in rows(store, "vllm", "conversations")}
@@ -256,7 +256,7 @@ def test_a_dead_vllm_engine_is_exit_75_naming_the_chunk_and_the_retry_resumes_th
     message names the chunk whose results were awaited, and the rerun redoes only the chunks not committed."""
     import psutil
 
-    from hala import tables
+    from hala.contract import tables
 
     source = [r for _, r in tables.RowGroups.local(str(prepared["tulu3"])).rows()]
     # 48 rows, 6 chunks: the kill comes at the first committed chunk, the rerun does the rest (160 rows cost ~60 s more)

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from hala.step import StepContext
+from hala.contract.step import StepContext
 
 
 @dataclass
@@ -15,7 +15,7 @@ class EchoConfig:
     quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
     misreport: bool = False  # claim one row too many: the library must refuse to commit
     sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
-    chunk_rows: int = 0  # > 0: the kept rows go out through hala.chunks, a file per chunk (as translate and judge do)
+    chunk_rows: int = 0  # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
 
     @classmethod
     def model_validate(cls, data: dict) -> "EchoConfig":
@@ -44,11 +44,11 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
 
 
 def _rechunk(ctx: StepContext, path: str, size: int) -> None:
-    """The output again as resumable chunks in the work area, then into parquet outputs (hala.chunks, as translate
+    """The output again as resumable chunks in the work area, then into parquet outputs (hala.kit.chunks, as translate
     and judge do): one column, `line`."""
     import pyarrow as pa
 
-    from hala.chunks import Chunks
+    from hala.kit.chunks import Chunks
 
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()

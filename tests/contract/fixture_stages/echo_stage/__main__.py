@@ -1,7 +1,7 @@
 import sys
 
 from echo_stage import EchoConfig, main
-from hala import step
+from hala.contract import step
 
 if __name__ == "__main__":
     sys.exit(step.run("echo", EchoConfig, main))

@@ -1,6 +1,6 @@
 """Build tiny stand-in models (`tiny:<role>`) with the paper's real architectures, without a hub.
 
-    python -m hala.tiny teacher --recipe recipes/tiny.yaml --out /tmp/tiny-teacher    # one build, by hand
+    python -m hala.contract.tiny teacher --recipe recipes/tiny.yaml --out /tmp/tiny-teacher    # one build, by hand
 
 A build is: a byte-level BPE tokenizer trained on the recipe's sample pairs (English and Arabic) with a
 ChatML chat template that carries `{% generation %}` markers (assistant-only loss in TRL), a model of the
@@ -8,7 +8,7 @@ role's architecture initialised from config, and for the teacher, judge and tran
 run on the sample pairs until they reproduce them. The result is an ordinary Hugging Face folder
 (safetensors, config, tokenizer, chat template, generation config): every stage sees it as it would
 see the real model. `ensure()` builds once into `<store>/_sources/tiny-<role>/`, with a manifest, and
-reuses it while the spec (hala.tiny_spec) is unchanged.
+reuses it while the spec (hala.contract.tiny_spec) is unchanged.
 
 torch, transformers and tokenizers are imported inside the functions: importing hala stays light.
 """
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hala import artifact, logs, spans, tiny_spec
-from hala.hashing import sha256_json
-from hala.store import Identity, Store, describe_local, new_manifest, now, output_entry
+from hala.contract import artifact, logs, spans, tiny_spec
+from hala.contract.hashing import sha256_json
+from hala.contract.store import describe_local, Identity, new_manifest, now, output_entry, Store
 
 # ids 0-3 follow LFM2's pad / bos / eos naming; <|endoftext|> is there because transformers' Qwen2 tokenizer
 # class adds it as unk when missing, which would make the judge's tokenizer one token longer than its model.
@@ -210,7 +210,7 @@ def train(model: Any, tok: Any, chats: list[list[dict[str, str]]], steps: int, l
         if time.monotonic() - t0 > max_seconds:
             # A stand-in stopped early is a different model (a judge at 357 of 900 steps rejected every pair):
             # fail, rather than let a busy machine change what the pipeline computes.
-            from hala.errors import TemporaryError
+            from hala.contract.errors import TemporaryError
 
             raise TemporaryError(f"tiny model training took more than tiny_models.max_seconds={max_seconds:g} s at step "
                                  f"{step + 1} of {steps}; the machine is busier than usual: rerun, or raise max_seconds")
@@ -279,7 +279,7 @@ def build(role: str, pairs_file: Path, prompts: dict[str, Any], out: Path, max_s
     tok.save_pretrained(out)
     (out / "README.md").write_text(
         f"# tiny-{role}\n\nA tiny stand-in for `{info['stands_for']}` ({info['arch']} architecture, "
-        f"{info['parameters']:,} parameters), built by hala.tiny from the recipe's sample pairs. "
+        f"{info['parameters']:,} parameters), built by hala.contract.tiny from the recipe's sample pairs. "
         "Not a real model: it exists so that every stage runs its real code paths on a CPU.\n\n"
         f"```json\n{json.dumps({k: v for k, v in info.items() if k != 'training'}, ensure_ascii=False, indent=2)}\n```\n",
         encoding="utf-8",
@@ -294,8 +294,8 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
     """Local folder of `tiny:<role>` for this recipe: committed into <store>/_sources/ on first use, then reused.
 
     The build itself happens once per machine: it lands in the content-addressed cache (HALA_TINY_CACHE, else
-    hala.store.cache_root()/tiny, keyed by the spec's hash) and every store that needs the same stand-in commits a
-    copy of it (hala.artifact: the store's lease, then the cache entry's lock, so processes side by side, test
+    hala.contract.store.cache_root()/tiny, keyed by the spec's hash) and every store that needs the same stand-in commits a
+    copy of it (hala.contract.artifact: the store's lease, then the cache entry's lock, so processes side by side, test
     suites or compose services, wait for one builder and one commit instead of training twice)."""
     spec = tiny_spec.spec(role, recipe)
     key = sha256_json(spec)
@@ -310,7 +310,7 @@ def _locked(role: str, key: str) -> Any:
     """The cache entry of this build (a folder, maybe not there yet), locked for this process."""
     import fcntl
 
-    from hala.store import cache_root
+    from hala.contract.store import cache_root
 
     # HALA_TINY_CACHE: `hala test` points every suite at one folder, so each stand-in trains once per machine
     root = Path(os.environ.get("HALA_TINY_CACHE") or cache_root() / "tiny")
@@ -355,9 +355,9 @@ def _commit_from_cache(role: str, recipe: Any, spec: dict[str, Any], key: str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hala import recipe as recipe_mod
+    from hala.contract import recipe as recipe_mod
 
-    p = argparse.ArgumentParser(prog="python -m hala.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m hala.contract.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=sorted(tiny_spec.TINY_ROLES))
     p.add_argument("--recipe", required=True, help="the recipe whose tiny_models section to use")
     p.add_argument("--out", help="write the folder here instead of into the recipe's store")

@@ -16,8 +16,8 @@ import html
 import io
 from typing import Any
 
-from hala import runner
-from hala.store import Store
+from hala.contract.store import Store
+from hala.ops import runner
 
 # Published numbers (hala-paper.md, sections 4 and 8): the translator on EN->AR MMLU, and the six OALL v2
 # families without ALRAGE (AraLingBench Table 4, whose averages reproduce the report's 41.9/46.9/51.4/69.9).

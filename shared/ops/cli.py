@@ -25,10 +25,11 @@ import json
 import sys
 from pathlib import Path
 
-from hala import envs, logs, recipe as recipe_mod, runner
-from hala.errors import ConfigError, HalaError, TemporaryError, exit_code_for
-from hala.gather import gather
-from hala.store import Store
+from hala.contract import logs, recipe as recipe_mod
+from hala.contract.errors import ConfigError, exit_code_for, HalaError, TemporaryError
+from hala.contract.store import Store
+from hala.ops import envs, runner
+from hala.ops.gather import gather
 
 DEFAULT_STORE = "artifacts"
 
@@ -64,11 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--only, --force and --keep-going are for the local runner; --runner {args.runner} runs every "
                           "enabled step (committed steps are cached inside their containers)")
     if args.runner == "compose":
-        from hala import compose
+        from hala.ops import compose
 
         return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
     if args.runner == "k8s":
-        from hala import k8s
+        from hala.ops import k8s
 
         jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe), selector=k8s.run_selector(recipe))
         return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
@@ -83,7 +84,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from hala import sources
+    from hala.contract import sources
 
     recipe = _load(args, check_paths=False)
     refs = {recipe_mod.hub_key(r): r for s in recipe.steps.values() for r in s.inputs.values()
@@ -128,11 +129,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     recipe = _load(args, check_paths=False, store=args.store)
     args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
     if args.what == "compose":
-        from hala import compose
+        from hala.ops import compose
 
         body = compose.text(recipe, args.variant, file=Path(args.out).name if args.out else "compose.yaml")
     else:
-        from hala import k8s
+        from hala.ops import k8s
 
         if args.out:
             for path in k8s.write(recipe, args.out, args.variant, args.registry, args.tag):
@@ -147,7 +148,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from hala import images
+    from hala.ops import images
 
     if args.action == "list":
         rows = images.describe(args.variant)
@@ -225,7 +226,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    from hala import locks
+    from hala.ops import locks
 
     variants = tuple(args.variant) if args.variant else locks.VARIANTS
     return locks.main_lock(args.sets or None, variants, check=args.check, force=args.force)
@@ -236,7 +237,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hala import report
+    from hala.ops import report
 
     store = Store(args.store)
     page, md = report.write(store, args.run, args.out)
@@ -249,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from hala import schema
+    from hala.contract import schema
 
     return schema.main(args.stage, write=args.write, check_only=args.check)
 

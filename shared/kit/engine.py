@@ -26,8 +26,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from hala.errors import ConfigError, TemporaryError
-from hala.sources import bench_engine
+from hala.contract.errors import ConfigError, TemporaryError
+from hala.contract.sources import bench_engine
 
 
 @dataclass
@@ -177,7 +177,7 @@ def check_fp8_hardware(model: str, devices: list[tuple[str, tuple[int, int]]] | 
     'native' on GPUs that compute FP8. On an older GPU: ConfigError (exit 2) naming the GPU and the fix."""
     if not fp8_weights(model):
         return None
-    from hala import logs
+    from hala.contract import logs
 
     devices = cuda_devices() if devices is None else devices
     if not devices:

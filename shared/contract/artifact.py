@@ -11,15 +11,15 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-from hala import lease
-from hala.store import Store
+from hala.contract import lease
+from hala.contract.store import Store
 
 
 def ensure(store: Store, run: str, name: str, key: str, build: Callable[[str], dict[str, Any]], log: Any) -> tuple[dict[str, Any], bool]:
     """(manifest, hit) of artifact `name` of `run` under `key`.
 
     When no manifest with that fingerprint and every file is there, `build(folder)` writes each output under
-    `folder/<output path>` and returns the manifest (`hala.store.new_manifest`, fingerprint `key`); it is committed
+    `folder/<output path>` and returns the manifest (`hala.contract.store.new_manifest`, fingerprint `key`); it is committed
     under the lease, after a second look (another process may have committed it while this one waited)."""
     manifest = store.committed(run, name, key)
     if manifest is not None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hala.engine import FP8_MIN_CAPABILITY
-from hala.recipe import Recipe, Step
+from hala.contract.recipe import Recipe, Step
+from hala.kit.engine import FP8_MIN_CAPABILITY
 
 GPU_STAGES_WITH_ENGINE = {"translate", "judge", "evaluate"}
 CPU_STAGES = {"prepare", "merge", "publish"}

@@ -8,7 +8,7 @@ committed to the work area (files, then a marker) and appended to the step's out
         chunks.commit(k, {"data": table, "quarantine": qtable}, {"rows_in": ..., ...})
     files = chunks.finish()                       # the outputs: part-00000.parquet, ... at a sane size
 
-With an engine stream (hala.engine), the chunks still to do are planned lazily and their results come back in order:
+With an engine stream (hala.kit.engine), the chunks still to do are planned lazily and their results come back in order:
 
     jobs = (plan(k, rows) for k, rows in chunks.rows(reader, todo))          # -> (key, prompts)
     for k, key, outs in results(todo, engine.chat_stream(jobs, sampling)):
@@ -34,11 +34,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
-from hala import tables
-from hala.errors import TemporaryError
+from hala.contract import tables
+from hala.contract.errors import TemporaryError
 
 MARKERS = "_done"
-LAYOUT = "range/1"  # how rows map to shards and chunks: contiguous ranges (hala.tables.shard_range)
+LAYOUT = "range/1"  # how rows map to shards and chunks: contiguous ranges (hala.contract.tables.shard_range)
 
 
 class Chunks:
@@ -185,11 +185,11 @@ def loop(ctx: Any, cfg: Any, reader: Any, schemas: dict[str, Any], *, unit: str,
     counters (rows_in, rows_quarantined, by_reason, ...). The rest is here: the shard's row range, committed chunks
     skipped (their markers counted), the engine opened once and closed with the engines that answered, chunk k+1
     planned and queued before chunk k is committed, the outputs finished, and every row of the range accounted for."""
-    from hala.engine import StepEngine
+    from hala.kit.engine import StepEngine
 
     done_loop = Loop()
     i, n = ctx.shard or (0, 1)
-    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.tables
+    start, stop = tables.shard_range(reader.total, i, n)  # contiguous rows: hala.contract.tables
     done_loop.row_range = (start, stop)
     chunks = Chunks(ctx, schemas)
     engine = StepEngine(ctx, "model", cfg)

@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
-from hala import images as images_mod, logs
-from hala.errors import ConfigError
-from hala.recipe import Recipe, Step
-from hala.resources import FP8_MIN_CAPABILITY, needs
+from hala.contract import logs
+from hala.contract.errors import ConfigError
+from hala.contract.recipe import Recipe, Step
+from hala.ops import images as images_mod
+from hala.ops.resources import FP8_MIN_CAPABILITY, needs
 
 REPO = images_mod.REPO
 RECIPES_IN_IMAGE = "/opt/hala/recipes"
@@ -95,7 +96,7 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
     volume = f"hala-{recipe.name}-store"
     store = store_url(recipe)
     if store == STORE_IN_IMAGE:
-        # tiny stand-ins: one build for every container, under a lock on the shared volume (hala.tiny.ensure)
+        # tiny stand-ins: one build for every container, under a lock on the shared volume (hala.contract.tiny.ensure)
         common_env: dict[str, Any] = {"HALA_LOG_FORMAT": "json", "HALA_TINY_CACHE": f"{STORE_IN_IMAGE}/_tiny-cache"}
         mounts = [f"store:{STORE_IN_IMAGE}", f"./recipes:{RECIPES_IN_IMAGE}:ro"]
     else:

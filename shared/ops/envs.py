@@ -4,14 +4,14 @@ Sets conflict (vLLM pins its own torch and compressed-tensors; llm-compressor pi
 set gets its own virtual environment:
 
     cli      the common library and the contract tests (tests/contract)
-    models   the library's model helpers (hala.tiny) and their tests (tests/models)
+    models   the library's model helpers (hala.contract.tiny) and their tests (tests/models)
     <env>    for every `env = "<env>"` named in a stages/<name>/stage.toml: the union of those stages'
              requirements.txt, tests in tests/stages/<name>
 
 `hala setup` makes each one with uv, exactly as locked (locks/<variant>/<set>.txt, plus <set>.tests.txt
-for the tests; see hala.locks): `uv pip sync --require-hashes`, packages hardlinked from uv's one cache, so
+for the tests; see hala.ops.locks): `uv pip sync --require-hashes`, packages hardlinked from uv's one cache, so
 torch lies on disk once however many environments hold it. The package sources are those of pip's own
-configuration (hala.pipconf). A stamp of the locks, uv's version and the Python version makes a second
+configuration (hala.ops.pipconf). A stamp of the locks, uv's version and the Python version makes a second
 call a no-op. `hala test` runs each suite in its own set.
 """
 
@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hala import stagespec
+from hala.contract import stagespec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STAMP = ".hala-stamp"
 
 
@@ -38,7 +38,7 @@ class EnvSet:
     tests: list[Path] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
-    warm: list[str] = field(default_factory=list)  # modules its warm interpreter imports ahead (hala.warm)
+    warm: list[str] = field(default_factory=list)  # modules its warm interpreter imports ahead (hala.kit.warm)
 
 
 def venvs_dir() -> Path:
@@ -90,7 +90,7 @@ def lock_files(env: EnvSet) -> list[Path]:
 
 
 def _stamp(env: EnvSet) -> str:
-    from hala import locks
+    from hala.ops import locks
 
     h = hashlib.sha256(sys.version.encode())
     h.update(locks.uv_version().encode())
@@ -106,7 +106,7 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
 
 def setup_env(env: EnvSet, force: bool = False) -> bool:
     """Create or update one environment from its locks; returns True when it had to install anything."""
-    from hala import locks, pipconf
+    from hala.ops import locks, pipconf
 
     root = venvs_dir() / env.name
     stamp = _stamp(env)
@@ -164,7 +164,7 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from hala.store import cache_root
+    from hala.contract.store import cache_root
 
     sets = env_sets()
     unknown = [n for n in names or [] if n not in sets]

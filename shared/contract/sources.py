@@ -23,11 +23,11 @@ from typing import Any
 
 import fsspec
 
-from hala import tiny_spec
-from hala.errors import ConfigError, DataError
-from hala.hashing import WORKERS, sha256_json, sha256_tree
-from hala.recipe import InputRef, Recipe, Step, hub_key, is_commit, lock_path
-from hala.store import Store, cache_root
+from hala.contract import tiny_spec
+from hala.contract.errors import ConfigError, DataError
+from hala.contract.hashing import sha256_json, sha256_tree, WORKERS
+from hala.contract.recipe import hub_key, InputRef, is_commit, lock_path, Recipe, Step
+from hala.contract.store import cache_root, Store
 
 
 class NotCommitted(ConfigError):
@@ -77,7 +77,7 @@ class ResolvedInput:
         if self.kind == "url":
             return _download(self.uri, self.key)
         if self.kind == "tiny":
-            raise ConfigError(f"input '{self.ref.name}': tiny models are built by hala.tiny.ensure(); use ctx.model_path()")
+            raise ConfigError(f"input '{self.ref.name}': tiny models are built by hala.contract.tiny.ensure(); use ctx.model_path()")
         raise ConfigError(f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a path")
 
 
@@ -87,7 +87,7 @@ class ResolvedInput:
         A sharded reader uses this instead of local_path(): it reads its own rows' bytes, not the dataset. Step
         outputs are checked against their manifest by size here (every file there, none truncated); parquet checks
         its own footer and pages. Re-hashing every byte is `hala verify`'s job, and local_path()'s."""
-        from hala import tables
+        from hala.contract import tables
 
         if self.kind == "step":
             assert self.store is not None and self.run is not None and self.manifest is not None
@@ -190,9 +190,9 @@ BENCH_ENGINE = "HALA_BENCH_ENGINE"
 
 
 def bench_engine() -> str | None:
-    """The benchmarks' engine stand-in (hala.engine.InstantEngine), from the environment alone: no recipe or config
+    """The benchmarks' engine stand-in (hala.kit.engine.InstantEngine), from the environment alone: no recipe or config
     key can select it, and every step's fingerprint includes it, so its outputs never pass for a model's in a cache.
-    Here, not in hala.engine: every stage's version covers the modules it imports, and prepare imports no engine."""
+    Here, not in hala.kit.engine: every stage's version covers the modules it imports, and prepare imports no engine."""
     value = os.environ.get(BENCH_ENGINE)
     if value and value != "instant":
         raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")

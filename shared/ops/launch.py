@@ -1,7 +1,7 @@
 """`hala-stage STAGE ARGS...`: the ENTRYPOINT of every stage image.
 
 One image can hold several stages that share a dependency set (translate and judge), so the stage
-name comes first; the rest is the step command line of hala.step:
+name comes first; the rest is the step command line of hala.contract.step:
 
     hala-stage prepare --recipe recipes/tiny.yaml --step prepare-lima --store /store
 """
@@ -12,7 +12,7 @@ import os
 import runpy
 import sys
 
-from hala import stagespec
+from hala.contract import stagespec
 
 
 def main(argv: list[str] | None = None) -> int:

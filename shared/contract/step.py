@@ -7,14 +7,14 @@ This is the exact command the local runner, compose and the Kubernetes Jobs run.
 1. load and validate the recipe (exit 2 on any config problem), build the stage's typed config;
 2. resolve the inputs and the step's fingerprint; a committed step with the same fingerprint is a
    cache hit (exit 0 at once, nothing read);
-3. take the step's lease (hala.lease; a shard takes its shard's): a second process of the same step waits,
+3. take the step's lease (hala.contract.lease; a shard takes its shard's): a second process of the same step waits,
    then finds it committed (exit 0) or resumes the work area of one that failed;
 4. give `main` a StepContext: verified inputs, local staging folders for outputs, a resumable work
    area `_work/<fingerprint>/`, counters, metrics, progress;
 5. commit: outputs hashed and moved in place, `_MANIFEST.json` last. A sharded step's shard instead
    commits a part under `_work/` with a `_PART.json` marker, and `hala gather` writes the manifest.
 
-Exceptions end the process with the codes of hala.errors (2 config, 3 data, 75 temporary).
+Exceptions end the process with the codes of hala.contract.errors (2 config, 3 data, 75 temporary).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hala import lease, logs, recipe as recipe_mod, sources
-from hala.errors import ConfigError, HalaError, exit_code_for
-from hala.recipe import Recipe, Step
-from hala.sources import ResolvedInput
-from hala.store import PART, Store, check_counts, host_info, new_manifest, now, output_entry
+from hala.contract import lease, logs, recipe as recipe_mod, sources
+from hala.contract.errors import ConfigError, exit_code_for, HalaError
+from hala.contract.recipe import Recipe, Step
+from hala.contract.sources import ResolvedInput
+from hala.contract.store import check_counts, host_info, new_manifest, now, output_entry, PART, Store
 
 
 def parse_shard(text: str | None, step: Step) -> tuple[int, int] | None:
@@ -107,7 +107,7 @@ class StepContext:
         """Local folder of a model input: a step output, a path, or a tiny stand-in (built on first use)."""
         resolved = self.input(name)
         if resolved.kind == "tiny":
-            from hala import tiny  # torch: only in environments that build models
+            from hala.contract import tiny  # torch: only in environments that build models
 
             return tiny.ensure(self.store, resolved.ref.uri or "", self.recipe)
         if resolved.kind == "hub":
@@ -284,7 +284,7 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
             main(cfg, ctx)
             return 0
         # one writer per step (or shard) on the store: a second process of the same step waits here, then finds
-        # it committed, or resumes the work area of one that failed (hala.lease)
+        # it committed, or resumes the work area of one that failed (hala.contract.lease)
         with lease.held(ctx.store, ctx.run, lease_name(ctx), log) as held:
             if held.waited_for is not None and not args.force and is_cached(ctx):
                 log.info("cached", fingerprint=ctx.fingerprint[:12], committed_by=lease.describe(held.waited_for))

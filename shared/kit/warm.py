@@ -2,7 +2,7 @@
 
 On two CPU cores, `import torch, transformers` and the auto classes take ~10 s (LightEval ~21 s), while a
 tiny stand-in's whole step needs one or two: in the tiny recipe, imports were most of `make run`. The local
-runner therefore starts, per environment that a run uses, one server (`python -m hala.warm`) in that
+runner therefore starts, per environment that a run uses, one server (`python -m hala.kit.warm`) in that
 environment. It imports the modules the environment's stages declare (`[env] warm` in stage.toml) and
 nothing else: no model, no thread pool, no torch operation. For each step it forks a child that becomes
 exactly what `python -m stages.<stage> ARGS` would be (argv, environment, working directory, stdin/stdout/
@@ -147,7 +147,7 @@ def serve(path: str, preload: list[str]) -> None:
             if attr:
                 getattr(loaded, attr)  # transformers' auto classes load their modules on first access
         except Exception as e:  # noqa: BLE001 - the child imports it itself, and meets the same error there
-            print(f"hala.warm: {name} not preloaded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"hala.kit.warm: {name} not preloaded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -394,7 +394,7 @@ class Server:
     def __init__(self, python: str, preload: list[str], env: dict[str, str]):
         self.dir = tempfile.mkdtemp(prefix="hala-warm-")
         self.path = os.path.join(self.dir, "s")
-        self.proc = subprocess.Popen([python, "-m", "hala.warm", self.path, *preload], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-m", "hala.kit.warm", self.path, *preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True)
         self.conn: _Connection | None = None
         self.error: str | None = None

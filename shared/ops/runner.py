@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hala import display, envs, logs, schedule
-from hala.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
-from hala.gather import gather_step
-from hala.recipe import Recipe, Step
-from hala.store import Store, now
+from hala.contract import logs
+from hala.contract.errors import ConfigError, EXIT_CONFIG, EXIT_OK, HalaError
+from hala.contract.recipe import Recipe, Step
+from hala.contract.store import now, Store
+from hala.ops import display, envs, schedule
+from hala.ops.gather import gather_step
 
 ALL = schedule.ALL
 
@@ -145,7 +146,7 @@ def child_env(view: display.Display | None = None) -> dict[str, str]:
 
 
 class WarmPool:
-    """One warm interpreter (hala.warm) per environment the run's remaining steps need, started one step ahead
+    """One warm interpreter (hala.kit.warm) per environment the run's remaining steps need, started one step ahead
     so that its imports overlap the step before, and ended once no later step needs it. HALA_WARM=0: none."""
 
     def __init__(self, steps: list[Step], view: display.Display | None):
@@ -156,7 +157,7 @@ class WarmPool:
         self.sets = envs.env_sets() if self.enabled else {}
 
     def _start(self, name: str) -> Any:
-        from hala import warm
+        from hala.kit import warm
 
         if name not in self.servers and name in self.sets:
             self.servers[name] = warm.Server(str(envs.python_for(name)), self.sets[name].warm, self.env)
@@ -172,7 +173,7 @@ class WarmPool:
 
     def popen(self, cmd: list[str], env: dict[str, str]) -> Any:
         """A warm child for `cmd` (python -m MODULE of a set's environment), or None: then a plain process."""
-        from hala import warm
+        from hala.kit import warm
 
         name = next((n for n in self.servers if str(envs.python_for(n)) == cmd[0]), None)
         server = self.servers.get(name) if name else None

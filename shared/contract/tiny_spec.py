@@ -1,5 +1,5 @@
 """What a tiny stand-in model (`tiny:<role>`) is, without building it: roles, shapes, and the spec
-whose hash identifies a build. Light (no torch); the builder is hala.tiny.
+whose hash identifies a build. Light (no torch); the builder is hala.contract.tiny.
 
 Each role keeps the real model's architecture, so every stage meets the code paths it will meet with
 the real checkpoint (LFM2's short convolutions, Gemma-2's soft-capping, Cohere2's sliding window).
@@ -13,11 +13,11 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hala.errors import ConfigError
+from hala.contract.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hala.recipe import Recipe
-    from hala.store import Store
+    from hala.contract.recipe import Recipe
+    from hala.contract.store import Store
 
 # The paper's prompts (hala-paper.md, sections 3 and 4); a recipe may replace them under tiny_models.prompts.
 DEFAULT_PROMPTS: dict[str, Any] = {
@@ -74,10 +74,10 @@ TINY_ROLES: dict[str, dict[str, Any]] = {
 
 def builder_version() -> str:
     """Hash of the builder's code: changing how stand-ins are made rebuilds them."""
-    here = Path(__file__).resolve().parent
+    library = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for name in ("tiny.py", "tiny_spec.py", "spans.py"):  # spans: the stand-ins learn the masked pairs too
-        h.update((here / name).read_bytes())
+    for name in ("contract/tiny.py", "contract/tiny_spec.py", "contract/spans.py"):  # spans: the stand-ins learn the masked pairs too
+        h.update((library / name).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -39,8 +39,8 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from hala.errors import TemporaryError
-from hala.store import Store, now
+from hala.contract.errors import TemporaryError
+from hala.contract.store import now, Store
 
 LEASES = "_leases"
 

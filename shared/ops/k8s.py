@@ -27,12 +27,13 @@ from typing import Any, Protocol
 
 import yaml
 
-from hala import compose as compose_mod, images as images_mod, logs, runner, schedule
-from hala.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
-from hala.gather import gather_step
-from hala.recipe import Recipe, Step
-from hala.resources import FP8_MIN_CAPABILITY, Needs, needs
-from hala.store import Store
+from hala.contract import logs
+from hala.contract.errors import ConfigError, EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, HalaError
+from hala.contract.recipe import Recipe, Step
+from hala.contract.store import Store
+from hala.ops import compose as compose_mod, images as images_mod, runner, schedule
+from hala.ops.gather import gather_step
+from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs
 
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
 UID = 1000
@@ -180,7 +181,7 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
     retries = int(recipe.kubernetes.get("retries", 2))
     spec: dict[str, Any] = {}
     if step.shards > 1:
-        # an Indexed Job: hala.step reads JOB_COMPLETION_INDEX as the shard; each index retries on its own, and
+        # an Indexed Job: hala.contract.step reads JOB_COMPLETION_INDEX as the shard; each index retries on its own, and
         # one index that fails for good fails the step (gather needs every part)
         spec.update(completionMode="Indexed", completions=step.shards,
                     parallelism=int(step.resources.get("parallelism", step.shards)),

@@ -4,10 +4,10 @@
     hala images build [SET ...] [--variant cpu]   docker build (BuildKit, host network), shared layers first
     hala images check [SET ...] [--variant cpu]   in each built image: its libraries import, each stage's --help runs
 
-The sets are the ones `hala setup` makes environments for (hala.envs): `cli` (the common library, the
+The sets are the ones `hala setup` makes environments for (hala.ops.envs): `cli` (the common library, the
 report, gather, the conductor) and one per `env = "<set>"` of a stages/<name>/stage.toml. Stages sharing a
 set share an image (translate and judge: hala-serve), and the ENTRYPOINT `hala-stage` takes the stage name
-first. An image installs its set's lock, locks/<variant>/<set>.txt (hala.locks), exactly: the environment
+first. An image installs its set's lock, locks/<variant>/<set>.txt (hala.ops.locks), exactly: the environment
 `hala setup` makes holds the same versions plus the set's test tools.
 
 Two variants of every image, from the same Dockerfile and the same local base (no image is pulled):
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hala import envs, locks, pipconf
-from hala.errors import ConfigError
-from hala.store import code_version
+from hala.contract.errors import ConfigError
+from hala.contract.store import code_version
+from hala.ops import envs, locks, pipconf
 
 REPO = envs.REPO
 DOCKERFILE = REPO / "images" / "Dockerfile"

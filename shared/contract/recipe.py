@@ -6,7 +6,7 @@ A step is a stage, its typed config and its named inputs. An input is another st
     samples/lima.json            a local path, relative to the recipe file (to the cwd when given by --set)
     s3://bucket/data.parquet     an fsspec URL (file://, memory://, s3://, gs://, ...)
     hub:Open-Orca/OpenOrca@REV   a Hugging Face Hub repository, optionally pinned to a revision
-    tiny:teacher                 a tiny stand-in model built from config (see hala.tiny)
+    tiny:teacher                 a tiny stand-in model built from config (see hala.contract.tiny)
 
 Everything is validated on load, without importing any stage's ML libraries: recipe keys against
 RECIPE_SCHEMA, each step's config against the stage's generated config.schema.json, then the stage's own
@@ -27,10 +27,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hala import stagespec
-from hala.errors import ConfigError
-from hala.hashing import sha256_json
-from hala.tiny_spec import TINY_ROLES
+from hala.contract import stagespec
+from hala.contract.errors import ConfigError
+from hala.contract.hashing import sha256_json
+from hala.contract.tiny_spec import TINY_ROLES
 
 RECIPE_KEYS = {
     "name": "a short name for the recipe",
@@ -155,7 +155,7 @@ class Step:
     enabled: bool = True
     description: str = ""
     spec: stagespec.StageSpec | None = None  # None: the stage is not built yet (plan only)
-    resources: dict[str, Any] = field(default_factory=dict)  # as written; hala.resources derives the rest
+    resources: dict[str, Any] = field(default_factory=dict)  # as written; hala.ops.resources derives the rest
     # where each config value came from, by dotted key: recipe | default | --set | --set-file FILE
     provenance: dict[str, str] = field(default_factory=dict)
 
@@ -614,7 +614,7 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
 #
 # A hub input is pinned by the recipe (hub:ORG/NAME@REV) or by the lock beside it (`hala pin RECIPE` writes
 # <recipe>.lock.yaml with the commit each unpinned hub input resolves to). An input pinned by neither is resolved to
-# its current commit when the hub answers (hala.sources) and is exit 2 when it does not: its cache key would
+# its current commit when the hub answers (hala.contract.sources) and is exit 2 when it does not: its cache key would
 # otherwise be a name whose content can change under a cached step.
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from hala import sources
-from hala.recipe import Recipe, Step
-from hala.store import Store
+from hala.contract import sources
+from hala.contract.recipe import Recipe, Step
+from hala.contract.store import Store
 
 ALL = "*"  # --force with no step name: every step
 FINAL = ("done", "cached", "failed", "blocked", "skipped")  # a step in one of these is not looked at again

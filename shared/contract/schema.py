@@ -1,7 +1,7 @@
 """Generate a stage's `config.schema.json` from its typed config (a pydantic model).
 
 The library validates recipes against these files without importing any stage; a test in each stage's
-suite (`hala.schema.check`) keeps file and model in agreement. Run in the stage's environment:
+suite (`hala.contract.schema.check`) keeps file and model in agreement. Run in the stage's environment:
 
     .venvs/<env>/bin/hala schema <stage> --write
 """
@@ -13,8 +13,8 @@ import json
 import sys
 from typing import Any
 
-from hala import stagespec
-from hala.errors import ConfigError
+from hala.contract import stagespec
+from hala.contract.errors import ConfigError
 
 
 def generate(stage: str) -> dict[str, Any]:

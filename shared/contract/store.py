@@ -29,8 +29,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from hala.errors import EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
-from hala.hashing import sha256_file, sha256_files, sha256_listing
+from hala.contract.errors import ConfigError, DataError, exit_code_for, EXIT_TEMPORARY, TemporaryError
+from hala.contract.hashing import sha256_file, sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
 PART = "_PART.json"
@@ -81,7 +81,7 @@ class Store:
             raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        # planning only (hala.runner._probe): manifests read once, file sizes from one listing of the run
+        # planning only (hala.ops.runner._probe): manifests read once, file sizes from one listing of the run
         self.memo: dict[str, Any] | None = None
         self.sizes: dict[str, Any] | None = None
 
@@ -436,7 +436,7 @@ def code_version() -> str:
     """The code a manifest came from: baked into images as HALA_CODE_VERSION, else git, else the package."""
     if os.environ.get("HALA_CODE_VERSION"):
         return os.environ["HALA_CODE_VERSION"]
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     if (repo / ".git").exists():
         try:
             out = subprocess.run(
@@ -457,6 +457,6 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "image": os.environ.get("HALA_IMAGE"),
-        # forked from `hala run`'s warm interpreter of the environment (hala.warm): same code, imports done ahead
+        # forked from `hala run`'s warm interpreter of the environment (hala.kit.warm): same code, imports done ahead
         "warm": bool(os.environ.get("HALA_WARM_SOCKET")),
     }
