@@ -250,16 +250,21 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({(r["step"], r["shards"]) for r in results}):
-        pts = sorted((r["rows"], r["rows_in"] / (r.get("work_seconds") or r["seconds"]), r["rss_mb"])
-                     for r in results if (r["step"], r["shards"]) == key)
+        series = sorted((r for r in results if (r["step"], r["shards"]) == key), key=lambda r: r["rows"])
         label = key[0] if key[1] == 1 else f"{key[0]} ({key[1]} shards)"
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    a.set(xscale="log", xlabel="rows (N)", ylabel="rows / s, one core (translate, judge: the stage's own work)",
+        a.plot([r["rows"] for r in series], [r["rows_in"] / (r.get("work_seconds") or r["seconds"]) for r in series], marker="o", label=label)
+        # the memory the process holds itself (RssAnon) where it was sampled: ru_maxrss also counts the pages of
+        # memory-mapped files it touched (train's tokenized Arrow table), which the kernel may drop at any time
+        held = [r for r in series if r.get("anon_mb")]
+        line = b.plot([r["rows"] for r in held], [r["anon_mb"] for r in held], marker="o", label=label)[0] if held else None
+        b.plot([r["rows"] for r in series], [r["rss_mb"] for r in series], marker=".", linestyle=":", alpha=0.5,
+               color=line.get_color() if line else None)
+    a.set(xscale="log", yscale="log", xlabel="rows (N)", ylabel="rows / s, one core (translate, judge: own work)",
           title="Throughput against N")
-    b.set(xscale="log", xlabel="rows (N)", ylabel="peak RSS of a process (MB)", title="Memory against N")
+    b.set(xscale="log", yscale="log", xlabel="rows (N)", ylabel="MB: anonymous (solid), peak RSS (dotted)",
+          title="Memory against N")
     a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
