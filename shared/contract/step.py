@@ -36,6 +36,9 @@ from hala.contract.sources import ResolvedInput
 from hala.contract.store import check_counts, host_info, new_manifest, now, output_entry, PART, Store
 
 
+HUB_SKIP = ["original/*", "*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tflite", "*.mlmodel", "*.pth"]
+
+
 def parse_shard(text: str | None, step: Step) -> tuple[int, int] | None:
     """`--shard I/N`; without it, a Kubernetes Indexed Job's JOB_COMPLETION_INDEX and the recipe's shards."""
     if text is None and "JOB_COMPLETION_INDEX" in os.environ and step.shards > 1:
@@ -113,8 +116,10 @@ class StepContext:
         if resolved.kind == "hub":
             from huggingface_hub import snapshot_download
 
-            # the pinned commit's files (once per machine, in the hub's cache), never whatever main is today
-            return snapshot_download(resolved.uri, revision=resolved.revision)
+            # the pinned commit's files (once per machine, in the hub's cache), never whatever main is today; not the
+            # copies of the weights transformers and vLLM never read (Meta's original/ checkpoints, GGUF, ONNX,
+            # Flax, TF), which can double a 100 GB download
+            return snapshot_download(resolved.uri, revision=resolved.revision, ignore_patterns=HUB_SKIP)
         return resolved.local_path()
 
     def output_dir(self, name: str, folder: str | None = None) -> str:
