@@ -255,6 +255,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return schema.main(args.stage, write=args.write, check_only=args.check)
 
 
+def _overrides(p: argparse.ArgumentParser) -> None:
+    """--set and --set-file, the same on every command that loads a recipe (see _load)."""
+    p.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
+    p.add_argument("--set-file", action="append", default=[], metavar="FILE",
+                   help="a YAML file of STEP.KEY: VALUE overrides (the keys of --set); --set wins over it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hala", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -263,9 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--store", help="artifact store URL or path (default: the recipe's)")
     r.add_argument("--run", help="run name (default: the recipe's)")
-    r.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    r.add_argument("--set-file", action="append", default=[], metavar="FILE",
-                   help="a YAML file of STEP.KEY: VALUE overrides (the keys of --set); --set wins over it")
+    _overrides(r)
     r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their inputs must be committed)")
     r.add_argument("--force", nargs="?", action="append", const=runner.ALL, metavar="STEP",
                    help="rerun even if cached: all steps, or the one named (repeatable)")
@@ -287,16 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pn = sub.add_parser("pin", help="write the commit of every unpinned hub input into the lock beside the recipe")
     pn.add_argument("recipe")
-    pn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    pn.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    _overrides(pn)
     pn.set_defaults(func=cmd_pin)
 
     rec = sub.add_parser("record", help="write a run's header (_RUN.json) without running anything")
     rec.add_argument("recipe")
     rec.add_argument("--store")
     rec.add_argument("--run")
-    rec.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    rec.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    _overrides(rec)
     rec.add_argument("--runner", default="compose", help="what runs the steps (recorded in _RUN.json)")
     rec.set_defaults(func=cmd_record)
 
@@ -308,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
     rn.add_argument("--store", help="the store the containers use: an object store URL (s3://, gs://) is passed to every "
                     "service with its credentials' variables; a path means the shared volume (the default)")
-    rn.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    rn.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    _overrides(rn)
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
     rn.set_defaults(func=cmd_render)
 
@@ -325,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("steps", help="list the steps of a recipe in dependency order")
     s.add_argument("recipe")
-    s.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE")
-    s.add_argument("--set-file", action="append", default=[], metavar="FILE")
+    _overrides(s)
     s.add_argument("--config", metavar="STEP", help="the effective config of one step, each value with where it came from")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_steps)

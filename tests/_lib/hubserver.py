@@ -10,18 +10,16 @@ counted. The server stops after `max_requests` requests or `seconds`, whichever 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+from bounded import Bounded
 
-class Hub:
+
+class Hub(Bounded):
     def __init__(self, max_requests: int = 500, seconds: float = 300.0):
         self.repos: dict[tuple[str, str], dict[str, str]] = {}
-        self.requests: list[str] = []
-        self.max_requests, self.deadline = max_requests, time.monotonic() + seconds
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,10 +38,7 @@ class Hub:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.server.timeout = 0.2
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.bound(HTTPServer(("127.0.0.1", 0), Handler), max_requests, seconds)
 
     def answer(self, path: str) -> tuple[int, dict[str, Any], str | None]:
         parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -57,16 +52,3 @@ class Hub:
         if revision not in branches:
             return 404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound"
         return 200, {"id": repo, "sha": branches[revision], "private": False}, None
-
-    def _serve(self) -> None:
-        while len(self.requests) < self.max_requests and time.monotonic() < self.deadline:
-            self.server.handle_request()
-
-    def __enter__(self) -> "Hub":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.deadline = 0.0
-        self.thread.join(timeout=5)
-        self.server.server_close()

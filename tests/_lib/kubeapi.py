@@ -17,21 +17,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from bounded import Bounded
+
 
 def _job(name: str, ns: str, version: int) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns, "resourceVersion": str(version)},
             "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}}, "status": {}}
 
 
-class KubeAPI:
+class KubeAPI(Bounded):
     def __init__(self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0):
         self.ns = ns
         self.version = 5
         self.oldest = 0  # watches from before this version get 410 Gone
         self.events: list[tuple[int, str]] = []  # (version, job name)
-        self.requests: list[str] = []
         self.changed = threading.Condition()
-        self.max_requests, self.deadline = max_requests, time.monotonic() + seconds
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,11 +56,9 @@ class KubeAPI:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.timeout = 0.2
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self.bound(server, max_requests, seconds)
 
     def watch(self, since: int, timeout: float) -> list[dict[str, Any]]:
         """The events a watch from `since` gets before it ends (the server ends it after the first batch)."""
@@ -99,17 +97,6 @@ class KubeAPI:
                            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": self.ns}}],
                            "users": [{"name": "test", "user": {}}]})
 
-    def _serve(self) -> None:
-        while len(self.requests) < self.max_requests and time.monotonic() < self.deadline:
-            self.server.handle_request()
-
-    def __enter__(self) -> "KubeAPI":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.deadline = 0.0
+    def wake(self) -> None:
         with self.changed:
             self.changed.notify_all()
-        self.thread.join(timeout=5)
-        self.server.server_close()
