@@ -40,7 +40,7 @@ import uuid
 from typing import Any, Iterator
 
 from hala.contract.errors import TemporaryError
-from hala.contract.store import now, Store
+from hala.contract.store import Store, now
 
 LEASES = "_leases"
 

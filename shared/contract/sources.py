@@ -25,9 +25,9 @@ import fsspec
 
 from hala.contract import tiny_spec
 from hala.contract.errors import ConfigError, DataError
-from hala.contract.hashing import sha256_json, sha256_tree, WORKERS
-from hala.contract.recipe import hub_key, InputRef, is_commit, lock_path, Recipe, Step
-from hala.contract.store import cache_root, Store
+from hala.contract.hashing import WORKERS, sha256_json, sha256_tree
+from hala.contract.recipe import InputRef, Recipe, Step, hub_key, is_commit, lock_path
+from hala.contract.store import Store, cache_root
 
 
 class NotCommitted(ConfigError):

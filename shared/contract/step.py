@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hala.contract import lease, logs, recipe as recipe_mod, sources
-from hala.contract.errors import ConfigError, exit_code_for, HalaError
+from hala.contract.errors import ConfigError, HalaError, exit_code_for
 from hala.contract.recipe import Recipe, Step
 from hala.contract.sources import ResolvedInput
-from hala.contract.store import check_counts, host_info, new_manifest, now, output_entry, PART, Store
+from hala.contract.store import PART, Store, check_counts, host_info, new_manifest, now, output_entry
 
 
 HUB_SKIP = ["original/*", "*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tflite", "*.mlmodel", "*.pth"]

@@ -29,7 +29,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from hala.contract.errors import ConfigError, DataError, exit_code_for, EXIT_TEMPORARY, TemporaryError
+from hala.contract.errors import EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
 from hala.contract.hashing import sha256_file, sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"

@@ -30,7 +30,7 @@ from typing import Any
 
 from hala.contract import artifact, logs, spans, tiny_spec
 from hala.contract.hashing import sha256_json
-from hala.contract.store import describe_local, Identity, new_manifest, now, output_entry, Store
+from hala.contract.store import Identity, Store, describe_local, new_manifest, now, output_entry
 
 # ids 0-3 follow LFM2's pad / bos / eos naming; <|endoftext|> is there because transformers' Qwen2 tokenizer
 # class adds it as unk when missing, which would make the judge's tokenizer one token longer than its model.

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from hala.contract import logs, recipe as recipe_mod
-from hala.contract.errors import ConfigError, exit_code_for, HalaError, TemporaryError
+from hala.contract.errors import ConfigError, HalaError, TemporaryError, exit_code_for
 from hala.contract.store import Store
 from hala.ops import envs, runner
 from hala.ops.gather import gather

@@ -16,7 +16,7 @@ import structlog
 
 from hala.contract import lease, logs, recipe as recipe_mod, sources
 from hala.contract.errors import ConfigError, DataError, TemporaryError
-from hala.contract.store import check_counts, new_manifest, now, output_entry, PART, Store
+from hala.contract.store import PART, Store, check_counts, new_manifest, now, output_entry
 
 
 def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: str | None = None,

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import yaml
 
 from hala.contract import logs
-from hala.contract.errors import ConfigError, EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, HalaError
+from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store
 from hala.ops import compose as compose_mod, images as images_mod, runner, schedule

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hala.contract import logs
-from hala.contract.errors import ConfigError, EXIT_CONFIG, EXIT_OK, HalaError
+from hala.contract.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
 from hala.contract.recipe import Recipe, Step
-from hala.contract.store import now, Store
+from hala.contract.store import Store, now
 from hala.ops import display, envs, schedule
 from hala.ops.gather import gather_step
 

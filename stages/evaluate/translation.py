@@ -14,7 +14,7 @@ from typing import Any
 
 from hala.contract import tables
 from hala.contract.errors import DataError
-from hala.kit.engine import open_engine, Sampling
+from hala.kit.engine import Sampling, open_engine
 from stages.evaluate.config import EvaluateConfig
 
 

@@ -19,8 +19,8 @@ import torch
 from hala.contract import artifact, tables
 from hala.contract.errors import ConfigError, DataError
 from hala.contract.hashing import sha256_json
-from hala.contract.step import rank, StepContext
-from hala.contract.store import describe_local, Identity, new_manifest, now, output_entry
+from hala.contract.step import StepContext, rank
+from hala.contract.store import Identity, describe_local, new_manifest, now, output_entry
 from stages.train import checkpoints, data
 from stages.train.config import TrainConfig
 
