@@ -6,8 +6,8 @@ The identity of an input (`key`) is what the fingerprint of the consuming step h
 - a local file or folder, or a memory:// URL: the sha256 of its content;
 - another fsspec URL (s3://, gs://): the filesystem's own identity of the object (ETag, mtime), since
   hashing terabytes on every plan would cost more than it saves;
-- a hub repository: its id and pinned revision (pin one in the recipe, `hub:ORG/NAME@REV`, for caches
-  that notice upstream changes; the stage records the commit it actually read);
+- a hub repository: its id and commit: the recipe's (`hub:ORG/NAME@REV`), the lock's (`hala pin`), or the one
+  its branch names now (hub_revision; exit 2 when nothing pins it and the hub cannot be asked);
 - a tiny stand-in model: the hash of its build spec (architecture, sample pairs, builder code).
 """
 
@@ -80,7 +80,6 @@ class ResolvedInput:
             raise ConfigError(f"input '{self.ref.name}': tiny models are built by hala.contract.tiny.ensure(); use ctx.model_path()")
         raise ConfigError(f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a path")
 
-
     def row_groups(self) -> Any:
         """The input's parquet files as `tables.RowGroups`, read where they lie (ranged reads on an object store).
 
@@ -94,7 +93,7 @@ class ResolvedInput:
             fs, step = self.store.fs, self.ref.step or ""
             files = [f for f in (self.output or {}).get("files", []) if f["path"].endswith(".parquet")]
             paths = [self.store.path(self.run, step, f["path"]) for f in files]
-            sizes = _sizes(fs, paths)
+            sizes = self.store.file_sizes(paths)
             for f, path in zip(files, paths):
                 if sizes.get(path) != f["bytes"]:
                     found = "missing" if path not in sizes else f"{sizes[path]} bytes"
@@ -108,18 +107,6 @@ class ResolvedInput:
         if not paths:
             raise DataError(f"input '{self.ref.name}' ({self.uri}) holds no parquet file")
         return tables.RowGroups(fs, paths)
-
-
-def _sizes(fs: Any, paths: list[str]) -> dict[str, int]:
-    """Sizes of files by one listing per folder (one request on an object store, not one per file)."""
-    out: dict[str, int] = {}
-    for folder in sorted({p.rsplit("/", 1)[0] for p in paths}):
-        try:
-            for info in fs.ls(folder, detail=True):
-                out[fs._strip_protocol(info["name"])] = info.get("size")
-        except FileNotFoundError:
-            continue
-    return out
 
 
 def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> ResolvedInput:

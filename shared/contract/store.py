@@ -216,25 +216,26 @@ class Store:
             ) from None
         return self.path(run, step, entry["path"])
 
+    def file_sizes(self, paths: list[str]) -> dict[str, Any]:
+        """Path -> size of those of `paths` that exist: one listing per folder (on S3 a LIST answers for up to 1,000
+        files, where a size is one HEAD each), never a cached one; while planning, the run's one listing."""
+        if self.sizes is not None:
+            return self.sizes
+        sizes: dict[str, Any] = {}
+        for folder in sorted({p.rsplit("/", 1)[0] for p in paths}):
+            try:
+                for info in self.fs.ls(folder, detail=True, refresh=True):
+                    sizes[self.fs._strip_protocol(info["name"]).rstrip("/")] = info.get("size")
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return sizes
+
     def outputs_present(self, run: str, step: str, manifest: dict[str, Any]) -> bool:
-        """Cheap check for a cache hit: every listed file exists with its recorded size. One listing per folder
-        (on S3 a LIST answers for up to 1,000 files, where a size is one HEAD each), never a cached one."""
-        sizes: dict[str, Any] = self.sizes if self.sizes is not None else {}
-        listed: set[str] = set()
-        for entry in manifest.get("outputs", {}).values():
-            for f in entry.get("files", []):
-                path = self.path(run, step, f["path"])
-                folder = path.rsplit("/", 1)[0]
-                if folder not in listed and self.sizes is None:
-                    listed.add(folder)
-                    try:
-                        for info in self.fs.ls(folder, detail=True, refresh=True):
-                            sizes[info["name"].rstrip("/")] = info.get("size")
-                    except (FileNotFoundError, NotADirectoryError):
-                        return False
-                if sizes.get(path) != f["bytes"]:
-                    return False
-        return True
+        """Cheap check for a cache hit: every listed file exists with its recorded size."""
+        files = [(self.path(run, step, f["path"]), f["bytes"]) for entry in manifest.get("outputs", {}).values()
+                 for f in entry.get("files", [])]
+        sizes = self.file_sizes([path for path, _ in files])
+        return all(sizes.get(path) == size for path, size in files)
 
     def list_run(self, run: str) -> dict[str, Any]:
         """Path -> size of every file of a run: one recursive listing (S3: a LIST per 1,000 objects)."""
