@@ -1,36 +1,34 @@
 """One writer at a time per step (or shard, or content-addressed artifact) on a shared store: a lease.
 
 Kubernetes can run two pods of one Job index at once (a node that stops answering, a replaced pod) and two
-people can run `hala run` on one store. Without a lease both write into the same work area, and a commit can
-publish a manifest whose sha256 no longer matches a file the other one rewrote. With it, the second writer
-waits while the first holds the lease, then finds the step committed (exit 0, nothing recomputed) or, if the
-first one failed, resumes its work area.
+people can run `hala run` on one store. The lease makes the second writer wait while the first one works, then
+find the step committed (exit 0, nothing recomputed) or, if the first one failed, resume its work area. It saves
+work; it is not what keeps the result right: every commit is one conditional write (hala.contract.cas), so a writer
+that lost its lease without knowing it (a paused pod, a partitioned node) cannot replace what another committed.
 
     <store>/<run>/_leases/<name>.lock   a local or network file system: flock(2), which the kernel drops when
                                         the holder dies (NFS maps it to its own locks); never deleted, because
-                                        a waiter may hold the old file open
-    <store>/<run>/_leases/<name>.json   an object store: an object created with a conditional PUT
-                                        (S3 `If-None-Match: *`), renewed every TTL/4 with `If-Match: <its ETag>`,
-                                        deleted with `If-Match` at the end (the pattern of Terraform's S3 lock
-                                        file and of Delta Lake's S3 commits)
+                                        a waiter may hold the old file open. The holder's record (token, pid) is
+                                        written into the file; check() reads it back through the path, so a holder
+                                        whose lock was broken (the file removed, an NFS lock reclaimed after a
+                                        partition and given to another) finds another token there and stops
+    <store>/<run>/_leases/<name>.json   an object store: an object created if absent (S3 `If-None-Match: *`, GCS
+                                        `ifGenerationMatch=0`), renewed every TTL/4 if unchanged (`If-Match` on its
+                                        ETag, `ifGenerationMatch` on its generation), deleted if unchanged at the end
+                                        (the pattern of Terraform's S3 lock file and of Delta Lake's S3 commits)
 
 A holder that dies leaves its lease object behind. A waiter takes it over once it has not changed for a TTL
 measured on the waiter's own clock (no trust in clocks across machines), or at once when the holder was a
 process on this same machine, in this same PID namespace, that no longer exists. The takeover is itself
-conditional (`If-Match` on the stale ETag), so two waiters cannot both win. A holder that could not renew for
-most of a TTL stops before it commits (exit 75): by then a waiter may have taken over, and its own result is
-not worth a second manifest.
-
-On a store whose client has no conditional write (fsspec's generic path: gcsfs today, `memory://`) creation is
-still exclusive where the client supports `mode="create"` (gcsfs sends ifGenerationMatch=0), but renewal and
-takeover read then write: a race of two takeovers there is possible, not one of two first writers.
+conditional, so two waiters cannot both win. A holder that could not renew for most of a TTL stops (exit 75) at its
+next check: before each chunk it commits, and right before its commit. A renewal whose request took effect but whose
+answer was lost (the client's retry then meets a changed object) finds its own token there and goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -39,6 +37,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
+from hala.contract import cas
 from hala.contract.errors import TemporaryError
 from hala.contract.store import Store, now
 
@@ -81,7 +80,7 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 class Lease:
-    """Taken by `held()`; `check()` before committing."""
+    """Taken by `held()`; `check()` before each commit."""
 
     def __init__(self, store: Store, run: str, name: str, ttl: float):
         self.store, self.name, self.ttl = store, name, ttl
@@ -94,11 +93,23 @@ class Lease:
     def check(self) -> None:
         """Raise TemporaryError (exit 75) when this process may no longer hold the lease."""
 
+    def stamp(self) -> dict[str, Any]:
+        """What the commit's manifest records of the lease it was made under."""
+        return {}
+
     def release(self) -> None: ...
+
+    def _lost(self, why: str) -> TemporaryError:
+        return TemporaryError(f"lost the lease {self.store.uri(self.path)}: {why}; nothing was committed by this "
+                              "process (another writer may have taken over): rerun the step")
+
+
+class Busy(Exception):
+    """held(wait=False): another live process holds the lease."""
 
 
 class _FileLease(Lease):
-    def acquire(self, log: Any, poll: float) -> None:
+    def acquire(self, log: Any, poll: float, wait: bool = True) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         while True:
@@ -106,10 +117,15 @@ class _FileLease(Lease):
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not wait:
+                    os.close(self.fd)
+                    raise Busy(describe(self._holder())) from None
                 self._wait(log, self._holder())
                 time.sleep(poll)
+        self.inode = os.fstat(self.fd).st_ino
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(self.record).encode(), 0)  # who holds it, for the waiters' messages
+        os.pwrite(self.fd, json.dumps(self.record).encode(), 0)  # who holds it, for the waiters' messages and check()
+        os.fsync(self.fd)
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -122,93 +138,95 @@ class _FileLease(Lease):
             self.waited_for = holder
             log.info("waiting for another writer", lease=self.name, holder=describe(holder))
 
+    def check(self) -> None:
+        """The lock file at the lease's path is still the one this process locked, and still names this holder: read
+        through the path, not the descriptor (on NFS a fresh open revalidates what another client changed)."""
+        try:
+            with open(self.path, "rb") as f:
+                inode, body = os.fstat(f.fileno()).st_ino, f.read(4096)
+        except FileNotFoundError:
+            raise self._lost("its lock file was removed") from None
+        try:
+            holder = json.loads(body or b"{}")
+        except ValueError:
+            holder = {}
+        if inode != self.inode or holder.get("token") != self.token:
+            raise self._lost(f"its lock file now names {describe(holder)}")
+
+    def stamp(self) -> dict[str, Any]:
+        return {"kind": "flock", "inode": self.inode, "pid": os.getpid(), "token": self.token}
+
     def release(self) -> None:
         with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
+            if self._holder().get("token") == self.token:
+                os.ftruncate(self.fd, 0)
         os.close(self.fd)  # drops the flock
 
 
 class _ObjectLease(Lease):
-    """A lease object written with conditional requests. S3's are used through s3fs's call_s3 (its retries
-    included); other clients go through fsspec's generic calls (see the module docstring)."""
+    """A lease object written with conditional requests (hala.contract.cas): S3's ETag, GCS's generation."""
 
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.fs = self.store.fs
-        self.s3 = hasattr(self.fs, "call_s3")
-        self.etag: str | None = None
+        self.version: str | None = None
         self.lost: str | None = None
         self.lost_reason = "no answer"  # the last renewal's error, for check()'s message
         self.renewed = time.monotonic()
         self.stop = threading.Event()
+        self.body = b""
 
-    # --- the object ---------------------------------------------------------------------------------
-
-    def _body(self) -> bytes:
-        return json.dumps({**self.record, "renewed": now()}).encode()
-
-    def _put(self, *, create: bool = False, if_match: str | None = None) -> str:
-        """Write the lease; its new ETag. _Conflict when the condition does not hold."""
-        body = self._body()
-        if self.s3:
-            bucket, key, _ = self.fs.split_path(self.path)
-            cond = {"IfNoneMatch": "*"} if create else {"IfMatch": if_match}
-            try:
-                return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond)["ETag"]
-            except Exception as e:  # noqa: BLE001 - a failed condition is an answer, anything else propagates
-                if _is_conflict(e):
-                    raise _Conflict from e
+    def _write(self, expect: str | None) -> str:
+        """Write the lease (created if absent, or replaced if still at `expect`); its new version. cas.Conflict when
+        another writer got there first, unless what is there is this holder's own write, whose answer was lost."""
+        body = json.dumps({**self.record, "renewed": now()}).encode()
+        try:
+            version = cas.write(self.fs, self.path, body, expect)
+        except cas.Conflict:
+            version = cas.owned(self.fs, self.path, body)
+            if version is None:
                 raise
-        if create:
-            try:
-                self.fs.pipe_file(self.path, body, mode="create")
-            except FileExistsError:
-                raise _Conflict from None
-        else:
-            if self._read()[0] != if_match:
-                raise _Conflict
-            self.fs.pipe_file(self.path, body)
-        return hashlib.sha256(body).hexdigest()
+        self.body = body
+        return version
 
     def _read(self) -> tuple[str | None, dict[str, Any]]:
-        """(ETag, record) of the lease object; (None, {}) when there is none."""
-        try:
-            if self.s3:
-                etag, body = _s3_get(self.fs, self.path)
-                return etag, json.loads(body or b"{}")
-            body = self.fs.cat_file(self.path)
-            return hashlib.sha256(body).hexdigest(), json.loads(body or b"{}")
-        except FileNotFoundError:
+        """(version, record) of the lease object; (None, {}) when there is none."""
+        version, body = cas.read(self.fs, self.path)
+        if version is None:
             return None, {}
+        try:
+            return version, json.loads(body or b"{}")
         except ValueError:  # half a record cannot happen with one PUT; treat it as a lease of unknown holder
-            return "unreadable", {}
+            return version, {}
 
     # --- the protocol -------------------------------------------------------------------------------
 
-    def acquire(self, log: Any, poll: float) -> None:
-        seen: tuple[str, float] | None = None  # (ETag, when this process first saw it) of the holder's lease
+    def acquire(self, log: Any, poll: float, wait: bool = True) -> None:
+        seen: tuple[str, float] | None = None  # (version, when this process first saw it) of the holder's lease
         while True:
             try:
-                self.etag = self._put(create=True)
+                self.version = self._write(None)
                 break
-            except _Conflict:
+            except cas.Conflict:
                 pass
-            etag, holder = self._read()
-            if etag is None:
+            version, holder = self._read()
+            if version is None:
                 continue  # released between the two requests
-            if holder.get("token") == self.token:  # our create went through and its answer was lost; a retry met it
-                self.etag = etag
+            if holder.get("token") == self.token:  # our create went through and its answer was lost
+                self.version = version
                 break
-            if seen is None or seen[0] != etag:
-                seen = (etag, time.monotonic())  # renewed: alive
+            if not wait and not _gone(holder):
+                raise Busy(describe(holder))
+            if seen is None or seen[0] != version:
+                seen = (version, time.monotonic())  # renewed: alive
             if self.waited_for is None:
                 self.waited_for = holder
                 log.info("waiting for another writer", lease=self.name, holder=describe(holder))
             stale = time.monotonic() - seen[1] > float(holder.get("ttl") or self.ttl)
             if stale or _gone(holder):
                 try:
-                    self.etag = self._put(if_match=etag)
-                except _Conflict:
+                    self.version = self._write(version)
+                except cas.Conflict:
                     seen = None
                     continue
                 self.taken_over = holder
@@ -222,9 +240,9 @@ class _ObjectLease(Lease):
     def _renew_loop(self) -> None:
         while not self.stop.wait(self.ttl / 4):
             try:
-                self.etag = self._put(if_match=self.etag)
+                self.version = self._write(self.version)
                 self.renewed = time.monotonic()
-            except _Conflict:
+            except cas.Conflict:
                 self.lost = "another writer replaced it"
                 return
             except Exception as e:  # noqa: BLE001 - the store did not answer: try again; check() decides
@@ -235,60 +253,28 @@ class _ObjectLease(Lease):
             self.lost = (f"it was not renewed for {time.monotonic() - self.renewed:.0f} s "
                          f"({self.lost_reason})")
         if self.lost:
-            raise TemporaryError(f"lost the lease {self.store.uri(self.path)}: {self.lost}; nothing was committed by this "
-                                 "process (another writer may have taken over): rerun the step")
+            raise self._lost(self.lost)
+
+    def stamp(self) -> dict[str, Any]:
+        return {"kind": cas.kind(self.fs), "version": self.version, "token": self.token}
 
     def release(self) -> None:
         self.stop.set()
         if getattr(self, "thread", None) is not None:
             self.thread.join(timeout=self.ttl)
-        if self.lost or self.etag is None:
+        if self.lost or self.version is None:
             return
         with contextlib.suppress(Exception):  # a lease left behind costs a waiter one TTL, not correctness
-            if self.s3:
-                bucket, key, _ = self.fs.split_path(self.path)
-                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
-            elif self._read()[0] == self.etag:
-                self.fs.rm_file(self.path)
-
-
-class _Conflict(Exception):
-    """A conditional write's condition did not hold: someone else wrote the lease."""
-
-
-def _is_conflict(exc: BaseException) -> bool:
-    """412 PreconditionFailed, or 409 ConditionalRequestConflict (S3: two conditional writes of one key at once)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, FileExistsError):
-            return True
-        code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-            return True
-        seen = seen.__cause__
-    return False
-
-
-def _s3_get(fs: Any, path: str) -> tuple[str, bytes]:
-    """ETag and body of one object in one GET (s3fs's retries included), on s3fs's event loop."""
-    from fsspec.asyn import sync
-
-    bucket, key, _ = fs.split_path(path)
-
-    async def get() -> tuple[str, bytes]:
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        async with resp["Body"] as body:
-            return resp["ETag"], await body.read()
-
-    return sync(fs.loop, get)
+            cas.delete(self.fs, self.path, self.version)
 
 
 @contextlib.contextmanager
-def held(store: Store, run: str, name: str, log: Any, poll: float | None = None) -> Iterator[Lease]:
-    """Hold the lease `name` of `run` on `store` for the block, waiting while another live process holds it."""
+def held(store: Store, run: str, name: str, log: Any, poll: float | None = None, wait: bool = True) -> Iterator[Lease]:
+    """Hold the lease `name` of `run` on `store` for the block, waiting while another live process holds it (or, with
+    `wait=False`, raising Busy at once; `hala gc` skips what a writer is working on)."""
     ttl = ttl_seconds()
     lease: Any = (_FileLease if store.is_local else _ObjectLease)(store, run, name, ttl)
-    lease.acquire(log, poll if poll is not None else min(2.0, ttl / 8))
+    lease.acquire(log, poll if poll is not None else min(2.0, ttl / 8), wait)
     try:
         yield lease
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ TINY_KEYS = {
     "max_seconds": "upper bound on the training time of one stand-in",
 }
 
+RUN_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*$"  # a run is a folder of the store: no '..', no '/'
+RUN_NAME = re.compile(RUN_PATTERN)
 RECIPE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -64,7 +67,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
         "name": {"type": "string", "minLength": 1},
         "description": {"type": "string"},
         "store": {"type": "string", "minLength": 1},
-        "run": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "run": {"type": "string", "pattern": RUN_PATTERN},
         "tiny_models": {
             "type": "object",
             "additionalProperties": False,
@@ -233,6 +236,10 @@ def load(
     for item in overrides or []:
         _apply_override(raw, item, from_cli, sources.get(item, "--set"))
     problems = _validate_top(raw, path)
+    if run is not None and not RUN_NAME.match(run):
+        # the run is a folder of the store: '..', '/' or a leading '_' (the store's own _sources, _cache) would put it
+        # somewhere else
+        problems.append(f"--run {run!r}: a run name is letters, digits, '.', '_' and '-', starting with a letter or digit")
     if problems:
         raise ConfigError(_report(path, problems))
     step_names = list(raw["steps"])

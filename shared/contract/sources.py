@@ -58,6 +58,13 @@ class ResolvedInput:
             return None
         return self.manifest["outputs"][self.ref.output]
 
+    @property
+    def folder_name(self) -> str | None:
+        """A step output's own folder name, the lineage it carries (`tiny-teacher-FP8-Dynamic`), without the attempt
+        folder it lies in; None for other inputs."""
+        path = (self.output or {}).get("path")
+        return path.rstrip("/").rsplit("/", 1)[-1] if path else None
+
     def record(self) -> dict[str, Any]:
         """How the consuming step's manifest remembers this input."""
         rec: dict[str, Any] = {"ref": self.ref.raw, "kind": self.kind, "uri": self.uri, "sha256": self.key}
@@ -146,7 +153,8 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
         return ResolvedInput(ref, sha256_json({"hub": hub_key(ref), "revision": revision}), ref.uri or "", revision=revision)
     if ref.kind == "tiny":
         spec = tiny_spec.spec(ref.uri or "", recipe)
-        return ResolvedInput(ref, sha256_json(spec), store.uri(tiny_spec.source_path(store, ref.uri or "")), store, recipe.run)
+        key = sha256_json(spec)
+        return ResolvedInput(ref, key, store.uri(tiny_spec.source_path(store, ref.uri or "", key)), store, recipe.run)
     raise ConfigError(f"step '{step.name}': input '{ref.name}': unknown kind {ref.kind}")
 
 

@@ -11,8 +11,12 @@ This is the exact command the local runner, compose and the Kubernetes Jobs run.
    then finds it committed (exit 0) or resumes the work area of one that failed;
 4. give `main` a StepContext: verified inputs, local staging folders for outputs, a resumable work
    area `_work/<fingerprint>/`, counters, metrics, progress;
-5. commit: outputs hashed and moved in place, `_MANIFEST.json` last. A sharded step's shard instead
-   commits a part under `_work/` with a `_PART.json` marker, and `hala gather` writes the manifest.
+5. commit: the outputs, written into a folder of this attempt's own (`<step>/attempt-<id>/`, never moved, never
+   overwritten), hashed, then `_MANIFEST.json` by one conditional write (hala.contract.cas): it replaces only what
+   this writer saw when it took the lease. A writer whose write fails lost to another one: it removes its own
+   attempt's files and reports the winner's commit (exit 0 when the winner committed this fingerprint, else 75).
+   A sharded step's shard commits a part the same way (`_work/<fp>/shards/<i>-of-<n>/_PART.json`), and
+   `hala gather` writes the manifest.
 
 Exceptions end the process with the codes of hala.contract.errors (2 config, 3 data, 75 temporary).
 """
@@ -20,6 +24,7 @@ Exceptions end the process with the codes of hala.contract.errors (2 config, 3 d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -27,13 +32,14 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hala.contract import lease, logs, recipe as recipe_mod, sources
-from hala.contract.errors import ConfigError, HalaError, exit_code_for
+from hala.contract.errors import ConfigError, HalaError, TemporaryError, exit_code_for
 from hala.contract.recipe import Recipe, Step
 from hala.contract.sources import ResolvedInput
-from hala.contract.store import PART, Store, check_counts, host_info, new_manifest, now, output_entry
+from hala.contract.store import (ATTEMPT, MANIFEST, PART, Store, check_counts, host_info, manifest_files, new_attempt,
+                                 new_manifest, now, output_entry, prefixed)
 
 
 HUB_SKIP = ["original/*", "*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tflite", "*.mlmodel", "*.pth"]
@@ -77,9 +83,12 @@ class StepContext:
     fingerprint: str
     inputs: dict[str, ResolvedInput]
     shard: tuple[int, int] | None
-    staging: str  # local folder: one subfolder per output
+    staging: str  # local folder: one subfolder per output (on a local store, the attempt's folder itself)
     work: str  # store path of the resumable work area of this fingerprint (and shard)
     log: Any
+    attempt: str = ""  # this process's attempt: its outputs go to <base>/attempt-<id>/, never anywhere else
+    base: str = ""  # store folder the commit's paths are relative to: the step's, or the shard's part folder
+    lease: Any = None  # the lease held while main runs (hala.contract.lease); check_lease() before each commit
     counts: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     quarantined: Counter = field(default_factory=Counter)
@@ -92,6 +101,22 @@ class StepContext:
     @property
     def run(self) -> str:
         return self.recipe.run
+
+    @property
+    def attempt_dir(self) -> str:
+        """Store path of this attempt's outputs."""
+        return f"{self.base}/{ATTEMPT}{self.attempt}"
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shard and self.shard[1] > 1)
+
+    def check_lease(self) -> None:
+        """Stop (exit 75) when this process no longer holds its step's lease: before every chunk or checkpoint it
+        writes into the shared work area, and right before its commit. The commit's conditional write is what makes
+        a lost writer harmless; this makes it stop early."""
+        if self.lease is not None:
+            self.lease.check()
 
     def input(self, name: str) -> ResolvedInput:
         try:
@@ -172,17 +197,43 @@ def open_context(args: argparse.Namespace, stage: str, config_model: type) -> tu
     work = store.work_path(recipe.run, step.name, fp)
     if shard and shard[1] > 1:
         work = f"{work}/shards/{shard[0]:05d}-of-{shard[1]:05d}"
-    staging = os.path.join(work, "out") if store.is_local else tempfile.mkdtemp(prefix=f"hala-{step.name}-")
-    ctx = StepContext(recipe, step, store, fp, resolved, shard, staging, work, logs.get(f"stages.{stage}"))
+    attempt = new_attempt()
+    base = work if shard and shard[1] > 1 else store.step_path(recipe.run, step.name)
+    # on a local store the stage writes straight into its attempt's folder (the commit moves nothing); elsewhere into a
+    # local folder that the commit uploads, file by file
+    staging = f"{base}/{ATTEMPT}{attempt}" if store.is_local else tempfile.mkdtemp(prefix=f"hala-{step.name}-")
+    ctx = StepContext(recipe, step, store, fp, resolved, shard, staging, work, logs.get(f"stages.{stage}"),
+                      attempt=attempt, base=base)
     return ctx, cfg
 
 
-def is_cached(ctx: StepContext) -> bool:
-    if ctx.store.committed(ctx.run, ctx.step.name, ctx.fingerprint) is not None:
-        return True
-    if ctx.shard and ctx.shard[1] > 1 and ctx.store.fs.exists(f"{ctx.work}/{PART}"):
-        return True  # this shard's part is committed; the step waits for `hala gather`
-    return False
+def commit_path(ctx: StepContext) -> str:
+    """Where this step's commit goes: its manifest, or its shard's part."""
+    return f"{ctx.work}/{PART}" if ctx.sharded else ctx.store.path(ctx.run, ctx.step.name, MANIFEST)
+
+
+def part_complete(store: Store, work: str, part: dict[str, Any] | None, fingerprint: str) -> bool:
+    """A shard's part counts as committed when it is of this fingerprint and every file it lists is there at its size
+    (a part whose files were removed is written again by the shard's next run, as a new attempt)."""
+    if not part or part.get("fingerprint") != fingerprint:
+        return False
+    files = [(f"{work}/{f['path']}", f["bytes"]) for f in manifest_files(part, store.uri(f"{work}/{PART}"))]
+    sizes = store.file_sizes([p for p, _ in files])
+    return all(sizes.get(p) == size for p, size in files)
+
+
+def is_cached(ctx: StepContext, current: dict[str, Any] | None = None, looked: bool = False) -> bool:
+    """The step is committed under this fingerprint, or (a shard) its part is. `current`: the part or manifest
+    already read at commit_path (`looked`), so that the look after taking the lease is one read."""
+    if ctx.sharded:
+        if ctx.store.committed(ctx.run, ctx.step.name, ctx.fingerprint) is not None:
+            return True  # the step is gathered: nothing for a shard to do
+        part = current if looked else ctx.store.read_json(commit_path(ctx))
+        return part_complete(ctx.store, ctx.work, part, ctx.fingerprint)
+    if looked:
+        return bool(current) and current.get("fingerprint") == ctx.fingerprint and ctx.store.outputs_present(
+            ctx.run, ctx.step.name, current)
+    return ctx.store.committed(ctx.run, ctx.step.name, ctx.fingerprint) is not None
 
 
 def lease_name(ctx: StepContext) -> str:
@@ -223,38 +274,85 @@ def manifest_for(ctx: StepContext, outputs: dict[str, Any], counts: dict[str, An
         outputs=outputs, counts=counts, quarantine=_quarantine_record(ctx), metrics=ctx.metrics,
         timings={"started": started, "finished": now(), "seconds": round(seconds, 3), **ctx.timings},
         shards={"count": ctx.shard[1]} if ctx.shard else None,
+        attempt=ctx.attempt, lease=ctx.lease.stamp() if ctx.lease is not None else None,
     )
 
 
-def commit(ctx: StepContext, started: str, seconds: float) -> dict[str, Any]:
-    counts = finish_counts(ctx)
+def _place_outputs(ctx: StepContext) -> dict[str, Any]:
+    """The staged outputs hashed, put into this attempt's folder (uploaded file by file; on a local store they are
+    there already and go to disk now), and described relative to the commit's folder."""
     outputs = build_outputs(ctx, ctx.staging, local=True)
-    manifest = manifest_for(ctx, outputs, counts, started, seconds)
-    moves = [(os.path.join(ctx.staging, out["path"]), out["path"]) for out in outputs.values()
-             if os.path.exists(os.path.join(ctx.staging, out["path"]))]
-    ctx.store.commit(ctx.run, ctx.step.name, moves, True, manifest)
+    rels = [f["path"] for out in outputs.values() for f in out["files"]]
+    if ctx.store.is_local:
+        ctx.store.sync(ctx.staging, rels)
+    else:
+        ctx.store.upload(ctx.staging, rels, ctx.attempt_dir)
+    return prefixed(outputs, f"{ATTEMPT}{ctx.attempt}")
+
+
+class Lost(Exception):
+    """This writer's conditional commit failed: `winner` is what another writer committed instead."""
+
+    def __init__(self, winner: dict[str, Any]):
+        super().__init__("lost")
+        self.winner = winner
+
+
+def _publish(ctx: StepContext, obj: dict[str, Any], expect: str | None) -> None:
+    ctx.check_lease()  # right before the conditional write: a writer that knows it lost stops here
+    winner = ctx.store.publish(commit_path(ctx), obj, expect)
+    if winner is not None:
+        ctx.store.remove(ctx.attempt_dir)  # only this attempt's files: the winner's are its own folder
+        raise Lost(winner)
+
+
+def commit(ctx: StepContext, started: str, seconds: float, expect: str | None) -> dict[str, Any]:
+    counts = finish_counts(ctx)
+    manifest = manifest_for(ctx, _place_outputs(ctx), counts, started, seconds)
+    _publish(ctx, manifest, expect)
     ctx.store.clean_work(ctx.run, ctx.step.name)
     return manifest
 
 
-def commit_part(ctx: StepContext, started: str, seconds: float) -> dict[str, Any]:
-    """A shard's share: its outputs stay under _work/ next to a _PART.json marker written last."""
+def commit_part(ctx: StepContext, started: str, seconds: float, expect: str | None) -> dict[str, Any]:
+    """A shard's share: its outputs in an attempt folder of its part's, then `_PART.json` by a conditional write."""
     counts = finish_counts(ctx)
-    if not ctx.store.is_local:
-        ctx.store.fs.put(ctx.staging, f"{ctx.work}/out", recursive=True)
-    outputs = build_outputs(ctx, ctx.staging, local=True)
     part = {
         "shard": list(ctx.shard or (0, 1)),
         "fingerprint": ctx.fingerprint,
-        "outputs": outputs,
+        "attempt": ctx.attempt,
+        "outputs": _place_outputs(ctx),
         "counts": counts,
         "quarantine": _quarantine_record(ctx),
         "metrics": ctx.metrics,
         "timings": {"started": started, "finished": now(), "seconds": round(seconds, 3), **ctx.timings},
         "host": host_info(),
+        "lease": ctx.lease.stamp() if ctx.lease is not None else None,
     }
-    ctx.store.write_json(f"{ctx.work}/{PART}", part)
+    _publish(ctx, part, expect)
     return part
+
+
+def describe_commit(obj: dict[str, Any]) -> str:
+    """Who committed a manifest or a part, for the loser's and the waiter's messages."""
+    host = (obj.get("host") or {}).get("hostname", "?")
+    return f"attempt {obj.get('attempt') or '?'} on {host}, finished {(obj.get('timings') or {}).get('finished', '?')}"
+
+
+@contextlib.contextmanager
+def _blame_a_lost_lease(ctx: StepContext) -> Iterator[None]:
+    """A writer that lost its lease fails for that reason, whatever broke (the new holder's commit removed the work
+    area under it): exit 75, a retry, not a bug nor bad data. Looked at while the lease is still held."""
+    try:
+        yield
+    except Exception as exc:
+        if ctx.lease is None or exit_code_for(exc) == 75:
+            raise
+        try:
+            ctx.lease.check()
+        except TemporaryError as lost:
+            raise lost from exc
+        raise
 
 
 def rank() -> int:
@@ -279,6 +377,7 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
     ctx: StepContext | None = None
     started = now()
     t0 = time.monotonic()
+    committed = False
     try:
         ctx, cfg = open_context(args, stage, config_model)
         if not args.force and is_cached(ctx):
@@ -289,26 +388,45 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
             main(cfg, ctx)
             return 0
         # one writer per step (or shard) on the store: a second process of the same step waits here, then finds
-        # it committed, or resumes the work area of one that failed (hala.contract.lease)
-        with lease.held(ctx.store, ctx.run, lease_name(ctx), log) as held:
-            if held.waited_for is not None and not args.force and is_cached(ctx):
-                log.info("cached", fingerprint=ctx.fingerprint[:12], committed_by=lease.describe(held.waited_for))
+        # it committed, or resumes the work area of one that failed (hala.contract.lease). The lease saves work; the
+        # commit's conditional write is what keeps a second writer from ever replacing a result it did not see.
+        with lease.held(ctx.store, ctx.run, lease_name(ctx), log) as held, _blame_a_lost_lease(ctx):
+            ctx.lease = held
+            # looked at again after every acquisition: a writer that got the lease just as another released it
+            # finds that one's commit here, and `expect` is the version this writer's commit will replace
+            expect, current = ctx.store.read_versioned(commit_path(ctx))
+            if not args.force and is_cached(ctx, current, looked=True):
+                log.info("cached", fingerprint=ctx.fingerprint[:12], committed_by=describe_commit(current or {}),
+                         **({"waited_for": lease.describe(held.waited_for)} if held.waited_for else {}))
                 return 0
             ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)  # another fingerprint's work is stale
-            if os.path.exists(ctx.staging) and ctx.store.is_local:
-                shutil.rmtree(ctx.staging)  # outputs are rewritten whole; resumable state lives beside them
-            ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="running", fingerprint=ctx.fingerprint)
-            log.info("start", fingerprint=ctx.fingerprint[:12], inputs={k: v.ref.describe() for k, v in ctx.inputs.items()})
+            ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="running", fingerprint=ctx.fingerprint,
+                                   attempt=ctx.attempt)
+            log.info("start", fingerprint=ctx.fingerprint[:12], attempt=ctx.attempt,
+                     inputs={k: v.ref.describe() for k, v in ctx.inputs.items()})
             main(cfg, ctx)
             seconds = time.monotonic() - t0
-            held.check()  # a writer that may have lost its lease commits nothing
-            if ctx.shard and ctx.shard[1] > 1:
-                part = commit_part(ctx, started, seconds)
-                log.info("part committed", seconds=round(seconds, 2), counts=part["counts"])
-            else:
-                manifest = commit(ctx, started, seconds)
-                log.info("committed", seconds=round(seconds, 2), counts=manifest["counts"],
-                         outputs={k: v["rows"] for k, v in manifest["outputs"].items()})
+            held.check()  # a writer that knows it lost its lease commits nothing
+            try:
+                if ctx.sharded:
+                    part = commit_part(ctx, started, seconds, expect)
+                    committed = True
+                    log.info("part committed", seconds=round(seconds, 2), counts=part["counts"], attempt=ctx.attempt)
+                else:
+                    manifest = commit(ctx, started, seconds, expect)
+                    committed = True
+                    log.info("committed", seconds=round(seconds, 2), counts=manifest["counts"], attempt=ctx.attempt,
+                             outputs={k: v["rows"] for k, v in manifest["outputs"].items()})
+            except Lost as lost:
+                committed = True  # nothing of this attempt's is left to remove
+                if lost.winner.get("fingerprint") != ctx.fingerprint:
+                    raise TemporaryError(
+                        f"another writer committed step '{ctx.step.name}' while this one ran "
+                        f"({describe_commit(lost.winner)}, fingerprint {str(lost.winner.get('fingerprint'))[:12]}, this "
+                        f"one {ctx.fingerprint[:12]}); this attempt's files were removed: rerun the step") from None
+                log.info("cached", fingerprint=ctx.fingerprint[:12], committed_by=describe_commit(lost.winner),
+                         lost_to="another writer's commit of the same step; this attempt's files were removed")
+                return 0
             ctx.store.write_status(ctx.run, ctx.step.name, shard_text, state="done", seconds=round(seconds, 3), exit_code=0)
         return 0
     except BaseException as exc:  # noqa: BLE001 - every way out gets an exit code and a status
@@ -331,5 +449,8 @@ def run(stage: str, config_model: type, main: Callable[[Any, StepContext], None]
                 pass
         return code
     finally:
-        if ctx is not None and not ctx.store.is_local and os.path.isdir(ctx.staging):
-            shutil.rmtree(ctx.staging, ignore_errors=True)
+        if ctx is not None and rank() == 0:
+            if not committed and ctx.lease is not None:
+                ctx.store.remove(ctx.attempt_dir)  # a failed attempt's files (a killed one leaves them to `hala gc`)
+            if not ctx.store.is_local and os.path.isdir(ctx.staging):
+                shutil.rmtree(ctx.staging, ignore_errors=True)

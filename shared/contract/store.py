@@ -2,13 +2,17 @@
 
 Layout of one step:
 
-    <step>/<output>/...            the data (parquet shards, a model folder, ...)
-    <step>/_MANIFEST.json          written last: only a step with a manifest exists for readers
-    <step>/_work/<fingerprint>/    work in progress: chunks, checkpoints, shard parts; resumed by a rerun
-                                   with the same fingerprint, discarded by one with another, removed at commit
+    <step>/_MANIFEST.json                the commit: written last, by one conditional write (hala.contract.cas);
+                                         only a step with a manifest exists for readers
+    <step>/attempt-<id>/<output>/...     one attempt's outputs, immutable and never moved; the manifest names the
+                                         attempt it commits, every other attempt's files are garbage (`hala gc`)
+    <step>/_work/<fingerprint>/          work in progress: chunks, checkpoints, shard parts; resumed by a rerun
+                                         with the same fingerprint, discarded by one with another, removed at commit
 
-A reader trusts only a manifest, and checks the sha256 of every file it reads against it: a tampered
-file is a DataError (exit 3) that names the file.
+Every path in a manifest, a part or a chunk marker is relative to the folder that holds it, so a store read from
+another mount point (a host folder against `/store` in a container, a moved folder, a copied bucket) is the same
+store. A reader trusts only a manifest, and checks the sha256 of every file it reads against it: a tampered file
+is a DataError (exit 3) that names the file.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +35,17 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from hala.contract.errors import EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
+from hala.contract import cas
+from hala.contract.errors import EXIT_CONFIG, EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
 from hala.contract.hashing import sha256_file, sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
 PART = "_PART.json"
 WORK = "_work"
+ATTEMPT = "attempt-"  # <step>/attempt-<id>/: one attempt's outputs
 SCHEMA = "hala.manifest/1"
 COUNT_KEYS = ("rows_in", "rows_out", "rows_quarantined", "rows_removed")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 FETCH_WORKERS = 8  # files downloaded at once from a remote store (each over its own connection)
@@ -50,6 +59,52 @@ def cache_root() -> Path:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_attempt() -> str:
+    """A name no other attempt has: when it started (sortable, readable in a listing) and 32 random bits."""
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def safe_relpath(path: Any, where: str) -> str:
+    """A path read from a manifest, a part or a marker, checked before anything is read or written with it: relative,
+    forward slashes, no `..`, no empty or hidden-control parts. A DataError (exit 3) naming the file otherwise: a
+    manifest that points outside its folder is damaged or forged, and no cache or store path may be built from it."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise DataError(f"{where}: path {path!r} is not a relative path; the file is damaged (rerun the step that wrote it)")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"{where}: path {path!r} leaves its folder or has empty parts; the file is damaged "
+                        "(rerun the step that wrote it)")
+    return path
+
+
+def check_sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise DataError(f"{where}: sha256 {value!r} is not 64 hex digits; the file is damaged (rerun the step that wrote it)")
+    return value
+
+
+def prefixed(outputs: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Output entries described relative to an attempt's folder, made relative to the step: `prefix/` before each
+    path (the aggregate sha256 is of paths relative to the output itself, so it does not change)."""
+    out = {}
+    for name, entry in outputs.items():
+        out[name] = {**entry, "path": f"{prefix}/{entry['path']}",
+                     "files": [{**f, "path": f"{prefix}/{f['path']}"} for f in entry.get("files", [])]}
+    return out
+
+
+def manifest_files(manifest: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Every file a manifest (or a part) lists, each path and sha256 checked (safe_relpath, check_sha256)."""
+    files = []
+    for name, entry in (manifest.get("outputs") or {}).items():
+        safe_relpath(entry.get("path"), f"{where}: output {name!r}")
+        for f in entry.get("files", []):
+            safe_relpath(f.get("path"), f"{where}: output {name!r}")
+            check_sha256(f.get("sha256"), f"{where}: {f.get('path')}")
+            files.append(f)
+    return files
 
 
 def storage_options(url: str) -> dict[str, Any]:
@@ -99,12 +154,14 @@ class Store:
         except FileNotFoundError:
             raise ConfigError(f"store {self.url}: bucket {bucket!r} does not exist (or is not visible to these credentials); "
                               "create it, or fix the store URL (--store, the recipe's store:)") from None
-        except PermissionError as e:
-            raise ConfigError(f"store {self.url}: the credentials were refused ({e}); set AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY (or a profile, or GOOGLE_APPLICATION_CREDENTIALS for gs://) for an "
-                              "identity that may read and write the bucket") from None
-        except Exception as e:  # noqa: BLE001 - classified below: temporary or a bug
-            if exit_code_for(e) == EXIT_TEMPORARY:
+        except Exception as e:  # noqa: BLE001 - classified below: refused, temporary or a bug
+            code = exit_code_for(e)
+            if code == EXIT_CONFIG:  # S3's AccessDenied (PermissionError), GCS's 403 (gcsfs: OSError "Forbidden")
+                raise ConfigError(f"store {self.url}: the credentials were refused ({str(e).splitlines()[0]}); set "
+                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) for s3://, "
+                                  "GOOGLE_APPLICATION_CREDENTIALS for gs://, for an identity that may read and write the "
+                                  "bucket") from None
+            if code == EXIT_TEMPORARY:
                 raise TemporaryError(f"store {self.url} did not answer after the client's retries: {type(e).__name__}: {e}") from e
             raise
 
@@ -125,6 +182,10 @@ class Store:
     # --- json -------------------------------------------------------------------------------------
 
     def read_json(self, path: str) -> dict[str, Any] | None:
+        if not self.is_local:
+            # s3fs and gcsfs answer "not found" from a listing they cached earlier in this process (a runner that
+            # looked at a shard's folder before the shard committed its part): a commit must be read from the store
+            self.fs.invalidate_cache(path)
         try:
             return json.loads(self.fs.cat_file(path))  # one GET on an object store (open() adds a HEAD)
         except FileNotFoundError:
@@ -133,16 +194,14 @@ class Store:
             raise DataError(f"{self.uri(path)}: not valid JSON ({e}); delete it and rerun the step") from e
 
     def write_json(self, path: str, obj: Any) -> None:
-        """Whole-file write that readers never see half-done: rename on local disks, one PUT on object stores."""
+        """Whole-file write that readers never see half-done: rename of a synced file on local disks (created with the
+        process's umask, so a group can share the store), one PUT on object stores. For run bookkeeping (status,
+        _RUN.json); commits go through `publish`, which is conditional."""
         data = (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = cas._local_whole_file(path, data)
             os.replace(tmp, path)
+            cas._fsync_dir(os.path.dirname(path))
         else:
             self.fs.pipe(path, data)
 
@@ -156,12 +215,45 @@ class Store:
             manifest = self.memo[path]
         else:
             manifest = self.read_json(path)
+        return self._checked(manifest, path, step)
+
+    def _checked(self, manifest: dict[str, Any] | None, path: str, step: str) -> dict[str, Any] | None:
         if manifest is not None and manifest.get("schema") != SCHEMA:
             raise DataError(
-                f"{self.uri(self.path(run, step, MANIFEST))}: manifest schema {manifest.get('schema')!r}, "
+                f"{self.uri(path)}: manifest schema {manifest.get('schema')!r}, "
                 f"this hala reads {SCHEMA!r}; rerun the step with --force {step}"
             )
         return manifest
+
+    def manifest_state(self, run: str, step: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(version, manifest) of the step's manifest in one read, never from the planning memo: what a writer
+        looks at before it computes, and the version its commit expects to replace (None: there was none)."""
+        path = self.path(run, step, MANIFEST)
+        version, data = self.read_versioned(path)
+        return version, self._checked(data, path, step)
+
+    def read_versioned(self, path: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(version, JSON object) of a manifest or a part, in one request (hala.contract.cas.read)."""
+        version, data = cas.read(self.fs, path)
+        if data is None:
+            return None, None
+        try:
+            return version, json.loads(data)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.uri(path)}: not valid JSON ({e}); delete it and rerun the step") from e
+
+    def publish(self, path: str, obj: dict[str, Any], expect: str | None) -> dict[str, Any] | None:
+        """The commit: `obj` written at `path` (a manifest, a part) by one conditional write, if what is there is
+        still what the writer saw (`expect`: its version, or None for nothing). None when this writer won; else
+        what won (a reader sees one or the other, never a mix), or {} when the object was removed meanwhile."""
+        data = (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
+        try:
+            cas.write(self.fs, path, data, expect)
+            return None
+        except cas.Conflict:
+            if cas.owned(self.fs, path, data) is not None:
+                return None  # our own write: its answer was lost and the client's retry met it
+            return self.read_versioned(path)[1] or {}
 
     def committed(self, run: str, step: str, fingerprint: str | None) -> dict[str, Any] | None:
         """The one cache predicate: the step's manifest when it is committed under this fingerprint with every output
@@ -175,19 +267,27 @@ class Store:
     def localize(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
         """A local path holding one committed output, every file checked against the manifest: on a local store the
         output itself (re-hashed), on an object store a copy in this machine's content-addressed cache
-        (cache_root()/outputs/<sha256>), fetched once per machine, several files at a time, each hashed as it lands."""
+        (cache_root()/outputs/<sha256>/<output folder name>), fetched once per machine, several files at a time, each
+        hashed as it lands, into a folder of its own that is renamed in place whole (a reader never meets a copy
+        another process is still writing)."""
+        where = f"{self.uri(self.path(run, step, MANIFEST))}"
         entry = manifest["outputs"][output]
+        files = manifest_files({"outputs": {output: entry}}, where)
         if self.is_local:
             self.verify_output(run, step, manifest, output)
             return self.path(run, step, entry["path"])
-        target = cache_root() / "outputs" / entry["sha256"]
-        done = target / ".complete"
-        if done.exists():
-            return str(target / entry["path"])
+        root = entry["path"].rstrip("/")
+        name = root.rsplit("/", 1)[-1]
+        target = cache_root() / "outputs" / check_sha256(entry["sha256"], where)
+        if (target / ".complete").exists():
+            return str(target / name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}-", dir=target.parent))
         local = fsspec.filesystem("file")
 
         def fetch(f: dict[str, Any]) -> None:
-            dst = target / f["path"]
+            rel = f["path"][len(root) + 1:] if f["path"].startswith(root + "/") else f["path"].rsplit("/", 1)[-1]
+            dst = tmp / name / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get(self.path(run, step, f["path"]), str(dst))
             digest, size = sha256_file(local, str(dst))
@@ -197,15 +297,24 @@ class Store:
                     f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
                 )
 
-        # largest first, so that the last to finish is small; one at a time this was the slowest way to read an
-        # output (bench/store_throughput.py)
-        files = sorted(entry.get("files", []), key=lambda f: -f["bytes"])
-        with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(files)))) as pool:
-            for _ in pool.map(fetch, files):
-                pass
-        (target / entry["path"]).mkdir(parents=True, exist_ok=True)
-        done.touch()
-        return str(target / entry["path"])
+        try:
+            # largest first, so that the last to finish is small; one at a time this was the slowest way to read an
+            # output (bench/store_throughput.py)
+            ordered = sorted(files, key=lambda f: -f["bytes"])
+            with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(ordered)))) as pool:
+                for _ in pool.map(fetch, ordered):
+                    pass
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            (tmp / ".complete").touch()
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process put the same content there first: read theirs
+                if not (target / ".complete").exists():
+                    shutil.rmtree(target, ignore_errors=True)  # a half copy of an older hala: replaced
+                    os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(target / name)
 
     def output_path(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
         try:
@@ -247,7 +356,7 @@ class Store:
 
     def verify_output(self, run: str, step: str, manifest: dict[str, Any], output: str) -> None:
         """Re-hash every file of one output; DataError (exit 3) naming the first file that differs."""
-        files = manifest["outputs"][output].get("files", [])
+        files = manifest_files({"outputs": {output: manifest["outputs"][output]}}, self.uri(self.path(run, step, MANIFEST)))
         paths = [self.path(run, step, f["path"]) for f in files]
         for path in paths:
             if not self.fs.exists(path):
@@ -277,50 +386,90 @@ class Store:
         """Files under base/rel_dir (on this machine when `local`, else in the store) with sha256 and size."""
         return describe(fsspec.filesystem("file") if local else self.fs, base, rel_dir, known if local else None)
 
-    def commit(self, run: str, step: str, moves: list[tuple[str, str]], from_local: bool, manifest: dict[str, Any]) -> None:
-        """Publish outputs, then the manifest. `moves` are (source, path relative to the step folder):
-        whole output folders from a stage's staging area, or single files from shard parts."""
-        step_dir = self.step_path(run, step)
-        manifest_path = self.path(run, step, MANIFEST)
-        # 1. readers stop seeing the previous version before any of its files change
-        if self.fs.exists(manifest_path):
-            self.fs.rm(manifest_path)
-        # 2. old outputs go (the work area stays: the sources of the moves may live there)
-        if self.fs.exists(step_dir):
-            for entry in self.fs.ls(step_dir, detail=False):
-                if entry.rstrip("/").rsplit("/", 1)[-1] != WORK:
-                    self.fs.rm(entry, recursive=True)
-        # 3. new outputs in place
-        for src, rel in moves:
-            dst = self.path(run, step, rel)
-            if from_local and not self.is_local:
-                self.fs.put(src, dst, recursive=os.path.isdir(src))
-            elif self.is_local:
+    def upload(self, base: str, rels: list[str], dest: str) -> None:
+        """Files `base/<rel>` of this machine to `dest/<rel>` in the store, several at a time. Named one by one: a
+        folder put into a folder that exists lands inside it (fsspec's rule), which once committed an earlier
+        attempt's bytes under a new attempt's hashes."""
+        if not rels:
+            return
+        self.fs.put([os.path.join(base, r) for r in rels], [f"{dest}/{r}" for r in rels])
+
+    def materialize(self, pairs: list[tuple[str, str]]) -> None:
+        """(source, destination) store paths: each destination a new name for the source's bytes, the source left as
+        it is: a hard link on a local store (no bytes copied; a copy where links are refused), a server-side copy on
+        an object store (CopyObject, GCS rewrite: no byte passes through this process)."""
+        if self.is_local:
+            for src, dst in pairs:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.move(src, dst)
-            else:
-                self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.mv(src, dst, recursive=True)
-        for entry in manifest["outputs"].values():  # an output with no files is still a folder
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    os.unlink(dst)  # a retried gather's own earlier link (the names are this attempt's)
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            return
+        with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(pairs)))) as pool:
+            for _ in pool.map(lambda p: self.fs.copy(p[0], p[1]), pairs):
+                pass
+
+    def sync(self, folder: str, rels: list[str]) -> None:
+        """Local stores: every file `folder/<rel>` and its folders on disk before the manifest that names them."""
+        if not self.is_local:
+            return
+        folders = {folder}
+        for rel in rels:
+            path = os.path.join(folder, rel)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(path)
+            while len(parent) > len(folder):
+                folders.add(parent)
+                parent = os.path.dirname(parent)
+        for f in sorted(folders, key=len, reverse=True):
+            cas._fsync_dir(f)
+        cas._fsync_dir(os.path.dirname(folder))
+
+    def remove(self, path: str) -> None:
+        """Remove a folder or file of this writer's own (a lost or failed attempt); what cannot be removed now is
+        left to `hala gc`, never an error."""
+        try:
             if self.is_local:
-                os.makedirs(self.path(run, step, entry["path"]), exist_ok=True)
-        # 4. the manifest, last
-        self.write_json(manifest_path, manifest)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.exists(path):
+                    os.unlink(path)
+            elif self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except Exception:  # noqa: BLE001 - garbage for gc; the result does not depend on it
+            pass
 
     def clean_work(self, run: str, step: str, keep: str | None = None) -> None:
-        """Drop work areas; `keep` one fingerprint (the current one, when resuming)."""
+        """Drop work areas; `keep` one fingerprint (the current one, when resuming). Best effort: called after a
+        commit, where a failure must not turn a committed step into a failed one (what stays is garbage for gc)."""
         work = self.path(run, step, WORK)
-        if not self.fs.exists(work):
-            return
-        for entry in self.fs.ls(work, detail=False):
-            if keep is None or entry.rstrip("/").rsplit("/", 1)[-1] != keep:
-                self.fs.rm(entry, recursive=True)
-        try:  # on an object store a prefix ends with its last object: nothing is left to remove
+        try:
+            if not self.fs.exists(work):
+                return
+            for entry in self.fs.ls(work, detail=False, refresh=True) if not self.is_local else [
+                    os.path.join(work, e) for e in os.listdir(work)]:
+                if keep is None or entry.rstrip("/").rsplit("/", 1)[-1] != keep:
+                    self.fs.rm(entry, recursive=True)
+            # on an object store a prefix ends with its last object: nothing is left to remove
             left = self.fs.ls(work, detail=False, refresh=True) if not self.is_local else os.listdir(work)
+            if not left:
+                self.fs.rm(work, recursive=True)
         except FileNotFoundError:
             return
-        if not left:
-            self.fs.rm(work, recursive=True)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            if keep is not None:
+                raise  # before the work: a store that cannot remove stale work cannot take the step's either
+            from hala.contract.logs import get
+
+            get("hala.store").warning("work area not removed; `hala gc` will", path=self.uri(work), error=f"{type(e).__name__}: {e}")
 
     # --- run bookkeeping --------------------------------------------------------------------------
 
@@ -333,7 +482,9 @@ class Store:
         out: dict[str, dict[str, Any]] = {}
         if not self.fs.exists(folder):
             return out
-        for path in sorted(self.fs.ls(folder, detail=False)):
+        for path in sorted(self.fs.ls(folder, detail=False, refresh=True)):
+            if not path.endswith(".json") or path.rsplit("/", 1)[-1].startswith("."):
+                continue  # a write's hidden temporary file
             data = self.read_json(path)
             if data:
                 key = path.rsplit("/", 1)[-1][: -len(".json")]
@@ -393,9 +544,11 @@ class Identity:
 
 def new_manifest(*, run: str, step: Any, fingerprint: str, inputs: dict[str, Any], outputs: dict[str, Any],
                  counts: dict[str, Any] | None, quarantine: dict[str, Any], metrics: dict[str, Any],
-                 timings: dict[str, Any], shards: dict[str, Any] | None) -> dict[str, Any]:
+                 timings: dict[str, Any], shards: dict[str, Any] | None, attempt: str | None = None,
+                 lease: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the fields).
-    `step`: a recipe Step or an Identity."""
+    `step`: a recipe Step or an Identity; `attempt`: the attempt whose folder holds the outputs; `lease`: the token
+    of the lease its writer held when it committed (hala.contract.lease.Lease.token)."""
     who = step if isinstance(step, Identity) else Identity.of_step(step)
     return {
         "schema": SCHEMA,
@@ -415,6 +568,8 @@ def new_manifest(*, run: str, step: Any, fingerprint: str, inputs: dict[str, Any
         "metrics": metrics,
         "timings": timings,
         "shards": shards,
+        "attempt": attempt,
+        "lease": lease,
         "host": host_info(),
     }
 

@@ -7,7 +7,7 @@ ChatML chat template that carries `{% generation %}` markers (assistant-only los
 role's architecture initialised from config, and for the teacher, judge and translator a short training
 run on the sample pairs until they reproduce them. The result is an ordinary Hugging Face folder
 (safetensors, config, tokenizer, chat template, generation config): every stage sees it as it would
-see the real model. `ensure()` builds once into `<store>/_sources/tiny-<role>/`, with a manifest, and
+see the real model. `ensure()` builds once into `<store>/_sources/tiny-<role>-<spec hash>/`, with a manifest, and
 reuses it while the spec (hala.contract.tiny_spec) is unchanged.
 
 torch, transformers and tokenizers are imported inside the functions: importing hala stays light.
@@ -299,7 +299,7 @@ def ensure(store: Store, role: str, recipe: Any) -> str:
     suites or compose services, wait for one builder and one commit instead of training twice)."""
     spec = tiny_spec.spec(role, recipe)
     key = sha256_json(spec)
-    name = f"tiny-{role}"
+    name = tiny_spec.source_name(role, key)
     manifest, _ = artifact.ensure(store, "_sources", name, key, lambda folder: _commit_from_cache(role, recipe, spec, key, folder),
                                   logs.get("hala.tiny"))
     return store.localize("_sources", name, manifest, "model")
@@ -346,7 +346,7 @@ def _commit_from_cache(role: str, recipe: Any, spec: dict[str, Any], key: str, f
         shutil.copytree(cached, os.path.join(folder, "model"))
     files = describe_local(folder, "model")
     return new_manifest(
-        run="_sources", step=Identity(f"tiny-{role}", "hala.tiny", spec["builder"], spec, key), fingerprint=key,
+        run="_sources", step=Identity(tiny_spec.source_name(role, key), "hala.tiny", spec["builder"], spec, key), fingerprint=key,
         inputs={"pairs": {"ref": recipe.tiny_models.get("pairs"), "kind": "path", "sha256": spec["pairs_sha256"]}},
         outputs={"model": output_entry(files, "model", "model", None, format="huggingface", role=role)},
         counts=None, quarantine={"rows": 0, "by_reason": {}}, metrics={**info, "cache": str(cached.parent)},

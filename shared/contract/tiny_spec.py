@@ -109,5 +109,11 @@ def spec(role: str, recipe: "Recipe") -> dict[str, Any]:
     }
 
 
-def source_path(store: "Store", role: str) -> str:
-    return store.path("_sources", f"tiny-{role}")
+def source_name(role: str, key: str) -> str:
+    """The stand-in's folder under <store>/_sources/: its role and the hash of its spec, so that two recipes (or two
+    checkouts) whose stand-ins differ never share, or replace, one folder."""
+    return f"tiny-{role}-{key[:16]}"
+
+
+def source_path(store: "Store", role: str, key: str) -> str:
+    return store.path("_sources", source_name(role, key))

@@ -20,9 +20,13 @@ chunks are committed, by `tables.PartWriter` into the step's staging folder: fil
 row groups sized for scanning, whatever `chunk_rows` is. Only a resumed shard reads chunk files back (the chunks
 committed before it restarted, once, into its outputs); nothing is downloaded to be uploaded again at finish.
 
-A marker records its chunk's row span. A work area whose markers do not match the plan (another row assignment,
-from an older hala that gave shard i the rows `i mod n`, or another chunk size) is set aside whole: resuming it
-would lose or repeat rows.
+A marker records its chunk's row span and its files, by paths relative to the chunks folder (a store resumed from
+another mount point finds them), named after the attempt that wrote them (`chunk-000005-<attempt>.parquet`: a second
+writer of the same chunk never overwrites the first one's). The marker is created only if absent
+(hala.contract.cas): of two writers of one chunk, the first marker wins and the other writer stops (exit 75), and
+before each chunk the writer checks that it still holds the step's lease. A work area whose markers do not match the
+plan (another row assignment, from an older hala that gave shard i the rows `i mod n`, or another chunk size) is set
+aside whole: resuming it would lose or repeat rows.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
-from hala.contract import tables
+from hala.contract import cas, tables
 from hala.contract.errors import TemporaryError
+from hala.contract.store import safe_relpath
 
 MARKERS = "_done"
 LAYOUT = "range/1"  # how rows map to shards and chunks: contiguous ranges (hala.contract.tables.shard_range)
@@ -57,7 +62,8 @@ class Chunks:
     def _markers(self) -> dict[int, dict[str, Any]]:
         folder = f"{self.root}/{MARKERS}"
         try:
-            paths = sorted(self.store.fs.ls(folder, detail=False))
+            paths = sorted(p for p in self.store.fs.ls(folder, detail=False, refresh=True)
+                           if p.rstrip("/").rsplit("/", 1)[-1][:6].isdigit())  # not a create's hidden temporary file
         except FileNotFoundError:
             return {}
         with ThreadPoolExecutor(8) as pool:  # on an object store, one GET each: in parallel
@@ -85,14 +91,19 @@ class Chunks:
             yield k, list(reader.rows(a, b, batch_rows=min(batch_rows, max(b - a, 1))))
 
     def commit(self, k: int, out: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """The chunk's tables (pyarrow, or lists of row dicts) as files in the work area, then its marker (last);
-        then into the outputs, after any committed chunk before it."""
+        """The chunk's tables (pyarrow, or lists of row dicts) as files in the work area, then its marker (last, created
+        only if no other writer's is there); then into the outputs, after any committed chunk before it."""
+        import json
+
         import pyarrow as pa
 
+        self.ctx.check_lease()  # a writer that lost its lease writes nothing more into the shared work area
         out = {name: t if isinstance(t, pa.Table) else pa.Table.from_pylist(t, schema=self.schemas[name]) for name, t in out.items()}
         placed = {}
+        attempt = getattr(self.ctx, "attempt", "") or "0"
         for name, table in out.items():
-            dst = f"{self.root}/{name}/chunk-{k:06d}.parquet"
+            rel = f"{name}/chunk-{k:06d}-{attempt}.parquet"
+            dst = f"{self.root}/{rel}"
             if self.store.is_local:
                 # written beside its place, then renamed: /tmp may be another file system (a container's tmpfs
                 # over a volume), where a rename fails
@@ -102,13 +113,19 @@ class Chunks:
                 tmp = tempfile.mkdtemp(prefix=f"chunk-{k:06d}-")
                 try:
                     tables.write_table(os.path.join(tmp, f"{name}.parquet"), table)
-                    self.store.fs.put(os.path.join(tmp, f"{name}.parquet"), dst)
+                    self.store.fs.put_file(os.path.join(tmp, f"{name}.parquet"), dst)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-            placed[name] = dst
+            placed[name] = rel
         first, stop = self.spans[k]
-        marker = {"chunk": k, "layout": LAYOUT, "first": first, "stop": stop, "files": placed, **info}
-        self.store.write_json(self._marker(k), marker)
+        marker = {"chunk": k, "layout": LAYOUT, "first": first, "stop": stop, "files": placed, "attempt": attempt, **info}
+        body = (json.dumps(marker, ensure_ascii=False) + "\n").encode()
+        try:
+            cas.create(self.store.fs, self._marker(k), body)
+        except cas.Conflict:
+            if cas.owned(self.store.fs, self._marker(k), body) is None:
+                raise TemporaryError(f"chunk {k} was committed by another writer of this step while this one worked; "
+                                     "this one stops (its lease was lost): rerun the step") from None
         self._append_done(before=k)
         for name, table in out.items():
             self.writers[name].write(table)
@@ -124,9 +141,16 @@ class Chunks:
             if marker is None:
                 raise RuntimeError(f"chunk {k} is neither committed nor planned")  # plan() makes this impossible
             for name, path in marker["files"].items():
-                with self.store.fs.open(path, "rb") as f:
+                with self.store.fs.open(self._file(path, k), "rb") as f:
                     self.writers[name].write(pq.read_table(f, schema=self.schemas[name]))
         self.appended = max(self.appended, before)
+
+    def _file(self, path: str, k: int) -> str:
+        """A marker's file, relative to the chunks folder. Markers written before paths were relative held absolute
+        store paths, which break when the store is mounted elsewhere: their last two parts are the relative path."""
+        if path.startswith("/") or "://" in path:
+            path = "/".join(path.rstrip("/").split("/")[-2:])
+        return f"{self.root}/{safe_relpath(path, f'chunk marker {self._marker(k)}')}"
 
     def finish(self) -> dict[str, list[str]]:
         """Every committed chunk in the outputs, in chunk order; the output files by name."""

@@ -97,8 +97,11 @@ def _child(request: dict[str, Any], fds: list[int], keep_closed: list[socket.soc
             if fd > 2:
                 os.close(fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        # what the interpreter sets up at start: a write to a reset connection raises (BrokenPipeError, a retry of
+        # the store's client, at worst exit 75) instead of killing the step with signal 13
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ[SOCKET_ENV] = request.get("socket", "")

@@ -207,7 +207,7 @@ def output_name(ctx: StepContext, plan: schedule.Plan, cfg: MergeConfig) -> str:
         return cfg.name
     ref = ctx.input("model")
     if ref.kind == "step":
-        base = (ref.output or {}).get("path", ref.ref.step or "model")
+        base = ref.folder_name or ref.ref.step or "model"
     elif ref.kind == "tiny":
         base = f"tiny-{ref.ref.uri}"
     else:

@@ -124,7 +124,7 @@ def main(cfg: PublishConfig, ctx: StepContext) -> None:
         src = ctx.input(name)
         entry = src.output or {}
         repo_type = "model" if entry.get("kind") == "model" else "dataset"
-        repo_id = f"{cfg.namespace}/{cfg.names.get(name) or os.path.basename(entry.get('path', name).rstrip('/'))}"
+        repo_id = f"{cfg.namespace}/{cfg.names.get(name) or src.folder_name or name}"
         folder = src.local_path()
         files = [{"path": os.path.relpath(f["path"], entry["path"]), "bytes": f["bytes"], "sha256": f["sha256"]}
                  for f in entry.get("files", []) if os.path.relpath(f["path"], entry["path"]) != "README.md"]

@@ -34,7 +34,7 @@ def lineage_name(ctx: StepContext, cfg: QuantizeConfig) -> str:
     elif ref.kind == "tiny":
         base = f"tiny-{ref.ref.uri}"
     elif ref.kind == "step":
-        base = (ref.output or {}).get("path", ref.ref.step or "model")
+        base = ref.folder_name or ref.ref.step or "model"
     else:
         base = os.path.basename(ref.uri.rstrip("/"))
     head, *rest = cfg.scheme.split("_")

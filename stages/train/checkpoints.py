@@ -65,11 +65,13 @@ class Area:
 
 
 class Mark(TrainerCallback):
-    """After each save: the completion marker, the upload (object stores), a log event."""
+    """After each save: the completion marker, the upload (object stores), a log event. `check` (the step's
+    check_lease) runs first: a trainer that lost its step's lease writes no checkpoint into the shared work area."""
 
-    def __init__(self, area: Area, log: Any):
+    def __init__(self, area: Area, log: Any, check: Any = None):
         self.area = area
         self.log = log
+        self.check = check
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -78,12 +80,16 @@ class Mark(TrainerCallback):
         local = os.path.join(args.output_dir, name)
         if not os.path.isdir(local):
             return
+        if self.check is not None:
+            self.check()
         with open(os.path.join(local, MARK), "w") as f:
             json.dump({"global_step": state.global_step, "saved": time.time()}, f)
         if not self.area.store.is_local:
             fs = self.area.store.fs
-            fs.put(local, f"{self.area.remote}/{name}", recursive=True)  # the marker travels with it; rewrite it last
-            fs.put(os.path.join(local, MARK), f"{self.area.remote}/{name}/{MARK}")
+            # file by file, named: a folder put into one that exists would land inside it (fsspec's rule); the marker last
+            rels = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs_ in os.walk(local) for f in fs_ if f != MARK)
+            fs.put([os.path.join(local, r) for r in rels], [f"{self.area.remote}/{name}/{r}" for r in rels])
+            fs.put_file(os.path.join(local, MARK), f"{self.area.remote}/{name}/{MARK}")
             kept = {n for n in os.listdir(args.output_dir) if _CKPT.match(n)}
             for path in fs.ls(self.area.remote, detail=False):
                 if _CKPT.match(os.path.basename(path.rstrip("/"))) and os.path.basename(path.rstrip("/")) not in kept:

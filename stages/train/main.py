@@ -225,7 +225,7 @@ def output_name(cfg: TrainConfig, ctx: StepContext) -> str:
         return cfg.name
     ref = ctx.input("model")
     if ref.kind == "step":
-        base = (ref.output or {}).get("path") or ref.ref.step or "model"
+        base = ref.folder_name or ref.ref.step or "model"
     elif ref.kind == "tiny":
         base = f"tiny-{ref.ref.uri}"
     else:
@@ -343,7 +343,7 @@ def main(cfg: TrainConfig, ctx: StepContext) -> None:
     trainer.model.config.use_cache = False
     trainer.remove_callback(PrinterCallback)  # the Report callback logs the same dicts as structured events
     with ctx.progress(args.max_steps if args.max_steps > 0 else None, unit="steps", what="train") as progress:
-        trainer.add_callback(checkpoints.Mark(area, ctx.log))
+        trainer.add_callback(checkpoints.Mark(area, ctx.log, ctx.check_lease))
         trainer.add_callback(checkpoints.Report(progress, ctx.log))
         if resume:
             ctx.log.info("resuming", checkpoint=resume[0], global_step=resume[1])
