@@ -3,8 +3,10 @@
     hala run RECIPE [--store URL] [--run NAME] [--set STEP.KEY=VALUE ...] [--only STEP ...] [--force [STEP]] [--dry-run]
     hala steps RECIPE [--config STEP] the DAG in order, with stage and inputs; or one step's effective config
     --set-file FILE                   (run, steps, render, record) overrides from a YAML file of STEP.KEY: VALUE
-    hala status RUN [--store URL]     state, rows and time per step
-    hala verify RUN [STEP ...]        re-hash committed outputs against their manifests (exit 3 on a change)
+    hala status RUN [--store URL]     state, rows and time per step, and the garbage `hala gc` would take
+    hala verify RUN [STEP ...]        re-hash committed outputs (and the store's _sources/, _cache/) against their
+                                      manifests (exit 3 on a change, 2 for a run or step that is not there)
+    hala gc RUN [--delete]            list (or remove) files no commit references, older than --grace seconds
     hala gather RECIPE STEP           commit a sharded step once all its shards committed their parts
     hala setup [ENV ...]              create/update the environments under .venvs/ from locks/ (idempotent)
     hala lock [SET ...] [--check]     resolve locks/<variant>/<set>.txt with uv (--check: offline staleness test)
@@ -188,7 +190,15 @@ def cmd_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = runner.status(Store(args.store), args.run)
+    from hala.ops import gc
+
+    store = Store(args.store)
+    rows = runner.status(store, args.run)
+    garbage = gc.collect(store, args.run, leases=False)
+    for r in rows:
+        root = store.path(args.run, r["step"]) + "/"
+        mine = [size for path, size, _ in garbage.files if path.startswith(root)]
+        r["garbage"] = {"files": len(mine), "bytes": sum(mine)}
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -197,22 +207,70 @@ def cmd_status(args: argparse.Namespace) -> int:
         r["cached"] = "yes" if r["cached"] else ""
         r["seconds"] = f"{r['seconds']:.1f}" if isinstance(r["seconds"], (int, float)) else ""
     print(logs.table(rows, ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]))
+    if garbage.files:
+        print(f"garbage: {len(garbage.files)} files, {garbage.bytes / 1e6:.1f} MB no commit references "
+              f"({', '.join(f'{n} {why}' for why, n in garbage.by_reason().items())}); `hala gc {args.run} --delete` "
+              "removes them")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from hala.ops import gc
+
+    store = Store(args.store)
+    store.check()
+    if not store.fs.exists(store.path(args.run)):
+        raise ConfigError(f"no run '{args.run}' in store {store.url}")
+    found = gc.collect(store, args.run, grace_s=args.grace, delete=args.delete)
+    if args.json:
+        print(json.dumps({"run": args.run, "deleted": args.delete, "files": [{"path": store.uri(p), "bytes": b, "reason": r}
+                          for p, b, r in found.files], "bytes": found.bytes, "busy": found.busy, "younger_than_grace": found.young},
+                         indent=2))
+        return 0
+    for path, size, reason in found.files:
+        print(f"{'removed' if args.delete else 'garbage'}  {size:>12,}  {store.uri(path)}  ({reason})")
+    print(f"{len(found.files)} files, {found.bytes / 1e6:.1f} MB {'removed' if args.delete else 'no commit references'}"
+          + ("" if args.delete or not found.files else f" (`hala gc {args.run} --delete` removes them)")
+          + (f"; {found.young} younger than {args.grace:.0f} s kept" if found.young else "")
+          + (f"; skipped while a writer holds them: {', '.join(found.busy)}" if found.busy else ""))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from hala.ops.gc import ARTIFACT_RUNS
+
     store = Store(args.store)
+    store.check()
+    if not store.fs.exists(store.path(args.run)):
+        raise ConfigError(f"no run '{args.run}' in store {store.url}: nothing to verify (check --store and the run name)")
     names = args.steps
     if not names:
         info = store.read_json(store.path(args.run, "_RUN.json")) or {}
         names = [s["step"] for s in info.get("steps", [])]
-    checked = 0
+    checked = files = 0
     for name in names:
         if store.read_manifest(args.run, name) is None:
+            if args.steps:  # named: its absence is the answer
+                raise ConfigError(f"step '{name}' of run '{args.run}' is not committed in store {store.url} (no {name}/_MANIFEST.json)")
             continue
-        store.verify_step(args.run, name)
+        manifest = store.verify_step(args.run, name)
         checked += 1
-    logs.get("hala.verify").info("verified", run=args.run, steps=checked)
+        files += sum(len(o.get("files", [])) for o in manifest["outputs"].values())
+    artifacts = 0
+    for owner in ARTIFACT_RUNS:  # the store's content-addressed artifacts every run reads
+        try:
+            entries = store.fs.ls(store.path(owner), detail=False, refresh=True)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if store.read_manifest(owner, name) is not None:
+                manifest = store.verify_step(owner, name)
+                artifacts += 1
+                files += sum(len(o.get("files", [])) for o in manifest["outputs"].values())
+    logs.get("hala.verify").info("verified", run=args.run, steps=checked, artifacts=artifacts, files=files)
+    if logs.console():
+        print(f"verified: {checked} steps of run '{args.run}', {artifacts} artifacts ({', '.join(ARTIFACT_RUNS)}), {files} files")
     return 0
 
 
@@ -343,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("steps", nargs="*")
     v.add_argument("--store", default=DEFAULT_STORE)
     v.set_defaults(func=cmd_verify)
+
+    gcp = sub.add_parser("gc", help="list (or remove) the files of a run that no commit references")
+    gcp.add_argument("run")
+    gcp.add_argument("--store", default=DEFAULT_STORE)
+    gcp.add_argument("--delete", action="store_true", help="remove them (default: list them)")
+    gcp.add_argument("--grace", type=float, default=3600.0,
+                     help="take only files at least this many seconds old (default 3600): a running writer's never")
+    gcp.add_argument("--json", action="store_true")
+    gcp.set_defaults(func=cmd_gc)
 
     g = sub.add_parser("gather", help="commit a sharded step from its shards' parts")
     g.add_argument("recipe")

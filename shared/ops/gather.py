@@ -1,9 +1,12 @@
 """`hala gather RECIPE STEP`: turn the N committed parts of a sharded step into one committed step.
 
 Library code with no ML imports (it runs in the hala-cli image after a Kubernetes Indexed Job, or
-in-process in the local runner). It checks that every shard committed its part (`_PART.json` under
-`_work/<fingerprint>/shards/`), that each part's files are there with their recorded sizes, that every
-part's rows add up and so do their sums, then moves the files in place and writes the manifest.
+in-process in the local runner). A pure function of the committed parts, retried from any point: it checks that
+every shard committed its part (`_PART.json` under `_work/<fingerprint>/shards/`), that each part's files are there
+with their recorded sizes, that every part's rows add up and so do their sums, gives the parts' files new names in a
+folder of its own attempt (hard links on a local store, server-side copies on an object store: the parts are never
+moved or changed), and commits the manifest by one conditional write. Cut off anywhere before that write, it has
+changed nothing a retry reads; after it, only the clean-up of the work area is left, which the retry finishes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import structlog
 
 from hala.contract import lease, logs, recipe as recipe_mod, sources
 from hala.contract.errors import ConfigError, DataError, TemporaryError
-from hala.contract.store import PART, Store, check_counts, new_manifest, now, output_entry
+from hala.contract.store import (ATTEMPT, MANIFEST, PART, Store, check_counts, manifest_files, new_attempt, new_manifest,
+                                 now, output_entry)
 
 
 def gather(recipe_path: str, step_name: str, store_url: str | None = None, run: str | None = None,
@@ -46,42 +50,47 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
     t0 = time.monotonic()
     n = step.shards
     base = f"{store.work_path(recipe.run, step.name, fp)}/shards"
-    existing = store.committed(recipe.run, step.name, fp)
-    current = existing is not None
-    if current and not store.fs.exists(base):
+    expect, current = store.manifest_state(recipe.run, step.name)
+    existing = current if current is not None and current.get("fingerprint") == fp and store.outputs_present(
+        recipe.run, step.name, current) else None
+    if existing is not None and not store.fs.exists(base):
         log.info("cached", fingerprint=fp[:12])
         return existing
     parts: list[dict[str, Any]] = []
     missing = []
     for i in range(n):
         part = store.read_json(f"{base}/{i:05d}-of-{n:05d}/{PART}")
-        if part is None:
+        if part is None or part.get("fingerprint") != fp:
             missing.append(i)
         else:
             parts.append(part)
-    # Parts under the committed fingerprint are newer than its manifest (a commit removes them): every shard
-    # rerun (--force) is committed in place of the old result, never reported as cached. A forced rerun that
-    # did not finish every shard leaves the committed result standing, and its parts go.
-    if current and missing:
-        log.info("cached", fingerprint=fp[:12], dropped_parts=n - len(missing))
-        store.clean_work(recipe.run, step.name)
-        return existing  # type: ignore[return-value]
+    if existing is not None:
+        used = {(p.get("shard"), p.get("attempt")) for p in (existing.get("shards") or {}).get("parts", [])}
+        fresh = [p for p in parts if (p["shard"][0], p.get("attempt")) not in used]
+        # The parts this manifest was gathered from (a clean-up cut short), or a forced rerun that did not finish every
+        # shard: the committed result stands and the parts go. Every shard rerun (--force) is committed in its place.
+        if not fresh or missing:
+            log.info("cached", fingerprint=fp[:12], dropped_parts=len(fresh))
+            store.clean_work(recipe.run, step.name)
+            return existing
     if missing:
         raise TemporaryError(
             f"step '{step.name}': {len(missing)} of {n} shards have not committed their part "
             f"(missing: {', '.join(map(str, missing[:20]))}{' …' if len(missing) > 20 else ''}); run them, then gather again"
         )
     # every part's files are there, every part adds up
+    attempt = new_attempt()
     totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "rows_quarantined": 0, "rows_removed": Counter()}
     quarantine: Counter = Counter()
     rows_by_output: Counter = Counter()
     outputs_files: dict[str, list[dict[str, Any]]] = {}
     extras: dict[str, dict[str, Any]] = {}
     folders: dict[str, str] = {}
-    moves: list[tuple[str, str]] = []
+    links: list[tuple[str, str]] = []
     for part in parts:
         i = part["shard"][0]
-        part_dir = f"{base}/{i:05d}-of-{n:05d}/out"
+        part_dir = f"{base}/{i:05d}-of-{n:05d}"
+        files = manifest_files(part, store.uri(f"{part_dir}/{PART}"))
         counts = part.get("counts")
         if counts:
             check_counts(counts, f"step '{step.name}' shard {i}")
@@ -89,21 +98,23 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
                 totals[key] += counts.get(key, 0)
             totals["rows_removed"].update(counts.get("rows_removed") or {})
         quarantine.update(part.get("quarantine", {}).get("by_reason", {}))
+        sizes = store.file_sizes([f"{part_dir}/{f['path']}" for f in files])
         for name, entry in part["outputs"].items():
             rows_by_output[name] += entry.get("rows") or 0
             extras[name] = {k: v for k, v in entry.items() if k not in ("path", "kind", "rows", "bytes", "sha256", "files")}
-            folders[name] = entry["path"]
+            folder = entry["path"].rstrip("/").rsplit("/", 1)[-1]  # the output's own folder name, under its attempt
+            folders[name] = f"{ATTEMPT}{attempt}/{folder}"
             for f in entry["files"]:
                 src = f"{part_dir}/{f['path']}"
-                try:
-                    size = store.fs.size(src)
-                except FileNotFoundError:
-                    raise DataError(f"step '{step.name}' shard {i}: part file missing: {store.uri(src)}; rerun shard {i}/{n}") from None
+                size = sizes.get(src)
                 if size != f["bytes"]:
-                    raise DataError(f"step '{step.name}' shard {i}: {store.uri(src)} has {size} bytes, its part says {f['bytes']}; rerun shard {i}/{n}")
-                folder, _, fname = f["path"].rpartition("/")
-                rel = f"{folder}/s{i:05d}-{fname}" if folder else f"s{i:05d}-{fname}"
-                moves.append((src, rel))
+                    found = "missing" if size is None else f"{size} bytes, its part says {f['bytes']}"
+                    raise DataError(f"step '{step.name}' shard {i}: part file {store.uri(src)} is {found}; rerun shard "
+                                    f"{i}/{n} (it finds its part incomplete and commits a new one), then gather again")
+                inner = f["path"][len(entry["path"]) + 1:] if f["path"].startswith(entry["path"] + "/") else f["path"].rsplit("/", 1)[-1]
+                sub, _, fname = inner.rpartition("/")
+                rel = f"{folders[name]}/{sub + '/' if sub else ''}s{i:05d}-{fname}"
+                links.append((src, store.path(recipe.run, step.name, rel)))
                 outputs_files.setdefault(name, []).append({**f, "path": rel})
     counts_total = None
     if any(p.get("counts") for p in parts):
@@ -127,12 +138,28 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
             "shard_seconds": [p["timings"]["seconds"] for p in parts],
             "gather_seconds": round(time.monotonic() - t0, 3),
         },
-        shards={"count": n, "hosts": sorted({p.get("host", {}).get("hostname", "?") for p in parts})},
+        shards={"count": n, "hosts": sorted({p.get("host", {}).get("hostname", "?") for p in parts}),
+                "parts": [{"shard": p["shard"][0], "attempt": p.get("attempt")} for p in parts]},
+        attempt=attempt, lease=held.stamp(),
     )
-    held.check()
-    store.commit(recipe.run, step.name, moves, False, manifest)
+    attempt_dir = store.path(recipe.run, step.name, f"{ATTEMPT}{attempt}")
+    try:
+        store.materialize(links)
+        store.sync(attempt_dir, [rel.split("/", 1)[1] for files in outputs_files.values() for rel in (f["path"] for f in files)])
+        held.check()
+        winner = store.publish(store.path(recipe.run, step.name, MANIFEST), manifest, expect)
+    except BaseException:
+        store.remove(attempt_dir)
+        raise
+    if winner is not None:
+        store.remove(attempt_dir)
+        if winner.get("fingerprint") != fp:
+            raise TemporaryError(f"step '{step.name}': another writer committed it while this gather ran (fingerprint "
+                                 f"{str(winner.get('fingerprint'))[:12]}, this one {fp[:12]}); gather again")
+        log.info("cached", fingerprint=fp[:12], lost_to=f"attempt {winner.get('attempt')}")
+        return winner
     store.clean_work(recipe.run, step.name)
-    log.info("gathered", shards=n, counts=counts_total, seconds=round(time.monotonic() - t0, 2))
+    log.info("gathered", shards=n, counts=counts_total, attempt=attempt, seconds=round(time.monotonic() - t0, 2))
     return manifest
 
 
