@@ -7,9 +7,11 @@ Each request is forwarded to the upstream server unless the schedule picks a fau
     reset        the upstream answer's head and half its body, then a TCP reset (a dropped connection)
     stall        no answer for `stall_s`, longer than the client's read timeout, then the connection closes
     deny         403 InvalidAccessKeyId, not forwarded (what S3 answers to credentials it does not know)
+    down         a TCP reset, not forwarded (the store is gone: an outage, a partition)
 
 The schedule is a seeded random draw per request (`rates`: kind -> fraction), so a run is reproducible in what it
-injects (not in which request gets it: the clients' concurrency orders requests). `hold` pauses requests whose
+injects (not in which request gets it: the clients' concurrency orders requests). `target` gives a fault to the next
+requests that match a pattern, whatever the rates (e.g. the one renewal of a lease whose answer is lost). `hold` pauses requests whose
 path matches, so a test can kill a process at that exact moment and drop what it was sending. Bounded: `max_requests` answered at most, each
 connection times out after 30 s idle, and `stop()` ends it.
 """
@@ -27,7 +29,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-KINDS = ("slowdown", "internal", "reset", "stall", "deny")
+KINDS = ("slowdown", "internal", "reset", "stall", "deny", "down")
 _ERROR = {"deny": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
           "slowdown": (503, "SlowDown", "Please reduce your request rate."),
           "internal": (500, "InternalError", "We encountered an internal error. Please try again.")}
@@ -48,6 +50,7 @@ class FaultProxy:
         self.drop_held = False
         self.held = threading.Event()  # set when a request matching hold_pattern arrived (and is being held)
         self.release = threading.Event()
+        self.targets: list[list[Any]] = []  # [pattern, kind, how many more]
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -82,6 +85,22 @@ class FaultProxy:
         self.drop_held = not forward
         self.hold_pattern = None
         self.release.set()
+
+    def target(self, pattern: str, kind: str, count: int = 1) -> None:
+        """The next `count` requests whose `METHOD path` matches `pattern` get `kind`."""
+        assert kind in KINDS, kind
+        with self.lock:
+            self.targets.append([re.compile(pattern), kind, count])
+
+    def _targeted(self, line: str) -> str | None:
+        with self.lock:
+            for entry in self.targets:
+                if entry[2] > 0 and entry[0].search(line):
+                    entry[2] -= 1
+                    self.counts["requests"] += 1
+                    self.counts[entry[1]] += 1
+                    return entry[1]
+        return None
 
     def faults(self) -> dict[str, int]:
         return {k: self.counts[k] for k in KINDS}
@@ -157,7 +176,9 @@ class FaultProxy:
                     proxy.release.wait(timeout=120)
                     if proxy.drop_held:
                         return self._reset()  # the client is gone: the request never reaches the server
-                kind = proxy._draw()
+                kind = proxy._targeted(f"{self.command} {self.path}") or proxy._draw()
+                if kind == "down":
+                    return self._reset()
                 if kind in ("slowdown", "deny"):
                     return self._error(kind)
                 if kind == "stall":

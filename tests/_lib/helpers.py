@@ -54,3 +54,8 @@ def events(stdout: str) -> list[dict[str, Any]]:
 
 def manifest(store: Path, run: str, step: str) -> dict[str, Any]:
     return json.loads((store / run / step / "_MANIFEST.json").read_text())
+
+
+def output_dir(store: Path, run: str, step: str, output: str = "data") -> Path:
+    """Where a committed step's output lies: its manifest names the attempt folder (`attempt-<id>/<output>`)."""
+    return store / run / step / manifest(store, run, step)["outputs"][output]["path"]

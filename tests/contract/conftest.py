@@ -51,3 +51,15 @@ def s3(s3_server: str) -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture()
+def proxy(s3: dict[str, str]) -> Iterator["FaultProxy"]:
+    """A fault proxy (tests/_lib/faultproxy.py) in front of the S3 server, faultless until a test sets its rates."""
+    from faultproxy import FaultProxy
+
+    p = FaultProxy(s3["AWS_ENDPOINT_URL"], seed=16, stall_s=2.0).start()
+    try:
+        yield p
+    finally:
+        p.stop()

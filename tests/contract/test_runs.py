@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, events, hala, manifest, write_recipe
+from helpers import REPO, events, hala, manifest, output_dir, write_recipe
 
 SAMPLES = REPO / "recipes" / "samples"
 
@@ -85,9 +85,10 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         assert len(bench["model"]["families"]) == 6 and not bench["model"]["failures"], size
         assert bench["data_origin"] == "format_only" and bench["model"]["input"]["step"] == f"merge-hala-{size}"
     fp8 = manifest(store, "tiny", "quantize-teacher")
-    assert fp8["outputs"]["model"]["path"] == "tiny-teacher-FP8-Dynamic"
+    assert fp8["outputs"]["model"]["path"] == f"attempt-{fp8['attempt']}/tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]
-    assert fp8["inputs"]["model"]["kind"] == "tiny" and (store / "_sources" / "tiny-teacher" / "_MANIFEST.json").exists()
+    assert fp8["inputs"]["model"]["kind"] == "tiny"
+    assert (store / "_sources" / f"tiny-teacher-{fp8['inputs']['model']['sha256'][:16]}" / "_MANIFEST.json").exists()
     second = hala("run", "recipes/tiny.yaml", "--store", str(store))
     assert second.returncode == 0
     states = {e["step"]: e["state"] for e in events(second.stdout) if e.get("event") == "summary"}
@@ -101,9 +102,10 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     pub = hala("run", "recipes/tiny.yaml", "--store", str(store), "--only", "publish-hala", "--set", "publish-hala.enabled=true",
                env={"HF_TOKEN": ""})
     assert pub.returncode == 0, pub.stdout[-3000:] + pub.stderr
-    plan = json.loads((store / "tiny" / "publish-hala" / "plan" / "plan.json").read_text())
+    plan_dir = store / "tiny" / "publish-hala" / manifest(store, "tiny", "publish-hala")["outputs"]["plan"]["path"]
+    plan = json.loads((plan_dir / "plan.json").read_text())
     assert plan["mode"] == "dry-run" and len(plan["repos"]) == 6
-    card = (store / "tiny" / "publish-hala" / "plan" / next(r["card"] for r in plan["repos"] if r["input"] == "hala_9b")).read_text()
+    card = (plan_dir / next(r["card"] for r in plan["repos"] if r["input"] == "hala_9b")).read_text()
     assert "`train-hala-9b` (train" in card and "`evaluate-hala-9b`" in card and "format-only" in card
 
 
@@ -132,7 +134,7 @@ def test_tampered_output_makes_the_next_reader_exit_3_naming_the_file(tmp_path: 
     path = write_recipe(tmp_path, {"prepare-lamini": _lamini(), "prepare-copy": _copy("prepare-lamini")})
     assert hala("run", str(path)).returncode == 0
     store = tmp_path / "store"
-    part = store / "r" / "prepare-lamini" / "data" / "part-00000.parquet"
+    part = output_dir(store, "r", "prepare-lamini") / "part-00000.parquet"
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
@@ -164,7 +166,7 @@ def test_a_killed_step_stays_invisible_and_a_rerun_commits_it(tmp_path: Path) ->
     proc.stdout.close()
     step_dir = store / "r" / "prepare-big"
     assert not (step_dir / "_MANIFEST.json").exists()
-    assert list((step_dir / "_work").iterdir()), "the partial work stays in _work/<fingerprint>/"
+    assert list(step_dir.glob("attempt-*")), "the partial output stays in the attempt's own folder"
     downstream = hala("run", str(path), "--only", "prepare-copy")
     assert downstream.returncode == 2 and "not committed" in downstream.stderr
     status = json.loads(hala("status", "r", "--store", str(store), "--json").stdout)
@@ -173,6 +175,16 @@ def test_a_killed_step_stays_invisible_and_a_rerun_commits_it(tmp_path: Path) ->
     assert rerun.returncode == 0, rerun.stderr
     assert manifest(store, "r", "prepare-big")["counts"]["rows_out"] == 400_000
     assert not (step_dir / "_work").exists(), "work areas are removed at commit"
+    # the killed attempt's folder is left beside the commit, never referenced, for `hala gc` to take
+    attempts = sorted(p.name for p in step_dir.glob("attempt-*"))
+    committed = manifest(store, "r", "prepare-big")["attempt"]
+    assert len(attempts) == 2 and f"attempt-{committed}" in attempts
+    listed = json.loads(hala("gc", "r", "--store", str(store), "--grace", "0", "--json").stdout)
+    killed = next(a for a in attempts if a != f"attempt-{committed}")
+    assert all(f"/prepare-big/{killed}/" in f["path"] for f in listed["files"]), listed
+    assert hala("gc", "r", "--store", str(store), "--grace", "0", "--delete").returncode == 0
+    assert [p.name for p in step_dir.glob("attempt-*")] == [f"attempt-{committed}"]
+    assert hala("verify", "r", "--store", str(store)).returncode == 0
 
 
 def test_stale_work_of_another_fingerprint_is_discarded(tmp_path: Path) -> None:

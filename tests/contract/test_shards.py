@@ -44,7 +44,10 @@ def test_runner_runs_every_shard_then_gathers(tmp_path: Path) -> None:
     assert m["quarantine"]["by_reason"] == {"every_kth": 4}
     assert m["shards"]["count"] == 3 and len(m["timings"]["shard_seconds"]) == 3
     files = sorted(f["path"] for f in m["outputs"]["data"]["files"])
-    assert files == ["data/s00000-rows.jsonl", "data/s00001-rows.jsonl", "data/s00002-rows.jsonl"]
+    # the gather's own attempt folder, the shards' files renamed into it (never moved out of their parts)
+    assert m["outputs"]["data"]["path"] == f"attempt-{m['attempt']}/data"
+    assert files == [f"attempt-{m['attempt']}/data/s0000{i}-rows.jsonl" for i in range(3)]
+    assert [p["shard"] for p in m["shards"]["parts"]] == [0, 1, 2]
     got = sorted(json.loads(line)["n"] for f in files for line in (tmp_path / "store" / "r" / "echo-rows" / f).read_text().splitlines())
     assert len(got) == len(set(got)) == 6
     assert not (tmp_path / "store" / "r" / "echo-rows" / "_work").exists()
@@ -59,7 +62,7 @@ def test_a_forced_sharded_step_commits_its_new_result(tmp_path: Path) -> None:
     assert hala("run", str(path)).returncode == 0
     step_dir = tmp_path / "store" / "r" / "echo-rows"
     before = manifest(tmp_path / "store", "r", "echo-rows")
-    (step_dir / "data" / "s00001-rows.jsonl").write_text("")  # what the rerun must replace, not keep
+    (step_dir / before["outputs"]["data"]["files"][1]["path"]).write_text("")  # what the rerun must replace, not keep
     forced = hala("run", str(path), "--force", "echo-rows")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr
     after = manifest(tmp_path / "store", "r", "echo-rows")
@@ -103,7 +106,7 @@ def test_gather_refuses_a_damaged_part(tmp_path: Path) -> None:
     path = _recipe(tmp_path, rows=6, shards=2)
     for i in range(2):
         assert _shard(path, f"{i}/2").returncode == 0
-    part = next((tmp_path / "store" / "r" / "echo-rows" / "_work").rglob("00001-of-00002/out/data/rows.jsonl"))
+    part = next((tmp_path / "store" / "r" / "echo-rows" / "_work").rglob("00001-of-00002/attempt-*/data/rows.jsonl"))
     part.write_text(part.read_text()[:-3])
     result = hala("gather", str(path), "echo-rows")
     assert result.returncode == 3 and "shard 1" in result.stderr and "rows.jsonl" in result.stderr

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
@@ -31,15 +31,6 @@ THROTTLED = {"slowdown": 1.0}
 # the client's deliberate settings, shortened for the test: 5 attempts, answers within 1 s (a stall is 2 s)
 CLIENT = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 5}, "connect_timeout": 1,
                                        "read_timeout": 1}})
-
-
-@pytest.fixture()
-def proxy(s3: dict[str, str]) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3["AWS_ENDPOINT_URL"], seed=16, stall_s=2.0).start()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _env(s3: dict[str, str], proxy: FaultProxy) -> dict[str, str]:
@@ -125,15 +116,28 @@ def test_a_kill_between_the_data_and_the_manifest_commits_nothing_and_the_rerun_
     finally:
         proxy.release_held(forward=False)
     store = Store(url)
-    data = store.path("r", "prepare-big", "data")
+    step = store.path("r", "prepare-big")
     assert not store.fs.exists(store.path("r", "prepare-big", "_MANIFEST.json"))
-    uploaded = len(store.fs.find(data)) if store.fs.exists(data) else 0
+    uploaded = [p for p in store.fs.find(step) if "/attempt-" in p]
+    assert uploaded, "the killed writer had uploaded its data files"
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     big = _committed(url, "prepare-big")
     assert big["counts"]["rows_in"] == ROWS and big["outputs"]["data"]["rows"] == ROWS
     listed = {store.path("r", "prepare-big", f["path"]) for f in big["outputs"]["data"]["files"]}
-    assert set(store.fs.find(data)) == listed, "files of the killed writer were left beside the committed ones"
+    assert not listed & set(uploaded), "the rerun's commit references a file of the killed attempt"
+    ours = store.path("r", "prepare-big", big["outputs"]["data"]["path"])
+    store.fs.invalidate_cache()
+    assert set(store.fs.find(ours)) == listed, "files other than the committed ones in the committed attempt's folder"
+    # the killed attempt's files are garbage: `hala gc` lists exactly them, removes them, and the commit still verifies
+    listing = _hala(env, "gc", "r", "--store", url, "--grace", "0", "--json")
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert {f["path"] for f in json.loads(listing.stdout)["files"]} == {f"s3://{p}" for p in uploaded}
+    assert _hala(env, "gc", "r", "--store", url, "--grace", "0", "--delete").returncode == 0
+    store.fs.invalidate_cache()
+    assert not [p for p in store.fs.find(step) if "/attempt-" in p and p not in listed]
+    assert _hala(env, "verify", "r", "--store", url).returncode == 0
+    uploaded = len(uploaded)
     print(f"\n[kill before the manifest] {uploaded} data files were uploaded when the writer was killed, no manifest; "
           f"the rerun committed all {ROWS} rows in {len(listed)} files")
 

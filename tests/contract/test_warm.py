@@ -29,6 +29,8 @@ if code == "raise":
     raise RuntimeError("probe failed on purpose")
 if code == "message":
     sys.exit("a message instead of a code")
+if code == "pipe":  # a write to a connection the other end reset
+    r, w = os.pipe(); os.close(r); os.write(w, b"x")
 if code == "sleep":
     import time; time.sleep(60)
 sys.exit(int(code or 0))
@@ -84,6 +86,17 @@ def test_exit_codes_and_errors_are_those_of_a_plain_interpreter(server):
     assert proc.wait(timeout=10) == -signal.SIGKILL
 
 
+def test_a_write_to_a_reset_connection_raises_as_in_a_plain_interpreter(server):
+    """Python ignores SIGPIPE at start, so a write to a reset socket raises (the store's client retries it, or the
+    step ends with 75); a forked child had it back at its default and died of signal 13 (issue 32, finding 11)."""
+    srv, env, tmp = server
+    code, _, err = _run(srv, env, tmp, HALA_PROBE_EXIT="pipe")
+    assert code == 1 and "BrokenPipeError" in err
+    plain = subprocess.run([sys.executable, "-m", "probe"], capture_output=True, text=True, cwd=tmp,
+                           env={**env, "HALA_PROBE_EXIT": "pipe"})
+    assert plain.returncode == code and "BrokenPipeError" in plain.stderr
+
+
 def test_a_child_whose_import_time_environment_differs_is_refused(server):
     srv, env, tmp = server
     # HALA_* variables are read at run time: the child may differ there
@@ -109,5 +122,6 @@ def test_runner_steps_run_warm_and_commit_what_plain_processes_commit(tmp_path):
         assert result.returncode == 0, result.stderr + result.stdout[-2000:]
         m = manifest(tmp_path / f"warm-{mode}" / "store", "r", "prepare-lamini")
         assert m["host"]["warm"] is (mode == "1")
-        outputs[mode] = [(f["path"], f["sha256"]) for f in m["outputs"]["data"]["files"]]
+        # the same files under each run's own attempt folder
+        outputs[mode] = [(f["path"].split("/", 1)[1], f["sha256"]) for f in m["outputs"]["data"]["files"]]
     assert outputs["1"] == outputs["0"]

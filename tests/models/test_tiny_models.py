@@ -14,11 +14,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from hala.contract import recipe as recipe_mod, tiny, tiny_spec
 from hala.contract.errors import DataError
 from hala.contract.store import Store
+from hala.contract.hashing import sha256_json
 from helpers import REPO
 
 ARCH = {"teacher": "Cohere2ForCausalLM", "judge": "Qwen2ForCausalLM", "translator": "Lfm2ForCausalLM",
         "lfm2-350m": "Lfm2ForCausalLM", "lfm2-700m": "Lfm2ForCausalLM", "lfm2-1.2b": "Lfm2ForCausalLM",
         "fanar-9b": "Gemma2ForCausalLM"}
+
+
+def _name(role: str, recipe) -> str:
+    """The stand-in's folder under _sources/: keyed by the hash of its spec, not by its role alone."""
+    return tiny_spec.source_name(role, sha256_json(tiny_spec.spec(role, recipe)))
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +36,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, object, dict
 
 
 def test_every_role_has_its_architecture_and_loads_like_a_real_model(built) -> None:
-    store, _, paths = built
+    store, recipe, paths = built
     assert set(paths) == set(ARCH)
     for role, path in paths.items():
         config = AutoConfig.from_pretrained(path)
@@ -42,7 +48,7 @@ def test_every_role_has_its_architecture_and_loads_like_a_real_model(built) -> N
         ids = tok.apply_chat_template([{"role": "user", "content": "مرحبا"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] > ids["input_ids"].shape[1]
-        m = store.read_manifest("_sources", f"tiny-{role}")
+        m = store.read_manifest("_sources", _name(role, recipe))
         assert m["metrics"]["stands_for"] == tiny_spec.TINY_ROLES[role]["stands_for"]
     lfm2 = json.loads((Path(paths["translator"]) / "config.json").read_text())
     assert lfm2["conv_dim"] == lfm2["block_dim"] == lfm2["hidden_size"]  # vLLM needs them
@@ -64,7 +70,7 @@ def test_chat_template_marks_only_assistant_tokens(built) -> None:
 @pytest.mark.parametrize("role", ["teacher", "translator"])
 def test_translators_reproduce_the_sample_pairs(built, role: str) -> None:
     store, recipe, paths = built
-    metrics = store.read_manifest("_sources", f"tiny-{role}")["metrics"]
+    metrics = store.read_manifest("_sources", _name(role, recipe))["metrics"]
     assert metrics["reproduction"]["exact_match"] >= 0.9
     assert metrics["reproduction"]["arabic_script_share"] >= 0.9
     assert metrics["training"]["final_loss"] < metrics["training"]["first_loss"] / 10
@@ -78,14 +84,14 @@ def test_translators_reproduce_the_sample_pairs(built, role: str) -> None:
 
 
 def test_judge_separates_aligned_from_shifted_pairs(built) -> None:
-    store, _, _ = built
-    assert store.read_manifest("_sources", "tiny-judge")["metrics"]["reproduction"]["verdict_accuracy"] >= 0.9
+    store, recipe, _ = built
+    assert store.read_manifest("_sources", _name("judge", recipe))["metrics"]["reproduction"]["verdict_accuracy"] >= 0.9
 
 
 def test_untrained_bases_are_random_stand_ins(built) -> None:
-    store, _, _ = built
+    store, recipe, _ = built
     for role in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b", "fanar-9b"):
-        assert "training" not in store.read_manifest("_sources", f"tiny-{role}")["metrics"]
+        assert "training" not in store.read_manifest("_sources", _name(role, recipe))["metrics"]
 
 
 def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path) -> None:
@@ -98,17 +104,23 @@ def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path
     recipe = recipe_mod.load(tmp_path / "r.yaml")
     store = Store(str(tmp_path / "store"))
     path = tiny.ensure(store, "lfm2-350m", recipe)
-    first = store.read_manifest("_sources", "tiny-lfm2-350m")
+    name = _name("lfm2-350m", recipe)
+    first = store.read_manifest("_sources", name)
     assert tiny.ensure(store, "lfm2-350m", recipe) == path
-    assert store.read_manifest("_sources", "tiny-lfm2-350m")["timings"] == first["timings"], "reused, not rebuilt"
+    assert store.read_manifest("_sources", name)["timings"] == first["timings"], "reused, not rebuilt"
     pairs.write_text(pairs.read_text() + "sample-x\tGood night.\tتصبح على خير.\n", encoding="utf-8")
-    tiny.ensure(store, "lfm2-350m", recipe)
-    again = store.read_manifest("_sources", "tiny-lfm2-350m")
+    changed = recipe_mod.load(tmp_path / "r.yaml")
+    other = tiny.ensure(store, "lfm2-350m", changed)
+    again = store.read_manifest("_sources", _name("lfm2-350m", changed))
     assert again["fingerprint"] != first["fingerprint"]
-    weights = Path(path) / "model.safetensors"
+    # another spec is another folder: the first stand-in (which a step of another recipe may be reading) is untouched
+    assert _name("lfm2-350m", changed) != name and other != path
+    assert store.read_manifest("_sources", name) == first
+    store.verify_output("_sources", name, first, "model")
+    weights = Path(other) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(DataError, match="model.safetensors"):
-        tiny.ensure(store, "lfm2-350m", recipe)
+        tiny.ensure(store, "lfm2-350m", changed)
 
 
 def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> None:
@@ -135,7 +147,8 @@ def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> No
     built = sum(1 for out, _ in outs for e in events(out) if e.get("event") == "tiny model built")
     assert built == 1
     store = Store(str(tmp_path / "store"))
-    store.verify_output("_sources", "tiny-lfm2-350m", store.read_manifest("_sources", "tiny-lfm2-350m"), "model")
+    name = _name("lfm2-350m", recipe_mod.load(recipe))
+    store.verify_output("_sources", name, store.read_manifest("_sources", name), "model")
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
     other = start(tmp_path / "other-store")
     out, err = other.communicate(timeout=600)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 from hala.contract.step import StepContext
+
+PROCESS = uuid.uuid4().hex
 
 
 @dataclass
@@ -15,6 +18,7 @@ class EchoConfig:
     quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
     misreport: bool = False  # claim one row too many: the library must refuse to commit
     sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
+    stamp: bool = False  # each row carries a random id of this process: two attempts never write the same bytes
     chunk_rows: int = 0  # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
 
     @classmethod
@@ -35,7 +39,7 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
             if cfg.quarantine_every and k % cfg.quarantine_every == 0:
                 ctx.quarantine("every_kth")
                 continue
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "process": PROCESS} if cfg.stamp else row) + "\n")
             kept += 1
     if cfg.chunk_rows:
         _rechunk(ctx, out, cfg.chunk_rows)
@@ -54,7 +58,9 @@ def _rechunk(ctx: StepContext, path: str, size: int) -> None:
         lines = f.readlines()
     os.remove(path)
     chunks = Chunks(ctx, {"data": pa.schema([("line", pa.string())])})
-    todo, _ = chunks.plan(0, len(lines), size)
+    todo, done = chunks.plan(0, len(lines), size)
+    for k, _ in done:
+        ctx.log.info("chunk already committed", chunk=k)
     for k, a, b in todo:
         chunks.commit(k, {"data": [{"line": line} for line in lines[a:b]]}, {"rows": b - a})
     chunks.finish()
