@@ -230,6 +230,50 @@ def trial(kind: str, folder: Path, url: str, store_env: dict[str, str], tiny_cac
     return t
 
 
+def stopped(pid: int) -> bool:
+    """The process froze itself at a `stop` crash point (state T)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def pair(where: Where, folder: Path, tiny_cache: Path, total: int, rng: Any, pause_s: float = 3.0) -> dict[str, Any]:
+    """Two writers of one step (kind `step`) started `rng`-apart; the first freezes (SIGSTOP) at a random one of its
+    `total` operations, stays frozen `pause_s` (past the lease's TTL of 2 s: on an object store the second writer takes
+    the lease over), then goes on. What the store must end with: one commit, its files all there with their hashes."""
+    import signal
+    import time
+
+    url = where.url_for(folder)
+    path = recipe("step", folder, url)
+    cmd = commands("step", path, url)[0]
+    env = base_env(where.env, tiny_cache)
+    at, offset = rng.randint(1, total), rng.uniform(0.0, 1.5)
+    first_env = crashpoints.env(where.root(folder), folder / "count", at=at, mode="stop", base=env)
+    first = subprocess.Popen(cmd, cwd=REPO, env=first_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(offset)
+    second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    paused = False
+    deadline = time.monotonic() + 300
+    while first.poll() is None and time.monotonic() < deadline:
+        if stopped(first.pid):
+            paused = True
+            time.sleep(pause_s)
+            first.send_signal(signal.SIGCONT)
+            break
+        time.sleep(0.02)
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    codes = [first.returncode, second.returncode]
+    committed = sum(1 for out, _ in outs for line in out.splitlines() if '"event": "committed"' in line)
+    vcode, vtext = verify(url, "step", env)
+    return {"at": at, "offset_s": round(offset, 2), "paused": paused, "codes": codes, "commits": committed,
+            "verified": vcode == 0, "ok": committed == 1 and vcode == 0 and all(c in (0, 75) for c in codes),
+            "why": "" if vcode == 0 else vtext[-1000:],
+            "tails": [(out + err)[-1500:] for out, err in outs] if committed != 1 or vcode != 0 else []}
+
+
 def sample(total: int, n: int) -> list[int]:
     """`n` points spread over 1..total, the first and the last included (the lease and the commit)."""
     if n >= total:

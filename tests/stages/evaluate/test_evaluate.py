@@ -12,7 +12,7 @@ import pytest
 
 from hala.contract import schema, step, tables, tiny
 from hala.contract.store import Store
-from helpers import REPO, write_recipe
+from helpers import REPO, output_dir, write_recipe
 from stages.evaluate import localdata, main as emain, translation
 from stages.evaluate.config import EvaluateConfig
 
@@ -94,7 +94,7 @@ def test_translator_base_against_model_on_flores_devtest(tmp_path: Path, store: 
         assert 0 <= r[side]["bleu"] <= 100 and 0 <= r[side]["chrf++"] <= 100
         assert r[side]["engine"]["engine"] == "transformers" and r[side]["completion_tokens"] > 0
     assert r["difference"]["chrf++"] == round(r["model"]["chrf++"] - r["base"]["chrf++"], 2)
-    out = [r for _, r in tables.RowGroups.local(str(store / "flores" / "evaluate-x" / "translations")).rows()]
+    out = [r for _, r in tables.RowGroups.local(str(output_dir(store, "flores", "evaluate-x", "translations"))).rows()]
     assert len(out) == 24 and {"src", "ref", "hyp_model", "hyp_base"} <= set(out[0])
 
 
@@ -127,7 +127,7 @@ def test_benchmarks_on_the_format_samples_score_every_family_for_model_and_base(
         assert r[side]["average"] == round(sum(r[side]["families"].values()) / 6, 4)
     assert r["difference"]["average"] == round(r["model"]["average"] - r["base"]["average"], 4)
     assert r["data_origin"] == "format_only" and r["few_shot"] == 0 and "acc_norm" in r["metric"]
-    results = store / "bench" / "evaluate-x" / "results"
+    results = output_dir(store, "bench", "evaluate-x", "results")
     assert (results / "scores.json").exists() and list(results.glob("lighteval-model/results/*/results_*.json"))
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from hala.contract import step, tables
 from hala.contract.store import Store
-from helpers import REPO, write_recipe
+from helpers import REPO, output_dir, write_recipe
 from stages.judge.config import JudgeConfig
 from stages.judge.main import main as judge_main
 
@@ -47,7 +47,7 @@ def judge(tmp_path: Path, store: Path, data: Path, run: str, **config: Any) -> t
 
 
 def _rows(store: Path, run: str, output: str) -> list[dict]:
-    return [r for f in sorted((store / run / "judge-x" / output).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [r for f in sorted(output_dir(store, run, "judge-x", output).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def test_misaligned_pairs_are_rejected_and_every_row_is_accounted_for(tmp_path: Path, store: Path, opus: Path) -> None:

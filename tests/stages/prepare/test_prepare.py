@@ -29,7 +29,10 @@ def run_prepare(tmp_path: Path, source: Any, target: Any = None, name: str = "pr
     recipe = write_recipe(tmp_path, {name: {"stage": "prepare", "inputs": inputs, "config": config}}, store=store)
     code = step.run("prepare", PrepareConfig, main, argv=["--recipe", str(recipe), "--step", name])
     st = Store(store or str(tmp_path / "store"))
-    return code, st.read_manifest("r", name), tmp_path / "store" / "r" / name
+    m = st.read_manifest("r", name)
+    step_dir = tmp_path / "store" / "r" / name
+    # the committed attempt's folder, which holds every output (`attempt-<id>/data`, `attempt-<id>/quarantine`)
+    return code, m, (step_dir / m["outputs"]["data"]["path"]).parent if m else step_dir
 
 
 def rows(step_dir: Path, output: str = "data") -> list[dict]:
@@ -357,7 +360,7 @@ def test_object_store_paths(tmp_path: Path, repo: Path) -> None:
     assert code == 0 and m["counts"]["rows_out"] == 4
     st = Store("memory://store")
     st.verify_output("r", "prepare-x", m, "data")
-    with fs.open("/store/r/prepare-x/data/part-00000.parquet", "rb") as f:
+    with fs.open(f"/store/r/prepare-x/{m['outputs']['data']['path']}/part-00000.parquet", "rb") as f:
         assert pq.read_table(f).num_rows == 4
     assert m["inputs"]["source"]["kind"] == "url"
 

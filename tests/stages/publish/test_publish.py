@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from hala.contract import schema
-from helpers import REPO, hala, write_recipe
+from helpers import REPO, hala, output_dir, write_recipe
 
 SAMPLES = REPO / "recipes" / "samples"
 
@@ -31,7 +31,7 @@ def test_without_a_token_the_step_writes_cards_and_the_plan_and_succeeds(tmp_pat
     path = recipe(tmp_path, {"namespace": "hala-test", "names": {"hala_350m": "Hala-350M-tiny"}})
     result = hala("run", str(path), env={"HF_TOKEN": ""})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    out = tmp_path / "store" / "r" / "publish-hala" / "plan"
+    out = output_dir(tmp_path / "store", "r", "publish-hala", "plan")
     plan = json.loads((out / "plan.json").read_text())
     assert plan["mode"] == "dry-run" and plan["reason"] == "no token in $HF_TOKEN" and plan["license"] == "cc-by-nc-4.0"
     repos = {r["repo_id"]: r for r in plan["repos"]}
@@ -51,7 +51,7 @@ def test_a_token_with_no_reachable_hub_is_a_dry_run_and_the_token_never_shows(tm
     path = recipe(tmp_path, {"namespace": "hala-test", "token_env": "HALA_TEST_TOKEN"})
     result = hala("run", str(path), env={"HALA_TEST_TOKEN": secret, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    plan = json.loads((tmp_path / "store" / "r" / "publish-hala" / "plan" / "plan.json").read_text())
+    plan = json.loads((output_dir(tmp_path / "store", "r", "publish-hala", "plan") / "plan.json").read_text())
     assert plan["mode"] == "dry-run" and plan["reason"].startswith("the Hub cannot be reached")
     leaked = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked and secret not in result.stdout + result.stderr

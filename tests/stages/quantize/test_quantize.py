@@ -18,7 +18,7 @@ from hala.contract import recipe as recipe_mod, schema, step, tiny
 from hala.contract.errors import ConfigError
 from hala.contract.store import Store
 from hala.kit import engine
-from helpers import REPO, events, write_recipe
+from helpers import REPO, events, output_dir, write_recipe
 from stages.quantize import fidelity, main as qmain
 from stages.quantize.config import QuantizeConfig
 
@@ -160,8 +160,9 @@ def test_the_offline_list_of_static_activation_schemes_is_compressed_tensors_own
 def test_sequential_mode_measures_the_same_as_together(store: Path, sample: Path) -> None:
     recipe = recipe_mod.load(REPO / "recipes" / "tiny.yaml")
     src = tiny.ensure(Store(str(store)), "teacher", recipe)
-    q = Path(store) / "fp8" / "quantize-x" / "tiny-teacher-FP8-Dynamic"
-    assert q.exists(), "runs after the FP8 test"
+    assert (Path(store) / "fp8" / "quantize-x" / "_MANIFEST.json").exists(), "runs after the FP8 test"
+    q = output_dir(Path(store), "fp8", "quantize-x", "model")
+    assert q.name == "tiny-teacher-FP8-Dynamic"
     tok = AutoTokenizer.from_pretrained(src)
     cfg = QuantizeConfig()
     items = fidelity.encode(tok, qmain.read_chats(str(sample), cfg, 12), 256)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hala.contract import schema, step, tables, tiny
 from hala.contract.store import Store
-from helpers import REPO, events, write_recipe
+from helpers import REPO, events, output_dir, write_recipe
 from stages.train import data, launch, main as tmain
 from stages.train.config import TrainConfig
 
@@ -179,7 +179,7 @@ def test_tokenized_cache_is_shared_by_steps_with_the_same_tokenizer_and_data(sto
     # quarantine and counts come with the cache
     assert second["counts"] == first["counts"] == {"rows_in": 22, "rows_out": 20, "rows_quarantined": 2, "rows_removed": {}}
     assert second["quarantine"]["by_reason"] == {"empty_turn": 1, "no_assistant_turn": 1}
-    q = pq.read_table(store / "cache2" / "train-x" / "quarantine").to_pylist()
+    q = pq.read_table(output_dir(store, "cache2", "train-x", "quarantine")).to_pylist()
     assert sorted((r["id"], r["reason"]) for r in q) == [("bad:empty", "empty_turn"), ("bad:no-assistant", "no_assistant_turn")]
 
 
@@ -220,7 +220,8 @@ def test_lora_is_merged_into_a_plain_model(store: Path, tmp_path: Path, pairs: P
     out = store / "lora" / "train-x" / m["outputs"]["model"]["path"]
     assert out.name == "tiny-lfm2-350m-SFT-LoRA" and not (out / "adapter_config.json").exists()
     merged = load_file(out / "model.safetensors")
-    base = load_file(Path(m["metrics"]["base"]["uri"]) / "model" / "model.safetensors")
+    base_dir = Path(m["metrics"]["base"]["uri"])  # a tiny stand-in under _sources/: its manifest names the folder
+    base = load_file(output_dir(base_dir.parents[1], "_sources", base_dir.name, "model") / "model.safetensors")
     assert not any("lora" in k for k in merged) and set(merged) == set(base)
     changed = [k for k in base if not torch.equal(merged[k].float(), base[k].float())]
     assert any("proj" in k for k in changed) and all("embed" not in k for k in changed)

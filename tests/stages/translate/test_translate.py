@@ -46,7 +46,9 @@ def prepared(store: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFa
     recipe = write_recipe(tmp_path_factory.mktemp("prep"), steps, store=str(store), run="inputs")
     for name in steps:
         assert step.run("prepare", PrepareConfig, prepare_main, argv=["--recipe", str(recipe), "--step", name]) == 0
-    return {k: store / "inputs" / f"prepare-{k}" / "data" for k in sources}
+    st = Store(str(store))  # each committed output, in its attempt's folder
+    return {k: store / "inputs" / f"prepare-{k}" / st.read_manifest("inputs", f"prepare-{k}")["outputs"]["data"]["path"]
+            for k in sources}
 
 
 def translate(tmp_path: Path, store: Path, data: Path, run: str, model: str = "tiny:translator", **config: Any) -> tuple[int, dict | None]:
@@ -58,7 +60,7 @@ def translate(tmp_path: Path, store: Path, data: Path, run: str, model: str = "t
 
 
 def rows(store: Path, run: str, output: str) -> list[dict]:
-    folder = store / run / "translate-x" / output
+    folder = store / run / "translate-x" / Store(str(store)).read_manifest(run, "translate-x")["outputs"][output]["path"]
     return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
@@ -203,7 +205,7 @@ def test_a_killed_shard_resumes_after_its_last_committed_chunk(tmp_path: Path, s
     old = json.loads((work0 / "chunks" / "_done" / "000000.json").read_text())
     for name, path in old["files"].items():
         (stale / name).mkdir()
-        (stale / name / "chunk-000000.parquet").write_bytes(Path(path).read_bytes())
+        (stale / name / "chunk-000000.parquet").write_bytes((work0 / "chunks" / path).read_bytes())  # relative paths
     old = {k: v for k, v in old.items() if k not in ("layout", "first", "stop")}
     (stale / "_done" / "000000.json").write_text(json.dumps({**old, "files": {n: str(stale / n / "chunk-000000.parquet") for n in old["files"]}}))
     shard1 = subprocess.run([*cmd[:-1], "1/2"], capture_output=True, text=True, env=env)
