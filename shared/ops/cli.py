@@ -3,7 +3,7 @@
     hala run RECIPE [--store URL] [--run NAME] [--set STEP.KEY=VALUE ...] [--only STEP ...] [--force [STEP]] [--dry-run]
     hala steps RECIPE [--config STEP] the DAG in order, with stage and inputs; or one step's effective config
     --set-file FILE                   (run, steps, render, record) overrides from a YAML file of STEP.KEY: VALUE
-    hala status RUN [--store URL]     state, rows and time per step, and the garbage `hala gc` would take
+    hala status RUN [--store URL]     state, rows and time per step, and the files no commit references
     hala verify RUN [STEP ...]        re-hash committed outputs (and the store's _sources/, _cache/) against their
                                       manifests (exit 3 on a change, 2 for a run or step that is not there)
     hala gc RUN [--delete]            list (or remove) files no commit references, older than --grace seconds
@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     store = Store(args.store)
     rows = runner.status(store, args.run)
-    garbage = gc.collect(store, args.run, leases=False)
+    garbage = gc.collect(store, args.run, grace_s=0, leases=False)  # all of it; gc itself keeps what is young
     for r in rows:
         root = store.path(args.run, r["step"]) + "/"
         mine = [size for path, size, _ in garbage.files if path.startswith(root)]
@@ -210,7 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if garbage.files:
         print(f"garbage: {len(garbage.files)} files, {garbage.bytes / 1e6:.1f} MB no commit references "
               f"({', '.join(f'{n} {why}' for why, n in garbage.by_reason().items())}); `hala gc {args.run} --delete` "
-              "removes them")
+              f"removes those older than {gc.GRACE_S / 3600:g} h (--grace)")
     return 0
 
 
@@ -221,7 +221,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store.check()
     if not store.fs.exists(store.path(args.run)):
         raise ConfigError(f"no run '{args.run}' in store {store.url}")
-    found = gc.collect(store, args.run, grace_s=args.grace, delete=args.delete)
+    found = gc.collect(store, args.run, grace_s=args.grace, delete=args.delete, log=gc.QUIET if args.json else None)
     if args.json:
         print(json.dumps({"run": args.run, "deleted": args.delete, "files": [{"path": store.uri(p), "bytes": b, "reason": r}
                           for p, b, r in found.files], "bytes": found.bytes, "busy": found.busy, "younger_than_grace": found.young},

@@ -27,6 +27,16 @@ BOOKKEEPING = ("_status", "_logs", "_leases", "_report", "_RUN.json")
 ARTIFACT_RUNS = ("_sources", "_cache")
 
 
+class _Quiet:
+    """A logger that says nothing: `hala gc --json` prints one JSON document and nothing else on stdout."""
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+QUIET = _Quiet()
+
+
 @dataclass
 class Garbage:
     """What one collection found: each unreferenced file with its size and why, and the steps it left alone."""

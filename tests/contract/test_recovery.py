@@ -26,7 +26,7 @@ import pytest
 from faultproxy import FaultProxy
 from helpers import REPO, events, hala, manifest, write_recipe
 
-from hala.contract import cas, lease, logs
+from hala.contract import lease, logs
 from hala.contract.errors import EXIT_CONFIG, EXIT_TEMPORARY, exit_code_for
 from hala.contract.store import Store
 
@@ -211,6 +211,8 @@ def test_a_lease_taken_over_on_gcs_is_lost_by_its_old_holder_not_overwritten(tmp
     """GCS renewal, takeover and release are conditional on the generation: a holder whose lease another process
     replaced learns it at its next renewal, stops (exit 75 at its check), and its release leaves the new one alone."""
     import gcsserver
+
+    from hala.contract import cas
 
     with gcsserver.serve("hala-lease"):
         store = Store(f"gs://hala-lease/{tmp_path.name}")
@@ -441,3 +443,31 @@ def test_a_run_after_a_store_outage_heals_in_one_go(tmp_path: Path, s3: dict[str
     store.fs.invalidate_cache()
     assert second.returncode == 0, "\n".join(store.fs.find(store.path("r"))) + first.stdout[-6000:]
     assert _rows(Store(url), "r", "echo-rows") == list(range(20))
+
+
+# hala gc -------------------------------------------------------------------------------------------------------------
+def test_gc_leaves_a_running_writer_and_young_files_alone_and_takes_a_killed_attempt(tmp_path: Path) -> None:
+    """A writer frozen before its commit holds its lease: `hala gc` skips its step whatever the grace. Killed, its
+    attempt is garbage, kept while younger than the grace period, then listed, removed, and the rerun's commit verifies."""
+    url = str(tmp_path / "store")
+    recipe = crashcases.recipe("step", tmp_path, url)
+    cmd = crashcases.commands("step", recipe, url)[0]
+    plan = crashpoints.env(url, tmp_path / "count", at=1, mode="stop", base=_env(), match=r"^link \S*/prepare-x/\._MANIFEST")
+    writer = subprocess.Popen(cmd, cwd=REPO, env=plan, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_stopped(writer)
+        busy = json.loads(hala("gc", "r", "--store", url, "--grace", "0", "--json").stdout)
+        assert busy["busy"] == ["r/prepare-x"] and not busy["files"]
+    finally:
+        writer.kill()
+        writer.communicate(timeout=60)
+    assert hala("run", str(recipe)).returncode == 0
+    young = json.loads(hala("gc", "r", "--store", url, "--json").stdout)
+    assert not young["files"] and young["younger_than_grace"] >= 3  # two data files and a quarantine file
+    status = hala("status", "r", "--store", url)
+    assert "garbage" in status.stdout, status.stdout
+    removed = json.loads(hala("gc", "r", "--store", url, "--grace", "0", "--delete", "--json").stdout)
+    committed = manifest(tmp_path / "store", "r", "prepare-x")["attempt"]
+    assert removed["files"] and all(f"/prepare-x/attempt-" in f["path"] and committed not in f["path"] for f in removed["files"])
+    assert [p.name for p in (tmp_path / "store" / "r" / "prepare-x").glob("attempt-*")] == [f"attempt-{committed}"]
+    assert hala("verify", "r", "prepare-x", "--store", url).returncode == 0
