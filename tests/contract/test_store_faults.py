@@ -124,9 +124,9 @@ def test_a_kill_between_the_data_and_the_manifest_commits_nothing_and_the_rerun_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     big = _committed(url, "prepare-big")
     assert big["counts"]["rows_in"] == ROWS and big["outputs"]["data"]["rows"] == ROWS
-    listed = {store.path("r", "prepare-big", f["path"]) for f in big["outputs"]["data"]["files"]}
+    listed = {store.path("r", "prepare-big", f["path"]) for out in big["outputs"].values() for f in out["files"]}
     assert not listed & set(uploaded), "the rerun's commit references a file of the killed attempt"
-    ours = store.path("r", "prepare-big", big["outputs"]["data"]["path"])
+    ours = store.path("r", "prepare-big", f"attempt-{big['attempt']}")
     store.fs.invalidate_cache()
     assert set(store.fs.find(ours)) == listed, "files other than the committed ones in the committed attempt's folder"
     # the killed attempt's files are garbage: `hala gc` lists exactly them, removes them, and the commit still verifies
