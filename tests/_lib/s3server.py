@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from typing import Any
 
 

@@ -468,6 +468,6 @@ def test_gc_leaves_a_running_writer_and_young_files_alone_and_takes_a_killed_att
     assert "garbage" in status.stdout, status.stdout
     removed = json.loads(hala("gc", "r", "--store", url, "--grace", "0", "--delete", "--json").stdout)
     committed = manifest(tmp_path / "store", "r", "prepare-x")["attempt"]
-    assert removed["files"] and all(f"/prepare-x/attempt-" in f["path"] and committed not in f["path"] for f in removed["files"])
+    assert removed["files"] and all("/prepare-x/attempt-" in f["path"] and committed not in f["path"] for f in removed["files"])
     assert [p.name for p in (tmp_path / "store" / "r" / "prepare-x").glob("attempt-*")] == [f"attempt-{committed}"]
     assert hala("verify", "r", "prepare-x", "--store", url).returncode == 0

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from faultproxy import FaultProxy
 from helpers import REPO, write_recipe
 
