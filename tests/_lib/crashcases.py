@@ -243,7 +243,6 @@ def pair(where: Where, folder: Path, tiny_cache: Path, total: int, rng: Any, pau
     """Two writers of one step (kind `step`) started `rng`-apart; the first freezes (SIGSTOP) at a random one of its
     `total` operations, stays frozen `pause_s` (past the lease's TTL of 2 s: on an object store the second writer takes
     the lease over), then goes on. What the store must end with: one commit, its files all there with their hashes."""
-    import signal
     import time
 
     url = where.url_for(folder)
@@ -261,7 +260,7 @@ def pair(where: Where, folder: Path, tiny_cache: Path, total: int, rng: Any, pau
         if stopped(first.pid):
             paused = True
             time.sleep(pause_s)
-            first.send_signal(signal.SIGCONT)
+            crashpoints.resume(first, folder / "count")
             break
         time.sleep(0.02)
     outs = [p.communicate(timeout=600) for p in (first, second)]

@@ -10,8 +10,10 @@ it. The processes of one sequence share a counter file (under flock), so N count
     mode        kill         SIGKILL before the operation (a pod evicted, a node lost)
                 raise        OSError(EIO) instead of the operation (a store that refused it)
                 raise-after  the operation done, then OSError(EIO) (its answer lost: the caller cannot know it happened)
-                stop         SIGSTOP before the operation: the process freezes there until the test sends SIGCONT
-                             (a paused pod, a long GC pause, a partition), then does the operation
+                stop         SIGSTOP before the operation: the process freezes there until the test calls
+                             `resume(proc, counter)` (a paused pod, a long GC pause, a partition), then does the
+                             operation. A SIGCONT from anywhere else before `resume` stops it again and says so on
+                             stderr: the test, not the machine, decides when it goes on.
     match       a regex: only operations whose description matches count (e.g. a `_PART.json` write)
     counter     the shared counter file; `log` (optional) gets one line per counted operation
 
@@ -36,6 +38,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,9 +55,20 @@ def env(root: str | os.PathLike, counter: str | os.PathLike, at: int = 0, mode: 
     assert mode in ("kill", "raise", "raise-after", "stop"), mode
     base = dict(os.environ if base is None else base)
     plan = {"root": str(root), "at": at, "mode": mode, "match": match, "counter": str(counter),
-            "log": str(log) if log else None}
+            "log": str(log) if log else None, "release": release_file(counter)}
     path = os.pathsep.join(filter(None, [str(HOOK), str(LIB), base.get("PYTHONPATH")]))
     return {**base, ENV: json.dumps(plan), "PYTHONPATH": path}
+
+
+def release_file(counter: str | os.PathLike) -> str:
+    """The file whose presence lets a process frozen in mode `stop` go on (beside the counter)."""
+    return f"{os.fspath(counter)}.release"
+
+
+def resume(proc: Any, counter: str | os.PathLike) -> None:
+    """Let the process frozen at its stop point go on: the release file first, then SIGCONT."""
+    Path(release_file(counter)).touch()
+    proc.send_signal(signal.SIGCONT)
 
 
 def count(counter: str | os.PathLike) -> int:
@@ -73,6 +87,7 @@ class _Plan:
         self.match = re.compile(plan["match"]) if plan.get("match") else None
         self.counter = plan["counter"]
         self.log = plan.get("log")
+        self.release = plan.get("release")
         self.busy = False  # the counter's own file operations are not counted
 
     def under(self, path: Any) -> bool:
@@ -106,6 +121,17 @@ class _Plan:
         finally:
             self.busy = False
 
+    def freeze(self, what: str) -> None:
+        """SIGSTOP this process until the test releases it (see `stop` above). The signal goes to this very thread
+        (tgkill): sent to the process, another thread may take it and this one runs on until its next system call,
+        long enough to send the request it was to stop before (a CI run's frozen writer wrote its manifest so)."""
+        me = threading.get_ident()
+        signal.pthread_kill(me, signal.SIGSTOP)
+        while self.release and not os.path.exists(self.release):
+            sys.stderr.write(f"crash point: continued before the test released it, stopping again at {what}\n")
+            sys.stderr.flush()
+            signal.pthread_kill(me, signal.SIGSTOP)
+
     def fail(self, what: str) -> None:
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -115,7 +141,7 @@ class _Plan:
         if not self.tick(what):
             return call()
         if self.mode == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
+            self.freeze(what)
             return call()
         if self.mode == "raise-after":
             call()
@@ -199,7 +225,7 @@ def _patch_s3fs(module: Any) -> None:
         if not plan.tick(what):
             return await real(self, method, *args, **kwargs)
         if plan.mode == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
+            plan.freeze(what)
             return await real(self, method, *args, **kwargs)
         if plan.mode == "raise-after":
             await real(self, method, *args, **kwargs)
@@ -223,7 +249,7 @@ def _patch_gcsfs(module: Any) -> None:
         if not plan.tick(what):
             return await real(self, method, path, *args, **kwargs)
         if plan.mode == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
+            plan.freeze(what)
             return await real(self, method, path, *args, **kwargs)
         if plan.mode == "raise-after":
             await real(self, method, path, *args, **kwargs)

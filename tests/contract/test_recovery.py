@@ -157,7 +157,7 @@ def test_a_writer_whose_local_lock_was_reclaimed_stops_before_its_next_chunk(tmp
         assert second.returncode == 0, second.stdout[-2000:]
         committed = manifest(tmp_path / "store", "r", "echo-rows")
     finally:
-        first.send_signal(signal.SIGCONT)
+        crashpoints.resume(first, tmp_path / "count")
     out, err = first.communicate(timeout=120)
     assert first.returncode == EXIT_TEMPORARY, out[-2000:] + err[-2000:]
     assert any("lost the lease" in e.get("error", "") or "another writer" in e.get("error", "")
@@ -168,7 +168,7 @@ def test_a_writer_whose_local_lock_was_reclaimed_stops_before_its_next_chunk(tmp
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
-def test_a_writer_frozen_at_its_manifest_write_past_the_ttl_loses_to_the_conditional_write(tmp_path: Path, kind: str) -> None:
+def test_a_writer_frozen_at_its_manifest_write_past_the_ttl_loses_to_the_conditional_write(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease is only an optimisation: a writer frozen (SIGSTOP) at the very write of its manifest, after its last
     lease check, while another takes over (after the TTL on object stores; on a local store its lock file reclaimed)
     and commits. Woken, its conditional write fails: it removes its own files and reports the winner (exit 0, same
@@ -176,6 +176,8 @@ def test_a_writer_frozen_at_its_manifest_write_past_the_ttl_loses_to_the_conditi
     match = {"local": r"^link \S*/prepare-x/\._MANIFEST", "s3": r"^s3\.put_object \S*/prepare-x/_MANIFEST\.json",
              "gcs": r"^gcs\.POST .*prepare-x/_MANIFEST\.json"}[kind]
     with crashcases.store(kind) as where:
+        for key, value in where.env.items():  # this process reads the store too (not only the writers)
+            monkeypatch.setenv(key, value)
         url = where.url_for(tmp_path)
         recipe = crashcases.recipe("step", tmp_path, url)
         env = {**_env(where.env), "HALA_LEASE_TTL": "2"}
@@ -194,7 +196,7 @@ def test_a_writer_frozen_at_its_manifest_write_past_the_ttl_loses_to_the_conditi
             won = store.read_manifest("r", "prepare-x")
             assert won is not None
         finally:
-            first.send_signal(signal.SIGCONT)
+            crashpoints.resume(first, tmp_path / "count")
         out, err = first.communicate(timeout=300)
         assert first.returncode in (0, EXIT_TEMPORARY), out[-2000:] + err[-2000:]
         if first.returncode == 0:
@@ -391,11 +393,13 @@ def test_gcs_errors_map_to_the_codes_of_s3_s(tmp_path: Path) -> None:
 
 # 10 ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_a_writer_that_gets_the_lease_just_after_a_commit_finds_it(tmp_path: Path, kind: str) -> None:
+def test_a_writer_that_gets_the_lease_just_after_a_commit_finds_it(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second writer looked for a commit (none yet), then took the lease without waiting, just after the first one
     committed and released it: it finds that commit (it used to recompute and commit again)."""
     match = {"local": r"^open \S*/_leases/prepare-x\.lock", "s3": r"^s3\.put_object \S*/_leases/prepare-x\.json"}[kind]
     with crashcases.store(kind) as where:
+        for key, value in where.env.items():  # this process reads the store too (not only the writers)
+            monkeypatch.setenv(key, value)
         url = where.url_for(tmp_path)
         recipe = crashcases.recipe("step", tmp_path, url)
         env = {**_env(where.env), "HALA_LEASE_TTL": "2"}
@@ -408,12 +412,12 @@ def test_a_writer_that_gets_the_lease_just_after_a_commit_finds_it(tmp_path: Pat
             assert first.returncode == 0 and any(e.get("event") == "committed" for e in events(first.stdout))
             committed = Store(url).read_manifest("r", "prepare-x")
         finally:
-            late.send_signal(signal.SIGCONT)
+            crashpoints.resume(late, tmp_path / "count")
         out, err = late.communicate(timeout=300)
-    assert late.returncode == 0, out[-2000:] + err[-2000:]
-    names = [e.get("event") for e in events(out)]
-    assert "cached" in names and "committed" not in names and "start" not in names, names
-    assert Store(url).read_manifest("r", "prepare-x") == committed
+        assert late.returncode == 0, out[-2000:] + err[-2000:]
+        names = [e.get("event") for e in events(out)]
+        assert "cached" in names and "committed" not in names and "start" not in names, names
+        assert committed is not None and Store(url).read_manifest("r", "prepare-x") == committed
 
 
 # 12 ------------------------------------------------------------------------------------------------------------------

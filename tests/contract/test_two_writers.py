@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import crashpoints
 import pytest
 from helpers import REPO, events, hala, write_recipe
 
@@ -90,18 +91,18 @@ def test_two_writers_started_together_commit_one_result(tmp_path: Path, store_ur
 
 
 def test_a_writer_killed_while_holding_the_lease_is_replaced(tmp_path: Path, store_url: tuple[str, dict[str, str]]) -> None:
-    """SIGKILL after the first writer started (its data half written, no manifest): the next one takes the lease at
-    once (the kernel dropped the flock; on S3 the holder was a dead process of this machine) and commits all rows."""
+    """SIGKILL of the first writer at the write of its manifest (its data all written under its lease, nothing
+    committed): the next one takes the lease at once (the kernel dropped the flock; on S3 the holder was a dead process
+    of this machine) and commits all rows. The kill is a crash point, not a sleep: a fast machine once finished the
+    whole step inside the second the test used to wait."""
     url, env = store_url
     recipe = _big(tmp_path, url)
-    first = _writer(recipe, env)
-    assert first.stdout is not None
-    for line in first.stdout:  # its "start" event comes after the lease and before the data
-        if '"event": "start"' in line:
-            break
-    time.sleep(1.0)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
+    match = r"^link \S*/prepare-big/\._MANIFEST" if "://" not in url else r"^s3\.put_object \S*/prepare-big/_MANIFEST\.json"
+    root = str(tmp_path / "store") if "://" not in url else url
+    first = _writer(recipe, crashpoints.env(root, tmp_path / "count", at=1, mode="kill", match=match,
+                                            base={**os.environ, **env}))
+    first.communicate(timeout=600)
+    assert first.returncode == -signal.SIGKILL, f"the first writer ended with {first.returncode}, not at its crash point"
     assert not Store(url).fs.exists(Store(url).path("r", "prepare-big", "_MANIFEST.json"))
     t0 = time.monotonic()
     code, evs, text = _finish(_writer(recipe, env))
