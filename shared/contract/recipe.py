@@ -39,7 +39,8 @@ RECIPE_KEYS = {
     "store": "fsspec URL or path of the artifact store (relative paths: to the current directory)",
     "run": "the run name: artifacts go to <store>/<run>/<step>/",
     "tiny_models": "settings of the tiny stand-in models (tiny:<role> sources)",
-    "kubernetes": "namespace, queue (Kueue), storage size and class, retries, ttl_seconds of the rendered manifests",
+    "kubernetes": "namespace, queue (Kueue), storage size and class, retries (new Jobs of a failed step), pod_retries "
+                  "(pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered manifests",
     "steps": "the steps, by name (<stage>-<subject>)",
 }
 STEP_KEYS = {
@@ -90,7 +91,9 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "queue": {"type": "string", "minLength": 1},
                 "storage": {"type": "string", "pattern": "^[0-9]+(Mi|Gi|Ti)$"},
                 "storage_class": {"type": "string", "minLength": 1},
-                "retries": {"type": "integer", "minimum": 0},
+                "retries": {"type": "integer", "minimum": 0},  # new Jobs of a failed step (the conductor)
+                "pod_retries": {"type": "integer", "minimum": 0},  # pods of one Job (its backoffLimit)
+                "retry_backoff_seconds": {"type": "number", "minimum": 0},
                 "ttl_seconds": {"type": "integer", "minimum": 0},
             },
         },

@@ -71,10 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
     if args.runner == "k8s":
-        from hala.ops import k8s
+        from hala.ops import conductor, k8s
 
-        jobs = k8s.KubeJobs(args.namespace or k8s.namespace(recipe), selector=k8s.run_selector(recipe))
-        return k8s.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
+        jobs = conductor.KubeJobs(args.namespace or k8s.namespace(recipe), selector=conductor.run_selector(recipe))
+        return conductor.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
     return runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
 
 
@@ -128,7 +128,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
-    recipe = _load(args, check_paths=False, store=args.store)
+    recipe = _load(args, check_paths=False, store=args.store, run=args.run)
     args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
     if args.what == "compose":
         from hala.ops import compose
@@ -206,11 +206,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         r["rows"] = ", ".join(f"{k}={v}" for k, v in (r["rows"] or {}).items())
         r["cached"] = "yes" if r["cached"] else ""
         r["seconds"] = f"{r['seconds']:.1f}" if isinstance(r["seconds"], (int, float)) else ""
-    print(logs.table(rows, ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]))
+    columns = ["step", "stage", "state", "cached", "seconds", "rows", "exit_code", "error"]
+    if any(r.get("attempts") for r in rows):
+        columns.insert(3, "attempts")  # Kubernetes Jobs of the step (the conductor retries failed ones)
+    print(logs.table(rows, columns))
     if garbage.files:
         print(f"garbage: {len(garbage.files)} files, {garbage.bytes / 1e6:.1f} MB no commit references "
               f"({', '.join(f'{n} {why}' for why, n in garbage.by_reason().items())}); `hala gc {args.run} --delete` "
               f"removes those older than {gc.GRACE_S / 3600:g} h (--grace)")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from hala.ops import conductor
+
+    names = conductor.cancel(conductor.KubeJobs(args.namespace), args.run, args.recipe_name)
+    if not names:
+        print(f"no Job of run {args.run!r} here", file=sys.stderr)
+        return 1
+    print("deleted: " + ", ".join(names))
     return 0
 
 
@@ -369,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
     rn.add_argument("--store", help="the store the containers use: an object store URL (s3://, gs://) is passed to every "
                     "service with its credentials' variables; a path means the shared volume (the default)")
+    rn.add_argument("--run", help="the run (default: the recipe's); on Kubernetes its Jobs and conductor are named "
+                    "after it, so a second run of a recipe lives beside the first in one namespace")
     _overrides(rn)
     rn.add_argument("-o", "--out", help="compose: write to this file; k8s: write this folder (kustomization, jobs/)")
     rn.set_defaults(func=cmd_render)
@@ -410,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take only files at least this many seconds old (default 3600): a running writer's never")
     gcp.add_argument("--json", action="store_true")
     gcp.set_defaults(func=cmd_gc)
+
+    c = sub.add_parser("cancel", help="delete a run's Kubernetes Jobs (its conductor's first), and no other run's")
+    c.add_argument("run")
+    c.add_argument("-n", "--namespace", help="default: the kubeconfig context's (in a pod: its own)")
+    c.add_argument("--recipe-name", help="the recipe's name, when two recipes in the namespace have a run of that name")
+    c.set_defaults(func=cmd_cancel)
 
     g = sub.add_parser("gather", help="commit a sharded step from its shards' parts")
     g.add_argument("recipe")

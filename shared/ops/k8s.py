@@ -1,4 +1,4 @@
-"""Kubernetes: the manifests of a recipe (`hala render k8s`) and the conductor (`hala run --runner k8s`).
+"""Kubernetes: the manifests of a recipe (`hala render k8s`); the conductor that runs them is hala.ops.conductor.
 
     hala render k8s recipes/hala-paper.yaml -o manifests/hala-paper     # cuda images, GPUs, FP8 placement
     hala render k8s recipes/tiny.yaml --variant cpu -o manifests/tiny   # cpu images, no GPU
@@ -6,33 +6,28 @@
 
 What `kubectl apply -k` creates: the namespace, the store's volume claim (ReadWriteMany; an fsspec URL
 store such as s3://... needs none), the recipe as a ConfigMap, RBAC for the conductor and the conductor
-Job. The conductor (hala-cli image) creates one Job per step in dependency order, only once the step's
-inputs are committed (no pod holds a GPU while it waits), skips cached steps, follows Job conditions,
-gathers sharded steps after their Indexed Job, stops on a failed Job with its reason, and adopts the
-Jobs it finds after its own restart. `jobs/` holds every step's Job on its own, for per-stage reuse
-(`kubectl apply -f manifests/hala-paper/jobs/26-merge-hala-350m.yaml`, and `NN-<step>-gather.yaml` after a
-sharded one); they are not in the kustomization.
+Job. The conductor (hala-cli image, hala.ops.conductor) creates one Job per step in dependency order and
+retries failed ones. Every name carries the run (`<run>-<step>`, `hala-conductor-<run>`), so two runs of one
+recipe live side by side in a namespace (`hala render k8s ... --run b`). `jobs/` holds every step's Job on its
+own, for per-stage reuse (`kubectl apply -f manifests/hala-paper/jobs/26-merge-hala-350m.yaml`, and
+`NN-<step>-gather.yaml` after a sharded one); they are not in the kustomization.
 
-No cluster ran these manifests here: they are validated offline (kubernetes-validate --strict), policy-
-tested, and the conductor's decisions are tested against an in-memory stand-in of the Jobs API.
+No cluster ran these manifests here: they are validated offline (kubernetes-validate --strict) and
+policy-tested; the conductor is tested through the official client against a stand-in of the Jobs API.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 
-from hala.contract import logs
-from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
+from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, ConfigError
 from hala.contract.recipe import Recipe, Step
-from hala.contract.store import Store
-from hala.ops import compose as compose_mod, images as images_mod, runner, schedule
-from hala.ops.gather import gather_step
+from hala.ops import compose as compose_mod, images as images_mod
 from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs
 
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
@@ -64,7 +59,12 @@ def namespace(recipe: Recipe) -> str:
 
 
 def job_name(recipe: Recipe, step: Step) -> str:
-    return k8s_name(step.name)
+    """`<run>-<step>`: a Job named after its step alone was adopted by the next run of the recipe in the namespace."""
+    return k8s_name(f"{recipe.run}-{step.name}")
+
+
+def conductor_name(recipe: Recipe) -> str:
+    return k8s_name(f"{CONDUCTOR}-{recipe.run}")
 
 
 def _labels(recipe: Recipe, step: str, stage: str) -> dict[str, str]:
@@ -166,9 +166,10 @@ def _resources(step_stage: str, need: Needs | None, variant: str) -> dict[str, A
 
 
 def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | None = None, tag: str | None = None,
-             fingerprint: str | None = None, recipe_arg: str | None = None, store_arg: str | None = None) -> dict[str, Any]:
-    """One step's Job. The conductor passes the fingerprint (adoption after a restart compares it) and, in the
-    tests, the paths it runs with; rendered files carry the in-image paths."""
+             fingerprint: str | None = None, recipe_arg: str | None = None, store_arg: str | None = None,
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """One step's Job. The conductor passes the fingerprint (adoption after a restart compares it), the attempt's
+    annotations and, in the tests, the paths it runs with; rendered files carry the in-image paths."""
     if step.spec is None:
         raise ConfigError(f"step '{step.name}': stage '{step.stage}' is not built yet, so it has no image")
     need = needs(recipe, step)
@@ -178,7 +179,7 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
     container = {"name": "step", "image": images_mod.reference(step.spec.env, variant, registry, tag), "args": args,
                  "resources": _resources(step.stage, need, variant)}
     pod = _pod(recipe, container, need, variant, recipe_arg=recipe_arg)
-    retries = int(recipe.kubernetes.get("retries", 2))
+    retries = int(recipe.kubernetes.get("pod_retries", 2))  # pods of one Job; `retries` is new Jobs (the conductor)
     spec: dict[str, Any] = {}
     if step.shards > 1:
         # an Indexed Job: hala.contract.step reads JOB_COMPLETION_INDEX as the shard; each index retries on its own, and
@@ -201,8 +202,8 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
     })
     meta: dict[str, Any] = {"name": job_name(recipe, step), "namespace": namespace(recipe),
                             "labels": _labels(recipe, step.name, step.stage)}
-    if fingerprint:
-        meta["annotations"] = {FINGERPRINT: fingerprint}
+    if fingerprint or annotations:
+        meta["annotations"] = {**({FINGERPRINT: fingerprint} if fingerprint else {}), **(annotations or {})}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
@@ -216,8 +217,13 @@ def conductor_job(recipe: Recipe, variant: str, registry: str | None, tag: str |
     container = {"name": "conductor", "image": images_mod.reference("cli", variant, registry, tag), "args": args,
                  "resources": _resources("cli", None, "cuda")}
     pod = _pod(recipe, container, None, variant, service_account=CONDUCTOR)
+    # the conductor Job's uid (its pods carry it as a label): a retried pod of this Job is the same conductor, one of a
+    # Job applied again is a new one (hala.ops.conductor: only a new one retries a run's failed steps)
+    container["env"].append({"name": "HALA_CONDUCTOR_ID", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}})
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": CONDUCTOR, "namespace": namespace(recipe), "labels": _labels(recipe, "conductor", "cli")},
+            "metadata": {"name": conductor_name(recipe), "namespace": namespace(recipe),
+                         "labels": _labels(recipe, "conductor", "cli")},
             "spec": {
                 # a restarted conductor adopts the Jobs it created instead of creating them again
                 "backoffLimit": 3,
@@ -266,9 +272,10 @@ def render(recipe: Recipe, variant: str = "cuda", registry: str | None = None, t
                                     "resources": [f for f in order if f in files]}]
     enabled = [s for s in recipe.steps.values() if s.enabled]
     for i, step in enumerate(enabled, 1):
-        files[f"jobs/{i:02d}-{job_name(recipe, step)}.yaml"] = [step_job(recipe, step, variant, registry, tag)]
+        # files are named after the step (a stable path to apply one stage); the Jobs in them, after run and step
+        files[f"jobs/{i:02d}-{k8s_name(step.name)}.yaml"] = [step_job(recipe, step, variant, registry, tag)]
         if step.shards > 1:
-            files[f"jobs/{i:02d}-{job_name(recipe, step)}-gather.yaml"] = [gather_job(recipe, step, variant, registry, tag)]
+            files[f"jobs/{i:02d}-{k8s_name(step.name)}-gather.yaml"] = [gather_job(recipe, step, variant, registry, tag)]
     return files
 
 
@@ -281,7 +288,8 @@ def gather_job(recipe: Recipe, step: Step, variant: str, registry: str | None, t
                  "resources": _resources("cli", None, "cuda")}
     labels = _labels(recipe, step.name, "gather")
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": k8s_name(f"gather-{step.name}"), "namespace": namespace(recipe), "labels": labels},
+            "metadata": {"name": k8s_name(f"{recipe.run}-gather-{step.name}"), "namespace": namespace(recipe),
+                         "labels": labels},
             "spec": {
                 "backoffLimit": 6,  # exit 75 while a shard is missing: retried with the Job's back-off
                 "ttlSecondsAfterFinished": int(recipe.kubernetes.get("ttl_seconds", TTL_SECONDS)),
@@ -324,208 +332,3 @@ def write(recipe: Recipe, out: str | Path, variant: str = "cuda", registry: str 
 def text(recipe: Recipe, variant: str = "cuda", registry: str | None = None, tag: str | None = None) -> str:
     files = render(recipe, variant, registry, tag)
     return dump([o for name, objs in files.items() if name != "kustomization.yaml" for o in objs])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The conductor
-
-
-class Conflict(Exception):
-    """The API refused to create a Job because one with that name exists (HTTP 409)."""
-
-
-class Jobs(Protocol):
-    """The few calls the conductor makes; KubeJobs is the real one."""
-
-    def create(self, job: dict[str, Any]) -> None: ...
-    def get(self, name: str) -> dict[str, Any] | None: ...
-    def delete(self, name: str) -> None: ...
-    def wait(self, seconds: float) -> None: ...
-
-
-def run_selector(recipe: Recipe) -> str:
-    """The label selector of a run's Jobs (every step, shard and gather Job carries these labels)."""
-    return f"app.kubernetes.io/part-of={k8s_name(recipe.name)},hala.dev/run={k8s_name(recipe.run)}"
-
-
-class KubeJobs:
-    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config, KUBECONFIG)."""
-
-    def __init__(self, ns: str, selector: str | None = None):
-        from kubernetes import client, config
-
-        self.selector = selector
-        self.version: str | None = None  # the resourceVersion the next watch starts from
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        self.ns, self.api, self.client = ns, client.BatchV1Api(), client
-        self.exc = client.exceptions.ApiException
-
-    def create(self, job: dict[str, Any]) -> None:
-        try:
-            self.api.create_namespaced_job(self.ns, job)
-        except self.exc as e:
-            if e.status == 409:
-                raise Conflict(job["metadata"]["name"]) from e
-            raise
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        try:
-            job = self.api.read_namespaced_job(name, self.ns)
-        except self.exc as e:
-            if e.status == 404:
-                return None
-            raise
-        return self.client.ApiClient().sanitize_for_serialization(job)
-
-    def delete(self, name: str) -> None:
-        try:
-            self.api.delete_namespaced_job(name, self.ns, propagation_policy="Background")
-        except self.exc as e:
-            if e.status != 404:
-                raise
-
-    def wait(self, seconds: float) -> None:
-        """Until a Job of the run changes, or `seconds` pass: the watch API, from the last resourceVersion seen, so no
-        change between two waits is missed. The conductor reads every Job it follows after each wait, which is the
-        resync: a watch the server ends or drops returns at once (after a short pause, so a flapping API server is
-        not hammered), and a 410 Gone (a version older than the server keeps) starts again from a fresh list."""
-        from kubernetes import watch
-
-        if self.version is None:
-            listing = self.api.list_namespaced_job(self.ns, label_selector=self.selector)
-            self.version = listing.metadata.resource_version
-        w = watch.Watch()
-        started = time.monotonic()
-        try:
-            for event in w.stream(self.api.list_namespaced_job, self.ns, label_selector=self.selector,
-                                  resource_version=self.version, timeout_seconds=max(1, int(seconds)),
-                                  allow_watch_bookmarks=True):
-                self.version = event["object"].metadata.resource_version or self.version
-                if event["type"] != "BOOKMARK":
-                    return  # a Job was added, changed or deleted: the conductor looks
-        except self.exc as e:
-            if e.status != 410:
-                raise
-            self.version = None  # expired: list again next time
-        except Exception as e:  # noqa: BLE001 - a dropped connection (urllib3's errors): the next pass resyncs
-            logs.get("hala.k8s").info("watch dropped", error=f"{type(e).__name__}: {e}"[:300])
-            time.sleep(max(0.0, min(5.0, seconds - (time.monotonic() - started))))
-        finally:
-            w.stop()
-
-
-def job_outcome(job: dict[str, Any]) -> tuple[str, str]:
-    """('complete' | 'failed' | 'running', reason) from the Job's conditions."""
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            return "complete", ""
-        if cond.get("type") == "Failed":
-            return "failed", f"{cond.get('reason', '')}: {cond.get('message', '')}".strip(": ")
-    return "running", ""
-
-
-def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str | None = None, tag: str | None = None,
-            resync_seconds: float = 300.0, recipe_arg: str | None = None, store_arg: str | None = None,
-            max_polls: int | None = None) -> int:
-    """Drive the recipe's enabled steps as Jobs until all are committed, or one fails (exit code != 0)."""
-    log = logs.get("hala.k8s")
-    store = Store(recipe.store)
-    if store.read_json(store.path(recipe.run, "_RUN.json")) is None:
-        runner.record(recipe, store, runner_name="k8s")
-    steps = [s for s in recipe.steps.values() if s.enabled]
-    missing = [f"{s.name} ({s.stage})" for s in steps if s.spec is None]
-    if missing:
-        raise ConfigError(f"steps whose stage is not built: {', '.join(missing)}")
-    state: dict[str, str] = {}
-    failure: tuple[str, int, str] | None = None
-    polls = 0
-    tracked = {s.name for s in steps}
-    while True:
-        for step in steps:
-            if state.get(step.name) in schedule.FINAL:
-                continue
-            if state.get(step.name) != "running":
-                move, _ = schedule.next_move(recipe, step, state, tracked, stopped=failure is not None)
-                if move == "blocked":
-                    state[step.name] = "blocked"
-                if move != "go":
-                    continue  # waits for its inputs; after a failure nothing new starts (Jobs running finish)
-            try:
-                decision, fp, _ = schedule.state(store, recipe, step, forced=False)
-            except HalaError as e:
-                state[step.name], failure = "failed", (step.name, e.exit_code, str(e))
-                continue
-            if decision == "cached":
-                if state.get(step.name) != "cached":
-                    log.info("cached", step=step.name, fingerprint=(fp or "")[:12])
-                state[step.name] = "cached"
-                continue
-            name = job_name(recipe, step)
-            job = jobs.get(name)
-            if job is not None and (job.get("metadata", {}).get("annotations") or {}).get(FINGERPRINT) != fp:
-                # a Job of another run or an older config: not ours to adopt
-                log.warning("replacing a stale job", step=step.name, job=name)
-                jobs.delete(name)
-                job = None
-            if job is None:
-                try:
-                    jobs.create(step_job(recipe, step, variant, registry, tag, fingerprint=fp, recipe_arg=recipe_arg,
-                                         store_arg=store_arg))
-                    log.info("job created", step=step.name, job=name, shards=step.shards, fingerprint=(fp or "")[:12])
-                except Conflict:
-                    log.info("job still being deleted", step=step.name, job=name)  # tried again at the next pass
-                state[step.name] = "running"
-                continue
-            if state.get(step.name) != "running":
-                log.info("job adopted", step=step.name, job=name)
-            state[step.name] = "running"
-            outcome, reason = job_outcome(job)
-            if outcome == "running":
-                continue
-            if outcome == "failed":
-                statuses = store.read_statuses(recipe.run)
-                # the step (or its failed shard) wrote why it stopped into the store: the exit code and the error
-                candidates = [statuses.get(step.name, {})] + [v for k, v in sorted(statuses.items())
-                                                              if k.startswith(f"{step.name}.shard-") and v.get("exit_code")]
-                status = next((c for c in candidates if c.get("exit_code")), {})
-                code = int(status.get("exit_code") or 1)
-                why = "; ".join(x for x in (reason, status.get("error")) if x)
-                state[step.name], failure = "failed", (step.name, code, why or "the Job failed")
-                log.error("job failed", step=step.name, job=name, exit_code=code, reason=why)
-                continue
-            try:
-                if step.shards > 1:
-                    gather_step(recipe, step.name)
-            except HalaError as e:
-                state[step.name], failure = "failed", (step.name, e.exit_code, f"gather: {e}")
-                continue
-            if store.read_manifest(recipe.run, step.name) is None:
-                state[step.name], failure = "failed", (step.name, EXIT_CONFIG, "the Job completed but the step left no manifest")
-                continue
-            state[step.name] = "done"
-            log.info("step done", step=step.name, job=name)
-        active = [s.name for s in steps if state.get(s.name) == "running"]
-        pending = [s.name for s in steps if s.name not in state]
-        if failure:
-            break  # Jobs still running finish on their own; a rerun adopts them
-        if not active and not pending:
-            break
-        polls += 1
-        if max_polls is not None and polls >= max_polls:
-            log.info("conductor stopping", after_polls=polls, running=active)
-            return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-        jobs.wait(resync_seconds)  # returns when a Job changes (the watch API), at the latest after resync_seconds
-    counts: dict[str, int] = {}
-    for s in steps:
-        counts[state.get(s.name, "not run")] = counts.get(state.get(s.name, "not run"), 0) + 1
-    log.info("run end", **counts)
-    if failure:
-        step_name, code, why = failure
-        print(f"hala: step {step_name} failed (exit {code}): {why}", flush=True)
-        return code or 1
-    return 0

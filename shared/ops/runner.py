@@ -443,5 +443,6 @@ def status(store: Store, run: str) -> list[dict[str, Any]]:
             "seconds": (manifest or {}).get("timings", {}).get("seconds", st.get("seconds")),
             "exit_code": st.get("exit_code"),
             "error": st.get("error") if state == "failed" else None,
+            "attempts": (info.get("attempts") or {}).get(name),  # Jobs the conductor created for it
         })
     return rows

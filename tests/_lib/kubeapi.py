@@ -1,18 +1,35 @@
-"""A stand-in for the Kubernetes API server's Job list and watch, on 127.0.0.1 only, for the conductor's watch.
+"""A stand-in for the Kubernetes API server's Jobs, on 127.0.0.1 only, for the conductor and `hala cancel`.
 
-It serves what `KubeJobs.wait` asks through the official client: `GET /apis/batch/v1/namespaces/NS/jobs` (a
-JobList with the current resourceVersion) and the same path with `watch=true&resourceVersion=V&timeoutSeconds=T`,
-which streams the changes after V as JSON lines and ends the watch, waits for the next change up to T seconds, or
-answers an ERROR event with code 410 (Expired) when V is older than the versions it keeps, as an API server does
-once etcd compacted them. The test makes changes (`change(name)`) and forgets history (`forget()`); every request
-path is recorded. The server stops after `max_requests` requests or `seconds`.
+It serves what hala.ops.conductor asks through the official client, in one namespace:
+
+    POST   /apis/batch/v1/namespaces/NS/jobs          create (409 AlreadyExists when the name is taken)
+    GET    /apis/batch/v1/namespaces/NS/jobs/NAME     read (404 NotFound)
+    DELETE /apis/batch/v1/namespaces/NS/jobs/NAME     delete (the object goes at once: propagation Background)
+    GET    /apis/batch/v1/namespaces/NS/jobs          list, with an equality labelSelector (a=b,c=d)
+    GET    ...jobs?watch=true&resourceVersion=V&timeoutSeconds=T   the changes after V as JSON lines; it waits for
+           the next change up to T seconds, or answers an ERROR event with code 410 (Expired) when V is older than
+           the versions it keeps, as an API server does once etcd compacted them.
+
+With `controller=True` it is also the Job controller and the kubelet: every Job created is run in a thread, its pods
+as local processes (`python -m hala.ops.launch` with the container's args, JOB_COMPLETION_INDEX per index of an
+Indexed Job), each pod retried up to the Job's backoffLimit (backoffLimitPerIndex) unless the podFailurePolicy
+fails the Job (or the index) on its exit code, then the Complete or Failed condition set with its
+lastTransitionTime. `exits` lets a test make the next pods of a Job exit with given codes instead of running (a
+bad node, a crash). The test can also make changes (`change(name)`) and forget history (`forget()`); every request
+is recorded as "METHOD path". The server stops after `max_requests` requests or `seconds`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -20,38 +37,115 @@ from urllib.parse import parse_qs, urlparse
 from bounded import Bounded
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _job(name: str, ns: str, version: int) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns, "resourceVersion": str(version)},
             "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}}, "status": {}}
 
 
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+def _matches(labels: dict[str, str], selector: str | None) -> bool:
+    for term in filter(None, (selector or "").split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
 class KubeAPI(Bounded):
-    def __init__(self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0):
+    def __init__(self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0, controller: bool = False):
         self.ns = ns
         self.version = 5
         self.oldest = 0  # watches from before this version get 410 Gone
         self.events: list[tuple[int, str]] = []  # (version, job name)
         self.changed = threading.Condition()
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.controller = controller
+        self.exits: dict[str, list[int]] = {}  # job name -> exit codes its next pods end with, without running
+        self.pods: list[tuple[str, int | None, int]] = []  # (job, index, exit code) of every pod run
+        self.runners: list[threading.Thread] = []
         api = self
+        base = f"/apis/batch/v1/namespaces/{ns}/jobs"
 
         class Handler(BaseHTTPRequestHandler):
+            def _send(self, code: int, body: dict[str, Any]) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps(body).encode())
+
+            def _name(self) -> str | None:
+                path = urlparse(self.path).path
+                return path[len(base) + 1:] if path.startswith(base + "/") else None
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                api.requests.append(self.path)
+                api.requests.append(f"GET {self.path}")
                 url = urlparse(self.path)
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                if url.path != f"/apis/batch/v1/namespaces/{api.ns}/jobs":
+                name = self._name()
+                if name is not None:
+                    with api.changed:
+                        job = copy.deepcopy(api.jobs.get(name))
+                    if job is None:
+                        self._send(404, _status(404, "NotFound", f'jobs.batch "{name}" not found'))
+                    else:
+                        self._send(200, job)
+                    return
+                if url.path != base:
                     self.send_error(404)
+                    return
+                if query.get("watch", "").lower() != "true":
+                    with api.changed:
+                        items = [copy.deepcopy(j) for j in api.jobs.values()
+                                 if _matches(j["metadata"].get("labels") or {}, query.get("labelSelector"))]
+                        version = api.version
+                    self._send(200, {"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": str(version)},
+                                     "items": items})
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                if query.get("watch", "").lower() != "true":
-                    body = {"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": str(api.version)}, "items": []}
-                    self.wfile.write(json.dumps(body).encode())
-                    return
                 for line in api.watch(int(query.get("resourceVersion", "0")), float(query.get("timeoutSeconds", "5"))):
                     self.wfile.write(json.dumps(line).encode() + b"\n")
                     self.wfile.flush()
+
+            def do_POST(self) -> None:  # noqa: N802
+                api.requests.append(f"POST {self.path}")
+                job = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                name = job.get("metadata", {}).get("name")
+                with api.changed:
+                    if name in api.jobs:
+                        self._send(409, _status(409, "AlreadyExists", f'jobs.batch "{name}" already exists'))
+                        return
+                    job["metadata"].update(namespace=api.ns, uid=str(uuid.uuid4()), creationTimestamp=_now())
+                    job["status"] = {}
+                    api.jobs[name] = job
+                    api._bump(name)
+                    body = copy.deepcopy(job)
+                self._send(201, body)
+                if api.controller and job["spec"]["template"]["spec"]["containers"][0]["name"] == "step":
+                    thread = threading.Thread(target=api._run_job, args=(name, job["metadata"]["uid"]), daemon=True)
+                    api.runners.append(thread)
+                    thread.start()
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                api.requests.append(f"DELETE {self.path}")
+                name = self._name()
+                with api.changed:
+                    job = api.jobs.pop(name or "", None)
+                    if job is not None:
+                        api._bump(name or "")
+                if job is None:
+                    self._send(404, _status(404, "NotFound", f'jobs.batch "{name}" not found'))
+                else:
+                    self._send(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -76,6 +170,63 @@ class KubeAPI(Bounded):
                 if left <= 0:
                     return []  # the watch's timeout: it ends with no event
                 self.changed.wait(left)
+
+    def _bump(self, name: str) -> None:
+        """A change of the Job `name` (the caller holds `changed`): a new resourceVersion, watchers woken."""
+        self.version += 1
+        self.events.append((self.version, name))
+        if name in self.jobs:
+            self.jobs[name]["metadata"]["resourceVersion"] = str(self.version)
+        self.changed.notify_all()
+
+    def _run_job(self, name: str, uid: str) -> None:
+        """The Job controller and kubelet for one Job: its pods, their retries, its final condition."""
+        with self.changed:
+            job = copy.deepcopy(self.jobs[name])
+        spec = job["spec"]
+        container = spec["template"]["spec"]["containers"][0]
+        final_codes: set[int] = set()
+        for rule in (spec.get("podFailurePolicy") or {}).get("rules", []):
+            if rule.get("action") in ("FailJob", "FailIndex") and "onExitCodes" in rule:
+                final_codes |= set(rule["onExitCodes"]["values"])
+        indexed = spec.get("completionMode") == "Indexed"
+        limit = spec.get("backoffLimitPerIndex", 0) if indexed else spec.get("backoffLimit", 6)
+        failed: tuple[int | None, int] | None = None
+        for index in range(spec["completions"]) if indexed else [None]:
+            for _ in range(limit + 1):
+                with self.changed:
+                    gone = name not in self.jobs or self.jobs[name]["metadata"]["uid"] != uid
+                    planned = self.exits.get(name)
+                    code = planned.pop(0) if planned else None
+                if gone:
+                    return  # deleted: its pods are garbage collected
+                if code is None:
+                    env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(index)} if indexed else {})}
+                    code = subprocess.run([sys.executable, "-m", "hala.ops.launch", *container["args"]], env=env,
+                                          capture_output=True, text=True, timeout=600).returncode
+                self.pods.append((name, index, code))
+                if code == 0 or code in final_codes:
+                    break
+            if code != 0:
+                failed = (index, code)
+                break
+        with self.changed:
+            if name not in self.jobs or self.jobs[name]["metadata"]["uid"] != uid:
+                return
+            if failed is None:
+                condition = {"type": "Complete", "status": "True", "lastTransitionTime": _now()}
+            else:
+                index, code = failed
+                why = "PodFailurePolicy" if code in final_codes else "BackoffLimitExceeded"
+                condition = {"type": "Failed", "status": "True", "reason": why, "lastTransitionTime": _now(),
+                             "message": f"Container {container['name']} for pod {name}-{index} failed with exit code {code}"}
+            self.jobs[name]["status"] = {"conditions": [condition]}
+            self._bump(name)
+
+    def settle(self, timeout: float = 600) -> None:
+        """Wait for the pods of every Job created so far to end (a test's last look, before the server stops)."""
+        for thread in list(self.runners):
+            thread.join(timeout=timeout)
 
     def change(self, name: str) -> None:
         with self.changed:

@@ -1,8 +1,9 @@
 """Kubernetes: the rendered manifests (validity, policy, drift) and the conductor's decisions.
 
 No cluster runs here. The manifests are checked with kubernetes-validate --strict (its schemas ship with
-it) and by policy; the conductor runs for real against an in-memory stand-in of the three Jobs API calls
-it makes, whose "kubelet" runs each Job's container command as a local process, index by index, with
+it) and by policy; the conductor runs for real against an in-memory stand-in of the Jobs API calls it makes
+(FakeCluster), and through the official client against a stand-in of the API server that is its Job controller
+too (tests/_lib/kubeapi.py): both run each Job's container command as a local process, index by index, with
 JOB_COMPLETION_INDEX set the way an Indexed Job sets it.
 """
 
@@ -22,7 +23,7 @@ import yaml
 from helpers import REPO, hala, write_recipe
 
 from hala.contract import recipe as recipe_mod
-from hala.ops import k8s
+from hala.ops import conductor, k8s
 from hala.ops.resources import needs
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
@@ -85,9 +86,9 @@ def test_paper_jobs_one_per_enabled_step_with_the_step_command():
     jobs = {j["metadata"]["name"]: j for j in _jobs(files)}
     enabled = [s for s in recipe.steps.values() if s.enabled]
     sharded = [s for s in enabled if s.shards > 1]
-    assert len(jobs) == len(enabled) + len(sharded) + 1 and "hala-conductor" in jobs
+    assert len(jobs) == len(enabled) + len(sharded) + 1 and f"hala-conductor-{recipe.run}" in jobs
     for step in sharded:  # without the conductor: the step's Indexed Job, then its gather Job
-        gather = jobs[f"gather-{k8s.job_name(recipe, step)}"]["spec"]["template"]["spec"]["containers"][0]
+        gather = jobs[k8s.k8s_name(f"{recipe.run}-gather-{step.name}")]["spec"]["template"]["spec"]["containers"][0]
         assert gather["args"][:3] == ["gather", "/opt/hala/recipes/hala-paper.yaml", step.name]
         assert gather["image"] == "local/hala-cli:dev-cuda"
     for step in enabled:
@@ -212,12 +213,12 @@ def test_conductor_rbac_is_limited_to_jobs_and_pods_of_its_namespace():
     assert pod["containers"][0]["image"] == "local/hala-cli:dev-cuda"
     # step pods never talk to the API server
     assert all(j["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-               for j in _jobs(files) if j["metadata"]["name"] != "hala-conductor")
+               for j in _jobs(files) if not j["metadata"]["name"].startswith("hala-conductor"))
 
 
 def test_recipe_kubernetes_settings_reach_the_manifests(tmp_path):
     recipe = _load(PAPER)
-    recipe.kubernetes = {"namespace": "team-a", "queue": "h100-queue", "storage": "2Ti", "storage_class": "cephfs", "retries": 5}
+    recipe.kubernetes = {"namespace": "team-a", "queue": "h100-queue", "storage": "2Ti", "storage_class": "cephfs", "pod_retries": 5}
     files = k8s.render(recipe, "cuda", registry="ghcr.io/acme", tag="1.0")
     pvc = files["storage.yaml"][0]
     assert pvc["metadata"]["namespace"] == "team-a" and pvc["spec"]["storageClassName"] == "cephfs"
@@ -272,7 +273,7 @@ class FakeCluster:
     def create(self, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
         if name in self.jobs:
-            raise k8s.Conflict(name)
+            raise conductor.Conflict(name)
         self.jobs[name] = {**copy.deepcopy(job), "status": {}}
         self.created.append((self.polls, name))
 
@@ -282,6 +283,11 @@ class FakeCluster:
     def delete(self, name: str) -> None:
         self.jobs.pop(name, None)
         self.deleted.append(name)
+
+    def list(self, selector: str) -> list[dict[str, Any]]:
+        terms = dict(t.split("=", 1) for t in selector.split(","))
+        return [copy.deepcopy(j) for j in self.jobs.values()
+                if all(j["metadata"]["labels"].get(k) == v for k, v in terms.items())]
 
     # the kubelet and the Job controller, between two looks of the conductor (KubeJobs.wait watches the real API)
     def wait(self, _seconds: float = 0) -> None:
@@ -327,7 +333,7 @@ def _dag(tmp_path: Path, **a_config: Any) -> recipe_mod.Recipe:
 
 
 def _conduct(recipe: recipe_mod.Recipe, cluster: FakeCluster, **kw: Any) -> int:
-    return k8s.conduct(recipe, cluster, variant="cpu", resync_seconds=0,
+    return conductor.conduct(recipe, cluster, variant="cpu", resync_seconds=0,
                        recipe_arg=str(recipe.path), store_arg=recipe.store, **kw)
 
 
@@ -336,15 +342,15 @@ def test_conductor_creates_jobs_in_dag_order_once_inputs_are_committed(tmp_path,
     cluster = FakeCluster()
     assert _conduct(recipe, cluster) == 0
     created = dict((name, poll) for poll, name in cluster.created)
-    assert created["echo-a"] == created["echo-c"] == 0       # ready at once: created together
-    assert created["echo-b"] > created["echo-a"]             # only once echo-a was gathered and committed
-    assert sorted(i for name, i, _ in cluster.pods if name == "echo-a") == [0, 1, 2]  # an Indexed Job, 3 pods
+    assert created["r-echo-a"] == created["r-echo-c"] == 0       # ready at once: created together
+    assert created["r-echo-b"] > created["r-echo-a"]             # only once echo-a was gathered and committed
+    assert sorted(i for name, i, _ in cluster.pods if name == "r-echo-a") == [0, 1, 2]  # an Indexed Job, 3 pods
     store = Path(recipe.store)
     a = json.loads((store / "r" / "echo-a" / "_MANIFEST.json").read_text())
     assert a["shards"]["count"] == 3 and a["counts"]["rows_out"] == 12  # the conductor gathered it
     assert all((store / "r" / s / "_MANIFEST.json").exists() for s in ("echo-b", "echo-c"))
     assert json.loads((store / "r" / "_RUN.json").read_text())["runner"] == "k8s"
-    job = cluster.jobs["echo-b"]
+    job = cluster.jobs["r-echo-b"]
     assert job["metadata"]["annotations"][k8s.FINGERPRINT] == json.loads((store / "r" / "echo-b" / "_MANIFEST.json").read_text())["fingerprint"]
 
     # a second conductor finds every step committed: no Job at all
@@ -359,7 +365,7 @@ def test_conductor_stops_on_a_failed_job_with_its_reason(tmp_path, echo, capsys)
     assert code == 3
     out = capsys.readouterr().out
     assert "step echo-a failed (exit 3)" in out and "failed with exit code 3" in out
-    assert "echo-b" not in cluster.jobs  # its input never committed: never created, no pod waits
+    assert "r-echo-b" not in cluster.jobs  # its input never committed: never created, no pod waits
     assert not (Path(recipe.store) / "r" / "echo-a" / "_MANIFEST.json").exists()
 
 
@@ -368,11 +374,11 @@ def test_a_restarted_conductor_adopts_the_jobs_it_finds(tmp_path, echo):
     cluster = FakeCluster()
     cluster.paused = True  # pods pending: the first conductor dies while its Jobs run
     assert _conduct(recipe, cluster, max_polls=2) == 75
-    assert sorted(name for _, name in cluster.created) == ["echo-a", "echo-c"]
+    assert sorted(name for _, name in cluster.created) == ["r-echo-a", "r-echo-c"]
     cluster.paused = False
     assert _conduct(recipe, cluster) == 0  # the replacement pod
     names = [name for _, name in cluster.created]
-    assert sorted(names) == ["echo-a", "echo-b", "echo-c"] and len(names) == len(set(names))  # no duplicate Job
+    assert sorted(names) == ["r-echo-a", "r-echo-b", "r-echo-c"] and len(names) == len(set(names))  # no duplicate Job
     assert cluster.deleted == []
 
 
@@ -381,9 +387,9 @@ def test_a_job_left_from_another_config_is_replaced_not_adopted(tmp_path, echo):
     cluster = FakeCluster()
     stale = k8s.step_job(recipe, recipe.steps["echo-c"], "cpu", fingerprint="0" * 64, recipe_arg=str(recipe.path))
     stale["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
-    cluster.jobs["echo-c"] = stale
+    cluster.jobs["r-echo-c"] = stale
     assert _conduct(recipe, cluster) == 0
-    assert cluster.deleted == ["echo-c"] and ("echo-c" in [n for _, n in cluster.created])
+    assert cluster.deleted == ["r-echo-c"] and ("r-echo-c" in [n for _, n in cluster.created])
     assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
 
 
@@ -399,7 +405,7 @@ def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_histor
     with KubeAPI() as api:
         (tmp_path / "kubeconfig").write_text(api.kubeconfig())
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-        jobs = k8s.KubeJobs("hala", selector="app.kubernetes.io/part-of=x,hala.dev/run=r")
+        jobs = conductor.KubeJobs("hala", selector="app.kubernetes.io/part-of=x,hala.dev/run=r")
         t0 = time.monotonic()
         jobs.wait(1)  # no change: the watch ends at its timeout
         assert time.monotonic() - t0 >= 0.9 and jobs.version == "5"
@@ -418,3 +424,193 @@ def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_histor
         watches = [p for p in api.requests if "watch=" in p.lower()]
         assert watches and all("labelSelector=app.kubernetes.io%2Fpart-of%3Dx%2Chala.dev%2Frun%3Dr" in p for p in api.requests)
         assert "resourceVersion=6" in watches[2] and len([p for p in api.requests if "watch=" not in p.lower()]) == 2
+
+
+# ------------------------------------------------------------------ the conductor through the official client
+
+
+def _cluster_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: Any, recipe: recipe_mod.Recipe,
+                 **kw: Any) -> int:
+    """One conductor of `recipe` against the API stand-in, through KubeJobs (kubernetes' own client)."""
+    (tmp_path / "kubeconfig").write_text(api.kubeconfig())
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    jobs = conductor.KubeJobs("hala", selector=conductor.run_selector(recipe))
+    return conductor.conduct(recipe, jobs, variant="cpu", resync_seconds=1, recipe_arg=str(recipe.path),
+                             store_arg=recipe.store, **kw)
+
+
+def _kube_dag(tmp_path: Path, run: str = "r", overrides: list[str] | None = None, **kubernetes: Any) -> recipe_mod.Recipe:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(12)))
+    path = write_recipe(tmp_path, {
+        "echo-a": {"stage": "echo", "shards": 2, "inputs": {"data": str(data)}},
+        "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
+        "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
+    })
+    if kubernetes:
+        raw = yaml.safe_load(path.read_text())
+        raw["kubernetes"] = kubernetes
+        path.write_text(yaml.safe_dump(raw))
+    return recipe_mod.load(path, overrides=overrides, run=run)
+
+
+def test_two_runs_of_one_recipe_in_one_namespace_complete_side_by_side(tmp_path, echo, monkeypatch):
+    """Run `a` is left running (its conductor replaced), run `b` of the same recipe with another --set runs to the
+    end in the same namespace, then `a` finishes: each with its own Jobs and rows; no Job of one touched by the other
+    (it used to adopt `a`'s Jobs, or delete them for the other fingerprint)."""
+    from kubeapi import KubeAPI
+
+    a = _kube_dag(tmp_path, run="a")
+    b = _kube_dag(tmp_path, run="b", overrides=["echo-c.stamp=true"])
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        assert _cluster_run(tmp_path, monkeypatch, api, a, max_polls=1) == 75  # a's conductor pod went away
+        assert _cluster_run(tmp_path, monkeypatch, api, b) == 0
+        assert _cluster_run(tmp_path, monkeypatch, api, a) == 0
+        api.settle()
+        assert not [r for r in api.requests if r.startswith("DELETE")], "a Job of one run was deleted by the other"
+        assert sorted(api.jobs) == ["a-echo-a", "a-echo-b", "a-echo-c", "b-echo-a", "b-echo-b", "b-echo-c"]
+        assert all(j["metadata"]["labels"]["hala.dev/run"] == j["metadata"]["name"][0] for j in api.jobs.values())
+    store = Path(a.store)
+    for run in ("a", "b"):
+        for step in ("echo-a", "echo-b", "echo-c"):
+            m = json.loads((store / run / step / "_MANIFEST.json").read_text())
+            assert m["outputs"]["data"]["rows"] == 12, (run, step)
+    fa = json.loads((store / "a" / "echo-c" / "_MANIFEST.json").read_text())["fingerprint"]
+    fb = json.loads((store / "b" / "echo-c" / "_MANIFEST.json").read_text())["fingerprint"]
+    assert fa != fb  # the --set of run b reached its own Job only
+
+
+def test_a_job_that_fails_past_its_pod_retries_is_recreated_and_completes(tmp_path, echo, monkeypatch):
+    """echo-c's pods exit 75 (a node whose disk is full) until its Job fails (pod_retries 1: two pods); the conductor
+    creates a second Job of the step, whose pod runs and commits. The attempt is on the Job and in `hala status`."""
+    from kubeapi import KubeAPI
+
+    recipe = _kube_dag(tmp_path, retries=2, pod_retries=1, retry_backoff_seconds=0)
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        api.exits["r-echo-c"] = [75, 75]
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 0
+        api.settle()
+        pods = [code for name, _, code in api.pods if name == "r-echo-c"]
+        assert pods == [75, 75, 0]  # the first Job's two pods, then the second Job's one
+        deleted = [r.split("?")[0] for r in api.requests if r.startswith("DELETE")]
+        assert deleted == ["DELETE /apis/batch/v1/namespaces/hala/jobs/r-echo-c"]  # the failed Job, then a new one
+        assert api.jobs["r-echo-c"]["metadata"]["annotations"][conductor.ATTEMPT] == "2"
+    run = json.loads((Path(recipe.store) / "r" / "_RUN.json").read_text())
+    assert run["attempts"] == {"echo-a": 1, "echo-b": 1, "echo-c": 2} and run["conductor"]["ended"] == "done"
+    status = hala("status", "r", "--store", recipe.store, "--json")
+    assert {r["step"]: r["attempts"] for r in json.loads(status.stdout)}["echo-c"] == 2
+    assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
+
+
+def test_a_step_that_keeps_failing_stops_after_its_retries(tmp_path, echo, monkeypatch, capsys):
+    """Every pod of echo-c exits 75: retries 1 means two Jobs, then the run ends with the step's failure (not 75
+    forever): exit 1 (no status of the step says otherwise) and the reason of the last Job."""
+    from kubeapi import KubeAPI
+
+    recipe = _kube_dag(tmp_path, retries=1, pod_retries=0, retry_backoff_seconds=0)
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        api.exits["r-echo-c"] = [75] * 10
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1
+        api.settle()
+        assert [code for name, _, code in api.pods if name == "r-echo-c"] == [75, 75]
+    assert "step echo-c failed (exit 1): BackoffLimitExceeded" in capsys.readouterr().out
+
+
+def test_exit_3_stops_the_run_at_once(tmp_path, echo, monkeypatch, capsys):
+    """Bad data does not get better by retrying: echo-a's shards exit 3; one Job, no retry, echo-b never created."""
+    from kubeapi import KubeAPI
+
+    data = tmp_path / "rows.jsonl"
+    recipe = _kube_dag(tmp_path, retries=3, retry_backoff_seconds=0, overrides=["echo-a.misreport=true"])
+    assert data.exists()
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 3
+        api.settle()
+        assert "r-echo-a" in api.jobs and "r-echo-b" not in api.jobs
+        assert not [r for r in api.requests if r.startswith("DELETE")]  # no second Job
+    out = capsys.readouterr().out
+    assert "step echo-a failed (exit 3)" in out and "PodFailurePolicy" in out
+
+
+def test_a_reapplied_conductor_retries_the_failed_step(tmp_path, echo, monkeypatch):
+    """retries 0: echo-c's Job fails (a crash) and the conductor ends the run with it. The cause fixed, the conductor
+    applied again: it gives the failed step a new Job (it used to adopt the failed one and report it again)."""
+    from kubeapi import KubeAPI
+
+    recipe = _kube_dag(tmp_path, retries=0, pod_retries=0, retry_backoff_seconds=0)
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        api.exits["r-echo-c"] = [1]
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1
+        api.settle()
+        assert json.loads((Path(recipe.store) / "r" / "_RUN.json").read_text())["conductor"]["ended"] == "failed"
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 0  # reapplied
+        api.settle()
+        assert api.jobs["r-echo-c"]["metadata"]["annotations"][conductor.ATTEMPT] == "2"
+        assert [code for name, _, code in api.pods if name == "r-echo-c"] == [1, 0]
+    assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
+
+
+def test_hala_cancel_deletes_that_runs_jobs_only(tmp_path, echo, monkeypatch):
+    """Two runs' Jobs and their conductors in one namespace; `hala cancel a` deletes run a's (its conductor first,
+    which would create them again) and leaves run b's."""
+    from kubeapi import KubeAPI
+
+    a = _kube_dag(tmp_path, run="a")
+    b = _kube_dag(tmp_path, run="b")
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        for recipe in (a, b):
+            assert _cluster_run(tmp_path, monkeypatch, api, recipe, max_polls=1) == 75
+            # the conductor's own Job, as rendered (here from a step Job: conductor_job wants a recipe of recipes/)
+            job = k8s.step_job(recipe, recipe.steps["echo-c"], "cpu", recipe_arg=str(recipe.path))
+            job["metadata"].update(name=k8s.conductor_name(recipe), labels=k8s._labels(recipe, "conductor", "cli"))
+            job["spec"]["template"]["spec"]["containers"][0]["name"] = "conductor"
+            conductor.KubeJobs("hala").create(job)
+        api.settle()
+        out = subprocess.run([sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"], capture_output=True,
+                             text=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}, timeout=120)
+        assert out.returncode == 0, out.stderr
+        deleted = [r.split("?")[0].rsplit("/", 1)[1] for r in api.requests if r.startswith("DELETE")]
+        assert deleted[0] == "hala-conductor-a" and sorted(deleted) == ["a-echo-a", "a-echo-c", "hala-conductor-a"]
+        assert sorted(api.jobs) == ["b-echo-a", "b-echo-c", "hala-conductor-b"]
+        again = subprocess.run([sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"], capture_output=True,
+                               text=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}, timeout=120)
+        assert again.returncode == 1 and "no Job of run 'a'" in again.stderr
+
+
+def test_a_second_run_renders_beside_the_first(tmp_path):
+    """`hala render k8s R --run b`: the conductor and every Job carry run b, the shared objects (namespace, recipe,
+    volume, RBAC) are the same as run a's, so `kubectl apply -k` of both leaves two runs side by side."""
+    for run in ("a", "b"):
+        out = hala("render", "k8s", "recipes/tiny.yaml", "--variant", "cpu", "--run", run, "-o", str(tmp_path / run))
+        assert out.returncode == 0, out.stderr
+    docs = {run: {p.relative_to(tmp_path / run).as_posix(): list(yaml.safe_load_all(p.read_text()))
+                  for p in (tmp_path / run).rglob("*.yaml")} for run in ("a", "b")}
+    for name in ("namespace.yaml", "recipe.yaml", "rbac.yaml", "storage.yaml", "kustomization.yaml"):
+        assert docs["a"][name] == docs["b"][name], name
+    conductor_b = docs["b"]["conductor.yaml"][0]
+    assert conductor_b["metadata"]["name"] == "hala-conductor-b"
+    args = conductor_b["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--run") + 1] == "b"
+    names = {run: {d["metadata"]["name"] for f, objs in docs[run].items() if f.startswith("jobs/") for d in objs}
+             for run in ("a", "b")}
+    assert names["a"] and not names["a"] & names["b"] and all(n.startswith("b-") for n in names["b"])
+
+
+def test_a_retried_pod_of_the_same_conductor_does_not_retry_the_failed_step_again(tmp_path, echo, monkeypatch):
+    """The conductor Job retries its own pod when the conductor exits non-zero; that pod (same Job uid, the downward
+    API's HALA_CONDUCTOR_ID) reports the failure again instead of spending a new budget of step Jobs."""
+    from kubeapi import KubeAPI
+
+    recipe = _kube_dag(tmp_path, retries=0, pod_retries=0, retry_backoff_seconds=0)
+    monkeypatch.setenv("HALA_CONDUCTOR_ID", "uid-of-the-conductor-job")
+    with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
+        api.exits["r-echo-c"] = [1]
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1
+        api.settle()
+        assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1  # the conductor Job's next pod
+        api.settle()
+        assert [code for name, _, code in api.pods if name == "r-echo-c"] == [1]
+        assert not [r for r in api.requests if r.startswith("DELETE")]
+    job = k8s.conductor_job(_load(TINY), "cpu", None, None)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HALA_CONDUCTOR_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"

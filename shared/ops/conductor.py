@@ -1,0 +1,344 @@
+"""The Kubernetes conductor (`hala run --runner k8s`, the hala-conductor-<run> Job) and `hala cancel`.
+
+It creates one Job per step in dependency order, only once the step's inputs are committed (no pod holds a GPU
+while it waits), skips cached steps, follows Job conditions, gathers sharded steps after their Indexed Job, and
+adopts the Jobs it finds after its own restart. Everything it touches is scoped to one run: Job names carry the run
+(`k8s.job_name`), and a Job whose labels name another run or recipe is never adopted nor deleted, so two runs of one
+recipe (`--run a`, `--run b`) complete side by side in one namespace.
+
+A failed Job is not failed forever:
+
+- exit 2 (config) or 3 (bad input) stops the run at once and says why: retrying will not help;
+- any other failure (exit 75, a crash, an Indexed Job with an index past its pod retries) gets a new Job of the
+  step, up to `kubernetes.retries` more (default 2), the n-th after `retry_backoff_seconds` * 2^(n-1) counted from
+  the Job's Failed condition (default 30 s, at most 10 minutes); the attempt is the Job's `hala.dev/attempt`
+  annotation and the run record's `attempts`, which `hala status` shows;
+- a pod disruption (preemption, eviction, drain) counts against nothing: the Job's podFailurePolicy ignores it.
+
+A conductor that ends a run with a failure writes it in the run record (`conductor.ended`, with its id: its Job's
+uid, HALA_CONDUCTOR_ID from the downward API). The next conductor of that run, a reapplied one (another Job, or a
+person's `hala run --runner k8s`), gives each step it finds failed a new budget of retries; a pod of the same
+conductor Job (retried by its Job, or replaced in the middle of a run) goes on counting where the last one was.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Protocol
+
+from hala.contract import logs
+from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
+from hala.contract.recipe import Recipe, Step
+from hala.contract.store import Store, now
+from hala.ops import k8s, runner, schedule
+from hala.ops.gather import gather_step
+
+ATTEMPT = "hala.dev/attempt"          # 1, 2, ...: the how-many-th Job of the step in this run
+BUDGET_FROM = "hala.dev/budget-from"  # the attempt the current budget of retries started at (a reapply resets it)
+MAX_BACKOFF_S = 600.0
+FINAL_CODES = (EXIT_CONFIG, EXIT_DATA)
+
+
+class Conflict(Exception):
+    """The API refused to create a Job because one with that name exists (HTTP 409)."""
+
+
+class Jobs(Protocol):
+    """The calls the conductor and `hala cancel` make; KubeJobs is the real one."""
+
+    def create(self, job: dict[str, Any]) -> None: ...
+    def get(self, name: str) -> dict[str, Any] | None: ...
+    def delete(self, name: str) -> None: ...
+    def list(self, selector: str) -> list[dict[str, Any]]: ...
+    def wait(self, seconds: float) -> None: ...
+
+
+class KubeJobs:
+    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config, KUBECONFIG)."""
+
+    def __init__(self, ns: str | None, selector: str | None = None):
+        from kubernetes import client, config
+
+        self.selector = selector
+        self.version: str | None = None  # the resourceVersion the next watch starts from
+        try:
+            config.load_incluster_config()
+            default_ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read().strip()
+        except config.ConfigException:
+            # the client reads $KUBECONFIG once, when it is imported: a later value (a test's, a wrapper's) is passed on
+            where = os.environ.get("KUBECONFIG") or None
+            config.load_kube_config(config_file=where)
+            default_ns = (config.list_kube_config_contexts(config_file=where)[1] or {}).get("context", {}).get(
+                "namespace") or "default"
+        self.ns, self.api, self.client = ns or default_ns, client.BatchV1Api(), client
+        self.exc = client.exceptions.ApiException
+
+    def create(self, job: dict[str, Any]) -> None:
+        try:
+            self.api.create_namespaced_job(self.ns, job)
+        except self.exc as e:
+            if e.status == 409:
+                raise Conflict(job["metadata"]["name"]) from e
+            raise
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            job = self.api.read_namespaced_job(name, self.ns)
+        except self.exc as e:
+            if e.status == 404:
+                return None
+            raise
+        return self.client.ApiClient().sanitize_for_serialization(job)
+
+    def delete(self, name: str) -> None:
+        try:
+            # Background: the Job object goes now (its name is free for the next attempt), its pods after it
+            self.api.delete_namespaced_job(name, self.ns, propagation_policy="Background")
+        except self.exc as e:
+            if e.status != 404:
+                raise
+
+    def list(self, selector: str) -> list[dict[str, Any]]:
+        listing = self.api.list_namespaced_job(self.ns, label_selector=selector)
+        return [self.client.ApiClient().sanitize_for_serialization(j) for j in listing.items]
+
+    def wait(self, seconds: float) -> None:
+        """Until a Job of the run changes, or `seconds` pass: the watch API, from the last resourceVersion seen, so no
+        change between two waits is missed. The conductor reads every Job it follows after each wait, which is the
+        resync: a watch the server ends or drops returns at once (after a short pause, so a flapping API server is
+        not hammered), and a 410 Gone (a version older than the server keeps) starts again from a fresh list."""
+        from kubernetes import watch
+
+        if self.version is None:
+            listing = self.api.list_namespaced_job(self.ns, label_selector=self.selector)
+            self.version = listing.metadata.resource_version
+        w = watch.Watch()
+        started = time.monotonic()
+        try:
+            for event in w.stream(self.api.list_namespaced_job, self.ns, label_selector=self.selector,
+                                  resource_version=self.version, timeout_seconds=max(1, int(seconds)),
+                                  allow_watch_bookmarks=True):
+                self.version = event["object"].metadata.resource_version or self.version
+                if event["type"] != "BOOKMARK":
+                    return  # a Job was added, changed or deleted: the conductor looks
+        except self.exc as e:
+            if e.status != 410:
+                raise
+            self.version = None  # expired: list again next time
+        except Exception as e:  # noqa: BLE001 - a dropped connection (urllib3's errors): the next pass resyncs
+            logs.get("hala.k8s").info("watch dropped", error=f"{type(e).__name__}: {e}"[:300])
+            time.sleep(max(0.0, min(5.0, seconds - (time.monotonic() - started))))
+        finally:
+            w.stop()
+
+
+def job_outcome(job: dict[str, Any]) -> tuple[str, str, float | None]:
+    """('complete' | 'failed' | 'running', reason, when it failed as a Unix time) from the Job's conditions."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return "complete", "", None
+        if cond.get("type") == "Failed":
+            when = cond.get("lastTransitionTime")
+            at = datetime.fromisoformat(str(when).replace("Z", "+00:00")).timestamp() if when else None
+            return "failed", f"{cond.get('reason', '')}: {cond.get('message', '')}".strip(": "), at
+    return "running", "", None
+
+
+def run_selector(recipe: Recipe) -> str:
+    """The label selector of a run's Jobs (every step, shard and gather Job carries these labels)."""
+    return f"app.kubernetes.io/part-of={k8s.k8s_name(recipe.name)},hala.dev/run={k8s.k8s_name(recipe.run)}"
+
+
+def _meta(job: dict[str, Any], key: str) -> dict[str, str]:
+    return (job.get("metadata") or {}).get(key) or {}
+
+
+def _is_ours(job: dict[str, Any], recipe: Recipe) -> bool:
+    labels = _meta(job, "labels")
+    return labels.get("hala.dev/run") == k8s.k8s_name(recipe.run) and labels.get("app.kubernetes.io/part-of") == k8s.k8s_name(recipe.name)
+
+
+def _failure_code(store: Store, recipe: Recipe, step: Step) -> tuple[int, str]:
+    """The exit code and error the step (or its failed shard) wrote into the store when it stopped; 1 when none did
+    (a pod killed before it could)."""
+    statuses = store.read_statuses(recipe.run)
+    candidates = [statuses.get(step.name, {})] + [v for k, v in sorted(statuses.items())
+                                                  if k.startswith(f"{step.name}.shard-") and v.get("exit_code")]
+    status = next((c for c in candidates if c.get("exit_code") and c.get("state") == "failed"), {})
+    return int(status.get("exit_code") or 1), str(status.get("error") or "")
+
+
+def _record(store: Store, recipe: Recipe, **changes: Any) -> None:
+    """Merge `changes` into the run record (<run>/_RUN.json); `attempts` is merged per step."""
+    path = store.path(recipe.run, "_RUN.json")
+    info = store.read_json(path) or {}
+    if "attempts" in changes:
+        changes["attempts"] = {**(info.get("attempts") or {}), **changes["attempts"]}
+    info.update(changes)
+    store.write_json(path, info)
+
+
+def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str | None = None, tag: str | None = None,
+            resync_seconds: float = 300.0, recipe_arg: str | None = None, store_arg: str | None = None,
+            max_polls: int | None = None) -> int:
+    """Drive the recipe's enabled steps as Jobs until all are committed, or one fails for good (exit code != 0)."""
+    log = logs.get("hala.k8s")
+    store = Store(recipe.store)
+    info = store.read_json(store.path(recipe.run, "_RUN.json"))
+    if info is None:
+        runner.record(recipe, store, runner_name="k8s")
+        info = {}
+    # Which conductor this is: its Job's uid in a cluster (the conductor Job's pods retry it: a retried pod is the same
+    # conductor and must not reset budgets); a process of its own anywhere else (a person ran it again)
+    me = os.environ.get("HALA_CONDUCTOR_ID") or f"process-{uuid.uuid4().hex[:12]}"
+    last = info.get("conductor") or {}
+    reapplied = last.get("ended") == "failed" and last.get("id") != me
+    started = now()
+    _record(store, recipe, conductor={"id": me, "started": started, "ended": None})
+    retries = int(recipe.kubernetes.get("retries", 2))
+    backoff_s = float(recipe.kubernetes.get("retry_backoff_seconds", 30))
+    steps = [s for s in recipe.steps.values() if s.enabled]
+    missing = [f"{s.name} ({s.stage})" for s in steps if s.spec is None]
+    if missing:
+        raise ConfigError(f"steps whose stage is not built: {', '.join(missing)}")
+    state: dict[str, str] = {}
+    looked: set[str] = set()  # steps this conductor has seen a Job of
+    next_attempt: dict[str, tuple[int, int]] = {}  # step -> (attempt, budget-from) of the Job to create
+    failure: tuple[str, int, str] | None = None
+    polls = 0
+    tracked = {s.name for s in steps}
+    while True:
+        wake: float | None = None  # the soonest retry, when one is backing off
+        for step in steps:
+            if state.get(step.name) in schedule.FINAL:
+                continue
+            if state.get(step.name) != "running":
+                move, _ = schedule.next_move(recipe, step, state, tracked, stopped=failure is not None)
+                if move == "blocked":
+                    state[step.name] = "blocked"
+                if move != "go":
+                    continue  # waits for its inputs; after a failure nothing new starts (Jobs running finish)
+            try:
+                decision, fp, _ = schedule.state(store, recipe, step, forced=False)
+            except HalaError as e:
+                state[step.name], failure = "failed", (step.name, e.exit_code, str(e))
+                continue
+            if decision == "cached":
+                if state.get(step.name) != "cached":
+                    log.info("cached", step=step.name, fingerprint=(fp or "")[:12])
+                state[step.name] = "cached"
+                continue
+            name = k8s.job_name(recipe, step)
+            job = jobs.get(name)
+            if job is not None and not _is_ours(job, recipe):
+                labels = _meta(job, "labels")
+                state[step.name] = "failed"
+                failure = (step.name, EXIT_CONFIG, f"Job {name} belongs to run {labels.get('hala.dev/run')!r} of "
+                           f"{labels.get('app.kubernetes.io/part-of')!r}, not to this one; it is left alone: rename this "
+                           "run (--run) or delete that Job")
+                continue
+            if job is not None and _meta(job, "annotations").get(k8s.FINGERPRINT) != fp:
+                # this run's Job of an older config (a --set changed): its pods write what this run no longer wants
+                log.warning("replacing a stale job", step=step.name, job=name)
+                jobs.delete(name)
+                job = None
+            if job is None:
+                attempt, budget_from = next_attempt.get(step.name, (1, 1))
+                try:
+                    jobs.create(k8s.step_job(recipe, step, variant, registry, tag, fingerprint=fp, recipe_arg=recipe_arg,
+                                             store_arg=store_arg, annotations={ATTEMPT: str(attempt), BUDGET_FROM: str(budget_from)}))
+                    log.info("job created", step=step.name, job=name, shards=step.shards, attempt=attempt,
+                             fingerprint=(fp or "")[:12])
+                    _record(store, recipe, attempts={step.name: attempt})
+                    next_attempt.pop(step.name, None)
+                except Conflict:
+                    log.info("job still being deleted", step=step.name, job=name)  # tried again at the next pass
+                state[step.name] = "running"
+                looked.add(step.name)
+                continue
+            first_look = step.name not in looked
+            looked.add(step.name)
+            if state.get(step.name) != "running":
+                log.info("job adopted", step=step.name, job=name)
+            state[step.name] = "running"
+            outcome, reason, failed_at = job_outcome(job)
+            if outcome == "running":
+                continue
+            if outcome == "failed":
+                code, error = _failure_code(store, recipe, step)
+                why = "; ".join(x for x in (reason, error) if x) or "the Job failed"
+                attempt = int(_meta(job, "annotations").get(ATTEMPT, 1))
+                budget_from = int(_meta(job, "annotations").get(BUDGET_FROM, 1))
+                if reapplied and first_look:
+                    budget_from = attempt + 1  # reapplied after the run failed: the failed step gets its retries again
+                if code in FINAL_CODES or attempt + 1 - budget_from > retries:
+                    state[step.name], failure = "failed", (step.name, code, why)
+                    log.error("job failed", step=step.name, job=name, exit_code=code, attempt=attempt, reason=why,
+                              retried=code not in FINAL_CODES)
+                    continue
+                delay = min(MAX_BACKOFF_S, backoff_s * 2 ** max(0, attempt - budget_from))
+                due = (failed_at or time.time()) + delay
+                if time.time() < due:
+                    wake = due if wake is None else min(wake, due)
+                    continue
+                log.warning("job failed, retrying", step=step.name, job=name, exit_code=code, attempt=attempt,
+                            next_attempt=attempt + 1, retries_left=retries - (attempt + 1 - budget_from), reason=why)
+                jobs.delete(name)
+                next_attempt[step.name] = (attempt + 1, budget_from)
+                continue
+            try:
+                if step.shards > 1:
+                    gather_step(recipe, step.name)
+            except HalaError as e:
+                state[step.name], failure = "failed", (step.name, e.exit_code, f"gather: {e}")
+                continue
+            if store.read_manifest(recipe.run, step.name) is None:
+                state[step.name], failure = "failed", (step.name, EXIT_CONFIG, "the Job completed but the step left no manifest")
+                continue
+            state[step.name] = "done"
+            log.info("step done", step=step.name, job=name)
+        active = [s.name for s in steps if state.get(s.name) == "running"]
+        pending = [s.name for s in steps if s.name not in state]
+        if failure:
+            break  # Jobs still running finish on their own; a rerun adopts them
+        if not active and not pending:
+            break
+        polls += 1
+        if max_polls is not None and polls >= max_polls:
+            log.info("conductor stopping", after_polls=polls, running=active)
+            return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
+        seconds = resync_seconds if wake is None else max(0.0, min(resync_seconds, wake - time.time()))
+        jobs.wait(seconds)  # returns when a Job changes (the watch API), at the latest after `seconds`
+    counts: dict[str, int] = {}
+    for s in steps:
+        counts[state.get(s.name, "not run")] = counts.get(state.get(s.name, "not run"), 0) + 1
+    log.info("run end", **counts)
+    _record(store, recipe, conductor={"id": me, "started": started, "ended": "failed" if failure else "done", "at": now()})
+    if failure:
+        step_name, code, why = failure
+        print(f"hala: step {step_name} failed (exit {code}): {why}", flush=True)
+        return code or 1
+    return 0
+
+
+def cancel(jobs: Jobs, run: str, recipe_name: str | None = None) -> list[str]:
+    """Delete the Jobs of one run (its conductor's included, so nothing creates them again): those labelled with the
+    run, of one recipe. The names deleted. A run name that two recipes in the namespace share needs `recipe_name`."""
+    selector = f"app.kubernetes.io/name=hala,hala.dev/run={k8s.k8s_name(run)}"
+    if recipe_name:
+        selector += f",app.kubernetes.io/part-of={k8s.k8s_name(recipe_name)}"
+    found = jobs.list(selector)
+    recipes = sorted({_meta(j, "labels").get("app.kubernetes.io/part-of", "") for j in found})
+    if len(recipes) > 1:
+        raise ConfigError(f"run {run!r} has Jobs of {len(recipes)} recipes here ({', '.join(recipes)}): "
+                          "name one with --recipe-name")
+    # the conductor first: a conductor still running would create the step Jobs again
+    names = sorted((j["metadata"]["name"] for j in found), key=lambda n: not n.startswith(k8s.CONDUCTOR))
+    for name in names:
+        jobs.delete(name)
+    return names
