@@ -32,7 +32,7 @@ import yaml
 from hala.contract import logs
 from hala.contract.errors import ConfigError
 from hala.contract.recipe import Recipe, Step
-from hala.ops import images as images_mod
+from hala.ops import commands, images as images_mod
 from hala.ops.resources import FP8_MIN_CAPABILITY, needs
 
 REPO = images_mod.REPO
@@ -65,17 +65,10 @@ def recipe_in_image(recipe: Recipe) -> str:
 def step_args(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, store: str = STORE_IN_IMAGE,
               recipe_arg: str | None = None) -> list[str]:
     """The step command inside an image: `hala-stage <stage> ...`, the same flags as the local runner's."""
-    args = [step.stage, "--recipe", recipe_arg or recipe_in_image(recipe), "--step", step.name, "--store", store, "--run", recipe.run,
-            *set_args(recipe)]
-    if shard:
-        args += ["--shard", f"{shard[0]}/{shard[1]}"]
-    return args
+    return commands.image_args(recipe, step, shard, store, recipe_arg or recipe_in_image(recipe))
 
 
-def set_args(recipe: Recipe) -> list[str]:
-    """The recipe's --set overrides, for every command of a DAG: a gather or a record without them would see
-    another recipe (another fingerprint) than the steps."""
-    return [arg for item in recipe.overrides for arg in ("--set", item)]
+set_args = commands.set_args
 
 
 def _compose_size(k8s: str) -> str:

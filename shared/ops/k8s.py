@@ -27,7 +27,7 @@ import yaml
 
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, ConfigError
 from hala.contract.recipe import Recipe, Step
-from hala.ops import compose as compose_mod, images as images_mod
+from hala.ops import commands, compose as compose_mod, images as images_mod
 from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs
 
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
@@ -175,7 +175,8 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
     need = needs(recipe, step)
     if variant == "cpu":
         need = Needs(gpus=0, fp8=False, cpu=need.cpu, memory=need.memory, shm=need.shm)
-    args = compose_mod.step_args(recipe, step, None, store=store_arg or _store_url(recipe), recipe_arg=recipe_arg)
+    args = commands.image_args(recipe, step, None, store_arg or _store_url(recipe),
+                               recipe_arg or compose_mod.recipe_in_image(recipe))
     container = {"name": "step", "image": images_mod.reference(step.spec.env, variant, registry, tag), "args": args,
                  "resources": _resources(step.stage, need, variant)}
     pod = _pod(recipe, container, need, variant, recipe_arg=recipe_arg)
@@ -209,7 +210,7 @@ def step_job(recipe: Recipe, step: Step, variant: str = "cuda", registry: str | 
 
 def conductor_job(recipe: Recipe, variant: str, registry: str | None, tag: str | None) -> dict[str, Any]:
     args = ["run", compose_mod.recipe_in_image(recipe), "--runner", "k8s", "--store", _store_url(recipe), "--run", recipe.run,
-            "--variant", variant, "--namespace", namespace(recipe), *compose_mod.set_args(recipe)]
+            "--variant", variant, "--namespace", namespace(recipe), *commands.set_args(recipe)]
     if registry:
         args += ["--registry", registry]
     if tag:
@@ -283,7 +284,7 @@ def gather_job(recipe: Recipe, step: Step, variant: str, registry: str | None, t
     """`hala gather` of a sharded step as a Job of its own (hala-cli), to apply after the step's Indexed Job when the
     step Jobs are used without the conductor (the conductor gathers in its own process)."""
     args = ["gather", compose_mod.recipe_in_image(recipe), step.name, "--store", _store_url(recipe), "--run", recipe.run,
-            *compose_mod.set_args(recipe)]
+            *commands.set_args(recipe)]
     container = {"name": "gather", "image": images_mod.reference("cli", variant, registry, tag), "args": args,
                  "resources": _resources("cli", None, "cuda")}
     labels = _labels(recipe, step.name, "gather")

@@ -21,7 +21,7 @@ from hala.contract import logs
 from hala.contract.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store, now
-from hala.ops import display, envs, schedule
+from hala.ops import commands, display, envs, schedule
 from hala.ops.gather import gather_step
 
 ALL = schedule.ALL
@@ -67,15 +67,8 @@ def _python(step: Step) -> str:
 
 def step_command(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, force: bool = False) -> list[str]:
     assert step.spec is not None
-    cmd = [_python(step), "-m", step.spec.module, "--recipe", str(recipe.path), "--step", step.name,
-           "--store", recipe.store, "--run", recipe.run]
-    for item in recipe.overrides:
-        cmd += ["--set", item]
-    if shard:
-        cmd += ["--shard", f"{shard[0]}/{shard[1]}"]
-    if force:
-        cmd.append("--force")
-    return cmd
+    return [_python(step), "-m", step.spec.module,
+            *commands.step_flags(recipe, step, shard, recipe.store, str(recipe.path), force)]
 
 
 class _Relay:
