@@ -30,11 +30,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from hala.contract import logs
-from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError, HalaError
+from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store, now
-from hala.ops import k8s, runner, schedule
-from hala.ops.gather import gather_step
+from hala.ops import k8s, runner
+from hala.ops.drive import Outcome, Stopped, drive
 
 ATTEMPT = "hala.dev/attempt"          # 1, 2, ...: the how-many-th Job of the step in this run
 BUDGET_FROM = "hala.dev/budget-from"  # the attempt the current budget of retries started at (a reapply resets it)
@@ -197,133 +197,139 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
     # conductor and must not reset budgets); a process of its own anywhere else (a person ran it again)
     me = os.environ.get("HALA_CONDUCTOR_ID") or f"process-{uuid.uuid4().hex[:12]}"
     last = info.get("conductor") or {}
-    reapplied = last.get("ended") == "failed" and last.get("id") != me
     started = now()
     _record(store, recipe, conductor={"id": me, "started": started, "ended": None})
-    retries = int(recipe.kubernetes.get("retries", 2))
-    backoff_s = float(recipe.kubernetes.get("retry_backoff_seconds", 30))
     steps = [s for s in recipe.steps.values() if s.enabled]
     missing = [f"{s.name} ({s.stage})" for s in steps if s.spec is None]
     if missing:
         raise ConfigError(f"steps whose stage is not built: {', '.join(missing)}")
-    state: dict[str, str] = {}
-    looked: set[str] = set()  # steps this conductor has seen a Job of
-    next_attempt: dict[str, tuple[int, int]] = {}  # step -> (attempt, budget-from) of the Job to create
-    failure: tuple[str, int, str] | None = None
-    polls = 0
-    tracked = {s.name for s in steps}
-    while True:
-        wake: float | None = None  # the soonest retry, when one is backing off
-        for step in steps:
-            if state.get(step.name) in schedule.FINAL:
-                continue
-            if state.get(step.name) != "running":
-                move, _ = schedule.next_move(recipe, step, state, tracked, stopped=failure is not None)
-                if move == "blocked":
-                    state[step.name] = "blocked"
-                if move != "go":
-                    continue  # waits for its inputs; after a failure nothing new starts (Jobs running finish)
-            try:
-                decision, fp, _ = schedule.state(store, recipe, step, forced=False)
-            except HalaError as e:
-                state[step.name], failure = "failed", (step.name, e.exit_code, str(e))
-                continue
-            if decision == "cached":
-                if state.get(step.name) != "cached":
-                    log.info("cached", step=step.name, fingerprint=(fp or "")[:12])
-                state[step.name] = "cached"
-                continue
-            name = k8s.job_name(recipe, step)
-            job = jobs.get(name)
-            if job is not None and not _is_ours(job, recipe):
-                labels = _meta(job, "labels")
-                state[step.name] = "failed"
-                failure = (step.name, EXIT_CONFIG, f"Job {name} belongs to run {labels.get('hala.dev/run')!r} of "
-                           f"{labels.get('app.kubernetes.io/part-of')!r}, not to this one; it is left alone: rename this "
-                           "run (--run) or delete that Job")
-                continue
-            if job is not None and _meta(job, "annotations").get(k8s.FINGERPRINT) != fp:
-                # this run's Job of an older config (a --set changed): its pods write what this run no longer wants
-                log.warning("replacing a stale job", step=step.name, job=name)
-                jobs.delete(name)
-                job = None
-            if job is None:
-                attempt, budget_from = next_attempt.get(step.name, (1, 1))
-                try:
-                    jobs.create(k8s.step_job(recipe, step, variant, registry, tag, fingerprint=fp, recipe_arg=recipe_arg,
-                                             store_arg=store_arg, annotations={ATTEMPT: str(attempt), BUDGET_FROM: str(budget_from)}))
-                    log.info("job created", step=step.name, job=name, shards=step.shards, attempt=attempt,
-                             fingerprint=(fp or "")[:12])
-                    _record(store, recipe, attempts={step.name: attempt})
-                    next_attempt.pop(step.name, None)
-                except Conflict:
-                    log.info("job still being deleted", step=step.name, job=name)  # tried again at the next pass
-                state[step.name] = "running"
-                looked.add(step.name)
-                continue
-            first_look = step.name not in looked
-            looked.add(step.name)
-            if state.get(step.name) != "running":
-                log.info("job adopted", step=step.name, job=name)
-            state[step.name] = "running"
-            outcome, reason, failed_at = job_outcome(job)
-            if outcome == "running":
-                continue
-            if outcome == "failed":
-                code, error = _failure_code(store, recipe, step)
-                why = "; ".join(x for x in (reason, error) if x) or "the Job failed"
-                attempt = int(_meta(job, "annotations").get(ATTEMPT, 1))
-                budget_from = int(_meta(job, "annotations").get(BUDGET_FROM, 1))
-                if reapplied and first_look:
-                    budget_from = attempt + 1  # reapplied after the run failed: the failed step gets its retries again
-                if code in FINAL_CODES or attempt + 1 - budget_from > retries:
-                    state[step.name], failure = "failed", (step.name, code, why)
-                    log.error("job failed", step=step.name, job=name, exit_code=code, attempt=attempt, reason=why,
-                              retried=code not in FINAL_CODES)
-                    continue
-                delay = min(MAX_BACKOFF_S, backoff_s * 2 ** max(0, attempt - budget_from))
-                due = (failed_at or time.time()) + delay
-                if time.time() < due:
-                    wake = due if wake is None else min(wake, due)
-                    continue
-                log.warning("job failed, retrying", step=step.name, job=name, exit_code=code, attempt=attempt,
-                            next_attempt=attempt + 1, retries_left=retries - (attempt + 1 - budget_from), reason=why)
-                jobs.delete(name)
-                next_attempt[step.name] = (attempt + 1, budget_from)
-                continue
-            try:
-                if step.shards > 1:
-                    gather_step(recipe, step.name)
-            except HalaError as e:
-                state[step.name], failure = "failed", (step.name, e.exit_code, f"gather: {e}")
-                continue
-            if store.read_manifest(recipe.run, step.name) is None:
-                state[step.name], failure = "failed", (step.name, EXIT_CONFIG, "the Job completed but the step left no manifest")
-                continue
-            state[step.name] = "done"
-            log.info("step done", step=step.name, job=name)
-        active = [s.name for s in steps if state.get(s.name) == "running"]
-        pending = [s.name for s in steps if s.name not in state]
-        if failure:
-            break  # Jobs still running finish on their own; a rerun adopts them
-        if not active and not pending:
-            break
-        polls += 1
-        if max_polls is not None and polls >= max_polls:
-            log.info("conductor stopping", after_polls=polls, running=active)
-            return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-        seconds = resync_seconds if wake is None else max(0.0, min(resync_seconds, wake - time.time()))
-        jobs.wait(seconds)  # returns when a Job changes (the watch API), at the latest after `seconds`
+    executor = JobExecutor(recipe, store, jobs, log, reapplied=last.get("ended") == "failed" and last.get("id") != me,
+                           job_args={"variant": variant, "registry": registry, "tag": tag, "recipe_arg": recipe_arg,
+                                     "store_arg": store_arg},
+                           resync_seconds=resync_seconds, max_polls=max_polls)
+    try:
+        # at the first failure the conductor ends: Jobs still running finish on their own, a rerun adopts them
+        outcomes = drive(recipe, steps, store, executor, detach_on_failure=True, wait_seconds=resync_seconds)
+    except Stopped:
+        return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
     counts: dict[str, int] = {}
     for s in steps:
-        counts[state.get(s.name, "not run")] = counts.get(state.get(s.name, "not run"), 0) + 1
+        state = outcomes[s.name].state if s.name in outcomes else "not run"
+        counts[state] = counts.get(state, 0) + 1
     log.info("run end", **counts)
+    failure = next((o for o in outcomes.values() if o.state == "failed"), None)
     _record(store, recipe, conductor={"id": me, "started": started, "ended": "failed" if failure else "done", "at": now()})
     if failure:
-        step_name, code, why = failure
-        print(f"hala: step {step_name} failed (exit {code}): {why}", flush=True)
-        return code or 1
+        print(f"hala: step {failure.step} failed (exit {failure.exit_code}): {failure.note}", flush=True)
+        return failure.exit_code or 1
     return 0
+
+
+class JobExecutor:
+    """hala.ops.drive's executor on a cluster: a step is a Job (an Indexed Job when sharded). `poll` reads it,
+    adopts it after a restart, replaces a stale one of this run, retries a failed one within its budget, and reports
+    only what is final; `wait` waits on the watch API, at most until the soonest retry is due."""
+
+    def __init__(self, recipe: Recipe, store: Store, jobs: Jobs, log: Any, *, reapplied: bool, job_args: dict[str, Any],
+                 resync_seconds: float, max_polls: int | None):
+        self.recipe, self.store, self.jobs, self.log = recipe, store, jobs, log
+        self.reapplied, self.job_args = reapplied, job_args
+        self.resync_seconds, self.max_polls, self.polls = resync_seconds, max_polls, 0
+        self.retries = int(recipe.kubernetes.get("retries", 2))
+        self.backoff_s = float(recipe.kubernetes.get("retry_backoff_seconds", 30))
+        self.fingerprints: dict[str, str | None] = {}
+        self.looked: set[str] = set()  # steps this conductor has seen a Job of
+        self.adopted: set[str] = set()
+        self.next_attempt: dict[str, tuple[int, int]] = {}  # step -> (attempt, budget-from) of the Job to create
+        self.wake: float | None = None  # the soonest retry, when one is backing off
+
+    def start(self, step: Step, fingerprint: str | None, forced: bool) -> None:
+        self.fingerprints[step.name] = fingerprint  # the Job is created or adopted by the next poll
+
+    def poll(self, step: Step) -> tuple[int, str] | None:
+        fp, name = self.fingerprints[step.name], k8s.job_name(self.recipe, step)
+        job = self.jobs.get(name)
+        if job is not None and not _is_ours(job, self.recipe):
+            labels = _meta(job, "labels")
+            return EXIT_CONFIG, (f"Job {name} belongs to run {labels.get('hala.dev/run')!r} of "
+                                 f"{labels.get('app.kubernetes.io/part-of')!r}, not to this one; it is left alone: "
+                                 "rename this run (--run) or delete that Job")
+        if job is not None and _meta(job, "annotations").get(k8s.FINGERPRINT) != fp:
+            # this run's Job of an older config (a --set changed): its pods write what this run no longer wants
+            self.log.warning("replacing a stale job", step=step.name, job=name)
+            self.jobs.delete(name)
+            job = None
+        if job is None:
+            self._create(step, name, fp)
+            return None
+        first_look = step.name not in self.looked
+        self.looked.add(step.name)
+        if step.name not in self.adopted:
+            self.adopted.add(step.name)
+            self.log.info("job adopted", step=step.name, job=name)
+        outcome, reason, failed_at = job_outcome(job)
+        if outcome == "running":
+            return None
+        if outcome == "complete":
+            self.log.info("job complete", step=step.name, job=name)
+            return 0, ""
+        return self._failed(step, name, job, reason, failed_at, first_look)
+
+    def _create(self, step: Step, name: str, fp: str | None) -> None:
+        attempt, budget_from = self.next_attempt.get(step.name, (1, 1))
+        a = self.job_args
+        try:
+            self.jobs.create(k8s.step_job(self.recipe, step, a["variant"], a["registry"], a["tag"], fingerprint=fp,
+                                          recipe_arg=a["recipe_arg"], store_arg=a["store_arg"],
+                                          annotations={ATTEMPT: str(attempt), BUDGET_FROM: str(budget_from)}))
+            self.log.info("job created", step=step.name, job=name, shards=step.shards, attempt=attempt,
+                          fingerprint=(fp or "")[:12])
+            _record(self.store, self.recipe, attempts={step.name: attempt})
+            self.next_attempt.pop(step.name, None)
+        except Conflict:
+            self.log.info("job still being deleted", step=step.name, job=name)  # tried again at the next pass
+        self.looked.add(step.name)
+        self.adopted.add(step.name)
+
+    def _failed(self, step: Step, name: str, job: dict[str, Any], reason: str, failed_at: float | None,
+                first_look: bool) -> tuple[int, str] | None:
+        code, error = _failure_code(self.store, self.recipe, step)
+        why = "; ".join(x for x in (reason, error) if x) or "the Job failed"
+        attempt = int(_meta(job, "annotations").get(ATTEMPT, 1))
+        budget_from = int(_meta(job, "annotations").get(BUDGET_FROM, 1))
+        if self.reapplied and first_look:
+            budget_from = attempt + 1  # reapplied after the run failed: the failed step gets its retries again
+        if code in FINAL_CODES or attempt + 1 - budget_from > self.retries:
+            self.log.error("job failed", step=step.name, job=name, exit_code=code, attempt=attempt, reason=why,
+                           retried=code not in FINAL_CODES)
+            return code, why
+        due = (failed_at or time.time()) + min(MAX_BACKOFF_S, self.backoff_s * 2 ** max(0, attempt - budget_from))
+        if time.time() < due:
+            self.wake = due if self.wake is None else min(self.wake, due)
+            return None
+        self.log.warning("job failed, retrying", step=step.name, job=name, exit_code=code, attempt=attempt,
+                         next_attempt=attempt + 1, retries_left=self.retries - (attempt + 1 - budget_from), reason=why)
+        self.jobs.delete(name)
+        self.next_attempt[step.name] = (attempt + 1, budget_from)
+        return None
+
+    def wait(self, seconds: float) -> None:
+        self.polls += 1
+        if self.max_polls is not None and self.polls >= self.max_polls:
+            self.log.info("conductor stopping", after_polls=self.polls)
+            raise Stopped
+        if self.wake is not None:
+            seconds = max(0.0, min(seconds, self.wake - time.time()))
+            self.wake = None
+        self.jobs.wait(seconds)  # returns when a Job changes (the watch API), at the latest after `seconds`
+
+    def ended(self, o: Outcome) -> None:
+        if o.state == "cached":
+            self.log.info("cached", step=o.step, fingerprint=(o.fingerprint or "")[:12])
+        elif o.state == "done":
+            self.log.info("step done", step=o.step)
+        elif o.state in ("failed", "blocked"):
+            self.log.info(o.state, step=o.step, exit_code=o.exit_code, note=o.note or None)
 
 
 def cancel(jobs: Jobs, run: str, recipe_name: str | None = None) -> list[str]:

@@ -14,27 +14,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from hala.contract import logs
-from hala.contract.errors import EXIT_CONFIG, EXIT_OK, ConfigError, HalaError
+from hala.contract.errors import EXIT_OK, ConfigError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store, now
 from hala.ops import commands, display, envs, schedule
-from hala.ops.gather import gather_step
+from hala.ops.drive import Outcome, drive, rows_of
 
 ALL = schedule.ALL
-
-
-@dataclass
-class Outcome:
-    step: str
-    state: str  # cached | done | failed | blocked | skipped | planned
-    seconds: float = 0.0
-    exit_code: int | None = None
-    rows: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
 
 
 def select(recipe: Recipe, only: list[str] | None) -> list[Step]:
@@ -224,12 +213,6 @@ def _save_log(store: Store, run: str, name: str, lines: list[str]) -> None:
         logs.get("hala.run").warning("log not saved", path=store.uri(path), error=str(e))
 
 
-def _rows(manifest: dict[str, Any] | None) -> dict[str, Any]:
-    if not manifest:
-        return {}
-    return {name: out.get("rows") for name, out in manifest.get("outputs", {}).items()}
-
-
 def plan(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
     """What `hala run` would do, without running or downloading anything."""
     store = Store(recipe.store)
@@ -276,69 +259,57 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
     started = record(recipe, store)
     t_run = time.monotonic()
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
-    outcomes: dict[str, Outcome] = {}
-    first_failure = EXIT_OK
     probed = schedule.probe(store, recipe, steps, force)
-    tracked = {s.name for s in steps}
-    for index, step in enumerate(steps):
-        t0 = time.monotonic()
-        states = {name: o.state for name, o in outcomes.items()}
-        move, why = schedule.next_move(recipe, step, states, tracked, stopped=bool(first_failure) and not keep_going)
-        if move == "blocked":
-            outcomes[step.name] = Outcome(step.name, "blocked", note=f"after failed {', '.join(why)}")
-            store.write_status(recipe.run, step.name, state="blocked", after=why)
-            log.info("blocked", step=step.name, after=why)
-            if view:
-                view.end(step.name, "blocked", note=outcomes[step.name].note)
-            continue
-        if move == "skip":
-            outcomes[step.name] = Outcome(step.name, "skipped", note="run stopped at the first failure")
-            if view:
-                view.end(step.name, "skipped", note=outcomes[step.name].note)
-            continue
-        assert move == "go", (step.name, move, why)  # steps come in dependency order: every input was decided
-        forced = schedule.is_forced(step, force)
-        try:
-            ahead = probed.get(step.name)
-            # read ahead before any step ran: still true while every upstream step of this run was cached too
-            if ahead and ahead[0] == "cached" and all(outcomes[u].state == "cached" for u in step.upstream if u in outcomes):
-                state, fp, manifest = ahead
-            else:
-                state, fp, manifest = schedule.state(store, recipe, step, forced)
-        except HalaError as e:
-            outcomes[step.name] = Outcome(step.name, "failed", exit_code=e.exit_code, note=str(e))
-            log.info("failed", step=step.name, exit_code=e.exit_code, error=str(e))
-            if view:
-                view.end(step.name, "failed", note=f"exit {e.exit_code}")
-            first_failure = first_failure or e.exit_code
-            continue
-        if state == "cached":
-            outcomes[step.name] = Outcome(step.name, "cached", rows=_rows(manifest))
-            log.info("cached", step=step.name, fingerprint=(fp or "")[:12], rows=_rows(manifest))
-            if view:
-                view.end(step.name, "cached", rows=_rows(manifest))
-            continue
-        log.info("step start", step=step.name, stage=step.stage, shards=step.shards)
-        if view:
-            view.start(step.name)
-        warm.running(index)
-        code, note = _run_step(recipe, step, store, forced, view, warm)
-        warm.finished(index)
-        seconds = time.monotonic() - t0
-        manifest = store.read_manifest(recipe.run, step.name)
-        if code == EXIT_OK and manifest is None:
-            code, note = EXIT_CONFIG, "the step exited 0 but left no manifest"
-        outcomes[step.name] = Outcome(step.name, "done" if code == 0 else "failed", seconds, code, _rows(manifest), note or "")
-        if code:
-            log.info("step failed", step=step.name, exit_code=code, seconds=round(seconds, 1))
-            first_failure = first_failure or code
-        else:
-            log.info("step done", step=step.name, seconds=round(seconds, 1), rows=_rows(manifest))
-        if view:
-            view.end(step.name, outcomes[step.name].state, seconds, _rows(manifest),
-                     f"exit {code}; log: {store.uri(store.path(recipe.run, '_logs', step.name + '.jsonl'))}" if code else "")
+    executor = LocalExecutor(recipe, store, steps, log, view, warm)
+    outcomes = drive(recipe, steps, store, executor, force=force, keep_going=keep_going, probed=probed)
     _summary(recipe, store, outcomes, started, view, time.monotonic() - t_run)
-    return first_failure
+    return next((o.exit_code or 1 for o in outcomes.values() if o.state == "failed"), EXIT_OK)
+
+
+class LocalExecutor:
+    """hala.ops.drive's executor on this machine: a step runs to its end inside `start` (its shards one after the
+    other, each a process of its stage's environment, warm when one is ready), so `poll` has its exit code at once."""
+
+    def __init__(self, recipe: Recipe, store: Store, steps: list[Step], log: Any, view: display.Display | None,
+                 warm: WarmPool):
+        self.recipe, self.store, self.log, self.view, self.warm = recipe, store, log, view, warm
+        self.index = {s.name: i for i, s in enumerate(steps)}
+        self.results: dict[str, tuple[int, str]] = {}
+
+    def start(self, step: Step, fingerprint: str | None, forced: bool) -> None:
+        self.log.info("step start", step=step.name, stage=step.stage, shards=step.shards)
+        if self.view:
+            self.view.start(step.name)
+        self.warm.running(self.index[step.name])
+        code, note = _run_step(self.recipe, step, self.store, forced, self.view, self.warm)
+        self.warm.finished(self.index[step.name])
+        self.results[step.name] = (code, note or "")
+
+    def poll(self, step: Step) -> tuple[int, str] | None:
+        return self.results.pop(step.name, None)
+
+    def wait(self, seconds: float) -> None:
+        pass  # nothing runs between two passes: `start` ran the step to its end
+
+    def ended(self, o: Outcome) -> None:
+        if o.state == "blocked":
+            after = o.note.removeprefix("after failed ").split(", ")
+            self.store.write_status(self.recipe.run, o.step, state="blocked", after=after)
+            self.log.info("blocked", step=o.step, after=after)
+        elif o.state == "cached":
+            self.log.info("cached", step=o.step, fingerprint=(o.fingerprint or "")[:12], rows=o.rows)
+        elif o.state == "failed" and not o.seconds:  # refused before it started (its inputs, its config)
+            self.log.info("failed", step=o.step, exit_code=o.exit_code, error=o.note)
+        elif o.state == "failed":
+            self.log.info("step failed", step=o.step, exit_code=o.exit_code, seconds=round(o.seconds, 1), error=o.note or None)
+        elif o.state == "done":
+            self.log.info("step done", step=o.step, seconds=round(o.seconds, 1), rows=o.rows)
+        if self.view:
+            note = o.note
+            if o.state == "failed":
+                note = (f"exit {o.exit_code}; log: {self.store.uri(self.store.path(self.recipe.run, '_logs', o.step + '.jsonl'))}"
+                        if o.seconds else f"exit {o.exit_code}")
+            self.view.end(o.step, o.state, o.seconds or None, o.rows, note)
 
 
 def record(recipe: Recipe, store: Store, runner_name: str = "local") -> str:
@@ -356,7 +327,7 @@ def record(recipe: Recipe, store: Store, runner_name: str = "local") -> str:
 
 def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: display.Display | None = None,
               warm: WarmPool | None = None) -> tuple[int, str | None]:
-    """Exit code and the step's own error message; a sharded step runs its shards, then gathers."""
+    """Exit code and the step's own error message; a sharded step runs its shards (hala.ops.drive gathers them)."""
     if step.shards > 1:
         for i in range(step.shards):
             label = f"{i + 1}/{step.shards}"
@@ -368,11 +339,6 @@ def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: disp
                 return code, f"shard {i}/{step.shards}: {error}" if error else f"shard {i}/{step.shards}"
         if view:
             view.note("gather")
-        try:
-            gather_step(recipe, step.name)
-        except HalaError as e:
-            logs.get("hala.run").error("gather failed", step=step.name, error=str(e))
-            return e.exit_code, str(e)
         return EXIT_OK, None
     return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name, view, warm=warm)
 
@@ -431,7 +397,7 @@ def status(store: Store, run: str) -> list[dict[str, Any]]:
             "stage": entry["stage"],
             "state": state,
             "cached": outcome.get("state") == "cached",
-            "rows": _rows(manifest),
+            "rows": rows_of(manifest),
             "counts": (manifest or {}).get("counts"),
             "seconds": (manifest or {}).get("timings", {}).get("seconds", st.get("seconds")),
             "exit_code": st.get("exit_code"),
