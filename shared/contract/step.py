@@ -196,7 +196,7 @@ def open_context(args: argparse.Namespace, stage: str, config_model: type) -> tu
     fp = sources.fingerprint(step, resolved)
     work = store.work_path(recipe.run, step.name, fp)
     if shard and shard[1] > 1:
-        work = f"{work}/shards/{shard[0]:05d}-of-{shard[1]:05d}"
+        work = store.shard_path(recipe.run, step.name, fp, *shard)
     attempt = new_attempt()
     base = work if shard and shard[1] > 1 else store.step_path(recipe.run, step.name)
     # on a local store the stage writes straight into its attempt's folder (the commit moves nothing); elsewhere into a
@@ -239,7 +239,7 @@ def is_cached(ctx: StepContext, current: dict[str, Any] | None = None, looked: b
 def lease_name(ctx: StepContext) -> str:
     """The step's lease, or its shard's: shards of one step run side by side, two copies of one shard do not."""
     if ctx.shard and ctx.shard[1] > 1:
-        return f"{ctx.step.name}.shard-{ctx.shard[0]:05d}-of-{ctx.shard[1]:05d}"
+        return Store.shard_name(ctx.step.name, *ctx.shard)
     return ctx.step.name
 
 

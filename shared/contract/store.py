@@ -179,6 +179,26 @@ class Store:
     def work_path(self, run: str, step: str, fingerprint: str) -> str:
         return self.path(run, step, WORK, fingerprint)
 
+    # --- shards: every name and folder of one shard of a step is spelled here -------------------------
+
+    def shards_path(self, run: str, step: str, fingerprint: str) -> str:
+        """The folder of a sharded step's shard work (each shard's part, chunks and attempts), under its work area."""
+        return f"{self.work_path(run, step, fingerprint)}/shards"
+
+    def shard_path(self, run: str, step: str, fingerprint: str, index: int, count: int) -> str:
+        """One shard's folder: `<shards_path>/00002-of-00008`."""
+        return f"{self.shards_path(run, step, fingerprint)}/{index:05d}-of-{count:05d}"
+
+    @staticmethod
+    def shard_name(step: str, index: int, count: int) -> str:
+        """One shard of a step as a name (its lease, its status, its log): `<step>.shard-00002-of-00008`."""
+        return f"{step}.shard-{index:05d}-of-{count:05d}"
+
+    @staticmethod
+    def is_shard_of(name: str, step: str) -> bool:
+        """Whether `name` (a lease, a status, a log) is one of `shard_name`'s for `step`."""
+        return name.startswith(f"{step}.shard-")
+
     # --- json -------------------------------------------------------------------------------------
 
     def read_json(self, path: str) -> dict[str, Any] | None:
@@ -474,7 +494,12 @@ class Store:
     # --- run bookkeeping --------------------------------------------------------------------------
 
     def write_status(self, run: str, step: str, shard: str | None = None, **fields: Any) -> None:
-        name = step if not shard else f"{step}.shard-{shard.replace('/', '-of-')}"
+        """The step's status file (`shard`: "i/n", a shard's own)."""
+        if shard:
+            index, count = (int(x) for x in shard.split("/"))
+            name = self.shard_name(step, index, count)
+        else:
+            name = step
         self.write_json(self.path(run, "_status", f"{name}.json"), {"step": step, "shard": shard, "at": now(), **fields})
 
     def read_statuses(self, run: str) -> dict[str, dict[str, Any]]:

@@ -168,7 +168,7 @@ def _failure_code(store: Store, recipe: Recipe, step: Step) -> tuple[int, str]:
     (a pod killed before it could)."""
     statuses = store.read_statuses(recipe.run)
     candidates = [statuses.get(step.name, {})] + [v for k, v in sorted(statuses.items())
-                                                  if k.startswith(f"{step.name}.shard-") and v.get("exit_code")]
+                                                  if store.is_shard_of(k, step.name) and v.get("exit_code")]
     status = next((c for c in candidates if c.get("exit_code") and c.get("state") == "failed"), {})
     return int(status.get("exit_code") or 1), str(status.get("error") or "")
 

@@ -49,7 +49,7 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
     fp = sources.fingerprint(step, resolved)
     t0 = time.monotonic()
     n = step.shards
-    base = f"{store.work_path(recipe.run, step.name, fp)}/shards"
+    base = store.shards_path(recipe.run, step.name, fp)
     expect, current = store.manifest_state(recipe.run, step.name)
     existing = current if current is not None and current.get("fingerprint") == fp and store.outputs_present(
         recipe.run, step.name, current) else None
@@ -59,7 +59,7 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
     parts: list[dict[str, Any]] = []
     missing = []
     for i in range(n):
-        part = store.read_json(f"{base}/{i:05d}-of-{n:05d}/{PART}")
+        part = store.read_json(f"{store.shard_path(recipe.run, step.name, fp, i, n)}/{PART}")
         if part is None or part.get("fingerprint") != fp:
             missing.append(i)
         else:
@@ -89,7 +89,7 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
     links: list[tuple[str, str]] = []
     for part in parts:
         i = part["shard"][0]
-        part_dir = f"{base}/{i:05d}-of-{n:05d}"
+        part_dir = store.shard_path(recipe.run, step.name, fp, i, n)
         files = manifest_files(part, store.uri(f"{part_dir}/{PART}"))
         counts = part.get("counts")
         if counts:

@@ -215,7 +215,7 @@ def _shards_busy(store: Store, run: str, step: str) -> bool:
         return False
     for name in names:
         base = name.rsplit(".", 1)[0]
-        if base.startswith(f"{step}.shard-"):
+        if store.is_shard_of(base, step):
             try:
                 with lease.held(store, run, base, logs.get("hala.gc"), wait=False):
                     pass

@@ -334,7 +334,7 @@ def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: disp
             if view:
                 view.note(f"shard {label}")
             code, error = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
-                                 store, recipe.run, f"{step.name}.shard-{i}", view, label, warm)
+                                 store, recipe.run, store.shard_name(step.name, i, step.shards), view, label, warm)
             if code:
                 return code, f"shard {i}/{step.shards}: {error}" if error else f"shard {i}/{step.shards}"
         if view:
@@ -390,7 +390,7 @@ def status(store: Store, run: str) -> list[dict[str, Any]]:
         elif st.get("state") in ("running", "failed", "blocked"):
             state = st["state"]
         else:
-            shards = {k: v for k, v in statuses.items() if k.startswith(f"{name}.shard-")}
+            shards = {k: v for k, v in statuses.items() if store.is_shard_of(k, name)}
             state = f"shards {sum(v.get('state') == 'done' for v in shards.values())}/{entry.get('shards', 1)} done" if shards else "not run"
         rows.append({
             "step": name,
