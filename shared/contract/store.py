@@ -136,7 +136,7 @@ class Store:
             raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        # planning only (hala.ops.runner._probe): manifests read once, file sizes from one listing of the run
+        # planning only (hala.ops.schedule.probe): manifests read once, file sizes from one listing of the run
         self.memo: dict[str, Any] | None = None
         self.sizes: dict[str, Any] | None = None
 
