@@ -228,13 +228,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
-    from hala.ops import gc
-
+def _run_store(args: argparse.Namespace) -> Store:
+    """The store of `--store`, reachable, holding the run `args.run` (exit 2 naming both otherwise)."""
     store = Store(args.store)
     store.check()
     if not store.fs.exists(store.path(args.run)):
-        raise ConfigError(f"no run '{args.run}' in store {store.url}")
+        raise ConfigError(f"no run '{args.run}' in store {store.url} (check --store and the run name)")
+    return store
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from hala.ops import gc
+
+    store = _run_store(args)
     found = gc.collect(store, args.run, grace_s=args.grace, delete=args.delete, log=gc.QUIET if args.json else None)
     if args.json:
         print(json.dumps({"run": args.run, "deleted": args.delete, "files": [{"path": store.uri(p), "bytes": b, "reason": r}
@@ -253,10 +259,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from hala.ops.gc import ARTIFACT_RUNS
 
-    store = Store(args.store)
-    store.check()
-    if not store.fs.exists(store.path(args.run)):
-        raise ConfigError(f"no run '{args.run}' in store {store.url}: nothing to verify (check --store and the run name)")
+    store = _run_store(args)
     names = args.steps
     if not names:
         info = store.read_json(store.path(args.run, "_RUN.json")) or {}

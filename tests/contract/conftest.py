@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 import s3server
 from helpers import free_port
+
+if TYPE_CHECKING:
+    from faultproxy import FaultProxy
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
 # short waits for the tests; fsspec's own configuration wins over the store's deliberate defaults
@@ -54,7 +57,7 @@ def s3(s3_server: str) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture()
-def proxy(s3: dict[str, str]) -> Iterator["FaultProxy"]:
+def proxy(s3: dict[str, str]) -> Iterator[FaultProxy]:
     """A fault proxy (tests/_lib/faultproxy.py) in front of the S3 server, faultless until a test sets its rates."""
     from faultproxy import FaultProxy
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, events, hala, manifest, write_recipe
+from helpers import REPO, hala, manifest, write_recipe
 
 from hala.kit import warm
 
