@@ -21,10 +21,10 @@ $(UV): shared/requirements-uv.txt
 	touch $@
 
 # The CLI environment, exactly as locked; it runs `hala setup` for the others. The package sources are pip's
-# own configuration on this machine (shared/ops/pipconf.py hands them to uv), so nothing local is in the project.
+# own configuration on this machine (shared/hala/ops/pipconf.py hands them to uv), so nothing local is in the project.
 $(CLI)/.make-stamp: $(UV) $(LOCK)/cli.txt $(LOCK)/cli.tests.txt pyproject.toml
 	$(UV) venv -q --allow-existing --python $(PYTHON) $(CLI)
-	$(PYTHON) shared/ops/pipconf.py $(UV) pip sync -q --python $(CLI)/bin/python --require-hashes --link-mode hardlink \
+	$(PYTHON) shared/hala/ops/pipconf.py $(UV) pip sync -q --python $(CLI)/bin/python --require-hashes --link-mode hardlink \
 		$(LOCK)/cli.txt $(LOCK)/cli.tests.txt
 	$(UV) pip install -q --python $(CLI)/bin/python --no-deps --link-mode hardlink -e .
 	touch $@

@@ -23,10 +23,19 @@ def _checkout_with_a_library_copy(tmp_path: Path) -> Path:
     PYTHONPATH puts the copy ahead of the editable install, in the runner and in every step it starts."""
     root = tmp_path / "checkout"
     root.mkdir()
-    shutil.copytree(REPO / "shared", root / "hala", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("shared", "stages", "locks", "recipes", "tests", "pyproject.toml", ".venvs"):
+    (root / "shared").mkdir()
+    shutil.copytree(REPO / "shared" / "hala", root / "shared" / "hala", ignore=shutil.ignore_patterns("__pycache__"))
+    for item in (REPO / "shared").iterdir():
+        if item.name != "hala":
+            (root / "shared" / item.name).symlink_to(item)
+    for name in ("stages", "locks", "recipes", "tests", "pyproject.toml", ".venvs"):
         (root / name).symlink_to(REPO / name)
     return root
+
+
+def _pythonpath(root: Path) -> str:
+    """The library copy first (shared/ holds the package `hala`), then the checkout for `stages`."""
+    return f"{root / 'shared'}{os.pathsep}{root}"
 
 
 def _states(recipe: Path, env: dict[str, str]) -> dict[str, str]:
@@ -37,7 +46,7 @@ def _states(recipe: Path, env: dict[str, str]) -> dict[str, str]:
 
 def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves_it_cached(tmp_path: Path) -> None:
     root = _checkout_with_a_library_copy(tmp_path)
-    env = {"PYTHONPATH": str(root), "HALA_WARM": "0", "HALA_LOG_FORMAT": "json"}
+    env = {"PYTHONPATH": _pythonpath(root), "HALA_WARM": "0", "HALA_LOG_FORMAT": "json"}
     recipe = write_recipe(tmp_path / "r", {"prepare-lamini": {"stage": "prepare", "inputs": {"source": str(LAMINI)},
                                                               "config": {"format": "columns",
                                                                          "columns": {"user": "instruction", "assistant": "response"}}}})
@@ -48,12 +57,12 @@ def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves
     assert _states(recipe, env) == {"prepare-lamini": "cached"}
 
     # the Kubernetes renderer: no stage imports it
-    with open(root / "hala" / "ops" / "k8s.py", "a") as f:
+    with open(root / "shared" / "hala" / "ops" / "k8s.py", "a") as f:
         f.write("\n# an edit that shapes no output\n")
     assert _states(recipe, env) == {"prepare-lamini": "cached"}
 
     # hala.contract.tables writes every dataset prepare commits
-    with open(root / "hala" / "contract" / "tables.py", "a") as f:
+    with open(root / "shared" / "hala" / "contract" / "tables.py", "a") as f:
         f.write("\n# an edit to code the step runs\n")
     assert _states(recipe, env) == {"prepare-lamini": "will run"}
 
@@ -61,7 +70,7 @@ def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves
 def _version_in(root: Path, stage: str) -> str:
     code = f"from hala.contract import stagespec; print(stagespec.find({stage!r}).version)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": _pythonpath(root)})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

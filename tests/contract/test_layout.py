@@ -12,12 +12,15 @@ from helpers import REPO
 
 
 def test_every_stage_is_packaged_and_documented() -> None:
-    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    # packages are found (shared/hala and stages/); each stage's data files (stage.toml, schema) are declared
+    assert "package-dir" not in setuptools, "the import path is the file path: no package-dir mapping"
+    package_data = setuptools["package-data"]
     stages = stagespec.all_stages()
     assert "prepare" in stages
     for name, spec in stages.items():
         assert spec.root.parent == REPO / "stages"
-        assert f"stages.{name}" in packages, f"add stages.{name} to pyproject's packages"
+        assert "*.toml" in package_data.get(f"stages.{name}", []), f"add stages.{name} to pyproject's package-data"
         assert spec.schema_path.exists(), f"{spec.schema_path}: run `make schemas`"
         assert spec.requirements_path.exists()
         assert (spec.root / "README.md").exists()
@@ -84,9 +87,9 @@ def test_the_library_is_layered_contract_kit_ops_and_stages_import_only_the_firs
     allowed = {"contract": {"contract"}, "kit": {"contract", "kit"}, "ops": {"contract", "kit", "ops"}}
     wrong = []
     for layer, ok in allowed.items():
-        for path in sorted((REPO / "shared" / layer).glob("*.py")):
+        for path in sorted((REPO / "shared" / "hala" / layer).glob("*.py")):
             wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - ok]
     for path in sorted((REPO / "stages").rglob("*.py")):
         wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - allowed["kit"]]
     assert not wrong, "\n".join(wrong)
-    assert sorted(p.name for p in (REPO / "shared").glob("*.py")) == ["__init__.py"]  # every module has its layer
+    assert sorted(p.name for p in (REPO / "shared" / "hala").glob("*.py")) == ["__init__.py"]  # every module has its layer

@@ -63,7 +63,7 @@ def _copy_checkout(dst: Path) -> Path:
         shutil.copytree(REPO / rel, dst / "repo" / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(REPO / "pyproject.toml", dst / "repo" / "pyproject.toml")
     (dst / "py").mkdir()
-    (dst / "py" / "hala").symlink_to(dst / "repo" / "shared")
+    (dst / "py" / "hala").symlink_to(dst / "repo" / "shared" / "hala")
     (dst / "py" / "stages").symlink_to(dst / "repo" / "stages")
     return dst / "repo"
 

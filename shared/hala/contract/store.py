@@ -617,7 +617,7 @@ def code_version() -> str:
     """The code a manifest came from: baked into images as HALA_CODE_VERSION, else git, else the package."""
     if os.environ.get("HALA_CODE_VERSION"):
         return os.environ["HALA_CODE_VERSION"]
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]  # shared/hala/contract/store.py -> the repository
     if (repo / ".git").exists():
         try:
             out = subprocess.run(

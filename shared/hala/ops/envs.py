@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hala.contract import stagespec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # shared/hala/ops/envs.py -> the repository
 STAMP = ".hala-stamp"
 
 

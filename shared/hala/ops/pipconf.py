@@ -6,8 +6,8 @@ bundle for an egress that re-signs TLS. `pip config list` is the authority on wh
 (its files in pip's order, then PIP_* variables); this module turns it into uv arguments, so that
 nothing machine-specific is written into the project.
 
-    python3 shared/ops/pipconf.py                      # the uv arguments, one per line
-    python3 shared/ops/pipconf.py uv pip sync L.txt    # runs uv with them (and pip's CA bundle): the Makefile's bootstrap
+    python3 shared/hala/ops/pipconf.py                      # the uv arguments, one per line
+    python3 shared/hala/ops/pipconf.py uv pip sync L.txt    # runs uv with them (and pip's CA bundle): the Makefile's bootstrap
     from hala.ops import pipconf; pipconf.uv_args()
 
 Standard library only: the Makefile runs it with the system Python before any environment exists.

