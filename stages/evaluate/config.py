@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from hala.kit.engine import EngineConfig
 
 # what each kind reads beyond the model (the inputs are optional in stage.toml: which ones depends on the kind)
 NEEDS = {"translation": {"data": "a prepared pairs dataset (src, tgt)"},
@@ -16,10 +18,9 @@ NEEDS = {"translation": {"data": "a prepared pairs dataset (src, tgt)"},
 OALL_V2 = ["alghafa", "arabic_mmlu", "arabic_exams", "madinah_qa", "aratrust", "arabic_mmlu_ht"]
 
 
-class EvaluateConfig(BaseModel):
-    """What to measure, and how."""
-
-    model_config = ConfigDict(extra="forbid")
+class EvaluateConfig(EngineConfig):
+    """What to measure, and how (the engine fields are EngineConfig's: translation and fp8_acceptance generate with
+    them, benchmarks with benchmark_engine: vllm read dtype, max_model_len and engine_args)."""
 
     kind: Literal["translation", "fp8_acceptance", "benchmarks"] = Field(
         ..., description="translation: BLEU and chrF++ of model (and base) on a parallel set; fp8_acceptance: the FP8 "
@@ -30,12 +31,6 @@ class EvaluateConfig(BaseModel):
     direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="a pair stored the other way round is flipped")
     tokenize: Literal["13a", "intl"] = Field("13a", description="sacrebleu BLEU tokenizer (flores200's needs a download)")
     max_rows: int | None = Field(None, ge=1, description="score the first N pairs only")
-    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
-    engine_args: dict[str, Any] = Field(default={}, description="passed to vllm.LLM unchanged")
-    dtype: str = Field("auto", description="model dtype for the engine")
-    max_model_len: int = Field(2048, ge=64)
-    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate call")
-    trust_remote_code: bool = Field(False)
     max_tokens: int = Field(256, ge=1, description="greedy generation length per translation")
     max_quality_drop: float = Field(0.5, ge=0, description="fp8_acceptance: chrF++ points the FP8 model may lose before exit 3")
     # --- benchmarks

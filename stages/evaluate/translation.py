@@ -14,7 +14,7 @@ from typing import Any
 
 from hala.contract import tables
 from hala.contract.errors import DataError
-from hala.kit.engine import Sampling, open_engine
+from hala.kit.engine import Sampling
 from stages.evaluate.config import EvaluateConfig
 
 
@@ -60,8 +60,7 @@ def read_pairs(reader: tables.RowGroups, cfg: EvaluateConfig, where: str) -> Pai
 def translate(model: str, pairs: Pairs, cfg: EvaluateConfig) -> dict[str, Any]:
     """Greedy translations of every source, the engine's description and the generation's throughput."""
     t0 = time.monotonic()
-    engine = open_engine(model, cfg.engine, max_model_len=cfg.max_model_len, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                         engine_args=cfg.engine_args, trust_remote_code=cfg.trust_remote_code)
+    engine = cfg.open(model)
     start = time.monotonic() - t0
     try:
         budget = cfg.max_model_len - cfg.max_tokens

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hala.kit.engine import Sampling
+from hala.kit.engine import EngineConfig, Sampling
 
 PROMPT_SLACK = 16  # chat-template tokens around the unit, on top of the prompt's own
 
@@ -26,16 +26,10 @@ class Gate(BaseModel):
     max_repeat: int = Field(4, ge=2, description="the same 3-word run this many times, or a character 30 times in a row: degeneration")
 
 
-class TranslateConfig(BaseModel):
-    """How to translate one dataset."""
+class TranslateConfig(EngineConfig):
+    """How to translate one dataset (the engine fields are EngineConfig's; a turn longer than max_model_len allows is
+    split into paragraphs, then sentences)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
-    engine_args: dict[str, Any] = Field(default={}, description="passed to vllm.LLM unchanged (tensor_parallel_size, gpu_memory_utilization, ...)")
-    dtype: str = Field("auto", description="model dtype for the engine")
-    max_model_len: int = Field(2048, ge=64, description="context of the engine; longer turns are split (paragraphs, then sentences)")
-    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate call (vLLM schedules itself)")
     prompt: str = Field("Translate everything that follows into Arabic:\n\n{text}", description="the user turn sent for each unit; {text} is the unit")
     direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="source and target language")
     roles: list[Literal["system", "user", "assistant"]] = Field(default=["system", "user", "assistant"],
@@ -47,7 +41,6 @@ class TranslateConfig(BaseModel):
     chunk_rows: int = Field(256, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one")
     gate: Gate = Field(default_factory=Gate, description="quality gate thresholds")
     check_source_language: bool = Field(True, description="quarantine a turn that is not in the source language (wrong_language)")
-    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TranslateConfig":

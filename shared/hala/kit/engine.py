@@ -24,10 +24,35 @@ import time
 from collections import deque
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from hala.contract.errors import ConfigError, TemporaryError
 from hala.contract.sources import bench_engine
+
+
+class EngineConfig(BaseModel):
+    """The engine fields every generating stage's config extends (translate, judge, evaluate): one spelling, one
+    schema, one `open`. A stage adds what it does with them (translate splits a turn too long for max_model_len,
+    judge quarantines it as too_long)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
+    engine_args: dict[str, Any] = Field(
+        default={}, description="passed to vllm.LLM unchanged (tensor_parallel_size, gpu_memory_utilization, ...)"
+    )
+    dtype: str = Field("auto", description="model dtype for the engine")
+    max_model_len: int = Field(2048, ge=64, description="context of the engine: prompt and output together")
+    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per forward pass (vLLM schedules itself)")
+    trust_remote_code: bool = Field(False, description="let transformers and vLLM run the model repository's own code")
+
+    def open(self, model: str, *, seed: int = 0) -> Any:
+        """This config's engine on `model` (a local folder or a hub id)."""
+        return open_engine(model, self.engine, max_model_len=self.max_model_len, dtype=self.dtype, seed=seed,
+                           batch_size=self.batch_size, engine_args=self.engine_args,
+                           trust_remote_code=self.trust_remote_code)
 
 
 @dataclass
@@ -57,7 +82,7 @@ class StepEngine:
     """The engine of one step or shard, opened on first use (a shard whose chunks are all committed starts
     none) and closed once, with its start and shutdown times and its description in the step's manifest."""
 
-    def __init__(self, ctx: Any, model_input: str, cfg: Any):
+    def __init__(self, ctx: Any, model_input: str, cfg: EngineConfig):
         self.ctx, self.model_input, self.cfg = ctx, model_input, cfg
         self.engine: Any = None
         self.start_seconds = 0.0
@@ -71,9 +96,7 @@ class StepEngine:
             self.engine = InstantEngine(model, self.cfg.prompt)
             self.ctx.log.warning("engine ready", **self.engine.info())
         else:
-            c = self.cfg
-            self.engine = open_engine(model, c.engine, max_model_len=c.max_model_len, dtype=c.dtype, batch_size=c.batch_size,
-                                      engine_args=c.engine_args, trust_remote_code=c.trust_remote_code)
+            self.engine = self.cfg.open(model)
             self.ctx.log.info("engine ready", **self.engine.info())
         self.ctx.metrics["engine"] = self.engine.info()
         self.start_seconds = round(time.monotonic() - t0, 3)  # the model's resolution included: not generation time
