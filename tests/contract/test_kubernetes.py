@@ -363,7 +363,7 @@ def test_conductor_stops_on_a_failed_job_with_its_reason(tmp_path, echo, capsys)
     cluster = FakeCluster()
     code = _conduct(recipe, cluster)
     assert code == 3
-    out = capsys.readouterr().out
+    out = "".join(capsys.readouterr())  # the summary says what failed on stderr, as the local runner does
     assert "step echo-a failed (exit 3)" in out and "failed with exit code 3" in out
     assert "r-echo-b" not in cluster.jobs  # its input never committed: never created, no pod waits
     assert not (Path(recipe.store) / "r" / "echo-a" / "_MANIFEST.json").exists()
@@ -513,7 +513,7 @@ def test_a_step_that_keeps_failing_stops_after_its_retries(tmp_path, echo, monke
         assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1
         api.settle()
         assert [code for name, _, code in api.pods if name == "r-echo-c"] == [75, 75]
-    assert "step echo-c failed (exit 1): BackoffLimitExceeded" in capsys.readouterr().out
+    assert "step echo-c failed (exit 1): BackoffLimitExceeded" in "".join(capsys.readouterr())
 
 
 def test_exit_3_stops_the_run_at_once(tmp_path, echo, monkeypatch, capsys):
@@ -528,7 +528,7 @@ def test_exit_3_stops_the_run_at_once(tmp_path, echo, monkeypatch, capsys):
         api.settle()
         assert "r-echo-a" in api.jobs and "r-echo-b" not in api.jobs
         assert not [r for r in api.requests if r.startswith("DELETE")]  # no second Job
-    out = capsys.readouterr().out
+    out = "".join(capsys.readouterr())
     assert "step echo-a failed (exit 3)" in out and "PodFailurePolicy" in out
 
 

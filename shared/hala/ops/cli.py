@@ -30,7 +30,7 @@ from pathlib import Path
 from hala.contract import logs, recipe as recipe_mod
 from hala.contract.errors import ConfigError, HalaError, TemporaryError, exit_code_for
 from hala.contract.store import Store
-from hala.ops import envs, runner
+from hala.ops import envs, runner, runs
 from hala.ops.gather import gather
 
 DEFAULT_STORE = "artifacts"
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for step_name, ref in unpinned:  # a cache keyed by a name whose content can change: say so every time
             logs.get("hala.plan").warning("hub input not pinned", step=step_name, input=ref.name, repo=ref.uri,
                                           fix=f"hala pin {args.recipe}  (or {ref.raw}@<commit sha> in the recipe)")
-        rows = runner.plan(recipe, args.only, args.force)
+        rows = runs.plan(recipe, args.only, args.force)
         if args.json:
             print(json.dumps({"recipe": str(recipe.path), "store": recipe.store, "run": recipe.run, "steps": rows}, indent=2))
         else:
@@ -120,7 +120,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     recipe = _load(args, store=args.store, run=args.run)
-    runner.record(recipe, Store(recipe.store), runner_name=args.runner)
+    runs.record(recipe, Store(recipe.store), runner_name=args.runner)
     logs.get("hala.record").info("run recorded", run=recipe.run, store=recipe.store, steps=len(recipe.steps))
     return 0
 
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hala.ops import gc
 
     store = Store(args.store)
-    rows = runner.status(store, args.run)
+    rows = runs.status(store, args.run)
     garbage = gc.collect(store, args.run, grace_s=0, leases=False)  # all of it; gc itself keeps what is young
     for r in rows:
         root = store.path(args.run, r["step"]) + "/"
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", help="run name (default: the recipe's)")
     _overrides(r)
     r.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their inputs must be committed)")
-    r.add_argument("--force", nargs="?", action="append", const=runner.ALL, metavar="STEP",
+    r.add_argument("--force", nargs="?", action="append", const=runs.ALL, metavar="STEP",
                    help="rerun even if cached: all steps, or the one named (repeatable)")
     r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
     r.add_argument("--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it")

@@ -33,7 +33,7 @@ from hala.contract import logs
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store, now
-from hala.ops import k8s, runner
+from hala.ops import k8s, runs
 from hala.ops.drive import Outcome, Stopped, drive
 
 ATTEMPT = "hala.dev/attempt"          # 1, 2, ...: the how-many-th Job of the step in this run
@@ -191,13 +191,13 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
     store = Store(recipe.store)
     info = store.read_json(store.path(recipe.run, "_RUN.json"))
     if info is None:
-        runner.record(recipe, store, runner_name="k8s")
+        runs.record(recipe, store, runner_name="k8s")
         info = {}
     # Which conductor this is: its Job's uid in a cluster (the conductor Job's pods retry it: a retried pod is the same
     # conductor and must not reset budgets); a process of its own anywhere else (a person ran it again)
     me = os.environ.get("HALA_CONDUCTOR_ID") or f"process-{uuid.uuid4().hex[:12]}"
     last = info.get("conductor") or {}
-    started = now()
+    started, t0 = now(), time.monotonic()
     _record(store, recipe, conductor={"id": me, "started": started, "ended": None})
     steps = [s for s in recipe.steps.values() if s.enabled]
     missing = [f"{s.name} ({s.stage})" for s in steps if s.spec is None]
@@ -212,17 +212,10 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
         outcomes = drive(recipe, steps, store, executor, detach_on_failure=True, wait_seconds=resync_seconds)
     except Stopped:
         return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-    counts: dict[str, int] = {}
-    for s in steps:
-        state = outcomes[s.name].state if s.name in outcomes else "not run"
-        counts[state] = counts.get(state, 0) + 1
-    log.info("run end", **counts)
+    runs.summarize(recipe, store, outcomes, started, seconds=time.monotonic() - t0)  # the local runner's summary
     failure = next((o for o in outcomes.values() if o.state == "failed"), None)
     _record(store, recipe, conductor={"id": me, "started": started, "ended": "failed" if failure else "done", "at": now()})
-    if failure:
-        print(f"hala: step {failure.step} failed (exit {failure.exit_code}): {failure.note}", flush=True)
-        return failure.exit_code or 1
-    return 0
+    return (failure.exit_code or 1) if failure else 0
 
 
 class JobExecutor:

@@ -17,7 +17,7 @@ import io
 from typing import Any
 
 from hala.contract.store import Store
-from hala.ops import runner
+from hala.ops import runs
 
 # Published numbers (hala-paper.md, sections 4 and 8): the translator on EN->AR MMLU, and the six OALL v2
 # families without ALRAGE (AraLingBench Table 4, whose averages reproduce the report's 41.9/46.9/51.4/69.9).
@@ -36,7 +36,7 @@ PAPER_BENCHMARKS = {
 def collect(store: Store, run: str) -> dict[str, Any]:
     """Everything the page shows, read from the run's files."""
     info = store.read_json(store.path(run, "_RUN.json")) or {}
-    rows = runner.status(store, run)
+    rows = runs.status(store, run)
     manifests = {r["step"]: store.read_manifest(run, r["step"]) for r in rows}
     inputs = {s["step"]: s.get("inputs", {}) for s in info.get("steps", [])}
     return {"run": run, "store": store.url, "recipe": info.get("recipe"), "started": info.get("started"),
