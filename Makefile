@@ -12,7 +12,7 @@ RUN    ?= tiny
 UV     := .venvs/.uv/bin/uv
 LOCK   := locks/$(or $(HALA_VARIANT),cpu)
 
-.PHONY: setup run test browser dry-run schemas images compose-run render clean clean-artifacts lock
+.PHONY: setup run test lint browser dry-run schemas images compose-run render clean clean-artifacts lock
 
 # uv, pinned with its hashes, installed by pip (the one tool a fresh machine has) into .venvs/.uv.
 $(UV): shared/requirements-uv.txt
@@ -43,8 +43,13 @@ run: setup
 dry-run: $(CLI)/.make-stamp
 	$(HALA) run recipes/hala-paper.yaml --dry-run
 
-test: setup browser
+test: setup browser lint
 	$(HALA) test $(ARGS)
+
+# ruff at the version the cli environment locks (pyproject's [tool.ruff]): the linter and the formatter, checked
+lint: $(CLI)/.make-stamp
+	$(CLI)/bin/ruff check shared stages tests bench
+	$(CLI)/bin/ruff format --check shared stages tests bench
 
 # The report test opens the run report in headless Chromium (Debian's package; root or sudo installs it).
 browser:

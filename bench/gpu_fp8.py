@@ -64,11 +64,14 @@ def timed(fn, repeat: int) -> float:
 def bench_gpu(batches: list[int], repeat: int) -> dict:
     major, minor = torch.cuda.get_device_capability(0)
     if (major, minor) < (8, 9):
-        sys.exit(f"{torch.cuda.get_device_name(0)} has compute capability {major}.{minor}: FP8 matrix products need >= 8.9")
+        sys.exit(
+            f"{torch.cuda.get_device_name(0)} has compute capability {major}.{minor}: FP8 matrix products "
+            "need >= 8.9"
+        )
     torch.manual_seed(0)
     rows = []
     for name, (k, n) in SHAPES.items():
-        w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         wq, ws = quantize_weight(w)
         wq_t, ws_t = wq.t(), ws.t().contiguous()  # [K, N] column-major, scales [1, N]
         for m in batches:
@@ -77,30 +80,55 @@ def bench_gpu(batches: list[int], repeat: int) -> dict:
             xq, xs = quantize_tokens(x)
             out = torch._scaled_mm(xq, wq_t, scale_a=xs, scale_b=ws_t, out_dtype=torch.bfloat16)
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            t_bf16 = timed(lambda: x @ w.t(), repeat)
-            t_gemm = timed(lambda: torch._scaled_mm(xq, wq_t, scale_a=xs, scale_b=ws_t, out_dtype=torch.bfloat16), repeat)
+            # the loop's tensors bound as defaults: each closure times this batch size's tensors
+            t_bf16 = timed(lambda x=x, w=w: x @ w.t(), repeat)
+            t_gemm = timed(
+                lambda xq=xq, xs=xs, wq_t=wq_t, ws_t=ws_t: torch._scaled_mm(
+                    xq, wq_t, scale_a=xs, scale_b=ws_t, out_dtype=torch.bfloat16
+                ),
+                repeat,
+            )
 
-            def fp8_call() -> torch.Tensor:
+            def fp8_call(
+                x: torch.Tensor = x, wq_t: torch.Tensor = wq_t, ws_t: torch.Tensor = ws_t
+            ) -> torch.Tensor:
                 q, s = quantize_tokens(x)
                 return torch._scaled_mm(q, wq_t, scale_a=s, scale_b=ws_t, out_dtype=torch.bfloat16)
 
             t_fp8 = timed(fp8_call, repeat)
             flops = 2.0 * m * k * n
-            rows.append({"shape": name, "M": m, "K": k, "N": n, "bf16_ms": round(t_bf16 * 1e3, 4),
-                         "fp8_gemm_ms": round(t_gemm * 1e3, 4), "fp8_with_act_quant_ms": round(t_fp8 * 1e3, 4),
-                         "speedup_gemm": round(t_bf16 / t_gemm, 3), "speedup_with_act_quant": round(t_bf16 / t_fp8, 3),
-                         "bf16_tflops": round(flops / t_bf16 / 1e12, 1), "fp8_tflops": round(flops / t_gemm / 1e12, 1),
-                         "rel_error": round(err, 5)})
+            rows.append(
+                {
+                    "shape": name,
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "bf16_ms": round(t_bf16 * 1e3, 4),
+                    "fp8_gemm_ms": round(t_gemm * 1e3, 4),
+                    "fp8_with_act_quant_ms": round(t_fp8 * 1e3, 4),
+                    "speedup_gemm": round(t_bf16 / t_gemm, 3),
+                    "speedup_with_act_quant": round(t_bf16 / t_fp8, 3),
+                    "bf16_tflops": round(flops / t_bf16 / 1e12, 1),
+                    "fp8_tflops": round(flops / t_gemm / 1e12, 1),
+                    "rel_error": round(err, 5),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    return {"device": torch.cuda.get_device_name(0), "capability": f"{major}.{minor}", "torch": torch.__version__, "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "capability": f"{major}.{minor}",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def cpu_check() -> int:
-    """The quantization math, dequantized, against bf16 on CPU: FP8 E4M3 keeps ~2-3% relative error per product."""
+    """The quantization math, dequantized, against bf16 on CPU: FP8 E4M3 keeps ~2-3% relative error per
+    product."""
     torch.manual_seed(0)
     worst = 0.0
     for k, n, m in ((512, 256, 8), (1024, 384, 32)):
-        w = (torch.randn(n, k) * k ** -0.5).to(torch.bfloat16)
+        w = (torch.randn(n, k) * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k).to(torch.bfloat16)
         wq, ws = quantize_weight(w)
         xq, xs = quantize_tokens(x)
@@ -110,7 +138,9 @@ def cpu_check() -> int:
         worst = max(worst, err)
         print(json.dumps({"K": k, "N": n, "M": m, "rel_error": round(err, 5)}))
     ok = 0.005 < worst < 0.08
-    print(f"cpu check: worst relative error {worst:.4f} ({'in' if ok else 'OUT OF'} FP8 E4M3's expected range)")
+    print(
+        f"cpu check: worst relative error {worst:.4f} ({'in' if ok else 'OUT OF'} FP8 E4M3's expected range)"
+    )
     return 0 if ok else 1
 
 
@@ -124,7 +154,10 @@ def main() -> int:
     if args.cpu_check:
         return cpu_check()
     if not torch.cuda.is_available():
-        print("no CUDA device: run this on a GPU machine (or --cpu-check to verify the math here)", file=sys.stderr)
+        print(
+            "no CUDA device: run this on a GPU machine (or --cpu-check to verify the math here)",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.time()
     result = bench_gpu([int(b) for b in args.batches.split(",")], args.repeat)
@@ -132,8 +165,11 @@ def main() -> int:
     print(f"\n{result['device']} (capability {result['capability']}), torch {result['torch']}")
     print(f"{'shape':26} {'M':>5} {'bf16 ms':>9} {'fp8 ms':>9} {'x gemm':>7} {'x +quant':>8} {'rel err':>8}")
     for r in result["rows"]:
-        print(f"{r['shape']:26} {r['M']:5} {r['bf16_ms']:9.4f} {r['fp8_with_act_quant_ms']:9.4f} {r['speedup_gemm']:7.2f} "
-              f"{r['speedup_with_act_quant']:8.2f} {r['rel_error']:8.5f}")
+        print(
+            f"{r['shape']:26} {r['M']:5} {r['bf16_ms']:9.4f} {r['fp8_with_act_quant_ms']:9.4f} "
+            f"{r['speedup_gemm']:7.2f} "
+            f"{r['speedup_with_act_quant']:8.2f} {r['rel_error']:8.5f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -25,13 +25,43 @@ import time
 
 import torch
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, SXM figures from NVIDIA's sheets
+PEAK_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}  # dense, SXM figures from NVIDIA's sheets
 LFM2_1_2B = {
-    "vocab_size": 65536, "hidden_size": 2048, "intermediate_size": 12288, "num_hidden_layers": 16,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "block_auto_adjust_ff_dim": True, "block_multiple_of": 256,
-    "block_ffn_dim_multiplier": 1.0, "conv_L_cache": 3, "tie_word_embeddings": True, "max_position_embeddings": 128000,
-    "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention", "conv", "conv", "full_attention",
-                    "conv", "full_attention", "conv", "full_attention", "conv", "full_attention", "conv"],
+    "vocab_size": 65536,
+    "hidden_size": 2048,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "block_auto_adjust_ff_dim": True,
+    "block_multiple_of": 256,
+    "block_ffn_dim_multiplier": 1.0,
+    "conv_L_cache": 3,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128000,
+    "layer_types": [
+        "conv",
+        "conv",
+        "full_attention",
+        "conv",
+        "conv",
+        "full_attention",
+        "conv",
+        "conv",
+        "full_attention",
+        "conv",
+        "full_attention",
+        "conv",
+        "full_attention",
+        "conv",
+        "full_attention",
+        "conv",
+    ],
 }
 
 
@@ -40,7 +70,9 @@ def tokenizer(vocab: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t3"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3"
+    )
 
 
 def packed_data(n_docs: int, seq: int, vocab: int, strategy: str):
@@ -66,20 +98,39 @@ def flops_per_token(model, cfg, seq: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (per_device_train_batch_size)")
+    parser.add_argument(
+        "--batch", type=int, default=8, help="sequences per step (per_device_train_batch_size)"
+    )
     parser.add_argument("--seq", type=int, default=4096, help="packed sequence length (trainer.max_length)")
-    parser.add_argument("--packing", choices=["wrapped", "bfd"], default="wrapped",
-                        help="wrapped: plain causal rows (SDPA's flash path); bfd: document-aware, padding-free")
+    parser.add_argument(
+        "--packing",
+        choices=["wrapped", "bfd"],
+        default="wrapped",
+        help="wrapped: plain causal rows (SDPA's flash path); bfd: document-aware, padding-free",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="a 4-layer model on CPU for 3 steps: checks the script, measures nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a 4-layer model on CPU for 3 steps: checks the script, measures nothing",
+    )
     args = parser.parse_args()
     shape = dict(LFM2_1_2B)
     if args.smoke:
-        shape.update(vocab_size=1024, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention"])
+        shape.update(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv", "full_attention"],
+        )
         args.steps, args.warmup, args.batch, args.seq = 3, 1, 2, 128
     elif not torch.cuda.is_available():
         raise SystemExit("a GPU is needed (or --smoke to check the script on CPU)")
@@ -92,7 +143,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
     per_token, params = flops_per_token(model, cfg, args.seq)
     total = args.steps + args.warmup
-    data = packed_data(int(total * args.batch * args.seq / (args.seq / 4) * 1.3), args.seq, cfg.vocab_size, args.packing)
+    data = packed_data(
+        int(total * args.batch * args.seq / (args.seq / 4) * 1.3), args.seq, cfg.vocab_size, args.packing
+    )
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
@@ -105,27 +158,59 @@ def main() -> None:
 
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
-        sft = SFTConfig(output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, max_length=args.seq,
-                        packing=True, packing_strategy=args.packing, bf16=not args.smoke, use_cpu=args.smoke, learning_rate=2e-5, report_to="none",
-                        save_strategy="no", logging_steps=10, disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
-                        gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0 if args.smoke else 2,
-                        include_num_input_tokens_seen="non_padding")
-        trainer = SFTTrainer(model=model, args=sft, train_dataset=data, processing_class=tokenizer(cfg.vocab_size),
-                             callbacks=[timer])
+        sft = SFTConfig(
+            output_dir=out,
+            max_steps=total,
+            per_device_train_batch_size=args.batch,
+            max_length=args.seq,
+            packing=True,
+            packing_strategy=args.packing,
+            bf16=not args.smoke,
+            use_cpu=args.smoke,
+            learning_rate=2e-5,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10,
+            disable_tqdm=True,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            gradient_checkpointing=args.gradient_checkpointing,
+            dataloader_num_workers=0 if args.smoke else 2,
+            include_num_input_tokens_seen="non_padding",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=sft,
+            train_dataset=data,
+            processing_class=tokenizer(cfg.vocab_size),
+            callbacks=[timer],
+        )
         trainer.train()
-    timed = timer.marks[args.warmup:]
+    timed = timer.marks[args.warmup :]
     seconds = timed[-1] - timer.marks[args.warmup - 1]
     tokens = len(timed) * args.batch * args.seq
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     achieved = tokens / seconds * per_token
-    print(json.dumps({
-        "device": name, "params": params, "seq": args.seq, "batch": args.batch, "packing": args.packing,
-        "timed_steps": len(timed), "tokens_per_s": round(tokens / seconds), "model_tflops": round(achieved / 1e12, 1),
-        "mfu": round(achieved / peak, 3) if peak else None, "peak_tflops_assumed": peak and peak / 1e12,
-        "max_memory_gb": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 1), "goal_mfu": 0.40,
-        "torch": torch.__version__,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "params": params,
+                "seq": args.seq,
+                "batch": args.batch,
+                "packing": args.packing,
+                "timed_steps": len(timed),
+                "tokens_per_s": round(tokens / seconds),
+                "model_tflops": round(achieved / 1e12, 1),
+                "mfu": round(achieved / peak, 3) if peak else None,
+                "peak_tflops_assumed": peak and peak / 1e12,
+                "max_memory_gb": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                "goal_mfu": 0.40,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,12 @@ def measure(rev: str, work: Path) -> dict[str, str]:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "checkout", "-q", rev], check=True)
     caches = work / f"caches-{rev}"
-    env = {**os.environ, "PIP_CACHE_DIR": str(caches / "pip"), "UV_CACHE_DIR": str(caches / "uv"),
-           "HALA_CACHE": str(caches / "hala")}
+    env = {
+        **os.environ,
+        "PIP_CACHE_DIR": str(caches / "pip"),
+        "UV_CACHE_DIR": str(caches / "uv"),
+        "HALA_CACHE": str(caches / "hala"),
+    }
     t0 = time.monotonic()
     first = subprocess.run(["make", "setup"], cwd=clone, env=env, capture_output=True, text=True)
     fresh = time.monotonic() - t0
@@ -46,15 +50,22 @@ def measure(rev: str, work: Path) -> dict[str, str]:
     t0 = time.monotonic()
     subprocess.run(["make", "setup"], cwd=clone, env=env, capture_output=True, check=True)
     again = time.monotonic() - t0
-    return {"rev": rev, "fresh": f"{fresh:.0f} s", "again": f"{again:.2f} s", "venvs": du(clone / ".venvs"),
-            "venvs+caches": du(clone / ".venvs", caches)}
+    return {
+        "rev": rev,
+        "fresh": f"{fresh:.0f} s",
+        "again": f"{again:.2f} s",
+        "venvs": du(clone / ".venvs"),
+        "venvs+caches": du(clone / ".venvs", caches),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("revs", nargs="*", default=["HEAD"])
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hala-setup-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="hala-setup-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")
+    ) as tmp:
         rows = [measure(rev, Path(tmp)) for rev in args.revs]
     print("| revision | make setup, fresh | second make setup | .venvs/ | .venvs/ + caches |")
     print("| --- | --- | --- | --- | --- |")

@@ -23,9 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def timed_run(store: Path, cache: Path) -> tuple[float, dict[str, int]]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "hala.ops.cli", "run", "recipes/tiny.yaml", "--store", str(store)],
-                         cwd=REPO, capture_output=True, text=True,
-                         env={"HALA_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin", "HALA_CACHE": str(cache)})
+    out = subprocess.run(
+        [sys.executable, "-m", "hala.ops.cli", "run", "recipes/tiny.yaml", "--store", str(store)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"HALA_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin", "HALA_CACHE": str(cache)},
+    )
     seconds = time.perf_counter() - t0
     if out.returncode:
         sys.exit(f"run failed ({out.returncode}):\n{out.stderr}{out.stdout[-2000:]}")
@@ -58,8 +62,11 @@ def main() -> None:
             seconds, states = timed_run(Path(tmp) / "artifacts", cache)
             cached.append(seconds)
             print(f"cached                       {seconds:7.2f} s  {states}")
-    print(f"summary: fresh {fresh:.1f} s (budget 300 s), fresh store {warm:.1f} s, cached best {min(cached):.2f} s / "
-          f"worst {max(cached):.2f} s (budget 2 s)")
+    print(
+        f"summary: fresh {fresh:.1f} s (budget 300 s), fresh store {warm:.1f} s, cached best "
+        f"{min(cached):.2f} s / "
+        f"worst {max(cached):.2f} s (budget 2 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Two writers of one step, many times, on every store, one of them frozen past its lease (issue 32).
 
-    .venvs/cli/bin/python bench/two_writers.py                 # 20 pairs per store: local, S3 (moto), GCS (fake-gcs-server)
+    .venvs/cli/bin/python bench/two_writers.py  # 20 pairs per store: local, S3 (moto), GCS (fake-gcs-server)
     .venvs/cli/bin/python bench/two_writers.py --pairs 5 --stores s3
 
-Each pair (tests/_lib/crashcases.py `pair`): two `python -m stages.prepare` of one step, started a random 0-1.5 s
-apart; the first freezes itself (SIGSTOP) at a random one of its store operations for 3 s, past the 2 s lease TTL, then
-goes on. On an object store the second takes the lease over meanwhile and the two race to the commit; on a local store
-the flock of a frozen process is still held and the second waits. Counted: commits (must be 1), exit codes (0 or 75),
-manifests that point at a missing file or a wrong hash (`hala verify`, must be 0).
+Each pair (tests/_lib/crashcases.py `pair`): two `python -m stages.prepare` of one step, started a random
+0-1.5 s apart; the first freezes itself (SIGSTOP) at a random one of its store operations for 3 s, past the 2
+s lease TTL, then goes on. On an object store the second takes the lease over meanwhile and the two race to
+the commit; on a local store the flock of a frozen process is still held and the second waits. Counted:
+commits (must be 1), exit codes (0 or 75), manifests that point at a missing file or a wrong hash (`hala
+verify`, must be 0).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main() -> int:
         for name in args.stores.split(","):
             with crashcases.store(name) as where:
                 ref = work / f"{name}-reference"
-                total, _ = crashcases.reference("step", ref, where.url_for(ref), where.env, work / "tiny", where.root(ref))
+                total, _ = crashcases.reference(
+                    "step", ref, where.url_for(ref), where.env, work / "tiny", where.root(ref)
+                )
                 t0 = time.monotonic()
                 pairs = []
                 for i in range(args.pairs):
@@ -51,15 +54,24 @@ def main() -> int:
                     shutil.rmtree(folder, ignore_errors=True)
                     if not pairs[-1]["ok"]:
                         print(f"  pair {i} on {name}: {json.dumps(pairs[-1])[:3000]}", flush=True)
-                row = {"store": name, "pairs": len(pairs), "paused": sum(p["paused"] for p in pairs),
-                       "one_commit": sum(p["commits"] == 1 for p in pairs),
-                       "bad_manifests": sum(not p["verified"] for p in pairs),
-                       "exit_codes": dict(Counter(str(sorted(p["codes"])) for p in pairs)),
-                       "seconds": round(time.monotonic() - t0, 1), "details": pairs}
+                row = {
+                    "store": name,
+                    "pairs": len(pairs),
+                    "paused": sum(p["paused"] for p in pairs),
+                    "one_commit": sum(p["commits"] == 1 for p in pairs),
+                    "bad_manifests": sum(not p["verified"] for p in pairs),
+                    "exit_codes": dict(Counter(str(sorted(p["codes"])) for p in pairs)),
+                    "seconds": round(time.monotonic() - t0, 1),
+                    "details": pairs,
+                }
                 rows.append(row)
-                print(f"{name:6} pairs {row['pairs']}  frozen past the TTL {row['paused']}  exactly one commit "
-                      f"{row['one_commit']}  bad manifests {row['bad_manifests']}  exit codes {row['exit_codes']}  "
-                      f"{row['seconds']:.0f} s", flush=True)
+                print(
+                    f"{name:6} pairs {row['pairs']}  frozen past the TTL {row['paused']}  exactly one commit "
+                    f"{row['one_commit']}  bad manifests {row['bad_manifests']}  exit codes "
+                    f"{row['exit_codes']}  "
+                    f"{row['seconds']:.0f} s",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -23,10 +23,13 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The team's real public data (../shared/data beside the checkout); tests read it in place, never copy it."""
+    """The team's real public data (../shared/data beside the checkout); tests read it in place, never copy
+    it."""
     path = Path(os.environ.get("HALA_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not path.is_dir():
-        pytest.fail(f"the real test data is missing: {path} (set HALA_SHARED_DATA to the team's shared/data folder)")
+        pytest.fail(
+            f"the real test data is missing: {path} (set HALA_SHARED_DATA to the team's shared/data folder)"
+        )
     return path
 
 
@@ -39,6 +42,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
     monkeypatch.setenv("HALA_CACHE", str(cache / "hala"))
-    # tiny stand-ins are content-addressed and deterministic: `hala test` shares one folder of them between suites
+    # tiny stand-ins are content-addressed and deterministic: `hala test` shares one folder of them between
+    # suites
     monkeypatch.setenv("HALA_TINY_CACHE", os.environ.get("HALA_TINY_CACHE") or str(cache / "tiny"))
     monkeypatch.setenv("HALA_LOG_FORMAT", "json")

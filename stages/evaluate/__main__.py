@@ -1,7 +1,7 @@
 """Measure a model: translation quality, FP8 acceptance, or the Arabic benchmarks.
 
-    python -m stages.evaluate --recipe recipes/tiny.yaml --step evaluate-translator
-    hala-stage evaluate --recipe recipes/hala-paper.yaml --step evaluate-hala-9b --store s3://bucket/hala
+python -m stages.evaluate --recipe recipes/tiny.yaml --step evaluate-translator
+hala-stage evaluate --recipe recipes/hala-paper.yaml --step evaluate-hala-9b --store s3://bucket/hala
 """
 
 import sys

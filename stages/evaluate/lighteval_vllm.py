@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 
 
 class _NoCache:
-    """LightEval's pipeline registers tasks with the model's sample cache; this model keeps none (a cache keyed
-    on a path would return a retrained model's old scores)."""
+    """LightEval's pipeline registers tasks with the model's sample cache; this model keeps none (a cache
+    keyed on a path would return a retrained model's old scores)."""
 
     def _init_registry(self, registry: Any) -> None:
         return None
@@ -44,9 +44,16 @@ class VllmLogprobModel(LightevalModel):
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self._max_length = int(settings.get("max_model_len", 2048))
-        self.llm = LLM(model=config.model_name, dtype=settings.get("dtype", "auto"), max_model_len=self._max_length, seed=0,
-                       **settings.get("engine_args", {}))
-        self.prompt_manager = PromptManager(use_chat_template=bool(settings.get("chat_template")), tokenizer=self._tokenizer)
+        self.llm = LLM(
+            model=config.model_name,
+            dtype=settings.get("dtype", "auto"),
+            max_model_len=self._max_length,
+            seed=0,
+            **settings.get("engine_args", {}),
+        )
+        self.prompt_manager = PromptManager(
+            use_chat_template=bool(settings.get("chat_template")), tokenizer=self._tokenizer
+        )
         self.pairwise_tokenization = False
 
     @property
@@ -68,14 +75,19 @@ class VllmLogprobModel(LightevalModel):
         prompts, spans, meta = [], [], []
         for doc in docs:
             context = self.prompt_manager.prepare_prompt(doc)
-            ctx_encs, cont_encs = self.tok_encode_pair(context, doc.choices, pairwise=self.pairwise_tokenization)
+            ctx_encs, cont_encs = self.tok_encode_pair(
+                context, doc.choices, pairwise=self.pairwise_tokenization
+            )
             meta.append((context, ctx_encs, cont_encs))
             for ctx, cont in zip(ctx_encs, cont_encs):
-                ids = (ctx + cont)[-self._max_length:]
+                ids = (ctx + cont)[-self._max_length :]
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
                 spans.append((len(ids) - len(cont), cont))
-        # one token of output is the least vLLM generates; prompt_logprobs=1 gives each prompt token's own log-prob
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1), use_tqdm=False)
+        # one token of output is the least vLLM generates; prompt_logprobs=1 gives each prompt token's own
+        # log-prob
+        outs = self.llm.generate(
+            prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1), use_tqdm=False
+        )
         responses, k = [], 0
         for context, ctx_encs, cont_encs in meta:
             logprobs, greedy = [], []
@@ -86,22 +98,44 @@ class VllmLogprobModel(LightevalModel):
                 logprobs.append(sum(p.logprob for p in picked))
                 greedy.append(all(p.rank == 1 for p in picked))
                 k += 1
-            responses.append(ModelResponse(input=context, input_tokens=ctx_encs, output_tokens=cont_encs,
-                                           logprobs=logprobs, argmax_logits_eq_gold=greedy))
+            responses.append(
+                ModelResponse(
+                    input=context,
+                    input_tokens=ctx_encs,
+                    output_tokens=cont_encs,
+                    logprobs=logprobs,
+                    argmax_logits_eq_gold=greedy,
+                )
+            )
         return responses
 
     def greedy_until(self, docs: list) -> list[ModelResponse]:
         from vllm import SamplingParams
 
         prompts = [self.prompt_manager.prepare_prompt(doc) for doc in docs]
-        params = [SamplingParams(temperature=0.0, max_tokens=doc.generation_size or 256, stop=list(doc.stop_sequences or []) or None)
-                  for doc in docs]
+        params = [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=doc.generation_size or 256,
+                stop=list(doc.stop_sequences or []) or None,
+            )
+            for doc in docs
+        ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [ModelResponse(input=p, input_tokens=list(o.prompt_token_ids), output_tokens=[list(o.outputs[0].token_ids)],
-                              text=[o.outputs[0].text]) for p, o in zip(prompts, outs)]
+        return [
+            ModelResponse(
+                input=p,
+                input_tokens=list(o.prompt_token_ids),
+                output_tokens=[list(o.outputs[0].token_ids)],
+                text=[o.outputs[0].text],
+            )
+            for p, o in zip(prompts, outs)
+        ]
 
     def loglikelihood_rolling(self, docs: list) -> list[ModelResponse]:
-        raise NotImplementedError("perplexity tasks are not among the OALL v2 tasks; use benchmark_engine: transformers")
+        raise NotImplementedError(
+            "perplexity tasks are not among the OALL v2 tasks; use benchmark_engine: transformers"
+        )
 
     def cleanup(self) -> None:
         del self.llm

@@ -16,6 +16,7 @@ import os
 import yaml
 from lighteval.tasks.multilingual.tasks import arabic
 
+
 def local_subsets(folder: str) -> set[str] | None:
     """The config names a local copy declares in its README front matter, or None without a copy."""
     readme = os.path.join(folder, "README.md")
@@ -47,21 +48,25 @@ def build(data: str | None, wanted: list[str], problems: dict[str, list[str]] | 
                 if found:
                     problems[cfg.name] = found
                     continue
-            cfg = copy.copy(cfg)  # several task classes have their own __init__: dataclasses.replace would fail
+            cfg = copy.copy(
+                cfg
+            )  # several task classes have their own __init__: dataclasses.replace would fail
             cfg.hf_repo = folder  # datasets.load_dataset(path=<folder>, name=<subset>) reads it offline
             cfg.hf_revision = None
-        if isinstance(cfg.few_shots_split, list):  # arabic.py gives ["dev"]; load_dataset wants one split name
+        if isinstance(
+            cfg.few_shots_split, list
+        ):  # arabic.py gives ["dev"]; load_dataset wants one split name
             cfg = copy.copy(cfg)
             cfg.few_shots_split = cfg.few_shots_split[0]
         table.append(cfg)
     return table
 
 
-
 def tasks_file(folder: str, data: str | None, wanted: list[str]) -> str:
     """A custom-tasks module for one run, under a name no earlier run used."""
-    path = os.path.join(folder, f"hala_oall_tasks_{os.getpid()}_{abs(hash((data, tuple(wanted), folder)))}.py")
+    path = os.path.join(
+        folder, f"hala_oall_tasks_{os.getpid()}_{abs(hash((data, tuple(wanted), folder)))}.py"
+    )
     with open(path, "w", encoding="utf-8") as f:
-        f.write("from stages.evaluate.oall_tasks import build\n"
-                f"TASKS_TABLE = build({data!r}, {wanted!r})\n")
+        f.write(f"from stages.evaluate.oall_tasks import build\nTASKS_TABLE = build({data!r}, {wanted!r})\n")
     return path

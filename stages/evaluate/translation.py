@@ -27,11 +27,14 @@ class Pairs:
 
 
 def read_pairs(reader: tables.RowGroups, cfg: EvaluateConfig, where: str) -> Pairs:
-    """The pairs to score, read a record batch at a time and only as far as `max_rows` needs (a test split of a
-    million-row corpus costs its first row groups, not the whole table)."""
+    """The pairs to score, read a record batch at a time and only as far as `max_rows` needs (a test split of
+    a million-row corpus costs its first row groups, not the whole table)."""
     columns = reader.columns
     if not {"src", "tgt"} <= set(columns):
-        raise DataError(f"{where}: expected a pairs dataset (columns src, tgt), found {', '.join(columns) or 'no parquet files'} in {reader.paths[0]}")
+        raise DataError(
+            f"{where}: expected a pairs dataset (columns src, tgt), found "
+            f"{', '.join(columns) or 'no parquet files'} in {reader.paths[0]}"
+        )
     want_src, want_tgt = cfg.direction.split("-")
     out = Pairs()
     wanted = [c for c in ("id", "src_lang", "tgt_lang", "src", "tgt") if c in columns]
@@ -53,7 +56,10 @@ def read_pairs(reader: tables.RowGroups, cfg: EvaluateConfig, where: str) -> Pai
         out.src.append(s.strip())
         out.ref.append(t.strip())
     if not out.ids:
-        raise DataError(f"{where}: no {cfg.direction} pair to score in {reader.paths[0]} (skipped: {out.skipped or 'none'})")
+        raise DataError(
+            f"{where}: no {cfg.direction} pair to score in {reader.paths[0]} (skipped: "
+            f"{out.skipped or 'none'})"
+        )
     return out
 
 
@@ -79,10 +85,16 @@ def translate(model: str, pairs: Pairs, cfg: EvaluateConfig) -> dict[str, Any]:
         for k, g in zip(index, gens):
             hyps[k] = g.text.strip()
         tokens = sum(g.completion_tokens for g in gens)
-        return {"hyps": hyps, "engine": engine.info(), "engine_start_seconds": round(start, 3),
-                "generate_seconds": round(seconds, 3), "completion_tokens": tokens,
-                "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "too_long": too_long,
-                "cut_at_max_tokens": sum(not g.finished for g in gens)}
+        return {
+            "hyps": hyps,
+            "engine": engine.info(),
+            "engine_start_seconds": round(start, 3),
+            "generate_seconds": round(seconds, 3),
+            "completion_tokens": tokens,
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+            "too_long": too_long,
+            "cut_at_max_tokens": sum(not g.finished for g in gens),
+        }
     finally:
         engine.close()
 
@@ -92,5 +104,8 @@ def score(hyps: list[str], refs: list[str], tokenize: str) -> dict[str, Any]:
 
     bleu, chrf = BLEU(tokenize=tokenize), CHRF(word_order=2)
     b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
-    return {"bleu": round(b.score, 2), "chrf++": round(c.score, 2),
-            "signatures": {"bleu": str(bleu.get_signature()), "chrf++": str(chrf.get_signature())}}
+    return {
+        "bleu": round(b.score, 2),
+        "chrf++": round(c.score, 2),
+        "signatures": {"bleu": str(bleu.get_signature()), "chrf++": str(chrf.get_signature())},
+    }

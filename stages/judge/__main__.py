@@ -1,7 +1,7 @@
 """Judge translation pairs (or one shard of them) with an LLM.
 
-    python -m stages.judge --recipe recipes/tiny.yaml --step judge-opus100
-    hala-stage judge --recipe recipes/hala-paper.yaml --step judge-opus100 --shard 1/4
+python -m stages.judge --recipe recipes/tiny.yaml --step judge-opus100
+hala-stage judge --recipe recipes/hala-paper.yaml --step judge-opus100 --shard 1/4
 """
 
 import sys

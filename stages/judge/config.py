@@ -1,4 +1,5 @@
-"""Typed config of the judge stage. `config.schema.json` is generated from it (`hala schema judge --write`)."""
+"""Typed config of the judge stage. `config.schema.json` is generated from it (`hala schema judge
+--write`)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ class JudgeConfig(EngineConfig):
         "Answer ACCEPT or REJECT.\n\nEnglish: {src}\nArabic: {tgt}",
         description="the user turn; {src} and {tgt} are the pair",
     )
-    labels: list[str] = Field(default=["ACCEPT", "REJECT"], min_length=2, description="the verdicts; the first one accepts")
-    chunk_rows: int = Field(512, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one")
+    labels: list[str] = Field(
+        default=["ACCEPT", "REJECT"], min_length=2, description="the verdicts; the first one accepts"
+    )
+    chunk_rows: int = Field(
+        512, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "JudgeConfig":
+    def _check(self) -> JudgeConfig:
         if "{src}" not in self.prompt or "{tgt}" not in self.prompt:
             raise ValueError("prompt must contain {src} and {tgt}")
         if len(set(self.labels)) != len(self.labels):

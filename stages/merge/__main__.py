@@ -1,7 +1,7 @@
 """Merge a fine-tuned model with its base.
 
-    python -m stages.merge --recipe recipes/tiny.yaml --step merge-hala-1.2b
-    hala-stage merge --recipe recipes/hala-paper.yaml --step merge-hala-9b --store s3://bucket/hala
+python -m stages.merge --recipe recipes/tiny.yaml --step merge-hala-1.2b
+hala-stage merge --recipe recipes/hala-paper.yaml --step merge-hala-9b --store s3://bucket/hala
 """
 
 import functools

@@ -32,18 +32,29 @@ EPS = 1e-8
 BLOCK = 1 << 18  # elements per side converted to float32 at once: 2 MiB for the pair, within the CPU's cache
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "recipe.yaml", "training_args.bin"}
+SKIP_FILES = {
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "README.md",
+    "recipe.yaml",
+    "training_args.bin",
+}
 
 
 def local_model(ctx: StepContext, name: str) -> str:
-    """A local folder for a model input; a hub repository is downloaded (safetensors, configs, tokenizer only)."""
+    """A local folder for a model input; a hub repository is downloaded (safetensors, configs, tokenizer
+    only)."""
     resolved = ctx.input(name)
     if resolved.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        # the pinned commit (hala.contract.sources.hub_revision), without the duplicate .bin weights some repositories carry
-        path = snapshot_download(resolved.uri, revision=resolved.revision,
-                                 allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
+        # the pinned commit (hala.contract.sources.hub_revision), without the duplicate .bin weights some
+        # repositories carry
+        path = snapshot_download(
+            resolved.uri,
+            revision=resolved.revision,
+            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
+        )
     else:
         path = ctx.model_path(name)
     if not os.path.isdir(path):
@@ -55,18 +66,33 @@ def check_compatible(base: Checkpoint, model: Checkpoint) -> None:
     """Same architecture, same tensors, same shapes: otherwise exit 3 naming what differs."""
     arch_b, arch_m = base.config.get("architectures"), model.config.get("architectures")
     if arch_b != arch_m:
-        raise DataError(f"architectures differ: base {arch_b}, model {arch_m}; slerp needs two checkpoints of one architecture")
+        raise DataError(
+            f"architectures differ: base {arch_b}, model {arch_m}; slerp needs two checkpoints of one "
+            "architecture"
+        )
     only_b = sorted(set(base.tensors) - set(model.tensors))
     only_m = sorted(set(model.tensors) - set(base.tensors))
     if only_b or only_m:
-        hint = " (one of them ties its embeddings to lm_head, the other does not)" if "lm_head.weight" in only_b + only_m else ""
-        raise DataError(f"tensor sets differ{hint}: only in base {only_b[:5]}{' …' if len(only_b) > 5 else ''}, "
-                        f"only in model {only_m[:5]}{' …' if len(only_m) > 5 else ''}")
+        hint = (
+            " (one of them ties its embeddings to lm_head, the other does not)"
+            if "lm_head.weight" in only_b + only_m
+            else ""
+        )
+        raise DataError(
+            f"tensor sets differ{hint}: only in base {only_b[:5]}{' …' if len(only_b) > 5 else ''}, "
+            f"only in model {only_m[:5]}{' …' if len(only_m) > 5 else ''}"
+        )
     for name, tb in base.tensors.items():
         tm = model.tensors[name]
         if tb.shape != tm.shape:
-            vocab = " (different vocabularies: merge only models that share a tokenizer)" if "embed" in name or "lm_head" in name else ""
-            raise DataError(f"tensor {name}: shape {list(tb.shape)} in base, {list(tm.shape)} in model{vocab}")
+            vocab = (
+                " (different vocabularies: merge only models that share a tokenizer)"
+                if "embed" in name or "lm_head" in name
+                else ""
+            )
+            raise DataError(
+                f"tensor {name}: shape {list(tb.shape)} in base, {list(tm.shape)} in model{vocab}"
+            )
 
 
 def _float(dtype_name: str) -> bool:
@@ -82,12 +108,21 @@ def _blocks(a: torch.Tensor, b: torch.Tensor, bufs: tuple[torch.Tensor, torch.Te
     n = flat_a.numel()
     for u in range(0, n, BLOCK):
         k = min(BLOCK, n - u)
-        yield slice(u, u + k), bufs[0][:k].copy_(flat_a[u:u + k]), bufs[1][:k].copy_(flat_b[u:u + k])
+        yield slice(u, u + k), bufs[0][:k].copy_(flat_a[u : u + k]), bufs[1][:k].copy_(flat_b[u : u + k])
 
 
-def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[float, float], method: str,
-                 dtype: torch.dtype, writer: StreamWriter, bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """Merge one tensor into the writer; returns how: slerp, lerp (slerp's colinear fallback), linear, copied."""
+def merge_tensor(
+    name: str,
+    base: Checkpoint,
+    model: Checkpoint,
+    weights: tuple[float, float],
+    method: str,
+    dtype: torch.dtype,
+    writer: StreamWriter,
+    bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]],
+) -> str:
+    """Merge one tensor into the writer; returns how: slerp, lerp (slerp's colinear fallback), linear,
+    copied."""
     info = base.tensors[name]
     rows = info.shape[0] if info.shape else 1
     step = chunk_rows(info.shape)
@@ -106,7 +141,9 @@ def merge_tensor(name: str, base: Checkpoint, model: Checkpoint, weights: tuple[
     def pair(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         if s in cached:
             return cached[s]
-        a = base.rows(name, s, s + step).to(dtype)  # MergeKit casts the inputs to dtype, then computes in float32
+        a = base.rows(name, s, s + step).to(
+            dtype
+        )  # MergeKit casts the inputs to dtype, then computes in float32
         b = model.rows(name, s, s + step).to(dtype)
         if whole:
             cached[s] = (a, b)
@@ -164,8 +201,13 @@ def copy_side_files(src: str, out: str) -> list[str]:
     copied = []
     for fname in sorted(os.listdir(src)):
         path = os.path.join(src, fname)
-        if (not os.path.isfile(path) or fname.endswith(WEIGHT_FILES) or fname in SKIP_FILES or fname == "config.json"
-                or fname.startswith((".", "_"))):
+        if (
+            not os.path.isfile(path)
+            or fname.endswith(WEIGHT_FILES)
+            or fname in SKIP_FILES
+            or fname == "config.json"
+            or fname.startswith((".", "_"))
+        ):
             continue
         shutil.copy2(path, os.path.join(out, fname))
         copied.append(fname)
@@ -196,7 +238,8 @@ def model_card(ctx: StepContext, plan: schedule.Plan, name: str, counts: dict[st
         "| parent | role | source | sha256 |\n| --- | --- | --- | --- |\n"
         f"| base | t = 0 | `{base.ref.raw}` | `{base.key[:16]}` |\n"
         f"| model | t = 1 | `{model.ref.raw}` | `{model.key[:16]}` |\n\n"
-        f"- method: {plan.method}; t: `{t_text}` ({plan.source}); merge dtype {plan.dtype}, written as {plan.out_dtype}\n"
+        f"- method: {plan.method}; t: `{t_text}` ({plan.source}); merge dtype {plan.dtype}, written as "
+        f"{plan.out_dtype}\n"
         f"- tensors: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}\n"
         f"- tokenizer and chat template from: {plan.tokenizer_source}\n"
     )
@@ -230,18 +273,34 @@ def main(cfg: MergeConfig, ctx: StepContext, checker: Checker | None = None) -> 
     check_compatible(base, model)
     side = base.folder if plan.tokenizer_source == "base" else model.folder
     if not any(os.path.exists(os.path.join(side, f)) for f in TOKENIZER_FILES):
-        raise DataError(f"input '{plan.tokenizer_source}' ({side}) has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the merged "
-                        f"model takes its tokenizer and chat template from there; add them, or set tokenizer_source to the other input")
+        raise DataError(
+            f"input '{plan.tokenizer_source}' ({side}) has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+            "the merged "
+            "model takes its tokenizer and chat template from there; add them, or set tokenizer_source to "
+            "the other input"
+        )
     layers = base.num_layers()
     if layers == 0:
-        raise DataError(f"{base.folder}/config.json has no num_hidden_layers: cannot place tensors along the layers")
+        raise DataError(
+            f"{base.folder}/config.json has no num_hidden_layers: cannot place tensors along the layers"
+        )
     ts = {name: plan.t(name, layers) for name in base.tensors}
     name = output_name(ctx, plan, cfg)
     out = ctx.output_dir("model", folder=name)
     dtype, out_dtype = TORCH_DTYPES[plan.dtype], TORCH_DTYPES[plan.out_dtype]
     order = list(base.tensors)  # the base's file order keeps reads sequential
-    writer = StreamWriter(out, [(n, base.tensors[n].shape, out_dtype if _float(base.tensors[n].dtype) else _torch(base.tensors[n].dtype))
-                                for n in order], cfg.max_shard_size)
+    writer = StreamWriter(
+        out,
+        [
+            (
+                n,
+                base.tensors[n].shape,
+                out_dtype if _float(base.tensors[n].dtype) else _torch(base.tensors[n].dtype),
+            )
+            for n in order
+        ],
+        cfg.max_shard_size,
+    )
     counts: dict[str, int] = {}
     bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
     threads = torch.get_num_threads()
@@ -270,13 +329,21 @@ def main(cfg: MergeConfig, ctx: StepContext, checker: Checker | None = None) -> 
     ctx.timings["check_import_seconds"] = answer["seconds"]["import"]
     ctx.timings["check_seconds"] = answer["seconds"]["load_and_generate"]
     ctx.metrics.update(
-        name=name, plan=plan.describe(), tensors=counts, layers=layers, shards=written["shards"], bytes=written["bytes"],
+        name=name,
+        plan=plan.describe(),
+        tensors=counts,
+        layers=layers,
+        shards=written["shards"],
+        bytes=written["bytes"],
         parents={"base": ctx.input("base").record(), "model": ctx.input("model").record()},
-        side_files_from=plan.tokenizer_source, side_files=copied,
+        side_files_from=plan.tokenizer_source,
+        side_files=copied,
         # two processes, both alive to the end: this one merges, the check's loads the merged model
         merge_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         check_peak_rss_mb=answer["peak_rss_mb"],
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + answer["peak_rss_mb"], 1),
+        peak_rss_mb=round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + answer["peak_rss_mb"], 1
+        ),
         sample={"prompt": cfg.sample_prompt, "output": answer["output"]},
     )
     ctx.set_output("model", format="safetensors", model_name=name, method=plan.method)

@@ -34,7 +34,11 @@ def evaluate(setting: Any, tensor_name: str, frac: float) -> float | None:
         return float(setting)
     if isinstance(setting, dict):
         setting = [setting]
-    if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+    if (
+        isinstance(setting, list)
+        and setting
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+    ):
         scaled = frac * (len(setting) - 1)
         i0 = int(scaled)
         i1 = min(len(setting) - 1, i0 + 1)
@@ -46,14 +50,18 @@ def evaluate(setting: Any, tensor_name: str, frac: float) -> float | None:
             if flt is None or flt == "*" or flt in tensor_name:
                 return evaluate(cond["value"], tensor_name, frac)
         return None
-    raise ConfigError(f"t: cannot read {setting!r}; use a number, a list of numbers, or a list of {{filter, value}}")
+    raise ConfigError(
+        f"t: cannot read {setting!r}; use a number, a list of numbers, or a list of {{filter, value}}"
+    )
 
 
 @dataclass
 class Plan:
     method: str
     t_setting: Any = 0.5  # slerp, and linear from our own keys
-    weights: dict[str, Any] = field(default_factory=dict)  # linear from MergeKit: {"base": setting, "model": setting}
+    weights: dict[str, Any] = field(
+        default_factory=dict
+    )  # linear from MergeKit: {"base": setting, "model": setting}
     dtype: str = "bfloat16"
     out_dtype: str = "bfloat16"
     tokenizer_source: str = "base"
@@ -67,15 +75,25 @@ class Plan:
             wb = evaluate(self.weights["base"], tensor_name, frac)
             wm = evaluate(self.weights["model"], tensor_name, frac)
             if wb is None or wm is None or wb + wm <= 0 or wb < 0 or wm < 0:
-                raise ConfigError(f"linear weights for {tensor_name}: base {wb}, model {wm}; both are needed, >= 0, not both 0")
+                raise ConfigError(
+                    f"linear weights for {tensor_name}: base {wb}, model {wm}; both are needed, >= 0, not "
+                    "both 0"
+                )
             return wb, wm
         value = evaluate(self.t_setting, tensor_name, frac)
         if value is None:
-            raise ConfigError(f"t: no entry matches tensor {tensor_name}; add one without a filter as the default")
+            raise ConfigError(
+                f"t: no entry matches tensor {tensor_name}; add one without a filter as the default"
+            )
         return 1 - value, value
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "dtype": self.dtype, "out_dtype": self.out_dtype, "from": self.source}
+        out: dict[str, Any] = {
+            "method": self.method,
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "from": self.source,
+        }
         if self.weights:
             out["weights"] = self.weights
         else:
@@ -115,14 +133,21 @@ def check_ranges(plan: Plan) -> None:
         return
     bad = [x for x in numbers(plan.t_setting) if not 0.0 <= x <= 1.0]
     if bad:
-        raise ConfigError(f"t must lie in [0, 1] (0: the base, 1: the fine-tuned model); the setting has {bad[0]}")
+        raise ConfigError(
+            f"t must lie in [0, 1] (0: the base, 1: the fine-tuned model); the setting has {bad[0]}"
+        )
 
 
 def from_config(cfg: MergeConfig) -> Plan:
     if cfg.mergekit is not None:
         return from_mergekit(cfg.mergekit, cfg)
-    return Plan(method=cfg.method or "slerp", t_setting=_plain(cfg.t) if cfg.t is not None else 0.5, dtype=cfg.dtype,
-                out_dtype=cfg.out_dtype or cfg.dtype, tokenizer_source=cfg.tokenizer_source)
+    return Plan(
+        method=cfg.method or "slerp",
+        t_setting=_plain(cfg.t) if cfg.t is not None else 0.5,
+        dtype=cfg.dtype,
+        out_dtype=cfg.out_dtype or cfg.dtype,
+        tokenizer_source=cfg.tokenizer_source,
+    )
 
 
 def from_mergekit(mk: dict[str, Any], cfg: MergeConfig) -> Plan:
@@ -130,15 +155,23 @@ def from_mergekit(mk: dict[str, Any], cfg: MergeConfig) -> Plan:
     where = "config.mergekit"
     unsupported = sorted(set(mk) & {"slices", "modules", "tokenizer", "chat_template"})
     if unsupported:
-        raise ConfigError(f"{where}: {', '.join(unsupported)} are not supported here; give models with per-tensor parameters")
+        raise ConfigError(
+            f"{where}: {', '.join(unsupported)} are not supported here; give models with per-tensor "
+            "parameters"
+        )
     method = mk.get("merge_method")
     if method not in ("slerp", "linear"):
-        raise ConfigError(f"{where}: merge_method {method!r} is not supported; this stage merges with slerp or linear")
+        raise ConfigError(
+            f"{where}: merge_method {method!r} is not supported; this stage merges with slerp or linear"
+        )
     models = mk.get("models") or []
     names = [m.get("model") if isinstance(m, dict) else m for m in models]
     base = mk.get("base_model")
     if len(models) != 2 or (base is not None and base not in names):
-        raise ConfigError(f"{where}: two models, one of them base_model (as MergeKit's slerp wants); got {names} and base_model {base!r}")
+        raise ConfigError(
+            f"{where}: two models, one of them base_model (as MergeKit's slerp wants); got {names} and "
+            f"base_model {base!r}"
+        )
     base = base if base is not None else names[0]
     other = next(n for n in names if n != base)
     params = mk.get("parameters") or {}
@@ -149,23 +182,40 @@ def from_mergekit(mk: dict[str, Any], cfg: MergeConfig) -> Plan:
             raise ConfigError(f"{where}: {label} {value!r}; use bfloat16, float16 or float32")
     tok = mk.get("tokenizer_source")
     if tok not in (None, "base", base, other):
-        raise ConfigError(f"{where}: tokenizer_source {tok!r}; this stage keeps one model's tokenizer (base or the other)")
+        raise ConfigError(
+            f"{where}: tokenizer_source {tok!r}; this stage keeps one model's tokenizer (base or the other)"
+        )
     tokenizer_source = "model" if tok == other else "base"
-    plan = Plan(method=method, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
-                source=f"mergekit: base_model={base}, model={other}")
+    plan = Plan(
+        method=method,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source=tokenizer_source,
+        source=f"mergekit: base_model={base}, model={other}",
+    )
     if method == "slerp":
         if "t" not in params:
             raise ConfigError(f"{where}: slerp needs parameters.t")
         plan.t_setting = params["t"]
     else:
         if params.get("normalize", True) is not True:
-            raise ConfigError(f"{where}: linear with normalize: false is not supported (the result would not be an interpolation)")
-        per_model = {(m.get("model") if isinstance(m, dict) else m): (m.get("parameters") or {}) if isinstance(m, dict) else {} for m in models}
+            raise ConfigError(
+                f"{where}: linear with normalize: false is not supported (the result would not be an "
+                "interpolation)"
+            )
+        per_model = {
+            (m.get("model") if isinstance(m, dict) else m): (m.get("parameters") or {})
+            if isinstance(m, dict)
+            else {}
+            for m in models
+        }
         weights = {}
         for key, name in (("base", base), ("model", other)):
             setting = per_model[name].get("weight", params.get("weight"))
             if setting is None:
-                raise ConfigError(f"{where}: linear needs a weight for {name} (in its parameters or the global ones)")
+                raise ConfigError(
+                    f"{where}: linear needs a weight for {name} (in its parameters or the global ones)"
+                )
             weights[key] = setting
         plan.weights = weights
     return plan

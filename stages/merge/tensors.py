@@ -3,9 +3,10 @@
 Reading goes through the safetensors library; each read opens and closes the file, so no mapping of a
 whole multi-GB shard stays resident. Writing is streamed: every tensor's dtype and shape are known before
 the first byte is written (they come from the inputs), so each shard's header is written first and the
-merged rows are appended as they are computed, by a writer thread that also hashes them. safetensors' own writer takes a whole shard as a dict of
-tensors, which would hold gigabytes; the format itself is an 8-byte header length, a JSON header with each
-tensor's dtype, shape and byte range, and the raw little-endian bytes in that order.
+merged rows are appended as they are computed, by a writer thread that also hashes them. safetensors' own
+writer takes a whole shard as a dict of tensors, which would hold gigabytes; the format itself is an 8-byte
+header length, a JSON header with each tensor's dtype, shape and byte range, and the raw little-endian bytes
+in that order.
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from safetensors import safe_open
 
 from hala.contract.errors import DataError
 
-SAFE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+SAFE_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # rows are read and merged in chunks of about 4M elements (16 MB in fp32)
 
@@ -52,7 +64,10 @@ class Checkpoint:
         elif os.path.exists(single):
             files = ["model.safetensors"]
         else:
-            raise DataError(f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are merged)")
+            raise DataError(
+                f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                "checkpoints are merged)"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         for fname in files:
             path = os.path.join(folder, fname)
@@ -92,7 +107,9 @@ class StreamWriter:
 
     IN_FLIGHT = 4
 
-    def __init__(self, folder: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int):
+    def __init__(
+        self, folder: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int
+    ):
         self.folder = folder
         sizes = [(name, shape, dtype, _nbytes(shape, dtype)) for name, shape, dtype in plan]
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
@@ -104,7 +121,11 @@ class StreamWriter:
             self.shards[-1].append(item)
             used += item[3]
         n = len(self.shards)
-        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.weight_map = {item[0]: self.names[i] for i, shard in enumerate(self.shards) for item in shard}
         self._order = [(i, item) for i, shard in enumerate(self.shards) for item in shard]
         self._pos = -1
@@ -172,7 +193,11 @@ class StreamWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, dtype, nbytes in self.shards[shard]:
-            header[name] = {"dtype": SAFE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFE_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -189,7 +214,11 @@ class StreamWriter:
         total = sum(item[3] for shard in self.shards for item in shard)
         if len(self.names) > 1:
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}, f, indent=2)
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                    f,
+                    indent=2,
+                )
         return {"shards": len(self.names), "bytes": total}
 
 

@@ -1,7 +1,7 @@
 """Normalize one instruction set or parallel corpus.
 
-    python -m stages.prepare --recipe recipes/tiny.yaml --step prepare-lima
-    hala-stage prepare --recipe recipes/hala-paper.yaml --step prepare-openorca --store s3://bucket/hala
+python -m stages.prepare --recipe recipes/tiny.yaml --step prepare-lima
+hala-stage prepare --recipe recipes/hala-paper.yaml --step prepare-openorca --store s3://bucket/hala
 """
 
 import sys

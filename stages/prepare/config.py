@@ -1,4 +1,5 @@
-"""Typed config of the prepare stage. `config.schema.json` is generated from it (`hala schema prepare --write`)."""
+"""Typed config of the prepare stage. `config.schema.json` is generated from it (`hala schema prepare
+--write`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,29 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Format = Literal["alpaca", "sharegpt", "messages", "openorca", "qa", "lima", "columns", "translation", "pairs", "aligned_text"]
+Format = Literal[
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "openorca",
+    "qa",
+    "lima",
+    "columns",
+    "translation",
+    "pairs",
+    "aligned_text",
+]
 
-# The fields each format reads, by role; `columns` renames them (e.g. SCP-116K: {user: problem, assistant: solution}).
+# The fields each format reads, by role; `columns` renames them (e.g. SCP-116K: {user: problem, assistant:
+# solution}).
 FIELDS: dict[str, dict[str, str | None]] = {
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "history": "history", "system": "system"},
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "history": "history",
+        "system": "system",
+    },
     "sharegpt": {"conversations": "conversations", "system": "system", "tools": "tools"},
     "messages": {"messages": "messages", "tools": "tools"},
     "openorca": {"system": "system_prompt", "user": "question", "assistant": "response"},
@@ -35,30 +54,63 @@ class PrepareConfig(BaseModel):
         description="rename the fields a format reads, e.g. {user: problem, assistant: solution}; "
         "format columns needs user and assistant",
     )
-    origin: str | None = Field(None, description="label written to every row's origin; default: the step name without 'prepare-'")
-    file_format: Literal["auto", "json", "jsonl", "parquet", "csv", "tsv", "text"] = Field(
-        "auto", description="local files and URLs: auto picks by extension (.json array or JSON lines, .jsonl, .parquet, .csv, .tsv, .txt)"
+    origin: str | None = Field(
+        None, description="label written to every row's origin; default: the step name without 'prepare-'"
     )
-    files: str | None = Field(None, description="glob of files to read when the input is a folder, e.g. '*.jsonl'")
-    header: bool = Field(True, description="csv/tsv: the first line names the columns; false: address columns by position (0, 1)")
+    file_format: Literal["auto", "json", "jsonl", "parquet", "csv", "tsv", "text"] = Field(
+        "auto",
+        description="local files and URLs: auto picks by extension (.json array or JSON lines, .jsonl, "
+        ".parquet, .csv, .tsv, .txt)",
+    )
+    files: str | None = Field(
+        None, description="glob of files to read when the input is a folder, e.g. '*.jsonl'"
+    )
+    header: bool = Field(
+        True,
+        description="csv/tsv: the first line names the columns; false: address columns by position (0, 1)",
+    )
     split: str = Field("train", description="hub datasets: the split to read")
-    subset: str | None = Field(None, description="hub datasets: the configuration, e.g. 'ar-en' for Helsinki-NLP/opus-100")
-    target_split: str | None = Field(None, description="aligned_text from the hub: the target's split (default: split)")
-    target_subset: str | None = Field(None, description="aligned_text from the hub: the target's configuration, e.g. AR_XY for openai/MMMLU")
+    subset: str | None = Field(
+        None, description="hub datasets: the configuration, e.g. 'ar-en' for Helsinki-NLP/opus-100"
+    )
+    target_split: str | None = Field(
+        None, description="aligned_text from the hub: the target's split (default: split)"
+    )
+    target_subset: str | None = Field(
+        None, description="aligned_text from the hub: the target's configuration, e.g. AR_XY for openai/MMMLU"
+    )
     exclude: dict[str, list[str]] = Field(
-        default={}, description="remove rows whose field has one of these values, e.g. {source: [ai2-adapt-dev/tulu_v3.9_aya_100k]} "
+        default={},
+        description="remove rows whose field has one of these values, e.g. {source: "
+        "[ai2-adapt-dev/tulu_v3.9_aya_100k]} "
         "for the English parts of Tulu 3; counted as rows_removed.excluded",
     )
-    max_rows: int | None = Field(None, ge=1, description="read only the first N rows (the paper takes the first 405K of OpenOrca)")
-    drop_code: bool = Field(False, description="remove rows with code (fences, code-like lines): the paper did so for Hermes-3")
-    dedup: bool = Field(True, description="remove exact duplicates (same turns / same pair), keeping the first")
-    src_lang: str = Field("en", description="pairs: language of the src column written out")
-    tgt_lang: str = Field("ar", description="pairs: language of the tgt column written out; swap the two to reverse the direction")
-    input_langs: list[str] = Field(
-        default=["en", "ar"], min_length=2, max_length=2,
-        description="positional pair inputs (aligned_text, header-less tables): the language of the first and second side",
+    max_rows: int | None = Field(
+        None, ge=1, description="read only the first N rows (the paper takes the first 405K of OpenOrca)"
     )
-    check_script: bool = Field(True, description="pairs: quarantine a side not written in its language's script (ar: Arabic letters, en: Latin)")
+    drop_code: bool = Field(
+        False, description="remove rows with code (fences, code-like lines): the paper did so for Hermes-3"
+    )
+    dedup: bool = Field(
+        True, description="remove exact duplicates (same turns / same pair), keeping the first"
+    )
+    src_lang: str = Field("en", description="pairs: language of the src column written out")
+    tgt_lang: str = Field(
+        "ar",
+        description="pairs: language of the tgt column written out; swap the two to reverse the direction",
+    )
+    input_langs: list[str] = Field(
+        default=["en", "ar"],
+        min_length=2,
+        max_length=2,
+        description="positional pair inputs (aligned_text, header-less tables): the language of the first "
+        "and second side",
+    )
+    check_script: bool = Field(
+        True,
+        description="pairs: quarantine a side not written in its language's script (ar: Arabic letters, en: "
+        "Latin)",
+    )
     roles: dict[str, str] = Field(
         default={},
         description="sharegpt: more 'from' values and the role they mean, e.g. {bot: assistant}",
@@ -66,16 +118,23 @@ class PrepareConfig(BaseModel):
     rows_per_file: int = Field(100_000, ge=1, description="rows per parquet shard written")
 
     @model_validator(mode="after")
-    def _check(self) -> "PrepareConfig":
+    def _check(self) -> PrepareConfig:
         known = FIELDS[self.format]
         unknown = sorted(set(self.columns) - set(known))
         if unknown:
-            raise ValueError(f"columns {unknown} mean nothing for format {self.format}; it reads: {', '.join(known)}")
+            raise ValueError(
+                f"columns {unknown} mean nothing for format {self.format}; it reads: {', '.join(known)}"
+            )
         if self.format == "columns":
             missing = [k for k in ("user", "assistant") if not self.columns.get(k)]
             if missing:
-                raise ValueError(f"format columns needs columns.{' and columns.'.join(missing)} (the fields holding each turn)")
-        bad_roles = sorted(r for r in self.roles.values() if r not in ("system", "user", "assistant", "tool", "tool_call"))
+                raise ValueError(
+                    f"format columns needs columns.{' and columns.'.join(missing)} (the fields holding each "
+                    "turn)"
+                )
+        bad_roles = sorted(
+            r for r in self.roles.values() if r not in ("system", "user", "assistant", "tool", "tool_call")
+        )
         if bad_roles:
             raise ValueError(f"roles map to system, user, assistant, tool or tool_call, not {bad_roles}")
         return self

@@ -1,13 +1,15 @@
-"""Exact dedup in 8 bytes a row: a 64-bit blake2b digest of each row's normalized content, held in sorted numpy
-runs instead of a Python set of digests (~90 bytes a row: the bytes object, its hash slot and the set's spare room).
+"""Exact dedup in 8 bytes a row: a 64-bit blake2b digest of each row's normalized content, held in sorted
+numpy runs instead of a Python set of digests (~90 bytes a row: the bytes object, its hash slot and the set's
+spare room).
 
-Digests first go to a small Python set (`BUFFER` of them, cheap to probe), which is sorted and merged into the one
-sorted uint64 array when full. The merge is numpy's stable sort over two sorted runs, which timsort does in one
-linear pass; at 4.5M rows that is ~70 merges of a few milliseconds each. A probe of the array is one binary search.
+Digests first go to a small Python set (`BUFFER` of them, cheap to probe), which is sorted and merged into the
+one sorted uint64 array when full. The merge is numpy's stable sort over two sorted runs, which timsort does
+in one linear pass; at 4.5M rows that is ~70 merges of a few milliseconds each. A probe of the array is one
+binary search.
 
-A 64-bit digest can collide: for n distinct rows the chance that any two share one is about n^2 / 2^65, 5e-7 at
-the paper's 4.5M conversations and 3e-4 at 100M. A collision removes a distinct row as a duplicate, which is
-counted (`rows_removed.duplicates`), never silent.
+A 64-bit digest can collide: for n distinct rows the chance that any two share one is about n^2 / 2^65, 5e-7
+at the paper's 4.5M conversations and 3e-4 at 100M. A collision removes a distinct row as a duplicate, which
+is counted (`rows_removed.duplicates`), never silent.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ def digest(key: bytes) -> int:
 
 
 class SeenSet:
-    """`first_seen(digests)`: for each digest of a batch, in order, True the first time it is seen (within the batch
-    or before it), False for every repeat. Batches because a numpy probe costs microseconds of call overhead a row,
-    and one `searchsorted` over 2K digests costs about what one does."""
+    """`first_seen(digests)`: for each digest of a batch, in order, True the first time it is seen (within the
+    batch or before it), False for every repeat. Batches because a numpy probe costs microseconds of call
+    overhead a row, and one `searchsorted` over 2K digests costs about what one does."""
 
     def __init__(self, buffer: int | None = None):
         self.cap = buffer or BUFFER

@@ -18,9 +18,18 @@ from hala.kit.text import script_share
 from stages.prepare.config import PrepareConfig
 
 ROLES = {
-    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-    "model": "assistant", "bot": "assistant", "tool": "tool", "observation": "tool", "function": "tool",
-    "ipython": "tool", "function_call": "tool_call",
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
+    "function_call": "tool_call",
 }
 
 
@@ -48,7 +57,9 @@ def _get(row: dict[str, Any], key: str | int | None, where: str, required: bool 
         return None
     if key not in row:
         if required:
-            raise Reject("missing_field", f"no field {key!r} ({where}); the row has {sorted(map(str, row))[:12]}")
+            raise Reject(
+                "missing_field", f"no field {key!r} ({where}); the row has {sorted(map(str, row))[:12]}"
+            )
         return None
     return row[key]
 
@@ -58,7 +69,8 @@ def _msg(role: str, content: str, tool_calls: list[dict[str, Any]] | None = None
 
 
 def _tool_call(value: Any, where: str) -> dict[str, Any]:
-    """A ShareGPT function_call value or an OpenAI tool call, as {type, function: {name, arguments: JSON text}}."""
+    """A ShareGPT function_call value or an OpenAI tool call, as {type, function: {name, arguments: JSON
+    text}}."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -125,7 +137,12 @@ def _single_turn(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]
     if extra is not None and _text(extra, f"field {cfg.field('input')!r}").strip():
         user = f"{user}\n\n{extra}"
     messages.append(_msg("user", user))
-    messages.append(_msg("assistant", _text(_get(row, cfg.field("assistant"), "assistant"), f"field {cfg.field('assistant')!r}")))
+    messages.append(
+        _msg(
+            "assistant",
+            _text(_get(row, cfg.field("assistant"), "assistant"), f"field {cfg.field('assistant')!r}"),
+        )
+    )
     return messages
 
 
@@ -161,7 +178,9 @@ def _sharegpt(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
         who = turn.get("from", turn.get("role"))
         role = roles.get(who) if isinstance(who, str) else None
         if role is None:
-            raise Reject("unknown_role", f"turn {i}: from={who!r}; map it with config roles, e.g. {{{who}: assistant}}")
+            raise Reject(
+                "unknown_role", f"turn {i}: from={who!r}; map it with config roles, e.g. {{{who}: assistant}}"
+            )
         value = turn.get("value", turn.get("content"))
         if role == "tool_call":
             messages.append(_msg("assistant", "", [_tool_call(value, f"turn {i}")]))
@@ -177,7 +196,9 @@ def _content(value: Any, where: str) -> str:
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise Reject("unsupported_content", f"{where}: a {kind!r} part; only text is translated and trained on")
+                raise Reject(
+                    "unsupported_content", f"{where}: a {kind!r} part; only text is translated and trained on"
+                )
             texts.append(_text(part.get("text"), where))
         return "".join(texts)
     if value is None:
@@ -195,7 +216,9 @@ def _messages(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
             raise Reject("invalid_type", f"message {i} is not an object with role and content")
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise Reject("unknown_role", f"message {i}: role={role!r}; expected system, user, assistant or tool")
+            raise Reject(
+                "unknown_role", f"message {i}: role={role!r}; expected system, user, assistant or tool"
+            )
         calls = m.get("tool_calls") or None
         if calls is not None:
             if not isinstance(calls, list):
@@ -214,8 +237,13 @@ def _lima(row: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, Any]]:
 
 
 CONVERSATION_FORMATS = {
-    "alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "openorca": _single_turn,
-    "qa": _single_turn, "columns": _single_turn, "lima": _lima,
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _messages,
+    "openorca": _single_turn,
+    "qa": _single_turn,
+    "columns": _single_turn,
+    "lima": _lima,
 }
 
 
@@ -229,9 +257,11 @@ def conversation(row: Any, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], st
 
 # --- pairs ---------------------------------------------------------------------------------------------
 
+
 def script_ok(text: str, lang: str) -> bool:
-    """Is `text` written in the script of `lang`? Text with no letters (numbers, symbols) passes; an Arabic side
-    may carry Latin names and terms (at least a fifth of its letters Arabic), a Latin side mostly not Arabic."""
+    """Is `text` written in the script of `lang`? Text with no letters (numbers, symbols) passes; an Arabic
+    side may carry Latin names and terms (at least a fifth of its letters Arabic), a Latin side mostly not
+    Arabic."""
     share = script_share(text, lang)
     if share is None:
         return True
@@ -254,21 +284,32 @@ def pair(row: Any, cfg: PrepareConfig) -> tuple[str, str]:
         tr = _get(row, cfg.field("translation"), "translation")
         if not isinstance(tr, dict):
             raise Reject("invalid_type", "translation is not an object keyed by language")
-        sides = {lang: _text(_get(tr, lang, f"translation.{lang}"), f"translation.{lang}") for lang in (cfg.src_lang, cfg.tgt_lang)}
+        sides = {
+            lang: _text(_get(tr, lang, f"translation.{lang}"), f"translation.{lang}")
+            for lang in (cfg.src_lang, cfg.tgt_lang)
+        }
     else:  # pairs: a table
         if not isinstance(row, dict):
             raise Reject("not_a_record", f"a {type(row).__name__}, not an object")
         if cfg.field("src") is not None or cfg.field("tgt") is not None:
-            sides = {cfg.src_lang: _text(_get(row, cfg.field("src"), "src"), f"field {cfg.field('src')!r}"),
-                     cfg.tgt_lang: _text(_get(row, cfg.field("tgt"), "tgt"), f"field {cfg.field('tgt')!r}")}
+            sides = {
+                cfg.src_lang: _text(_get(row, cfg.field("src"), "src"), f"field {cfg.field('src')!r}"),
+                cfg.tgt_lang: _text(_get(row, cfg.field("tgt"), "tgt"), f"field {cfg.field('tgt')!r}"),
+            }
         elif cfg.src_lang in row and cfg.tgt_lang in row:
             sides = {lang: _text(row[lang], f"field {lang!r}") for lang in (cfg.src_lang, cfg.tgt_lang)}
         elif 0 in row and 1 in row:
             sides = {first: _text(row[0], "column 0"), second: _text(row[1], "column 1")}
         else:
-            raise Reject("missing_field", f"no {cfg.src_lang!r}/{cfg.tgt_lang!r} columns; name them with config columns {{src: ..., tgt: ...}}")
+            raise Reject(
+                "missing_field",
+                f"no {cfg.src_lang!r}/{cfg.tgt_lang!r} columns; name them with config columns {{src: ..., "
+                f"tgt: ...}}",
+            )
     if cfg.src_lang not in sides or cfg.tgt_lang not in sides:
-        raise Reject("missing_field", f"the input holds {sorted(sides)}, not {cfg.src_lang} and {cfg.tgt_lang}")
+        raise Reject(
+            "missing_field", f"the input holds {sorted(sides)}, not {cfg.src_lang} and {cfg.tgt_lang}"
+        )
     src, tgt = sides[cfg.src_lang].strip(), sides[cfg.tgt_lang].strip()
     if not src or not tgt:
         raise Reject("empty_text", "src is empty" if not src else "tgt is empty")

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hala.contract import tables
 from hala.contract.errors import DataError
@@ -29,14 +28,17 @@ QUARANTINE = tables.quarantine_schema()
 
 class ShardWriter:
     """Rows to `part-00000.parquet`, `part-00001.parquet`, ... of `rows_per_file` rows each, through
-    `tables.PartWriter` (row groups sized for scanning and for shards that read a range): a batch of dicts at a
-    time becomes Arrow, so memory follows the batch, not the file. At least one file, so readers find a table."""
+    `tables.PartWriter` (row groups sized for scanning and for shards that read a range): a batch of dicts at
+    a time becomes Arrow, so memory follows the batch, not the file. At least one file, so readers find a
+    table."""
 
     BATCH = 2048
 
     def __init__(self, folder: str, schema: pa.Schema, rows_per_file: int):
         self.schema = schema
-        self.parts = tables.PartWriter(folder, schema, file_rows=rows_per_file, group_rows=min(tables.GROUP_ROWS, rows_per_file))
+        self.parts = tables.PartWriter(
+            folder, schema, file_rows=rows_per_file, group_rows=min(tables.GROUP_ROWS, rows_per_file)
+        )
         self.buffer: list[dict[str, Any]] = []
         self.rows = 0
 
@@ -66,20 +68,30 @@ def _rows(ctx: StepContext, cfg: PrepareConfig) -> Iterator[Any]:
     src, tgt = ctx.input("source"), ctx.input("target")
     n_src, n_tgt = readers.count_lines(src, cfg), readers.count_lines(tgt, cfg)
     if n_src is not None and n_tgt is not None and n_src != n_tgt:
-        raise DataError(f"aligned_text: {src.ref.raw} has {n_src} lines but {tgt.ref.raw} has {n_tgt}; the sides are not aligned")
+        raise DataError(
+            f"aligned_text: {src.ref.raw} has {n_src} lines but {tgt.ref.raw} has {n_tgt}; the sides are "
+            "not aligned"
+        )
     end = object()
-    pairs = itertools.zip_longest(readers.iter_input(src, cfg), readers.iter_input(tgt, cfg, target=True), fillvalue=end)
+    pairs = itertools.zip_longest(
+        readers.iter_input(src, cfg), readers.iter_input(tgt, cfg, target=True), fillvalue=end
+    )
     for i, (a, b) in enumerate(pairs):
         if a is end or b is end:
             longer = "target" if a is end else "source"
-            raise DataError(f"aligned_text: the {longer} side has more rows than the other ({i} rows matched); the sides are not aligned")
+            raise DataError(
+                f"aligned_text: the {longer} side has more rows than the other ({i} rows matched); the "
+                "sides are not aligned"
+            )
         yield a if isinstance(a, Broken) else b if isinstance(b, Broken) else (a, b)
 
 
 def main(cfg: PrepareConfig, ctx: StepContext) -> None:
     origin = cfg.origin or ctx.step.name.removeprefix("prepare-")
     kind = cfg.kind
-    data = ShardWriter(ctx.output_dir("data"), CONVERSATIONS if kind == "conversations" else PAIRS, cfg.rows_per_file)
+    data = ShardWriter(
+        ctx.output_dir("data"), CONVERSATIONS if kind == "conversations" else PAIRS, cfg.rows_per_file
+    )
     quarantine = ShardWriter(ctx.output_dir("quarantine"), QUARANTINE, cfg.rows_per_file)
     seen = dedup.SeenSet()
     pending: list[tuple[int, dict[str, Any]]] = []  # rows waiting for the batched duplicate check, in order
@@ -93,7 +105,9 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
         if kind == "conversations":
             stats["turns"] += len(out["messages"])
             stats["multi_turn_rows"] += sum(m["role"] == "user" for m in out["messages"]) > 1
-            stats["tool_rows"] += bool(out["tools"]) or any(m["tool_calls"] or m["role"] == "tool" for m in out["messages"])
+            stats["tool_rows"] += bool(out["tools"]) or any(
+                m["tool_calls"] or m["role"] == "tool" for m in out["messages"]
+            )
         else:
             stats["src_chars"] += len(out["src"])
             stats["tgt_chars"] += len(out["tgt"])
@@ -116,7 +130,11 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
             try:
                 if isinstance(raw, Broken):
                     raise formats.Reject(raw.reason, raw.detail)
-                if cfg.exclude and isinstance(raw, dict) and any(raw.get(k) in v for k, v in cfg.exclude.items()):
+                if (
+                    cfg.exclude
+                    and isinstance(raw, dict)
+                    and any(raw.get(k) in v for k, v in cfg.exclude.items())
+                ):
                     removed["excluded"] += 1
                     continue
                 if kind == "conversations":
@@ -125,15 +143,35 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
                         removed["code"] += 1
                         continue
                     key = json.dumps([messages, tools], ensure_ascii=False, sort_keys=True).encode()
-                    out: dict[str, Any] = {"id": row_id, "origin": origin, "messages": messages, "tools": tools}
+                    out: dict[str, Any] = {
+                        "id": row_id,
+                        "origin": origin,
+                        "messages": messages,
+                        "tools": tools,
+                    }
                 else:
                     src, tgt = formats.pair(raw, cfg)
                     key = json.dumps([src, tgt], ensure_ascii=False).encode()
-                    out = {"id": row_id, "origin": origin, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang, "src": src, "tgt": tgt}
+                    out = {
+                        "id": row_id,
+                        "origin": origin,
+                        "src_lang": cfg.src_lang,
+                        "tgt_lang": cfg.tgt_lang,
+                        "src": src,
+                        "tgt": tgt,
+                    }
             except formats.Reject as r:
                 ctx.quarantine(r.reason)
-                quarantine.add({"id": row_id, "origin": origin, "row_index": index, "reason": r.reason, "detail": r.detail,
-                                "raw": tables.raw_text(raw.raw if isinstance(raw, Broken) else raw)})
+                quarantine.add(
+                    {
+                        "id": row_id,
+                        "origin": origin,
+                        "row_index": index,
+                        "reason": r.reason,
+                        "detail": r.detail,
+                        "raw": tables.raw_text(raw.raw if isinstance(raw, Broken) else raw),
+                    }
+                )
                 continue
             if not cfg.dedup:
                 keep(out)
@@ -145,15 +183,29 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
     data.close()
     quarantine.close()
     ctx.timings["normalize_seconds"] = round(time.monotonic() - t0, 3)
-    ctx.set_output("data", rows=data.rows, format="parquet", schema=kind, columns=[f.name for f in data.schema])
+    ctx.set_output(
+        "data", rows=data.rows, format="parquet", schema=kind, columns=[f.name for f in data.schema]
+    )
     ctx.set_output("quarantine", rows=quarantine.rows, format="parquet", schema="quarantine")
-    ctx.count(rows_in=rows_in, rows_out=data.rows, rows_quarantined=quarantine.rows,
-              rows_removed={k: v for k, v in removed.items() if v or k == "duplicates"})
+    ctx.count(
+        rows_in=rows_in,
+        rows_out=data.rows,
+        rows_quarantined=quarantine.rows,
+        rows_removed={k: v for k, v in removed.items() if v or k == "duplicates"},
+    )
     if kind == "conversations":
-        ctx.metrics.update(mean_turns=round(stats["turns"] / max(data.rows, 1), 3),
-                           multi_turn_rows=stats["multi_turn_rows"], tool_rows=stats["tool_rows"])
+        ctx.metrics.update(
+            mean_turns=round(stats["turns"] / max(data.rows, 1), 3),
+            multi_turn_rows=stats["multi_turn_rows"],
+            tool_rows=stats["tool_rows"],
+        )
     else:
-        ctx.metrics.update(src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang,
-                           tgt_src_char_ratio=round(stats["tgt_chars"] / max(stats["src_chars"], 1), 3))
+        ctx.metrics.update(
+            src_lang=cfg.src_lang,
+            tgt_lang=cfg.tgt_lang,
+            tgt_src_char_ratio=round(stats["tgt_chars"] / max(stats["src_chars"], 1), 3),
+        )
     ctx.metrics["origin"] = origin
-    ctx.log.info("normalized", rows_in=rows_in, rows_out=data.rows, quarantined=dict(ctx.quarantined), removed=removed)
+    ctx.log.info(
+        "normalized", rows_in=rows_in, rows_out=data.rows, quarantined=dict(ctx.quarantined), removed=removed
+    )

@@ -12,8 +12,9 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
@@ -22,8 +23,14 @@ from hala.contract.sources import ResolvedInput
 from stages.prepare.config import PrepareConfig
 
 SUFFIXES = {
-    ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
-    ".csv": "csv", ".tsv": "tsv", ".txt": "text", ".text": "text",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+    ".text": "text",
 }
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 
@@ -45,7 +52,10 @@ def _file_format(path: str, cfg: PrepareConfig) -> str:
     for suffix, fmt in SUFFIXES.items():
         if name.endswith(suffix):
             return fmt
-    raise ConfigError(f"{path}: cannot tell the file format from its name; set config file_format (json, jsonl, parquet, csv, tsv, text)")
+    raise ConfigError(
+        f"{path}: cannot tell the file format from its name; set config file_format (json, jsonl, parquet, "
+        "csv, tsv, text)"
+    )
 
 
 def list_files(uri: str, cfg: PrepareConfig) -> tuple[Any, list[str]]:
@@ -53,7 +63,9 @@ def list_files(uri: str, cfg: PrepareConfig) -> tuple[Any, list[str]]:
     if fs.isdir(path):
         pattern = cfg.files or "*"
         found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/**/{pattern}") if fs.isfile(p))
-        found = [p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))]  # manifests, hidden files
+        found = [
+            p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))
+        ]  # manifests, hidden files
         if not found:
             raise DataError(f"{uri}: no files match {pattern!r}")
         return fs, found
@@ -64,7 +76,9 @@ def _decode_line(raw: bytes) -> tuple[str | None, Broken | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        return None, Broken("invalid_utf8", f"byte {e.start}: {e.reason}", raw.decode("utf-8", "backslashreplace"))
+        return None, Broken(
+            "invalid_utf8", f"byte {e.start}: {e.reason}", raw.decode("utf-8", "backslashreplace")
+        )
 
 
 def _iter_json(fs: Any, path: str, uri: str) -> Iterator[Any]:
@@ -87,11 +101,13 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
     """The elements of a JSON array, one at a time, holding about a MiB of text (and the row being parsed).
 
     Each element is decoded by json's C decoder (`raw_decode`) from a sliding buffer. An element that does not
-    parse yet is read further, up to MAX_ROW_BYTES: a syntax error is a DataError (exit 3) naming the byte offset,
-    line and column, after every row before it went through (a malformed array has no rows that can be trusted
-    after the error, so nothing past it is read)."""
+    parse yet is read further, up to MAX_ROW_BYTES: a syntax error is a DataError (exit 3) naming the byte
+    offset, line and column, after every row before it went through (a malformed array has no rows that can be
+    trusted after the error, so nothing past it is read)."""
     decoder = json.JSONDecoder()
-    incremental = codecs.getincrementaldecoder("utf-8")("surrogateescape")  # invalid bytes: rows quarantined later
+    incremental = codecs.getincrementaldecoder("utf-8")(
+        "surrogateescape"
+    )  # invalid bytes: rows quarantined later
     buf, pos = "", 0
     bytes_read, lines_before = 0, 0  # bytes decoded so far; newlines in text already dropped from buf
     eof = False
@@ -113,8 +129,11 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
     def fail(msg: str, at: int) -> DataError:
         byte = bytes_read - len(buf[at:].encode("utf-8", "surrogateescape"))
         line = lines_before + buf.count("\n", 0, at) + 1
-        return DataError(f"{uri}: not a valid JSON array at byte {byte} (line {line}): {msg}; fix the file or use JSON lines "
-                         "(one row per line: a broken line is quarantined, not the file)")
+        return DataError(
+            f"{uri}: not a valid JSON array at byte {byte} (line {line}): {msg}; fix the file or use JSON "
+            "lines "
+            "(one row per line: a broken line is quarantined, not the file)"
+        )
 
     def skip() -> None:
         nonlocal pos
@@ -124,11 +143,11 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
                 return
 
     skip()
-    if buf[pos:pos + 1] != "[":
+    if buf[pos : pos + 1] != "[":
         raise fail("expected '['", pos)
     pos += 1
     skip()
-    if buf[pos:pos + 1] == "]":
+    if buf[pos : pos + 1] == "]":
         return
     while True:
         need = READ_BYTES
@@ -140,7 +159,9 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
                 break
             except json.JSONDecodeError as e:
                 if len(buf) - pos > MAX_ROW_BYTES:
-                    raise fail(f"a row larger than {MAX_ROW_BYTES >> 20} MiB, or broken JSON: {e.msg}", e.pos) from None
+                    raise fail(
+                        f"a row larger than {MAX_ROW_BYTES >> 20} MiB, or broken JSON: {e.msg}", e.pos
+                    ) from None
                 if eof:
                     raise fail(e.msg, e.pos) from None
                 more(need)  # more of the row, or the end of the file: either way, decode again
@@ -148,7 +169,7 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
         yield row
         pos = end
         skip()
-        sep = buf[pos:pos + 1]
+        sep = buf[pos : pos + 1]
         if sep == "]":
             return
         if sep != ",":
@@ -176,7 +197,9 @@ def _iter_lines(f: Any, json_lines: bool) -> Iterator[Any]:
             yield Broken("invalid_json", f"line {lineno}, column {e.colno}: {e.msg}", text or "")
 
 
-def _iter_delimited(fs: Any, path: str, uri: str, delimiter: str, header: bool) -> Iterator[dict[Any, Any] | Broken]:
+def _iter_delimited(
+    fs: Any, path: str, uri: str, delimiter: str, header: bool
+) -> Iterator[dict[Any, Any] | Broken]:
     with fs.open(path, "rb", compression="infer") as fb:
         text = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(text, delimiter=delimiter)
@@ -189,7 +212,11 @@ def _iter_delimited(fs: Any, path: str, uri: str, delimiter: str, header: bool) 
                 continue
             if names is not None:
                 if len(record) != len(names):
-                    yield Broken("malformed_row", f"line {reader.line_num}: {len(record)} fields, header has {len(names)}", delimiter.join(record))
+                    yield Broken(
+                        "malformed_row",
+                        f"line {reader.line_num}: {len(record)} fields, header has {len(names)}",
+                        delimiter.join(record),
+                    )
                     continue
                 yield dict(zip(names, record))
             else:
@@ -228,8 +255,11 @@ def iter_hub(resolved: ResolvedInput, subset: str | None, split: str) -> Iterato
 
     where = f"hub dataset {resolved.uri}" + (f" ({subset})" if subset else "") + f", split {split}"
     try:
-        # streaming: the paper takes the first 405K of OpenOrca's 4.2M rows; nothing past max_rows is downloaded
-        ds = datasets.load_dataset(resolved.uri, subset, split=split, revision=resolved.revision, streaming=True)
+        # streaming: the paper takes the first 405K of OpenOrca's 4.2M rows; nothing past max_rows is
+        # downloaded
+        ds = datasets.load_dataset(
+            resolved.uri, subset, split=split, revision=resolved.revision, streaming=True
+        )
     except DatasetNotFoundError as e:
         raise ConfigError(f"{where}: {e} (gated sets need HF_TOKEN in the environment)") from None
     except ConnectionError as e:

@@ -1,7 +1,7 @@
 """Quantize one model and check it against its source.
 
-    python -m stages.quantize --recipe recipes/tiny.yaml --step quantize-teacher
-    hala-stage quantize --recipe recipes/hala-paper.yaml --step quantize-teacher --store s3://bucket/hala
+python -m stages.quantize --recipe recipes/tiny.yaml --step quantize-teacher
+hala-stage quantize --recipe recipes/hala-paper.yaml --step quantize-teacher --store s3://bucket/hala
 """
 
 import sys

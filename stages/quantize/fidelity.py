@@ -28,14 +28,18 @@ from hala.contract.errors import DataError
 @dataclass
 class Scored:
     ids: torch.Tensor  # [1, T] token ids
-    targets: torch.Tensor  # indices of the scored tokens (the last assistant turn); logits at targets-1 predict them
+    targets: (
+        torch.Tensor
+    )  # indices of the scored tokens (the last assistant turn); logits at targets-1 predict them
 
 
 def _assistant_targets(tok: Any, chat: list[dict[str, str]], full: list[int]) -> list[int]:
     """The last assistant turn's tokens: from the template's {% generation %} mask when it has one, else
     everything after the prompt rendered with add_generation_prompt (ChatML-like templates)."""
     try:
-        enc = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        enc = tok.apply_chat_template(
+            chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         mask = list(enc["assistant_masks"])
     except (ValueError, KeyError, TypeError):
         mask = []
@@ -47,7 +51,11 @@ def _assistant_targets(tok: Any, chat: list[dict[str, str]], full: list[int]) ->
             if m:
                 spans[-1].append(i)
         return spans[-1]
-    prompt = list(tok.apply_chat_template(chat[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+    prompt = list(
+        tok.apply_chat_template(chat[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     start = len(prompt) if full[: len(prompt)] == prompt else 1
     return list(range(start, len(full)))
 
@@ -113,8 +121,12 @@ def compare(load_source: Any, load_quantized: Any, items: list[Scored], mode: st
             for item in items:
                 ls = _logits(source, item)
                 if kept is None:
-                    kept = np.lib.format.open_memmap(os.path.join(tmp, "source-logits.npy"), mode="w+",
-                                                     dtype=np.float32, shape=(n_tokens, ls.shape[-1]))
+                    kept = np.lib.format.open_memmap(
+                        os.path.join(tmp, "source-logits.npy"),
+                        mode="w+",
+                        dtype=np.float32,
+                        shape=(n_tokens, ls.shape[-1]),
+                    )
                 kept[pos : pos + ls.shape[0]] = ls.numpy()
                 offsets.append(pos)
                 pos += ls.shape[0]
@@ -141,13 +153,21 @@ def compare(load_source: Any, load_quantized: Any, items: list[Scored], mode: st
     }
 
 
-def verdict(report: dict[str, Any], max_ppl_increase: float, min_argmax_agreement: float | None) -> str | None:
+def verdict(
+    report: dict[str, Any], max_ppl_increase: float, min_argmax_agreement: float | None
+) -> str | None:
     """None when the quantized model is acceptable, else why not."""
     if not math.isfinite(report["ppl_quantized"]):
         return "the quantized model's perplexity is not finite"
     if report["ppl_increase"] > max_ppl_increase:
-        return (f"perplexity rose {report['ppl_increase']:.2%} ({report['ppl_source']:.4f} -> {report['ppl_quantized']:.4f}), "
-                f"more than max_ppl_increase {max_ppl_increase:.2%}")
+        return (
+            f"perplexity rose {report['ppl_increase']:.2%} ({report['ppl_source']:.4f} -> "
+            f"{report['ppl_quantized']:.4f}), "
+            f"more than max_ppl_increase {max_ppl_increase:.2%}"
+        )
     if min_argmax_agreement is not None and report["argmax_agreement"] < min_argmax_agreement:
-        return f"top-token agreement {report['argmax_agreement']:.2%} is under min_argmax_agreement {min_argmax_agreement:.2%}"
+        return (
+            f"top-token agreement {report['argmax_agreement']:.2%} is under min_argmax_agreement "
+            f"{min_argmax_agreement:.2%}"
+        )
     return None

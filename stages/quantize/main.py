@@ -45,22 +45,38 @@ def device_info() -> dict[str, Any]:
     """Where this ran, and whether the GPU computes FP8 natively (compute capability >= 8.9)."""
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                "capability": f"{major}.{minor}", "fp8_native": (major, minor) >= (8, 9)}
-    return {"type": "cpu", "fp8_native": False, "note": "FP8 is emulated on CPU: numbers are about fidelity, not speed"}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "capability": f"{major}.{minor}",
+            "fp8_native": (major, minor) >= (8, 9),
+        }
+    return {
+        "type": "cpu",
+        "fp8_native": False,
+        "note": "FP8 is emulated on CPU: numbers are about fidelity, not speed",
+    }
 
 
 def read_chats(path: str, cfg: QuantizeConfig, limit: int) -> list[list[dict[str, str]]]:
-    """Chats from a prepared dataset: pairs become prompt -> reference translation; conversations stay as they are."""
+    """Chats from a prepared dataset: pairs become prompt -> reference translation; conversations stay as they
+    are."""
     files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     if not files:
-        raise DataError(f"{path}: no parquet files; the sample input should be a prepare (or translate) step output")
+        raise DataError(
+            f"{path}: no parquet files; the sample input should be a prepare (or translate) step output"
+        )
     chats: list[list[dict[str, str]]] = []
     for f in files:
         for row in pq.read_table(f).to_pylist():
             if "src" in row and "tgt" in row:
-                chats.append([{"role": "user", "content": cfg.prompt.format(text=row["src"])},
-                              {"role": "assistant", "content": row["tgt"]}])
+                chats.append(
+                    [
+                        {"role": "user", "content": cfg.prompt.format(text=row["src"])},
+                        {"role": "assistant", "content": row["tgt"]},
+                    ]
+                )
             elif "messages" in row:
                 msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"] if m["content"]]
                 if msgs and msgs[-1]["role"] == "assistant":
@@ -79,8 +95,8 @@ def _size(path: str) -> int | None:
 
 
 def quantized_modules(model: Any) -> tuple[list[str], dict[str, list[str]]]:
-    """Which modules carry a quantization scheme, and which weight-bearing modules do not (and why that matters:
-    LFM2's depthwise conv is an nn.Conv1d, not a Linear, so FP8_DYNAMIC leaves it in bf16)."""
+    """Which modules carry a quantization scheme, and which weight-bearing modules do not (and why that
+    matters: LFM2's depthwise conv is an nn.Conv1d, not a Linear, so FP8_DYNAMIC leaves it in bf16)."""
     done = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
     kept: dict[str, list[str]] = {}
     for n, m in model.named_modules():
@@ -91,7 +107,8 @@ def quantized_modules(model: Any) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def save_checkpoint(model: Any, tok: Any, out: str) -> None:
-    """compressed-tensors weights, config with quantization_config, recipe.yaml, tokenizer and chat template."""
+    """compressed-tensors weights, config with quantization_config, recipe.yaml, tokenizer and chat
+    template."""
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
 
@@ -122,15 +139,21 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
 
         texts = [tok.apply_chat_template(c, tokenize=False) for c in calibration]
         ds = Dataset.from_dict({"text": texts}).map(
-            lambda b: tok(b["text"], truncation=True, max_length=cfg.max_seq_length, add_special_tokens=False),
-            batched=True, remove_columns=["text"])
+            lambda b: tok(
+                b["text"], truncation=True, max_length=cfg.max_seq_length, add_special_tokens=False
+            ),
+            batched=True,
+            remove_columns=["text"],
+        )
         kwargs = dict(dataset=ds, max_seq_length=cfg.max_seq_length, num_calibration_samples=len(texts))
     t0 = time.monotonic()
     model = oneshot(model=model, recipe=recipe, **kwargs)
     ctx.timings["oneshot_seconds"] = round(time.monotonic() - t0, 3)
     done, kept = quantized_modules(model)
     if not done:
-        raise ConfigError(f"step '{ctx.step.name}': no module matched targets {cfg.targets} (ignore {cfg.ignore})")
+        raise ConfigError(
+            f"step '{ctx.step.name}': no module matched targets {cfg.targets} (ignore {cfg.ignore})"
+        )
 
     # --- save, named after its lineage --------------------------------------------------------------
     name = lineage_name(ctx, cfg)
@@ -151,8 +174,11 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
         return AutoModelForCausalLM.from_pretrained(src, **load).eval()
 
     def load_quantized() -> Any:
-        m = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=cfg.trust_remote_code,
-                                                 **({"device_map": cfg.device_map} if cfg.device_map else {})).eval()
+        m = AutoModelForCausalLM.from_pretrained(
+            out,
+            trust_remote_code=cfg.trust_remote_code,
+            **({"device_map": cfg.device_map} if cfg.device_map else {}),
+        ).eval()
         quantized_holder["model"] = m
         return m
 
@@ -164,15 +190,23 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
     ctx.log.info("fidelity", **report)
     problem = fidelity.verdict(report, cfg.max_ppl_increase, cfg.min_argmax_agreement)
     if problem:
-        raise DataError(f"step '{ctx.step.name}': the {cfg.scheme} checkpoint fails its fidelity check: {problem}; "
-                        "nothing was committed (ignore more modules, pick another scheme, or raise the tolerance)")
+        raise DataError(
+            f"step '{ctx.step.name}': the {cfg.scheme} checkpoint fails its fidelity check: {problem}; "
+            "nothing was committed (ignore more modules, pick another scheme, or raise the tolerance)"
+        )
 
     # --- the saved checkpoint generates ------------------------------------------------------------
     model = quantized_holder.get("model") or load_quantized()
-    prompt = tok.apply_chat_template(chats[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        chats[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
-        gen = model.generate(**prompt.to(model.device), max_new_tokens=32, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        gen = model.generate(
+            **prompt.to(model.device),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
     sample = tok.decode(gen[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     quantized_holder.clear()
     del model
@@ -180,11 +214,22 @@ def main(cfg: QuantizeConfig, ctx: StepContext) -> None:
 
     size_in, size_out = _size(src), _size(out)
     ctx.metrics.update(
-        scheme=cfg.scheme, algorithm=cfg.algorithm, name=name, quantization_format=qconfig.get("format"),
-        quantized_modules=len(done), quantized=done,
+        scheme=cfg.scheme,
+        algorithm=cfg.algorithm,
+        name=name,
+        quantization_format=qconfig.get("format"),
+        quantized_modules=len(done),
+        quantized=done,
         not_quantized=kept,
-        source_bytes=size_in, output_bytes=size_out,
+        source_bytes=size_in,
+        output_bytes=size_out,
         size_ratio=round(size_out / size_in, 4) if size_in and size_out else None,
         sample={"prompt": chats[0][0]["content"], "output": sample},
     )
-    ctx.set_output("model", format="compressed-tensors", quantization=qconfig.get("format"), scheme=cfg.scheme, model_name=name)
+    ctx.set_output(
+        "model",
+        format="compressed-tensors",
+        quantization=qconfig.get("format"),
+        scheme=cfg.scheme,
+        model_name=name,
+    )

@@ -66,7 +66,8 @@ class Area:
 
 class Mark(TrainerCallback):
     """After each save: the completion marker, the upload (object stores), a log event. `check` (the step's
-    check_lease) runs first: a trainer that lost its step's lease writes no checkpoint into the shared work area."""
+    check_lease) runs first: a trainer that lost its step's lease writes no checkpoint into the shared work
+    area."""
 
     def __init__(self, area: Area, log: Any, check: Any = None):
         self.area = area
@@ -86,13 +87,22 @@ class Mark(TrainerCallback):
             json.dump({"global_step": state.global_step, "saved": time.time()}, f)
         if not self.area.store.is_local:
             fs = self.area.store.fs
-            # file by file, named: a folder put into one that exists would land inside it (fsspec's rule); the marker last
-            rels = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs_ in os.walk(local) for f in fs_ if f != MARK)
+            # file by file, named: a folder put into one that exists would land inside it (fsspec's rule); the
+            # marker last
+            rels = sorted(
+                os.path.relpath(os.path.join(d, f), local)
+                for d, _, fs_ in os.walk(local)
+                for f in fs_
+                if f != MARK
+            )
             fs.put([os.path.join(local, r) for r in rels], [f"{self.area.remote}/{name}/{r}" for r in rels])
             fs.put_file(os.path.join(local, MARK), f"{self.area.remote}/{name}/{MARK}")
             kept = {n for n in os.listdir(args.output_dir) if _CKPT.match(n)}
             for path in fs.ls(self.area.remote, detail=False):
-                if _CKPT.match(os.path.basename(path.rstrip("/"))) and os.path.basename(path.rstrip("/")) not in kept:
+                if (
+                    _CKPT.match(os.path.basename(path.rstrip("/")))
+                    and os.path.basename(path.rstrip("/")) not in kept
+                ):
                     fs.rm(path, recursive=True)  # the Trainer rotated it away locally (save_total_limit)
         self.log.info("checkpoint saved", global_step=state.global_step, path=f"{self.area.remote}/{name}")
 
@@ -121,7 +131,9 @@ class Report(TrainerCallback):
             if state.global_step and state.is_world_process_zero:
                 self.progress.update(state.global_step)  # the steps the checkpoint already did
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero and logs:
             fields = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}
             self.progress.note(loss=fields.get("loss", self.progress.extra.get("loss")))

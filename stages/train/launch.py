@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from hala.contract import logs, recipe as recipe_mod
+from hala.contract import logs
+from hala.contract import recipe as recipe_mod
 
 CONFIGS = Path(__file__).resolve().parent / "accelerate"
 
@@ -31,7 +32,11 @@ def plan(argv: list[str], gpus: int) -> list[str] | None:
     if not args.recipe or not args.step:
         return None  # the step runner reports the missing argument
     try:
-        config = recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run).step(args.step).config
+        config = (
+            recipe_mod.load(args.recipe, overrides=args.set, store=args.store, run=args.run)
+            .step(args.step)
+            .config
+        )
     except Exception:  # noqa: BLE001 - the step runner reports recipe problems with its exit codes
         return None
     strategy, processes = config.get("accelerate", "none"), int(config.get("processes", 1))
@@ -39,12 +44,24 @@ def plan(argv: list[str], gpus: int) -> list[str] | None:
         return None
     if gpus < processes:
         logs.get("stages.train").warning(
-            "running as one process", asked=f"{strategy} on {processes} GPUs", gpus=gpus,
+            "running as one process",
+            asked=f"{strategy} on {processes} GPUs",
+            gpus=gpus,
             why="the step's processes need one GPU each; this machine has fewer",
         )
         return None
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{strategy}.yaml"),
-            "--num_processes", str(processes), "-m", "stages.train", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / f"{strategy}.yaml"),
+        "--num_processes",
+        str(processes),
+        "-m",
+        "stages.train",
+        *argv,
+    ]
 
 
 def relaunch(argv: list[str]) -> None:

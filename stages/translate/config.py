@@ -1,4 +1,5 @@
-"""Typed config of the translate stage. `config.schema.json` is generated from it (`hala schema translate --write`)."""
+"""Typed config of the translate stage. `config.schema.json` is generated from it (`hala schema translate
+--write`)."""
 
 from __future__ import annotations
 
@@ -18,43 +19,79 @@ class Gate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_target_script: float = Field(0.5, ge=0, le=1, description="share of letters in the target's script (Arabic for ar)")
-    max_source_run: int = Field(4, ge=1, description="this many words in a row still in the source's script: an untranslated "
-                                "leftover (names and terms of fewer words pass)")
-    length_ratio: list[float] = Field(default=[0.3, 3.0], min_length=2, max_length=2,
-                                      description="output/input length in characters must fall in this band")
-    max_repeat: int = Field(4, ge=2, description="the same 3-word run this many times, or a character 30 times in a row: degeneration")
+    min_target_script: float = Field(
+        0.5, ge=0, le=1, description="share of letters in the target's script (Arabic for ar)"
+    )
+    max_source_run: int = Field(
+        4,
+        ge=1,
+        description="this many words in a row still in the source's script: an untranslated "
+        "leftover (names and terms of fewer words pass)",
+    )
+    length_ratio: list[float] = Field(
+        default=[0.3, 3.0],
+        min_length=2,
+        max_length=2,
+        description="output/input length in characters must fall in this band",
+    )
+    max_repeat: int = Field(
+        4,
+        ge=2,
+        description="the same 3-word run this many times, or a character 30 times in a row: degeneration",
+    )
 
 
 class TranslateConfig(EngineConfig):
-    """How to translate one dataset (the engine fields are EngineConfig's; a turn longer than max_model_len allows is
-    split into paragraphs, then sentences)."""
+    """How to translate one dataset (the engine fields are EngineConfig's; a turn longer than max_model_len
+    allows is split into paragraphs, then sentences)."""
 
-    prompt: str = Field("Translate everything that follows into Arabic:\n\n{text}", description="the user turn sent for each unit; {text} is the unit")
+    prompt: str = Field(
+        "Translate everything that follows into Arabic:\n\n{text}",
+        description="the user turn sent for each unit; {text} is the unit",
+    )
     direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="source and target language")
-    roles: list[Literal["system", "user", "assistant"]] = Field(default=["system", "user", "assistant"],
-                                                                  description="turns translated; tool turns and tool calls are never sent")
-    unit: Literal["turn", "paragraph"] = Field("turn", description="turn: a whole turn per request (split only when too long); paragraph: each paragraph on its own")
-    sampling: dict[str, float | int] = Field(default={"temperature": 0.0, "max_tokens": 1024},
-                                             description="temperature, top_p, max_tokens, repetition_penalty, seed")
-    outputs: list[Output] = Field(default=["conversations"], min_length=1, description="which outputs to write")
-    chunk_rows: int = Field(256, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one")
+    roles: list[Literal["system", "user", "assistant"]] = Field(
+        default=["system", "user", "assistant"],
+        description="turns translated; tool turns and tool calls are never sent",
+    )
+    unit: Literal["turn", "paragraph"] = Field(
+        "turn",
+        description="turn: a whole turn per request (split only when too long); paragraph: each paragraph "
+        "on its own",
+    )
+    sampling: dict[str, float | int] = Field(
+        default={"temperature": 0.0, "max_tokens": 1024},
+        description="temperature, top_p, max_tokens, repetition_penalty, seed",
+    )
+    outputs: list[Output] = Field(
+        default=["conversations"], min_length=1, description="which outputs to write"
+    )
+    chunk_rows: int = Field(
+        256, ge=1, description="rows per committed chunk: a restarted shard resumes after the last one"
+    )
     gate: Gate = Field(default_factory=Gate, description="quality gate thresholds")
-    check_source_language: bool = Field(True, description="quarantine a turn that is not in the source language (wrong_language)")
+    check_source_language: bool = Field(
+        True, description="quarantine a turn that is not in the source language (wrong_language)"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "TranslateConfig":
+    def _check(self) -> TranslateConfig:
         if "{text}" not in self.prompt:
             raise ValueError("prompt must contain {text}, where each unit goes")
         unknown = set(self.sampling) - {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
         if unknown:
-            raise ValueError(f"sampling keys {sorted(unknown)} are unknown; use temperature, top_p, max_tokens, repetition_penalty, seed")
+            raise ValueError(
+                f"sampling keys {sorted(unknown)} are unknown; use temperature, top_p, max_tokens, "
+                "repetition_penalty, seed"
+            )
         if self.gate.length_ratio[0] >= self.gate.length_ratio[1]:
             raise ValueError("gate.length_ratio must be [low, high] with low < high")
         max_tokens = self.sampling.get("max_tokens", Sampling.max_tokens)
         if self.max_model_len - max_tokens <= PROMPT_SLACK:
-            raise ValueError(f"max_model_len {self.max_model_len} leaves no room beside sampling.max_tokens {max_tokens}: "
-                             f"the prompt needs more than {PROMPT_SLACK} tokens; raise max_model_len or lower max_tokens")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} leaves no room beside sampling.max_tokens {max_tokens}: "
+                f"the prompt needs more than {PROMPT_SLACK} tokens; raise max_model_len or lower max_tokens"
+            )
         return self
 
     @property

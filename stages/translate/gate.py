@@ -34,10 +34,17 @@ def check(src: str, out: str, gate: Gate, src_lang: str, tgt_lang: str) -> tuple
     tgt_share = script_share(o, tgt_lang)
     if script_share(s, src_lang) is not None and tgt_share is not None:
         if tgt_share < gate.min_target_script:
-            return "not_target_language", f"{tgt_share:.0%} of the letters are in the {tgt_lang} script (min {gate.min_target_script:.0%})"
+            return (
+                "not_target_language",
+                f"{tgt_share:.0%} of the letters are in the {tgt_lang} script (min "
+                f"{gate.min_target_script:.0%})",
+            )
         run = _longest_run(o, src_lang)
         if run >= gate.max_source_run:
-            return "untranslated", f"{run} words in a row are still in the {src_lang} script (max {gate.max_source_run - 1})"
+            return (
+                "untranslated",
+                f"{run} words in a row are still in the {src_lang} script (max {gate.max_source_run - 1})",
+            )
     if len(s) >= 20:  # short turns vary too much in length to judge by it
         ratio = len(o) / len(s)
         low, high = gate.length_ratio

@@ -60,7 +60,9 @@ def split(masked: str, unit: str, fits: Any) -> tuple[list[str], list[int]]:
             continue
         for k, sentence in enumerate(_SENTENCES.split(piece)):
             if k % 2 == 0 and not fits(sentence):
-                raise Reject("too_long", f"a sentence of {len(sentence)} characters does not fit max_model_len")
+                raise Reject(
+                    "too_long", f"a sentence of {len(sentence)} characters does not fit max_model_len"
+                )
             out.append((sentence, k % 2 == 1))
     todo = [i for i, (p, sep) in enumerate(out) if not sep and p.strip() and not spans.only_markers(p)]
     return [p for p, _ in out], todo
@@ -77,7 +79,9 @@ def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> li
         items = []
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-                raise Reject("unknown_role", f"message {j}: role {m.get('role') if isinstance(m, dict) else m!r}")
+                raise Reject(
+                    "unknown_role", f"message {j}: role {m.get('role') if isinstance(m, dict) else m!r}"
+                )
             content = m.get("content")
             if content is not None and not isinstance(content, str):
                 raise Reject("invalid_type", f"message {j}: content is {type(content).__name__}, not text")
@@ -104,7 +108,9 @@ def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> li
         if cfg.check_source_language:
             share = script_share(spans.MARKER.sub(" ", masked), src_lang)
             if share is not None and share < 0.5:
-                raise Reject("wrong_language", f"message {j}: {share:.0%} of its letters are in the {src_lang} script")
+                raise Reject(
+                    "wrong_language", f"message {j}: {share:.0%} of its letters are in the {src_lang} script"
+                )
         turn = Turn(r, j, text, span_list, masked)
         turn.pieces, turn.todo = split(masked, cfg.unit, fits)
         turns.append(turn)
@@ -118,9 +124,12 @@ def assemble(turn: Turn, cfg: TranslateConfig) -> str:
     for i in turn.todo:
         gen = turn.out[i]
         if not gen.finished:
-            raise Reject("truncated", f"message {turn.msg}: the output reached max_tokens ({gen.completion_tokens} tokens)")
+            raise Reject(
+                "truncated",
+                f"message {turn.msg}: the output reached max_tokens ({gen.completion_tokens} tokens)",
+            )
         original = pieces[i]
-        lead, trail = original[: len(original) - len(original.lstrip())], original[len(original.rstrip()):]
+        lead, trail = original[: len(original) - len(original.lstrip())], original[len(original.rstrip()) :]
         pieces[i] = lead + gen.text.strip() + trail
     translated = "".join(pieces)
     problem = gate.check(turn.masked, translated, cfg.gate, src_lang, tgt_lang)
@@ -144,14 +153,20 @@ class ChunkPlan:
     t0: float
 
 
-def plan_chunk(engine: Any, k: int, rows: list[tuple[int, dict[str, Any]]], cfg: TranslateConfig,
-               budget: int) -> tuple[ChunkPlan, list[list[dict[str, str]]]]:
+def plan_chunk(
+    engine: Any, k: int, rows: list[tuple[int, dict[str, Any]]], cfg: TranslateConfig, budget: int
+) -> tuple[ChunkPlan, list[list[dict[str, str]]]]:
     """The chunk's turns and their prompts (one per piece still to translate)."""
     t0 = time.monotonic()
-    prompt_overhead = engine.count_tokens([{"role": "user", "content": cfg.prompt.format(text="")}]) + PROMPT_SLACK
+    prompt_overhead = (
+        engine.count_tokens([{"role": "user", "content": cfg.prompt.format(text="")}]) + PROMPT_SLACK
+    )
 
     def fits(text: str) -> bool:  # cheap bound first, the tokenizer only near the limit
-        return len(text) < (budget - prompt_overhead) or len(engine.tok.encode(text, add_special_tokens=False)) + prompt_overhead <= budget
+        return (
+            len(text) < (budget - prompt_overhead)
+            or len(engine.tok.encode(text, add_special_tokens=False)) + prompt_overhead <= budget
+        )
 
     planned: dict[int, list[Turn]] = {}
     rejected: dict[int, Reject] = {}
@@ -161,7 +176,9 @@ def plan_chunk(engine: Any, k: int, rows: list[tuple[int, dict[str, Any]]], cfg:
         except Reject as e:
             rejected[r] = e
     requests = [(t, i) for turns in planned.values() for t in turns for i in t.todo]
-    prompts = [[{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}] for t, i in requests]
+    prompts = [
+        [{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}] for t, i in requests
+    ]
     return ChunkPlan(k, rows, planned, rejected, requests, t0), prompts
 
 
@@ -180,36 +197,77 @@ def finish_chunk(plan: ChunkPlan, gens: list[Generation], cfg: TranslateConfig) 
             done = {t.msg: assemble(t, cfg) for t in planned[r]}
         except Reject as e:
             reasons[e.reason] += 1
-            out["quarantine"].append({"id": row.get("id"), "origin": row.get("origin"), "row_index": index,
-                                      "reason": e.reason, "detail": e.detail, "raw": tables.raw_text(row)})
+            out["quarantine"].append(
+                {
+                    "id": row.get("id"),
+                    "origin": row.get("origin"),
+                    "row_index": index,
+                    "reason": e.reason,
+                    "detail": e.detail,
+                    "raw": tables.raw_text(row),
+                }
+            )
             continue
         if "messages" in row:
             msgs = [{**m, "content": done.get(j, m.get("content"))} for j, m in enumerate(row["messages"])]
             out["conversations"].append({**row, "messages": msgs})
             for j, text in done.items():
-                out["pairs"].append({"id": f"{row['id']}#{j}", "origin": row.get("origin"), "src_lang": src_lang, "tgt_lang": tgt_lang,
-                                     "src": row["messages"][j]["content"], "tgt": text, "role": row["messages"][j]["role"]})
+                out["pairs"].append(
+                    {
+                        "id": f"{row['id']}#{j}",
+                        "origin": row.get("origin"),
+                        "src_lang": src_lang,
+                        "tgt_lang": tgt_lang,
+                        "src": row["messages"][j]["content"],
+                        "tgt": text,
+                        "role": row["messages"][j]["role"],
+                    }
+                )
             roles = [m["role"] for m in row["messages"] if m["role"] != "system"]
             if roles == ["user", "assistant"] and len(done) >= 2:
                 u = next(j for j, m in enumerate(row["messages"]) if m["role"] == "user")
                 a = next(j for j, m in enumerate(row["messages"]) if m["role"] == "assistant")
                 if u in done and a in done:
-                    out["tuples"].append({"id": row["id"], "origin": row.get("origin"),
-                                          f"instruction_{src_lang}": row["messages"][u]["content"], f"instruction_{tgt_lang}": done[u],
-                                          f"response_{src_lang}": row["messages"][a]["content"], f"response_{tgt_lang}": done[a]})
+                    out["tuples"].append(
+                        {
+                            "id": row["id"],
+                            "origin": row.get("origin"),
+                            f"instruction_{src_lang}": row["messages"][u]["content"],
+                            f"instruction_{tgt_lang}": done[u],
+                            f"response_{src_lang}": row["messages"][a]["content"],
+                            f"response_{tgt_lang}": done[a],
+                        }
+                    )
         else:
-            out["pairs"].append({**row, "src_lang": src_lang, "tgt_lang": tgt_lang, "tgt": done[-1], "role": None})
-    return {"out": out, "reasons": reasons, "requests": len(requests),
-            "prompt_tokens": sum(g.prompt_tokens for g in gens), "completion_tokens": sum(g.completion_tokens for g in gens)}
+            out["pairs"].append(
+                {**row, "src_lang": src_lang, "tgt_lang": tgt_lang, "tgt": done[-1], "role": None}
+            )
+    return {
+        "out": out,
+        "reasons": reasons,
+        "requests": len(requests),
+        "prompt_tokens": sum(g.prompt_tokens for g in gens),
+        "completion_tokens": sum(g.completion_tokens for g in gens),
+    }
 
 
-def marker_of(plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def marker_of(
+    plan: ChunkPlan, result: dict[str, Any], outputs: list[str], engine_name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The chunk's tables and its marker's counters (hala.kit.chunks writes the files, then the marker)."""
     quarantined = sum(result["reasons"].values())
-    marker = {"rows_in": len(plan.rows), "rows_out": len(plan.rows) - quarantined, "rows_quarantined": quarantined,
-              "by_reason": dict(result["reasons"]), "rows": {o: len(result["out"][o]) for o in outputs},
-              "requests": result["requests"], "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-              "seconds": round(time.monotonic() - plan.t0, 3), "engine": engine_name}  # from planning to commit
+    marker = {
+        "rows_in": len(plan.rows),
+        "rows_out": len(plan.rows) - quarantined,
+        "rows_quarantined": quarantined,
+        "by_reason": dict(result["reasons"]),
+        "rows": {o: len(result["out"][o]) for o in outputs},
+        "requests": result["requests"],
+        "prompt_tokens": result["prompt_tokens"],
+        "completion_tokens": result["completion_tokens"],
+        "seconds": round(time.monotonic() - plan.t0, 3),
+        "engine": engine_name,
+    }  # from planning to commit
     return {o: result["out"][o] for o in outputs}, marker
 
 
@@ -220,42 +278,90 @@ def schemas(cfg: TranslateConfig) -> dict[str, Any]:
     return {
         "conversations": tables.conversations_schema(),
         "pairs": tables.pairs_schema(("role", pa.string())),
-        "tuples": pa.schema([("id", pa.string()), ("origin", pa.string()), (f"instruction_{src}", pa.string()),
-                             (f"instruction_{tgt}", pa.string()), (f"response_{src}", pa.string()), (f"response_{tgt}", pa.string())]),
+        "tuples": pa.schema(
+            [
+                ("id", pa.string()),
+                ("origin", pa.string()),
+                (f"instruction_{src}", pa.string()),
+                (f"instruction_{tgt}", pa.string()),
+                (f"response_{src}", pa.string()),
+                (f"response_{tgt}", pa.string()),
+            ]
+        ),
         "quarantine": tables.quarantine_schema(),
     }
 
 
 def main(cfg: TranslateConfig, ctx: StepContext) -> None:
-    reader = ctx.input("data").row_groups()  # footers only: rows are decoded chunk by chunk, this shard's alone
+    reader = ctx.input(
+        "data"
+    ).row_groups()  # footers only: rows are decoded chunk by chunk, this shard's alone
     columns = reader.columns
     kind = "conversations" if "messages" in columns else "pairs" if "src" in columns else None
     if kind is None:
-        raise ConfigError(f"step '{ctx.step.name}': input 'data' has columns {columns}: neither conversations (messages) nor pairs (src)")
+        raise ConfigError(
+            f"step '{ctx.step.name}': input 'data' has columns {columns}: neither conversations (messages) "
+            "nor pairs (src)"
+        )
     if kind == "pairs" and set(cfg.outputs) != {"pairs"}:
-        raise ConfigError(f"step '{ctx.step.name}': a pairs input gives outputs [pairs] only, not {cfg.outputs}")
+        raise ConfigError(
+            f"step '{ctx.step.name}': a pairs input gives outputs [pairs] only, not {cfg.outputs}"
+        )
     outputs = [*cfg.outputs, "quarantine"]
     table_schemas = schemas(cfg)
     sampling = Sampling(**{k: v for k, v in cfg.sampling.items()})
     budget = cfg.max_model_len - sampling.max_tokens  # > PROMPT_SLACK: the config's check
 
     def note(totals: Any, elapsed: float) -> dict[str, Any]:
-        return {"tokens": totals["completion_tokens"], "tokens_per_s": round(totals["completion_tokens"] / max(elapsed, 1e-9), 1)}
+        return {
+            "tokens": totals["completion_tokens"],
+            "tokens_per_s": round(totals["completion_tokens"] / max(elapsed, 1e-9), 1),
+        }
 
-    done = chunks.loop(ctx, cfg, reader, {o: table_schemas[o] for o in outputs}, unit="rows", what="translate",
-                       stream=lambda engine, jobs: engine.chat_stream(jobs, sampling),
-                       plan=lambda engine, k, rows: plan_chunk(engine, k, rows, cfg, budget),
-                       finish=lambda plan, gens, engine_name: marker_of(plan, finish_chunk(plan, gens, cfg), outputs, engine_name),
-                       progress_note=note)
+    done = chunks.loop(
+        ctx,
+        cfg,
+        reader,
+        {o: table_schemas[o] for o in outputs},
+        unit="rows",
+        what="translate",
+        stream=lambda engine, jobs: engine.chat_stream(jobs, sampling),
+        plan=lambda engine, k, rows: plan_chunk(engine, k, rows, cfg, budget),
+        finish=lambda plan, gens, engine_name: marker_of(
+            plan, finish_chunk(plan, gens, cfg), outputs, engine_name
+        ),
+        progress_note=note,
+    )
     totals = done.totals
     for o in outputs:
-        ctx.set_output(o, rows=totals[f"out:{o}"], format="parquet",
-                       schema={"conversations": "conversations", "pairs": "pairs", "tuples": "tuples", "quarantine": "quarantine"}[o])
-    ctx.count(rows_in=totals["rows_in"], rows_out=totals["rows_out"], rows_quarantined=totals["rows_quarantined"], rows_removed={})
-    # generation throughput without the engine's start-up (30-60 s for vLLM, more than a tiny run's generation)
+        ctx.set_output(
+            o,
+            rows=totals[f"out:{o}"],
+            format="parquet",
+            schema={
+                "conversations": "conversations",
+                "pairs": "pairs",
+                "tuples": "tuples",
+                "quarantine": "quarantine",
+            }[o],
+        )
+    ctx.count(
+        rows_in=totals["rows_in"],
+        rows_out=totals["rows_out"],
+        rows_quarantined=totals["rows_quarantined"],
+        rows_removed={},
+    )
+    # generation throughput without the engine's start-up (30-60 s for vLLM, more than a tiny run's
+    # generation)
     ctx.metrics.update(
-        generation_seconds=done.generation_seconds, engines=sorted(done.engines), direction=cfg.direction, units=totals["requests"],
-        chunks_resumed=done.resumed, row_range=list(done.row_range), files={o: len(f) for o, f in done.files.items()},
-        prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"],
+        generation_seconds=done.generation_seconds,
+        engines=sorted(done.engines),
+        direction=cfg.direction,
+        units=totals["requests"],
+        chunks_resumed=done.resumed,
+        row_range=list(done.row_range),
+        files={o: len(f) for o, f in done.files.items()},
+        prompt_tokens=totals["prompt_tokens"],
+        completion_tokens=totals["completion_tokens"],
         completion_tokens_per_s=round(totals["completion_tokens"] / max(done.generation_seconds, 1e-9), 1),
     )

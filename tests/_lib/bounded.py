@@ -1,6 +1,6 @@
-"""The request loop of the HTTP stand-ins the tests start (hubserver, kubeapi): on 127.0.0.1 only, serving in a
-thread until `max_requests` requests were answered or `seconds` passed, whichever comes first, and stopped by the
-test's `with` block."""
+"""The request loop of the HTTP stand-ins the tests start (hubserver, kubeapi): on 127.0.0.1 only, serving in
+a thread until `max_requests` requests were answered or `seconds` passed, whichever comes first, and stopped
+by the test's `with` block."""
 
 from __future__ import annotations
 

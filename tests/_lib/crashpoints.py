@@ -1,27 +1,30 @@
-"""Crash points: fail a process at the Nth mutating store operation, for the recovery tests and bench/crashpoints.py.
+"""Crash points: fail a process at the Nth mutating store operation, for the recovery tests and
+bench/crashpoints.py.
 
 A plan travels in the environment (`HALA_CRASH_PLAN`, JSON) and is installed at interpreter start by
-tests/_lib/crashhook/sitecustomize.py (on PYTHONPATH: `env(...)` puts it there), so that it reaches every process a
-test starts (a step command, its shards, `hala gather`) and every store operation they make, whatever library makes
-it. The processes of one sequence share a counter file (under flock), so N counts across them:
+tests/_lib/crashhook/sitecustomize.py (on PYTHONPATH: `env(...)` puts it there), so that it reaches every
+process a test starts (a step command, its shards, `hala gather`) and every store operation they make,
+whatever library makes it. The processes of one sequence share a counter file (under flock), so N counts
+across them:
 
     root        local stores: only operations on paths under it count (the store's folder)
     at          the operation that fails, 1-based; 0 counts and never fails (the counting run)
     mode        kill         SIGKILL before the operation (a pod evicted, a node lost)
                 raise        OSError(EIO) instead of the operation (a store that refused it)
-                raise-after  the operation done, then OSError(EIO) (its answer lost: the caller cannot know it happened)
+                raise-after  the operation done, then OSError(EIO) (its answer lost: the caller cannot know
+                             it happened)
                 stop         SIGSTOP before the operation: the process freezes there until the test calls
-                             `resume(proc, counter)` (a paused pod, a long GC pause, a partition), then does the
-                             operation. A SIGCONT from anywhere else before `resume` stops it again and says so on
-                             stderr: the test, not the machine, decides when it goes on.
+                             `resume(proc, counter)` (a paused pod, a long GC pause, a partition), then does
+                             the operation. A SIGCONT from anywhere else before `resume` stops it again and
+                             says so on stderr: the test, not the machine, decides when it goes on.
     match       a regex: only operations whose description matches count (e.g. a `_PART.json` write)
     counter     the shared counter file; `log` (optional) gets one line per counted operation
 
-What counts as a mutating operation: on a local store os.link/rename/replace/unlink/remove/rmdir/mkdir, an os.open or
-open() that creates or writes, shutil.rmtree and os.fsync of a file under root (the fsync *is* the durability point);
-on S3 every s3fs request that changes the bucket (PUT, COPY, DELETE, multipart parts); on GCS every gcsfs request
-with POST, PUT, PATCH or DELETE. Native writers (pyarrow's own filesystem) are not seen: the protocol's points are
-the Python-level ones above.
+What counts as a mutating operation: on a local store os.link/rename/replace/unlink/remove/rmdir/mkdir, an
+os.open or open() that creates or writes, shutil.rmtree and os.fsync of a file under root (the fsync *is* the
+durability point); on S3 every s3fs request that changes the bucket (PUT, COPY, DELETE, multipart parts); on
+GCS every gcsfs request with POST, PUT, PATCH or DELETE. Native writers (pyarrow's own filesystem) are not
+seen: the protocol's points are the Python-level ones above.
 """
 
 from __future__ import annotations
@@ -39,23 +42,48 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ENV = "HALA_CRASH_PLAN"
 HOOK = Path(__file__).resolve().parent / "crashhook"
 LIB = Path(__file__).resolve().parent
-S3_MUTATING = {"put_object", "copy_object", "delete_object", "delete_objects", "create_multipart_upload", "upload_part",
-               "upload_part_copy", "complete_multipart_upload", "abort_multipart_upload"}
+S3_MUTATING = {
+    "put_object",
+    "copy_object",
+    "delete_object",
+    "delete_objects",
+    "create_multipart_upload",
+    "upload_part",
+    "upload_part_copy",
+    "complete_multipart_upload",
+    "abort_multipart_upload",
+}
 
 
-def env(root: str | os.PathLike, counter: str | os.PathLike, at: int = 0, mode: str = "kill", match: str | None = None,
-        log: str | os.PathLike | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a process that runs under the plan (`base`: the environment to extend, default os.environ)."""
+def env(
+    root: str | os.PathLike,
+    counter: str | os.PathLike,
+    at: int = 0,
+    mode: str = "kill",
+    match: str | None = None,
+    log: str | os.PathLike | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a process that runs under the plan (`base`: the environment to extend, default
+    os.environ)."""
     assert mode in ("kill", "raise", "raise-after", "stop"), mode
     base = dict(os.environ if base is None else base)
-    plan = {"root": str(root), "at": at, "mode": mode, "match": match, "counter": str(counter),
-            "log": str(log) if log else None, "release": release_file(counter)}
+    plan = {
+        "root": str(root),
+        "at": at,
+        "mode": mode,
+        "match": match,
+        "counter": str(counter),
+        "log": str(log) if log else None,
+        "release": release_file(counter),
+    }
     path = os.pathsep.join(filter(None, [str(HOOK), str(LIB), base.get("PYTHONPATH")]))
     return {**base, ENV: json.dumps(plan), "PYTHONPATH": path}
 
@@ -122,13 +150,16 @@ class _Plan:
             self.busy = False
 
     def freeze(self, what: str) -> None:
-        """SIGSTOP this process until the test releases it (see `stop` above). The signal goes to this very thread
-        (tgkill): sent to the process, another thread may take it and this one runs on until its next system call,
-        long enough to send the request it was to stop before (a CI run's frozen writer wrote its manifest so)."""
+        """SIGSTOP this process until the test releases it (see `stop` above). The signal goes to this very
+        thread (tgkill): sent to the process, another thread may take it and this one runs on until its next
+        system call, long enough to send the request it was to stop before (a CI run's frozen writer wrote its
+        manifest so)."""
         me = threading.get_ident()
         signal.pthread_kill(me, signal.SIGSTOP)
         while self.release and not os.path.exists(self.release):
-            sys.stderr.write(f"crash point: continued before the test released it, stopping again at {what}\n")
+            sys.stderr.write(
+                f"crash point: continued before the test released it, stopping again at {what}\n"
+            )
             sys.stderr.flush()
             signal.pthread_kill(me, signal.SIGSTOP)
 
@@ -159,7 +190,12 @@ def _wrap_path_op(name: str, nargs: int) -> None:
     def op(*args: Any, **kwargs: Any) -> Any:
         plan = _PLAN
         paths = args[:nargs]
-        if plan is None or plan.busy or not any(plan.under(p) for p in paths) or kwargs.get("dir_fd") is not None:
+        if (
+            plan is None
+            or plan.busy
+            or not any(plan.under(p) for p in paths)
+            or kwargs.get("dir_fd") is not None
+        ):
             return real(*args, **kwargs)
         if name == "mkdir" and os.path.isdir(paths[0]):
             return real(*args, **kwargs)  # an existing folder (makedirs' exist_ok): nothing changes
@@ -174,7 +210,13 @@ _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 def _os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
     plan = _PLAN
-    if plan is None or plan.busy or not flags & _WRITES or kwargs.get("dir_fd") is not None or not plan.under(path):
+    if (
+        plan is None
+        or plan.busy
+        or not flags & _WRITES
+        or kwargs.get("dir_fd") is not None
+        or not plan.under(path)
+    ):
         return _real_open(path, flags, *args, **kwargs)
     return plan.around(f"open {os.fsdecode(path)}", lambda: _real_open(path, flags, *args, **kwargs))
 
@@ -245,7 +287,10 @@ def _patch_gcsfs(module: Any) -> None:
         plan = _PLAN
         if plan is None or method.upper() not in ("POST", "PUT", "PATCH", "DELETE"):
             return await real(self, method, path, *args, **kwargs)
-        what = f"gcs.{method.upper()} {path} {' '.join(str(a) for a in args if isinstance(a, str))} {_gcs_object(kwargs)}"
+        what = (
+            f"gcs.{method.upper()} {path} {' '.join(str(a) for a in args if isinstance(a, str))} "
+            f"{_gcs_object(kwargs)}"
+        )
         if not plan.tick(what):
             return await real(self, method, path, *args, **kwargs)
         if plan.mode == "stop":
@@ -259,7 +304,8 @@ def _patch_gcsfs(module: Any) -> None:
 
 
 def _gcs_object(kwargs: dict[str, Any]) -> str:
-    """The object an upload writes: uploads name it in their JSON metadata (the body's first part, or `json`)."""
+    """The object an upload writes: uploads name it in their JSON metadata (the body's first part, or
+    `json`)."""
     if kwargs.get("name"):
         return str(kwargs["name"])
     if isinstance(kwargs.get("json"), dict) and kwargs["json"].get("name"):
@@ -301,14 +347,22 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Install the plan of HALA_CRASH_PLAN in this process (sitecustomize calls it; without the variable, nothing)."""
+    """Install the plan of HALA_CRASH_PLAN in this process (sitecustomize calls it; without the variable,
+    nothing)."""
     global _PLAN
     raw = os.environ.get(ENV)
     if not raw or _PLAN is not None:
         return
     _PLAN = _Plan(json.loads(raw))
-    for name, nargs in (("link", 2), ("rename", 2), ("replace", 2), ("unlink", 1), ("remove", 1), ("rmdir", 1),
-                        ("mkdir", 1)):
+    for name, nargs in (
+        ("link", 2),
+        ("rename", 2),
+        ("replace", 2),
+        ("unlink", 1),
+        ("remove", 1),
+        ("rmdir", 1),
+        ("mkdir", 1),
+    ):
         _wrap_path_op(name, nargs)
     os.open = _os_open
     os.fsync = _fsync

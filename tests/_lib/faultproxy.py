@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy for the object-store tests, on 127.0.0.1 only, between s3fs and an S3 API server.
+"""A fault-injecting HTTP proxy for the object-store tests, on 127.0.0.1 only, between s3fs and an S3 API
+server.
 
 Each request is forwarded to the upstream server unless the schedule picks a fault for it:
 
@@ -9,11 +10,12 @@ Each request is forwarded to the upstream server unless the schedule picks a fau
     deny         403 InvalidAccessKeyId, not forwarded (what S3 answers to credentials it does not know)
     down         a TCP reset, not forwarded (the store is gone: an outage, a partition)
 
-The schedule is a seeded random draw per request (`rates`: kind -> fraction), so a run is reproducible in what it
-injects (not in which request gets it: the clients' concurrency orders requests). `target` gives a fault to the next
-requests that match a pattern, whatever the rates (e.g. the one renewal of a lease whose answer is lost). `hold` pauses requests whose
-path matches, so a test can kill a process at that exact moment and drop what it was sending. Bounded: `max_requests` answered at most, each
-connection times out after 30 s idle, and `stop()` ends it.
+The schedule is a seeded random draw per request (`rates`: kind -> fraction), so a run is reproducible in what
+it injects (not in which request gets it: the clients' concurrency orders requests). `target` gives a fault to
+the next requests that match a pattern, whatever the rates (e.g. the one renewal of a lease whose answer is
+lost). `hold` pauses requests whose path matches, so a test can kill a process at that exact moment and drop
+what it was sending. Bounded: `max_requests` answered at most, each connection times out after 30 s idle, and
+`stop()` ends it.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 KINDS = ("slowdown", "internal", "reset", "stall", "deny", "down")
-_ERROR = {"deny": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
-          "slowdown": (503, "SlowDown", "Please reduce your request rate."),
-          "internal": (500, "InternalError", "We encountered an internal error. Please try again.")}
+_ERROR = {
+    "deny": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rates: dict[str, float] | None = None, seed: int = 0, stall_s: float = 5.0,
-                 max_requests: int = 50_000):
+    def __init__(
+        self,
+        upstream: str,
+        rates: dict[str, float] | None = None,
+        seed: int = 0,
+        stall_s: float = 5.0,
+        max_requests: int = 50_000,
+    ):
         host, port = upstream.removeprefix("http://").rstrip("/").split(":")
         self.upstream = (host, int(port))
         assert host == "127.0.0.1", "the proxy forwards to a server on 127.0.0.1 only"
@@ -59,7 +69,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self.thread.start()
         return self
 
@@ -74,14 +84,16 @@ class FaultProxy:
             self.rates = dict(rates)
 
     def hold(self, pattern: str | None) -> None:
-        """Pause every request whose `METHOD path` matches `pattern` until `release_held()` (or the proxy stops)."""
+        """Pause every request whose `METHOD path` matches `pattern` until `release_held()` (or the proxy
+        stops)."""
         self.held.clear()
         self.release.clear()
         self.drop_held = False
         self.hold_pattern = re.compile(pattern) if pattern else None
 
     def release_held(self, forward: bool) -> None:
-        """Let the held requests go on to the server, or drop them (their client was killed while they waited)."""
+        """Let the held requests go on to the server, or drop them (their client was killed while they
+        waited)."""
         self.drop_held = not forward
         self.hold_pattern = None
         self.release.set()
@@ -145,7 +157,11 @@ class FaultProxy:
             def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() not in ("transfer-encoding", "connection")
+                    }
                     headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
@@ -153,13 +169,23 @@ class FaultProxy:
                 finally:
                     conn.close()
 
-            def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, cut: bool = False) -> None:
+            def _send(
+                self, status: int, headers: list[tuple[str, str]], body: bytes, cut: bool = False
+            ) -> None:
                 self.send_response_only(status)
                 for k, v in headers:
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    if k.lower() not in (
+                        "transfer-encoding",
+                        "connection",
+                        "content-length",
+                        "date",
+                        "server",
+                    ):
                         self.send_header(k, v)
                 length = next((v for k, v in headers if k.lower() == "content-length"), None)
-                self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(body)))
+                self.send_header(
+                    "Content-Length", length if self.command == "HEAD" and length else str(len(body))
+                )
                 self.end_headers()
                 if self.command == "HEAD":
                     return
@@ -171,7 +197,9 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                if proxy.hold_pattern is not None and proxy.hold_pattern.search(f"{self.command} {self.path}"):
+                if proxy.hold_pattern is not None and proxy.hold_pattern.search(
+                    f"{self.command} {self.path}"
+                ):
                     proxy.held.set()
                     proxy.release.wait(timeout=120)
                     if proxy.drop_held:
@@ -198,8 +226,11 @@ class FaultProxy:
 
             def _error(self, kind: str) -> None:
                 status, code, message = _ERROR[kind]
-                xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-                       f"<RequestId>fault-proxy</RequestId></Error>").encode()
+                xml = (
+                    '<?xml version="1.0" '
+                    f'encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                    f"<RequestId>fault-proxy</RequestId></Error>"
+                ).encode()
                 self._send(status, [("Content-Type", "application/xml")], xml)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

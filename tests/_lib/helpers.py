@@ -14,8 +14,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_recipe(folder: Path, steps: dict[str, Any], name: str = "test", store: str | None = None,
-                 run: str = "r", **top: Any) -> Path:
+def write_recipe(
+    folder: Path,
+    steps: dict[str, Any],
+    name: str = "test",
+    store: str | None = None,
+    run: str = "r",
+    **top: Any,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     body = {"name": name, "store": store or str(folder / "store"), "run": run, **top, "steps": steps}
     path = folder / "recipe.yaml"
@@ -23,11 +29,19 @@ def write_recipe(folder: Path, steps: dict[str, Any], name: str = "test", store:
     return path
 
 
-def hala(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def hala(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The `hala` command, as a user runs it (a subprocess of this environment's Python)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "hala.ops.cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hala.ops.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -57,5 +71,6 @@ def manifest(store: Path, run: str, step: str) -> dict[str, Any]:
 
 
 def output_dir(store: Path, run: str, step: str, output: str = "data") -> Path:
-    """Where a committed step's output lies: its manifest names the attempt folder (`attempt-<id>/<output>`)."""
+    """Where a committed step's output lies: its manifest names the attempt folder
+    (`attempt-<id>/<output>`)."""
     return store / run / step / manifest(store, run, step)["outputs"][output]["path"]

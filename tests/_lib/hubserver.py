@@ -1,10 +1,12 @@
-"""A stand-in for the Hugging Face Hub's repository API, on 127.0.0.1 only, for the tests of pinned hub inputs.
+"""A stand-in for the Hugging Face Hub's repository API, on 127.0.0.1 only, for the tests of pinned hub
+inputs.
 
 It answers the one call hala makes of the hub (huggingface_hub's `HfApi.repo_info`, which `HF_ENDPOINT` points
-here): `GET /api/models/ORG/NAME[/revision/REV]` and `/api/datasets/...`, with the repository's commit `sha`, or a
-404 whose `X-Error-Code` huggingface_hub turns into RepositoryNotFoundError (RepoNotFound) or RevisionNotFoundError. Repositories
-and their branches are set by the test (`hub.repos[("model", "org/name")] = {"main": sha}`); every request is
-counted. The server stops after `max_requests` requests or `seconds`, whichever comes first.
+here): `GET /api/models/ORG/NAME[/revision/REV]` and `/api/datasets/...`, with the repository's commit `sha`,
+or a 404 whose `X-Error-Code` huggingface_hub turns into RepositoryNotFoundError (RepoNotFound) or
+RevisionNotFoundError. Repositories and their branches are set by the test (`hub.repos[("model", "org/name")]
+= {"main": sha}`); every request is counted. The server stops after `max_requests` requests or `seconds`,
+whichever comes first.
 """
 
 from __future__ import annotations

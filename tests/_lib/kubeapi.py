@@ -6,17 +6,18 @@ It serves what hala.ops.conductor asks through the official client, in one names
     GET    /apis/batch/v1/namespaces/NS/jobs/NAME     read (404 NotFound)
     DELETE /apis/batch/v1/namespaces/NS/jobs/NAME     delete (the object goes at once: propagation Background)
     GET    /apis/batch/v1/namespaces/NS/jobs          list, with an equality labelSelector (a=b,c=d)
-    GET    ...jobs?watch=true&resourceVersion=V&timeoutSeconds=T   the changes after V as JSON lines; it waits for
-           the next change up to T seconds, or answers an ERROR event with code 410 (Expired) when V is older than
-           the versions it keeps, as an API server does once etcd compacted them.
+    GET    ...jobs?watch=true&resourceVersion=V&timeoutSeconds=T   the changes after V as JSON lines; it waits
+           for the next change up to T seconds, or answers an ERROR event with code 410 (Expired) when V is
+           older than the versions it keeps, as an API server does once etcd compacted them.
 
-With `controller=True` it is also the Job controller and the kubelet: every Job created is run in a thread, its pods
-as local processes (`python -m hala.ops.launch` with the container's args, JOB_COMPLETION_INDEX per index of an
-Indexed Job), each pod retried up to the Job's backoffLimit (backoffLimitPerIndex) unless the podFailurePolicy
-fails the Job (or the index) on its exit code, then the Complete or Failed condition set with its
-lastTransitionTime. `exits` lets a test make the next pods of a Job exit with given codes instead of running (a
-bad node, a crash). The test can also make changes (`change(name)`) and forget history (`forget()`); every request
-is recorded as "METHOD path". The server stops after `max_requests` requests or `seconds`.
+With `controller=True` it is also the Job controller and the kubelet: every Job created is run in a thread,
+its pods as local processes (`python -m hala.ops.launch` with the container's args, JOB_COMPLETION_INDEX per
+index of an Indexed Job), each pod retried up to the Job's backoffLimit (backoffLimitPerIndex) unless the
+podFailurePolicy fails the Job (or the index) on its exit code, then the Complete or Failed condition set with
+its lastTransitionTime. `exits` lets a test make the next pods of a Job exit with given codes instead of
+running (a bad node, a crash). The test can also make changes (`change(name)`) and forget history
+(`forget()`); every request is recorded as "METHOD path". The server stops after `max_requests` requests or
+`seconds`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -38,17 +39,29 @@ from bounded import Bounded
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _job(name: str, ns: str, version: int) -> dict[str, Any]:
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns, "resourceVersion": str(version)},
-            "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}}, "status": {}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": str(version)},
+        "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}},
+        "status": {},
+    }
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def _matches(labels: dict[str, str], selector: str | None) -> bool:
@@ -60,7 +73,9 @@ def _matches(labels: dict[str, str], selector: str | None) -> bool:
 
 
 class KubeAPI(Bounded):
-    def __init__(self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0, controller: bool = False):
+    def __init__(
+        self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0, controller: bool = False
+    ):
         self.ns = ns
         self.version = 5
         self.oldest = 0  # watches from before this version get 410 Gone
@@ -68,7 +83,9 @@ class KubeAPI(Bounded):
         self.changed = threading.Condition()
         self.jobs: dict[str, dict[str, Any]] = {}
         self.controller = controller
-        self.exits: dict[str, list[int]] = {}  # job name -> exit codes its next pods end with, without running
+        self.exits: dict[
+            str, list[int]
+        ] = {}  # job name -> exit codes its next pods end with, without running
         self.pods: list[tuple[str, int | None, int]] = []  # (job, index, exit code) of every pod run
         self.runners: list[threading.Thread] = []
         api = self
@@ -83,7 +100,7 @@ class KubeAPI(Bounded):
 
             def _name(self) -> str | None:
                 path = urlparse(self.path).path
-                return path[len(base) + 1:] if path.startswith(base + "/") else None
+                return path[len(base) + 1 :] if path.startswith(base + "/") else None
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
                 api.requests.append(f"GET {self.path}")
@@ -103,16 +120,28 @@ class KubeAPI(Bounded):
                     return
                 if query.get("watch", "").lower() != "true":
                     with api.changed:
-                        items = [copy.deepcopy(j) for j in api.jobs.values()
-                                 if _matches(j["metadata"].get("labels") or {}, query.get("labelSelector"))]
+                        items = [
+                            copy.deepcopy(j)
+                            for j in api.jobs.values()
+                            if _matches(j["metadata"].get("labels") or {}, query.get("labelSelector"))
+                        ]
                         version = api.version
-                    self._send(200, {"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": str(version)},
-                                     "items": items})
+                    self._send(
+                        200,
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "JobList",
+                            "metadata": {"resourceVersion": str(version)},
+                            "items": items,
+                        },
+                    )
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                for line in api.watch(int(query.get("resourceVersion", "0")), float(query.get("timeoutSeconds", "5"))):
+                for line in api.watch(
+                    int(query.get("resourceVersion", "0")), float(query.get("timeoutSeconds", "5"))
+                ):
                     self.wfile.write(json.dumps(line).encode() + b"\n")
                     self.wfile.flush()
 
@@ -131,7 +160,9 @@ class KubeAPI(Bounded):
                     body = copy.deepcopy(job)
                 self._send(201, body)
                 if api.controller and job["spec"]["template"]["spec"]["containers"][0]["name"] == "step":
-                    thread = threading.Thread(target=api._run_job, args=(name, job["metadata"]["uid"]), daemon=True)
+                    thread = threading.Thread(
+                        target=api._run_job, args=(name, job["metadata"]["uid"]), daemon=True
+                    )
                     api.runners.append(thread)
                     thread.start()
 
@@ -145,7 +176,9 @@ class KubeAPI(Bounded):
                 if job is None:
                     self._send(404, _status(404, "NotFound", f'jobs.batch "{name}" not found'))
                 else:
-                    self._send(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
+                    self._send(
+                        200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+                    )
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -160,9 +193,20 @@ class KubeAPI(Bounded):
         with self.changed:
             while True:
                 if since < self.oldest:
-                    return [{"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                                         "message": f"too old resource version: {since} ({self.oldest})",
-                                                         "reason": "Expired", "code": 410}}]
+                    return [
+                        {
+                            "type": "ERROR",
+                            "object": {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "metadata": {},
+                                "status": "Failure",
+                                "message": f"too old resource version: {since} ({self.oldest})",
+                                "reason": "Expired",
+                                "code": 410,
+                            },
+                        }
+                    ]
                 fresh = [(v, n) for v, n in self.events if v > since]
                 if fresh:
                     return [{"type": "MODIFIED", "object": _job(n, self.ns, v)} for v, n in fresh]
@@ -202,8 +246,13 @@ class KubeAPI(Bounded):
                     return  # deleted: its pods are garbage collected
                 if code is None:
                     env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(index)} if indexed else {})}
-                    code = subprocess.run([sys.executable, "-m", "hala.ops.launch", *container["args"]], env=env,
-                                          capture_output=True, text=True, timeout=600).returncode
+                    code = subprocess.run(
+                        [sys.executable, "-m", "hala.ops.launch", *container["args"]],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                    ).returncode
                 self.pods.append((name, index, code))
                 if code == 0 or code in final_codes:
                     break
@@ -218,13 +267,20 @@ class KubeAPI(Bounded):
             else:
                 index, code = failed
                 why = "PodFailurePolicy" if code in final_codes else "BackoffLimitExceeded"
-                condition = {"type": "Failed", "status": "True", "reason": why, "lastTransitionTime": _now(),
-                             "message": f"Container {container['name']} for pod {name}-{index} failed with exit code {code}"}
+                condition = {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": why,
+                    "lastTransitionTime": _now(),
+                    "message": f"Container {container['name']} for pod {name}-{index} failed with exit code "
+                    f"{code}",
+                }
             self.jobs[name]["status"] = {"conditions": [condition]}
             self._bump(name)
 
     def settle(self, timeout: float = 600) -> None:
-        """Wait for the pods of every Job created so far to end (a test's last look, before the server stops)."""
+        """Wait for the pods of every Job created so far to end (a test's last look, before the server
+        stops)."""
         for thread in list(self.runners):
             thread.join(timeout=timeout)
 
@@ -243,10 +299,18 @@ class KubeAPI(Bounded):
             self.changed.notify_all()
 
     def kubeconfig(self) -> str:
-        return json.dumps({"apiVersion": "v1", "kind": "Config", "current-context": "test",
-                           "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-                           "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": self.ns}}],
-                           "users": [{"name": "test", "user": {}}]})
+        return json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+                "contexts": [
+                    {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": self.ns}}
+                ],
+                "users": [{"name": "test", "user": {}}],
+            }
+        )
 
     def wake(self) -> None:
         with self.changed:

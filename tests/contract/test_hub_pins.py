@@ -1,10 +1,10 @@
 """Hub inputs are keyed by a commit, never by a name whose content can change (issue 18).
 
-`hub:ORG/NAME` resolves to the commit its default branch names when the hub answers (here a stand-in of the hub's
-repository API on 127.0.0.1, tests/_lib/hubserver.py, that HF_ENDPOINT points huggingface_hub at); the commit goes
-into the step's fingerprint and its manifest, so a moved branch plans the step again. `hala pin RECIPE` writes those
-commits into the lock beside the recipe, which the recipe then reads offline. An input pinned by nothing, with no hub
-to ask, is exit 2 with that advice; a dry run warns for each one.
+`hub:ORG/NAME` resolves to the commit its default branch names when the hub answers (here a stand-in of the
+hub's repository API on 127.0.0.1, tests/_lib/hubserver.py, that HF_ENDPOINT points huggingface_hub at); the
+commit goes into the step's fingerprint and its manifest, so a moved branch plans the step again. `hala pin
+RECIPE` writes those commits into the lock beside the recipe, which the recipe then reads offline. An input
+pinned by nothing, with no hub to ask, is exit 2 with that advice; a dry run warns for each one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import events, hala, manifest, write_recipe
 from hubserver import Hub
 
@@ -26,7 +27,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 def _echo_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The `echo` test stage: found through HALA_STAGES_PATH, imported through PYTHONPATH."""
     monkeypatch.setenv("HALA_STAGES_PATH", str(FIXTURES))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))
+    )
 
 
 def _recipe(tmp_path: Path, model: str = "hub:acme/base-model") -> Path:
@@ -34,18 +37,26 @@ def _recipe(tmp_path: Path, model: str = "hub:acme/base-model") -> Path:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(4)))
     # the echo fixture ignores `after`: the hub input shapes only the cache key, which is what is tested
-    return write_recipe(tmp_path, {"echo-rows": {"stage": "echo", "inputs": {"data": str(data), "after": model}}})
+    return write_recipe(
+        tmp_path, {"echo-rows": {"stage": "echo", "inputs": {"data": str(data), "after": model}}}
+    )
 
 
 def _state(path: Path, env: dict[str, str]) -> tuple[str, list[dict]]:
     out = hala("run", str(path), "--dry-run", "--json", env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr
-    plan = json.loads(out.stdout[out.stdout.index('{\n  "recipe"'):])
-    warnings = [e for e in events(out.stdout[: out.stdout.index('{\n  "recipe"')]) if e.get("event") == "hub input not pinned"]
+    plan = json.loads(out.stdout[out.stdout.index('{\n  "recipe"') :])
+    warnings = [
+        e
+        for e in events(out.stdout[: out.stdout.index('{\n  "recipe"')])
+        if e.get("event") == "hub input not pinned"
+    ]
     return plan["steps"][0]["state"], warnings
 
 
-def test_an_unpinned_hub_input_is_resolved_to_its_commit_and_a_moved_branch_runs_the_step_again(tmp_path: Path) -> None:
+def test_an_unpinned_hub_input_is_resolved_to_its_commit_and_a_moved_branch_runs_the_step_again(
+    tmp_path: Path,
+) -> None:
     path = _recipe(tmp_path)
     offline = {"HF_HUB_OFFLINE": "1", "HALA_LOG_FORMAT": "json"}
     # no hub to ask, nothing pinned: exit 2 with the fix, and nothing committed
@@ -61,7 +72,11 @@ def test_an_unpinned_hub_input_is_resolved_to_its_commit_and_a_moved_branch_runs
         online = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": hub.url, "HALA_LOG_FORMAT": "json"}
         assert hala("run", str(path), env=online).returncode == 0
         recorded = manifest(tmp_path / "store", "r", "echo-rows")["inputs"]["after"]
-        assert (recorded["revision"], recorded["pinned"], recorded["repo_type"]) == (SHA1, "resolved", "model")
+        assert (recorded["revision"], recorded["pinned"], recorded["repo_type"]) == (
+            SHA1,
+            "resolved",
+            "model",
+        )
         assert _state(path, online)[0] == "cached"
         hub.repos[("model", "acme/base-model")] = {"main": SHA2}  # someone pushed to main
         assert _state(path, online)[0] == "will run"
@@ -103,10 +118,21 @@ def test_hala_pin_writes_the_lock_that_the_recipe_then_reads_offline(tmp_path: P
 def test_a_recipe_pin_wins_and_a_dataset_input_asks_the_dataset_api(tmp_path: Path) -> None:
     from hala.contract import recipe as recipe_mod
 
-    path = write_recipe(tmp_path, {
-        "prepare-a": {"stage": "prepare", "inputs": {"source": f"hub:acme/corpus@{SHA2}"}, "config": {"format": "messages"}},
-        "prepare-b": {"stage": "prepare", "inputs": {"source": "hub:acme/corpus"}, "config": {"format": "messages"}},
-    })
+    path = write_recipe(
+        tmp_path,
+        {
+            "prepare-a": {
+                "stage": "prepare",
+                "inputs": {"source": f"hub:acme/corpus@{SHA2}"},
+                "config": {"format": "messages"},
+            },
+            "prepare-b": {
+                "stage": "prepare",
+                "inputs": {"source": "hub:acme/corpus"},
+                "config": {"format": "messages"},
+            },
+        },
+    )
     path.with_name("recipe.lock.yaml").write_text(yaml.safe_dump({"hub": {"dataset:acme/corpus": SHA1}}))
     r = recipe_mod.load(str(path))
     a, b = r.steps["prepare-a"].inputs["source"], r.steps["prepare-b"].inputs["source"]

@@ -20,11 +20,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import REPO, hala, write_recipe
 
 from hala.contract import recipe as recipe_mod
 from hala.ops import conductor, k8s
 from hala.ops.resources import needs
+from helpers import REPO, hala, write_recipe
 
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -46,8 +46,11 @@ def _jobs(files: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def _step_jobs(files: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The step Jobs by step, without the conductor and the gather Jobs."""
-    return {j["metadata"]["labels"]["hala.dev/step"]: j for j in _jobs(files)
-            if j["metadata"]["labels"]["hala.dev/stage"] not in ("gather", "cli")}
+    return {
+        j["metadata"]["labels"]["hala.dev/step"]: j
+        for j in _jobs(files)
+        if j["metadata"]["labels"]["hala.dev/stage"] not in ("gather", "cli")
+    }
 
 
 # ------------------------------------------------------------------ rendered manifests
@@ -55,11 +58,18 @@ def _step_jobs(files: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
 @pytest.mark.parametrize("recipe,variant,folder", [(TINY, "cpu", "tiny"), (PAPER, "cuda", "hala-paper")])
 def test_checked_in_manifests_equal_the_rendering(tmp_path, recipe, variant, folder):
-    out = hala("render", "k8s", str(recipe.relative_to(REPO)), "--variant", variant, "-o", str(tmp_path / folder))
+    out = hala(
+        "render", "k8s", str(recipe.relative_to(REPO)), "--variant", variant, "-o", str(tmp_path / folder)
+    )
     assert out.returncode == 0, out.stderr
     rendered = {p.relative_to(tmp_path / folder): p.read_text() for p in (tmp_path / folder).rglob("*.yaml")}
-    checked_in = {p.relative_to(REPO / "manifests" / folder): p.read_text() for p in (REPO / "manifests" / folder).rglob("*.yaml")}
-    assert set(rendered) == set(checked_in), f"run `hala render k8s {recipe.relative_to(REPO)} --variant {variant} -o manifests/{folder}`"
+    checked_in = {
+        p.relative_to(REPO / "manifests" / folder): p.read_text()
+        for p in (REPO / "manifests" / folder).rglob("*.yaml")
+    }
+    assert set(rendered) == set(checked_in), (
+        f"run `hala render k8s {recipe.relative_to(REPO)} --variant {variant} -o manifests/{folder}`"
+    )
     for name, text in rendered.items():
         assert checked_in[name] == text.replace(str(tmp_path / folder), f"manifests/{folder}"), name
 
@@ -68,9 +78,19 @@ def test_checked_in_manifests_equal_the_rendering(tmp_path, recipe, variant, fol
 def test_every_manifest_passes_strict_schema_validation(recipe, variant):
     objects = _objects(k8s.render(_load(recipe), variant))
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "PersistentVolumeClaim", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"} <= kinds
+    assert {
+        "Namespace",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Job",
+    } <= kinds
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError on any unknown field
+        kubernetes_validate.validate(
+            obj, K8S_VERSION, strict=True
+        )  # raises ValidationError on any unknown field
 
 
 def test_strict_validation_catches_a_misspelt_field():
@@ -88,7 +108,9 @@ def test_paper_jobs_one_per_enabled_step_with_the_step_command():
     sharded = [s for s in enabled if s.shards > 1]
     assert len(jobs) == len(enabled) + len(sharded) + 1 and f"hala-conductor-{recipe.run}" in jobs
     for step in sharded:  # without the conductor: the step's Indexed Job, then its gather Job
-        gather = jobs[k8s.k8s_name(f"{recipe.run}-gather-{step.name}")]["spec"]["template"]["spec"]["containers"][0]
+        gather = jobs[k8s.k8s_name(f"{recipe.run}-gather-{step.name}")]["spec"]["template"]["spec"][
+            "containers"
+        ][0]
         assert gather["args"][:3] == ["gather", "/opt/hala/recipes/hala-paper.yaml", step.name]
         assert gather["image"] == "local/hala-cli:dev-cuda"
     for step in enabled:
@@ -97,7 +119,13 @@ def test_paper_jobs_one_per_enabled_step_with_the_step_command():
         assert container["args"][:1] == [step.stage] and step.name in container["args"]
         assert container["image"] == f"local/hala-{step.spec.env}:dev-cuda"
     # only the base objects and the conductor are applied by `kubectl apply -k`; step Jobs are the conductor's
-    assert files["kustomization.yaml"][0]["resources"] == ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml", "conductor.yaml"]
+    assert files["kustomization.yaml"][0]["resources"] == [
+        "namespace.yaml",
+        "storage.yaml",
+        "recipe.yaml",
+        "rbac.yaml",
+        "conductor.yaml",
+    ]
     assert all(len(name) <= 63 and name.replace("-", "").isalnum() for name in jobs)
 
 
@@ -105,7 +133,9 @@ def test_every_container_runs_as_non_root_with_limits_and_no_privilege():
     for recipe, variant in [(PAPER, "cuda"), (TINY, "cpu")]:
         for job in _jobs(k8s.render(_load(recipe), variant)):
             pod = job["spec"]["template"]["spec"]
-            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+            assert (
+                pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+            )
             assert pod["restartPolicy"] == "Never" and job["spec"]["ttlSecondsAfterFinished"] > 0
             for c in pod["containers"]:
                 sc = c["securityContext"]
@@ -126,17 +156,30 @@ def test_gpu_jobs_request_their_gpus_and_tolerate_the_taint():
         gpus = needs(recipe, step).gpus
         if gpus:
             assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == gpus
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+                "tolerations"
+            ]
             shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
             assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
         else:
             assert "nvidia.com/gpu" not in res["limits"] and "tolerations" not in pod
-    assert jobs["translate-openorca-teacher"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert jobs["train-hala-9b"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert (
+        jobs["translate-openorca-teacher"]["spec"]["template"]["spec"]["containers"][0]["resources"][
+            "limits"
+        ]["nvidia.com/gpu"]
+        == 4
+    )
+    assert (
+        jobs["train-hala-9b"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+            "nvidia.com/gpu"
+        ]
+        == 8
+    )
 
 
 def _capability_ok(labels: dict[str, str], affinity: dict[str, Any]) -> bool:
     """Evaluate a required node affinity against a node's labels (terms ORed, expressions ANDed)."""
+
     def match(expr: dict[str, Any]) -> bool:
         value = labels.get(expr["key"])
         if value is None:
@@ -146,6 +189,7 @@ def _capability_ok(labels: dict[str, str], affinity: dict[str, Any]) -> bool:
         if expr["operator"] == "Gt":
             return int(value) > int(expr["values"][0])
         raise AssertionError(expr)
+
     terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     return any(all(match(e) for e in t["matchExpressions"]) for t in terms)
 
@@ -158,15 +202,18 @@ def test_fp8_steps_select_nodes_by_compute_capability():
     text = json.dumps([jobs[n] for n in fp8])
     assert "gpu.family" not in text  # some GFD versions label Ada 'ampere'
     affinity = jobs["translate-openorca-teacher"]["spec"]["template"]["spec"]["affinity"]
-    gpu = lambda major, minor: {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}  # noqa: E731
-    assert _capability_ok(gpu(9, 0), affinity)       # H100
-    assert _capability_ok(gpu(8, 9), affinity)       # L40S, RTX 4090 (Ada)
-    assert _capability_ok(gpu(10, 0), affinity)      # B200
-    assert _capability_ok(gpu(12, 0), affinity)      # RTX 50 series
-    assert not _capability_ok(gpu(8, 0), affinity)   # A100: no FP8 tensor cores
-    assert not _capability_ok(gpu(8, 6), affinity)   # A10, RTX 3090
-    assert not _capability_ok(gpu(7, 5), affinity)   # T4
-    assert not _capability_ok({}, affinity)          # a node without GPU Feature Discovery labels
+
+    def gpu(major: int, minor: int) -> dict[str, str]:
+        return {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}
+
+    assert _capability_ok(gpu(9, 0), affinity)  # H100
+    assert _capability_ok(gpu(8, 9), affinity)  # L40S, RTX 4090 (Ada)
+    assert _capability_ok(gpu(10, 0), affinity)  # B200
+    assert _capability_ok(gpu(12, 0), affinity)  # RTX 50 series
+    assert not _capability_ok(gpu(8, 0), affinity)  # A100: no FP8 tensor cores
+    assert not _capability_ok(gpu(8, 6), affinity)  # A10, RTX 3090
+    assert not _capability_ok(gpu(7, 5), affinity)  # T4
+    assert not _capability_ok({}, affinity)  # a node without GPU Feature Discovery labels
 
 
 def test_sharded_steps_are_indexed_jobs_with_per_index_retries_and_the_failure_policy():
@@ -177,9 +224,14 @@ def test_sharded_steps_are_indexed_jobs_with_per_index_retries_and_the_failure_p
     for step in sharded:
         spec = jobs[k8s.k8s_name(step.name)]["spec"]
         assert spec["completionMode"] == "Indexed" and spec["completions"] == step.shards
-        assert spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+        assert (
+            spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+        )
         rules = spec["podFailurePolicy"]["rules"]
-        assert {"action": "FailIndex", "onExitCodes": {"containerName": "step", "operator": "In", "values": [2, 3]}} in rules
+        assert {
+            "action": "FailIndex",
+            "onExitCodes": {"containerName": "step", "operator": "In", "values": [2, 3]},
+        } in rules
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     for name, job in jobs.items():
         rules = job["spec"]["podFailurePolicy"]["rules"]
@@ -194,7 +246,10 @@ def test_no_secret_in_any_manifest_and_the_token_comes_from_an_optional_secret()
         assert "hf_" not in text.replace("hala-hf-token", "")
         for job in (o for o in objects if o["kind"] == "Job"):
             env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-            assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hala-hf-token", "key": "token", "optional": True}}}
+            assert env["HF_TOKEN"] == {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": "hala-hf-token", "key": "token", "optional": True}},
+            }
 
 
 def test_conductor_rbac_is_limited_to_jobs_and_pods_of_its_namespace():
@@ -202,7 +257,11 @@ def test_conductor_rbac_is_limited_to_jobs_and_pods_of_its_namespace():
     rbac = {o["kind"]: o for o in files["rbac.yaml"]}
     assert rbac["Role"]["metadata"]["namespace"] == "hala-paper"
     assert rbac["Role"]["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
     ]
     assert "ClusterRole" not in {o["kind"] for o in _objects(files)}
@@ -212,17 +271,28 @@ def test_conductor_rbac_is_limited_to_jobs_and_pods_of_its_namespace():
     assert pod["containers"][0]["args"][:4] == ["run", "/opt/hala/recipes/hala-paper.yaml", "--runner", "k8s"]
     assert pod["containers"][0]["image"] == "local/hala-cli:dev-cuda"
     # step pods never talk to the API server
-    assert all(j["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-               for j in _jobs(files) if not j["metadata"]["name"].startswith("hala-conductor"))
+    assert all(
+        j["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        for j in _jobs(files)
+        if not j["metadata"]["name"].startswith("hala-conductor")
+    )
 
 
 def test_recipe_kubernetes_settings_reach_the_manifests(tmp_path):
     recipe = _load(PAPER)
-    recipe.kubernetes = {"namespace": "team-a", "queue": "h100-queue", "storage": "2Ti", "storage_class": "cephfs", "pod_retries": 5}
+    recipe.kubernetes = {
+        "namespace": "team-a",
+        "queue": "h100-queue",
+        "storage": "2Ti",
+        "storage_class": "cephfs",
+        "pod_retries": 5,
+    }
     files = k8s.render(recipe, "cuda", registry="ghcr.io/acme", tag="1.0")
     pvc = files["storage.yaml"][0]
     assert pvc["metadata"]["namespace"] == "team-a" and pvc["spec"]["storageClassName"] == "cephfs"
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Ti" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Ti" and pvc["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
     job = files["jobs/04-quantize-teacher.yaml"][0]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
     assert job["spec"]["backoffLimit"] == 5
@@ -257,8 +327,8 @@ def test_an_object_store_needs_no_volume_claim(tmp_path):
 
 
 class FakeCluster:
-    """The three Jobs API calls the conductor makes, in memory, and a kubelet: on each poll it runs the pods of
-    every unfinished Job as local processes (its container args through hala-stage, one per index) and sets
+    """The three Jobs API calls the conductor makes, in memory, and a kubelet: on each poll it runs the pods
+    of every unfinished Job as local processes (its container args through hala-stage, one per index) and sets
     the Job's Complete or Failed condition the way the Job controller would."""
 
     def __init__(self) -> None:
@@ -286,10 +356,14 @@ class FakeCluster:
 
     def list(self, selector: str) -> list[dict[str, Any]]:
         terms = dict(t.split("=", 1) for t in selector.split(","))
-        return [copy.deepcopy(j) for j in self.jobs.values()
-                if all(j["metadata"]["labels"].get(k) == v for k, v in terms.items())]
+        return [
+            copy.deepcopy(j)
+            for j in self.jobs.values()
+            if all(j["metadata"]["labels"].get(k) == v for k, v in terms.items())
+        ]
 
-    # the kubelet and the Job controller, between two looks of the conductor (KubeJobs.wait watches the real API)
+    # the kubelet and the Job controller, between two looks of the conductor (KubeJobs.wait watches the real
+    # API)
     def wait(self, _seconds: float = 0) -> None:
         self.polls += 1
         if self.paused:
@@ -303,14 +377,22 @@ class FakeCluster:
             for i in indexes:
                 env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(i)} if i is not None else {})}
                 args = spec["template"]["spec"]["containers"][0]["args"]
-                code = subprocess.run([sys.executable, "-m", "hala.ops.launch", *args], env=env, capture_output=True, text=True).returncode
+                code = subprocess.run(
+                    [sys.executable, "-m", "hala.ops.launch", *args], env=env, capture_output=True, text=True
+                ).returncode
                 self.pods.append((name, i, code))
                 if code:
                     failed.append((i, code))
             if failed:
                 i, code = failed[0]
-                job["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
-                                                "message": f"Container step for pod {name}-{i} failed with exit code {code}"}]
+                job["status"]["conditions"] = [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": f"Container step for pod {name}-{i} failed with exit code {code}",
+                    }
+                ]
             else:
                 job["status"]["conditions"] = [{"type": "Complete", "status": "True"}]
 
@@ -318,23 +400,35 @@ class FakeCluster:
 @pytest.fixture()
 def echo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HALA_STAGES_PATH", str(FIXTURES))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))
+    )
 
 
 def _dag(tmp_path: Path, **a_config: Any) -> recipe_mod.Recipe:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(12)))
-    path = write_recipe(tmp_path, {
-        "echo-a": {"stage": "echo", "shards": 3, "inputs": {"data": str(data)}, "config": a_config},
-        "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
-        "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
-    })
+    path = write_recipe(
+        tmp_path,
+        {
+            "echo-a": {"stage": "echo", "shards": 3, "inputs": {"data": str(data)}, "config": a_config},
+            "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
+            "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
+        },
+    )
     return recipe_mod.load(path)
 
 
 def _conduct(recipe: recipe_mod.Recipe, cluster: FakeCluster, **kw: Any) -> int:
-    return conductor.conduct(recipe, cluster, variant="cpu", resync_seconds=0,
-                       recipe_arg=str(recipe.path), store_arg=recipe.store, **kw)
+    return conductor.conduct(
+        recipe,
+        cluster,
+        variant="cpu",
+        resync_seconds=0,
+        recipe_arg=str(recipe.path),
+        store_arg=recipe.store,
+        **kw,
+    )
 
 
 def test_conductor_creates_jobs_in_dag_order_once_inputs_are_committed(tmp_path, echo):
@@ -342,16 +436,23 @@ def test_conductor_creates_jobs_in_dag_order_once_inputs_are_committed(tmp_path,
     cluster = FakeCluster()
     assert _conduct(recipe, cluster) == 0
     created = dict((name, poll) for poll, name in cluster.created)
-    assert created["r-echo-a"] == created["r-echo-c"] == 0       # ready at once: created together
-    assert created["r-echo-b"] > created["r-echo-a"]             # only once echo-a was gathered and committed
-    assert sorted(i for name, i, _ in cluster.pods if name == "r-echo-a") == [0, 1, 2]  # an Indexed Job, 3 pods
+    assert created["r-echo-a"] == created["r-echo-c"] == 0  # ready at once: created together
+    assert created["r-echo-b"] > created["r-echo-a"]  # only once echo-a was gathered and committed
+    assert sorted(i for name, i, _ in cluster.pods if name == "r-echo-a") == [
+        0,
+        1,
+        2,
+    ]  # an Indexed Job, 3 pods
     store = Path(recipe.store)
     a = json.loads((store / "r" / "echo-a" / "_MANIFEST.json").read_text())
     assert a["shards"]["count"] == 3 and a["counts"]["rows_out"] == 12  # the conductor gathered it
     assert all((store / "r" / s / "_MANIFEST.json").exists() for s in ("echo-b", "echo-c"))
     assert json.loads((store / "r" / "_RUN.json").read_text())["runner"] == "k8s"
     job = cluster.jobs["r-echo-b"]
-    assert job["metadata"]["annotations"][k8s.FINGERPRINT] == json.loads((store / "r" / "echo-b" / "_MANIFEST.json").read_text())["fingerprint"]
+    assert (
+        job["metadata"]["annotations"][k8s.FINGERPRINT]
+        == json.loads((store / "r" / "echo-b" / "_MANIFEST.json").read_text())["fingerprint"]
+    )
 
     # a second conductor finds every step committed: no Job at all
     again = FakeCluster()
@@ -378,14 +479,18 @@ def test_a_restarted_conductor_adopts_the_jobs_it_finds(tmp_path, echo):
     cluster.paused = False
     assert _conduct(recipe, cluster) == 0  # the replacement pod
     names = [name for _, name in cluster.created]
-    assert sorted(names) == ["r-echo-a", "r-echo-b", "r-echo-c"] and len(names) == len(set(names))  # no duplicate Job
+    assert sorted(names) == ["r-echo-a", "r-echo-b", "r-echo-c"] and len(names) == len(
+        set(names)
+    )  # no duplicate Job
     assert cluster.deleted == []
 
 
 def test_a_job_left_from_another_config_is_replaced_not_adopted(tmp_path, echo):
     recipe = _dag(tmp_path)
     cluster = FakeCluster()
-    stale = k8s.step_job(recipe, recipe.steps["echo-c"], "cpu", fingerprint="0" * 64, recipe_arg=str(recipe.path))
+    stale = k8s.step_job(
+        recipe, recipe.steps["echo-c"], "cpu", fingerprint="0" * 64, recipe_arg=str(recipe.path)
+    )
     stale["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
     cluster.jobs["r-echo-c"] = stale
     assert _conduct(recipe, cluster) == 0
@@ -393,10 +498,13 @@ def test_a_job_left_from_another_config_is_replaced_not_adopted(tmp_path, echo):
     assert (Path(recipe.store) / "r" / "echo-c" / "_MANIFEST.json").exists()
 
 
-def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_history(tmp_path: Path, monkeypatch) -> None:
-    """KubeJobs.wait (what the conductor does between two looks at its Jobs) against a stand-in of the API server's
-    Job list and watch (tests/_lib/kubeapi.py) through the official client: a change ends the wait at once, the
-    next watch starts after the version seen, and a 410 Gone (history compacted) lists again instead of failing."""
+def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_history(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """KubeJobs.wait (what the conductor does between two looks at its Jobs) against a stand-in of the API
+    server's Job list and watch (tests/_lib/kubeapi.py) through the official client: a change ends the wait at
+    once, the next watch starts after the version seen, and a 410 Gone (history compacted) lists again instead
+    of failing."""
     import threading
     import time
 
@@ -422,31 +530,49 @@ def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_histor
         jobs.wait(1)  # lists again, then watches from the fresh version
         assert jobs.version == str(api.version)
         watches = [p for p in api.requests if "watch=" in p.lower()]
-        assert watches and all("labelSelector=app.kubernetes.io%2Fpart-of%3Dx%2Chala.dev%2Frun%3Dr" in p for p in api.requests)
-        assert "resourceVersion=6" in watches[2] and len([p for p in api.requests if "watch=" not in p.lower()]) == 2
+        assert watches and all(
+            "labelSelector=app.kubernetes.io%2Fpart-of%3Dx%2Chala.dev%2Frun%3Dr" in p for p in api.requests
+        )
+        assert (
+            "resourceVersion=6" in watches[2]
+            and len([p for p in api.requests if "watch=" not in p.lower()]) == 2
+        )
 
 
 # ------------------------------------------------------------------ the conductor through the official client
 
 
-def _cluster_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: Any, recipe: recipe_mod.Recipe,
-                 **kw: Any) -> int:
+def _cluster_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: Any, recipe: recipe_mod.Recipe, **kw: Any
+) -> int:
     """One conductor of `recipe` against the API stand-in, through KubeJobs (kubernetes' own client)."""
     (tmp_path / "kubeconfig").write_text(api.kubeconfig())
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     jobs = conductor.KubeJobs("hala", selector=conductor.run_selector(recipe))
-    return conductor.conduct(recipe, jobs, variant="cpu", resync_seconds=1, recipe_arg=str(recipe.path),
-                             store_arg=recipe.store, **kw)
+    return conductor.conduct(
+        recipe,
+        jobs,
+        variant="cpu",
+        resync_seconds=1,
+        recipe_arg=str(recipe.path),
+        store_arg=recipe.store,
+        **kw,
+    )
 
 
-def _kube_dag(tmp_path: Path, run: str = "r", overrides: list[str] | None = None, **kubernetes: Any) -> recipe_mod.Recipe:
+def _kube_dag(
+    tmp_path: Path, run: str = "r", overrides: list[str] | None = None, **kubernetes: Any
+) -> recipe_mod.Recipe:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(12)))
-    path = write_recipe(tmp_path, {
-        "echo-a": {"stage": "echo", "shards": 2, "inputs": {"data": str(data)}},
-        "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
-        "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
-    })
+    path = write_recipe(
+        tmp_path,
+        {
+            "echo-a": {"stage": "echo", "shards": 2, "inputs": {"data": str(data)}},
+            "echo-b": {"stage": "echo", "inputs": {"data": str(data), "after": "echo-a"}},
+            "echo-c": {"stage": "echo", "inputs": {"data": str(data)}},
+        },
+    )
     if kubernetes:
         raw = yaml.safe_load(path.read_text())
         raw["kubernetes"] = kubernetes
@@ -455,9 +581,9 @@ def _kube_dag(tmp_path: Path, run: str = "r", overrides: list[str] | None = None
 
 
 def test_two_runs_of_one_recipe_in_one_namespace_complete_side_by_side(tmp_path, echo, monkeypatch):
-    """Run `a` is left running (its conductor replaced), run `b` of the same recipe with another --set runs to the
-    end in the same namespace, then `a` finishes: each with its own Jobs and rows; no Job of one touched by the other
-    (it used to adopt `a`'s Jobs, or delete them for the other fingerprint)."""
+    """Run `a` is left running (its conductor replaced), run `b` of the same recipe with another --set runs to
+    the end in the same namespace, then `a` finishes: each with its own Jobs and rows; no Job of one touched
+    by the other (it used to adopt `a`'s Jobs, or delete them for the other fingerprint)."""
     from kubeapi import KubeAPI
 
     a = _kube_dag(tmp_path, run="a")
@@ -467,9 +593,13 @@ def test_two_runs_of_one_recipe_in_one_namespace_complete_side_by_side(tmp_path,
         assert _cluster_run(tmp_path, monkeypatch, api, b) == 0
         assert _cluster_run(tmp_path, monkeypatch, api, a) == 0
         api.settle()
-        assert not [r for r in api.requests if r.startswith("DELETE")], "a Job of one run was deleted by the other"
+        assert not [r for r in api.requests if r.startswith("DELETE")], (
+            "a Job of one run was deleted by the other"
+        )
         assert sorted(api.jobs) == ["a-echo-a", "a-echo-b", "a-echo-c", "b-echo-a", "b-echo-b", "b-echo-c"]
-        assert all(j["metadata"]["labels"]["hala.dev/run"] == j["metadata"]["name"][0] for j in api.jobs.values())
+        assert all(
+            j["metadata"]["labels"]["hala.dev/run"] == j["metadata"]["name"][0] for j in api.jobs.values()
+        )
     store = Path(a.store)
     for run in ("a", "b"):
         for step in ("echo-a", "echo-b", "echo-c"):
@@ -481,8 +611,9 @@ def test_two_runs_of_one_recipe_in_one_namespace_complete_side_by_side(tmp_path,
 
 
 def test_a_job_that_fails_past_its_pod_retries_is_recreated_and_completes(tmp_path, echo, monkeypatch):
-    """echo-c's pods exit 75 (a node whose disk is full) until its Job fails (pod_retries 1: two pods); the conductor
-    creates a second Job of the step, whose pod runs and commits. The attempt is on the Job and in `hala status`."""
+    """echo-c's pods exit 75 (a node whose disk is full) until its Job fails (pod_retries 1: two pods); the
+    conductor creates a second Job of the step, whose pod runs and commits. The attempt is on the Job and in
+    `hala status`."""
     from kubeapi import KubeAPI
 
     recipe = _kube_dag(tmp_path, retries=2, pod_retries=1, retry_backoff_seconds=0)
@@ -493,7 +624,9 @@ def test_a_job_that_fails_past_its_pod_retries_is_recreated_and_completes(tmp_pa
         pods = [code for name, _, code in api.pods if name == "r-echo-c"]
         assert pods == [75, 75, 0]  # the first Job's two pods, then the second Job's one
         deleted = [r.split("?")[0] for r in api.requests if r.startswith("DELETE")]
-        assert deleted == ["DELETE /apis/batch/v1/namespaces/hala/jobs/r-echo-c"]  # the failed Job, then a new one
+        assert deleted == [
+            "DELETE /apis/batch/v1/namespaces/hala/jobs/r-echo-c"
+        ]  # the failed Job, then a new one
         assert api.jobs["r-echo-c"]["metadata"]["annotations"][conductor.ATTEMPT] == "2"
     run = json.loads((Path(recipe.store) / "r" / "_RUN.json").read_text())
     assert run["attempts"] == {"echo-a": 1, "echo-b": 1, "echo-c": 2} and run["conductor"]["ended"] == "done"
@@ -503,8 +636,8 @@ def test_a_job_that_fails_past_its_pod_retries_is_recreated_and_completes(tmp_pa
 
 
 def test_a_step_that_keeps_failing_stops_after_its_retries(tmp_path, echo, monkeypatch, capsys):
-    """Every pod of echo-c exits 75: retries 1 means two Jobs, then the run ends with the step's failure (not 75
-    forever): exit 1 (no status of the step says otherwise) and the reason of the last Job."""
+    """Every pod of echo-c exits 75: retries 1 means two Jobs, then the run ends with the step's failure (not
+    75 forever): exit 1 (no status of the step says otherwise) and the reason of the last Job."""
     from kubeapi import KubeAPI
 
     recipe = _kube_dag(tmp_path, retries=1, pod_retries=0, retry_backoff_seconds=0)
@@ -517,7 +650,8 @@ def test_a_step_that_keeps_failing_stops_after_its_retries(tmp_path, echo, monke
 
 
 def test_exit_3_stops_the_run_at_once(tmp_path, echo, monkeypatch, capsys):
-    """Bad data does not get better by retrying: echo-a's shards exit 3; one Job, no retry, echo-b never created."""
+    """Bad data does not get better by retrying: echo-a's shards exit 3; one Job, no retry, echo-b never
+    created."""
     from kubeapi import KubeAPI
 
     data = tmp_path / "rows.jsonl"
@@ -533,8 +667,9 @@ def test_exit_3_stops_the_run_at_once(tmp_path, echo, monkeypatch, capsys):
 
 
 def test_a_reapplied_conductor_retries_the_failed_step(tmp_path, echo, monkeypatch):
-    """retries 0: echo-c's Job fails (a crash) and the conductor ends the run with it. The cause fixed, the conductor
-    applied again: it gives the failed step a new Job (it used to adopt the failed one and report it again)."""
+    """retries 0: echo-c's Job fails (a crash) and the conductor ends the run with it. The cause fixed, the
+    conductor applied again: it gives the failed step a new Job (it used to adopt the failed one and report it
+    again)."""
     from kubeapi import KubeAPI
 
     recipe = _kube_dag(tmp_path, retries=0, pod_retries=0, retry_backoff_seconds=0)
@@ -542,7 +677,9 @@ def test_a_reapplied_conductor_retries_the_failed_step(tmp_path, echo, monkeypat
         api.exits["r-echo-c"] = [1]
         assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 1
         api.settle()
-        assert json.loads((Path(recipe.store) / "r" / "_RUN.json").read_text())["conductor"]["ended"] == "failed"
+        assert (
+            json.loads((Path(recipe.store) / "r" / "_RUN.json").read_text())["conductor"]["ended"] == "failed"
+        )
         assert _cluster_run(tmp_path, monkeypatch, api, recipe) == 0  # reapplied
         api.settle()
         assert api.jobs["r-echo-c"]["metadata"]["annotations"][conductor.ATTEMPT] == "2"
@@ -551,8 +688,8 @@ def test_a_reapplied_conductor_retries_the_failed_step(tmp_path, echo, monkeypat
 
 
 def test_hala_cancel_deletes_that_runs_jobs_only(tmp_path, echo, monkeypatch):
-    """Two runs' Jobs and their conductors in one namespace; `hala cancel a` deletes run a's (its conductor first,
-    which would create them again) and leaves run b's."""
+    """Two runs' Jobs and their conductors in one namespace; `hala cancel a` deletes run a's (its conductor
+    first, which would create them again) and leaves run b's."""
     from kubeapi import KubeAPI
 
     a = _kube_dag(tmp_path, run="a")
@@ -560,45 +697,75 @@ def test_hala_cancel_deletes_that_runs_jobs_only(tmp_path, echo, monkeypatch):
     with KubeAPI(max_requests=5000, seconds=600, controller=True) as api:
         for recipe in (a, b):
             assert _cluster_run(tmp_path, monkeypatch, api, recipe, max_polls=1) == 75
-            # the conductor's own Job, as rendered (here from a step Job: conductor_job wants a recipe of recipes/)
+            # the conductor's own Job, as rendered (here from a step Job: conductor_job wants a recipe of
+            # recipes/)
             job = k8s.step_job(recipe, recipe.steps["echo-c"], "cpu", recipe_arg=str(recipe.path))
-            job["metadata"].update(name=k8s.conductor_name(recipe), labels=k8s._labels(recipe, "conductor", "cli"))
+            job["metadata"].update(
+                name=k8s.conductor_name(recipe), labels=k8s._labels(recipe, "conductor", "cli")
+            )
             job["spec"]["template"]["spec"]["containers"][0]["name"] = "conductor"
             conductor.KubeJobs("hala").create(job)
         api.settle()
-        out = subprocess.run([sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"], capture_output=True,
-                             text=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")},
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         deleted = [r.split("?")[0].rsplit("/", 1)[1] for r in api.requests if r.startswith("DELETE")]
-        assert deleted[0] == "hala-conductor-a" and sorted(deleted) == ["a-echo-a", "a-echo-c", "hala-conductor-a"]
+        assert deleted[0] == "hala-conductor-a" and sorted(deleted) == [
+            "a-echo-a",
+            "a-echo-c",
+            "hala-conductor-a",
+        ]
         assert sorted(api.jobs) == ["b-echo-a", "b-echo-c", "hala-conductor-b"]
-        again = subprocess.run([sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"], capture_output=True,
-                               text=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}, timeout=120)
+        again = subprocess.run(
+            [sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")},
+            timeout=120,
+        )
         assert again.returncode == 1 and "no Job of run 'a'" in again.stderr
 
 
 def test_a_second_run_renders_beside_the_first(tmp_path):
-    """`hala render k8s R --run b`: the conductor and every Job carry run b, the shared objects (namespace, recipe,
-    volume, RBAC) are the same as run a's, so `kubectl apply -k` of both leaves two runs side by side."""
+    """`hala render k8s R --run b`: the conductor and every Job carry run b, the shared objects (namespace,
+    recipe, volume, RBAC) are the same as run a's, so `kubectl apply -k` of both leaves two runs side by
+    side."""
     for run in ("a", "b"):
-        out = hala("render", "k8s", "recipes/tiny.yaml", "--variant", "cpu", "--run", run, "-o", str(tmp_path / run))
+        out = hala(
+            "render", "k8s", "recipes/tiny.yaml", "--variant", "cpu", "--run", run, "-o", str(tmp_path / run)
+        )
         assert out.returncode == 0, out.stderr
-    docs = {run: {p.relative_to(tmp_path / run).as_posix(): list(yaml.safe_load_all(p.read_text()))
-                  for p in (tmp_path / run).rglob("*.yaml")} for run in ("a", "b")}
+    docs = {
+        run: {
+            p.relative_to(tmp_path / run).as_posix(): list(yaml.safe_load_all(p.read_text()))
+            for p in (tmp_path / run).rglob("*.yaml")
+        }
+        for run in ("a", "b")
+    }
     for name in ("namespace.yaml", "recipe.yaml", "rbac.yaml", "storage.yaml", "kustomization.yaml"):
         assert docs["a"][name] == docs["b"][name], name
     conductor_b = docs["b"]["conductor.yaml"][0]
     assert conductor_b["metadata"]["name"] == "hala-conductor-b"
     args = conductor_b["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--run") + 1] == "b"
-    names = {run: {d["metadata"]["name"] for f, objs in docs[run].items() if f.startswith("jobs/") for d in objs}
-             for run in ("a", "b")}
+    names = {
+        run: {d["metadata"]["name"] for f, objs in docs[run].items() if f.startswith("jobs/") for d in objs}
+        for run in ("a", "b")
+    }
     assert names["a"] and not names["a"] & names["b"] and all(n.startswith("b-") for n in names["b"])
 
 
-def test_a_retried_pod_of_the_same_conductor_does_not_retry_the_failed_step_again(tmp_path, echo, monkeypatch):
-    """The conductor Job retries its own pod when the conductor exits non-zero; that pod (same Job uid, the downward
-    API's HALA_CONDUCTOR_ID) reports the failure again instead of spending a new budget of step Jobs."""
+def test_a_retried_pod_of_the_same_conductor_does_not_retry_the_failed_step_again(
+    tmp_path, echo, monkeypatch
+):
+    """The conductor Job retries its own pod when the conductor exits non-zero; that pod (same Job uid, the
+    downward API's HALA_CONDUCTOR_ID) reports the failure again instead of spending a new budget of step
+    Jobs."""
     from kubeapi import KubeAPI
 
     recipe = _kube_dag(tmp_path, retries=0, pod_retries=0, retry_backoff_seconds=0)
@@ -613,4 +780,7 @@ def test_a_retried_pod_of_the_same_conductor_does_not_retry_the_failed_step_agai
         assert not [r for r in api.requests if r.startswith("DELETE")]
     job = k8s.conductor_job(_load(TINY), "cpu", None, None)
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["HALA_CONDUCTOR_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert (
+        env["HALA_CONDUCTOR_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    )

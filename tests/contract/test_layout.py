@@ -20,7 +20,9 @@ def test_every_stage_is_packaged_and_documented() -> None:
     assert "prepare" in stages
     for name, spec in stages.items():
         assert spec.root.parent == REPO / "stages"
-        assert "*.toml" in package_data.get(f"stages.{name}", []), f"add stages.{name} to pyproject's package-data"
+        assert "*.toml" in package_data.get(f"stages.{name}", []), (
+            f"add stages.{name} to pyproject's package-data"
+        )
         assert spec.schema_path.exists(), f"{spec.schema_path}: run `make schemas`"
         assert spec.requirements_path.exists()
         assert (spec.root / "README.md").exists()
@@ -44,8 +46,10 @@ def test_environments_follow_the_stages() -> None:
 
 def test_the_library_imports_no_ml_stack() -> None:
     code = (
-        "import sys, hala.ops.cli, hala.ops.runner, hala.ops.gather, hala.contract.step, hala.contract.sources, hala.contract.tiny, hala.contract.tiny_spec, hala.ops.launch\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets', 'pyarrow', 'pydantic') if m in sys.modules)\n"
+        "import sys, hala.ops.cli, hala.ops.runner, hala.ops.gather, hala.contract.step, "
+        "hala.contract.sources, hala.contract.tiny, hala.contract.tiny_spec, hala.ops.launch\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets', 'pyarrow', 'pydantic') if "
+        "m in sys.modules)\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -60,14 +64,19 @@ def test_stage_launcher_lists_stages() -> None:
 
 
 def test_no_stage_or_library_module_reaches_for_a_private_library_name() -> None:
-    """The library's public names are its contract with the stages: `from hala.x import _y` or `hala.x._y(...)` in a
-    stage (or in another library module) couples it to what the library may change at will (issue 18: two stages
-    imported hala.contract.sources._localize_step_output)."""
+    """The library's public names are its contract with the stages: `from hala.x import _y` or
+    `hala.x._y(...)` in a stage (or in another library module) couples it to what the library may change at
+    will (issue 18: two stages imported hala.contract.sources._localize_step_output)."""
     import re
 
-    private = re.compile(r"from\s+hala(?:\.\w+)?\s+import\s+\(?[^)\n]*\b_[a-z]\w*|\bhala\.\w+\._[a-z]\w*|\b(?:runner|sources|store|step|gather|lease|tiny|tables|chunks)\._[a-z]\w*\(")
+    private = re.compile(
+        r"from\s+hala(?:\.\w+)?\s+import\s+\(?[^)\n]*\b_[a-z]\w*"
+        r"|\bhala\.\w+\._[a-z]\w*"
+        r"|\b(?:runner|sources|store|step|gather|lease|tiny|tables|chunks)\._[a-z]\w*\("
+    )
     found = []
-    # every module of the library, in every layer (a glob of shared/*.py matched only __init__.py after the layers)
+    # every module of the library, in every layer (a glob of shared/*.py matched only __init__.py after the
+    # layers)
     for path in sorted([*(REPO / "stages").rglob("*.py"), *(REPO / "shared").rglob("*.py")]):
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if private.search(line.split("#")[0]):
@@ -76,13 +85,17 @@ def test_no_stage_or_library_module_reaches_for_a_private_library_name() -> None
 
 
 def test_the_library_is_layered_contract_kit_ops_and_stages_import_only_the_first_two() -> None:
-    """hala.contract (what every step relies on) imports nothing of the kit or the operations side; hala.kit (what
-    stages import beside it) nothing of the operations side; a stage only the contract and the kit (read from the
-    source as the fingerprints read it: imports inside functions count)."""
+    """hala.contract (what every step relies on) imports nothing of the kit or the operations side; hala.kit
+    (what stages import beside it) nothing of the operations side; a stage only the contract and the kit (read
+    from the source as the fingerprints read it: imports inside functions count)."""
     from hala.contract import stagespec
 
     def layers(path) -> set[str]:
-        return {name.split(".")[0] for name in stagespec._hala_imports(path) if "." in name or name in ("contract", "kit", "ops")}
+        return {
+            name.split(".")[0]
+            for name in stagespec._hala_imports(path)
+            if "." in name or name in ("contract", "kit", "ops")
+        }
 
     allowed = {"contract": {"contract"}, "kit": {"contract", "kit"}, "ops": {"contract", "kit", "ops"}}
     wrong = []
@@ -92,4 +105,6 @@ def test_the_library_is_layered_contract_kit_ops_and_stages_import_only_the_firs
     for path in sorted((REPO / "stages").rglob("*.py")):
         wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - allowed["kit"]]
     assert not wrong, "\n".join(wrong)
-    assert sorted(p.name for p in (REPO / "shared" / "hala").glob("*.py")) == ["__init__.py"]  # every module has its layer
+    assert sorted(p.name for p in (REPO / "shared" / "hala").glob("*.py")) == [
+        "__init__.py"
+    ]  # every module has its layer

@@ -11,9 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, hala
-
 from hala.ops import envs, locks, pipconf
+from helpers import REPO, hala
 
 
 def test_every_set_has_current_locks_for_both_variants():
@@ -29,7 +28,9 @@ def test_every_locked_requirement_is_exact_and_hashed():
     for path in sorted((REPO / "locks").glob("*/*.txt")):
         for name, block in locks.blocks(path.read_text()).items():
             pin = block.splitlines()[0]
-            assert "==" in pin and "--hash=sha256:" in block, f"{path.relative_to(REPO)}: {name} is not pinned with a hash"
+            assert "==" in pin and "--hash=sha256:" in block, (
+                f"{path.relative_to(REPO)}: {name} is not pinned with a hash"
+            )
 
 
 def test_variants_differ_where_they_must():
@@ -69,10 +70,15 @@ def _copy_checkout(dst: Path) -> Path:
 
 
 def _check(pypath: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from hala.ops import locks; print(locks.REPO); sys.exit(locks.main_lock(None, locks.VARIANTS, True, False))"
+    code = (
+        "import sys; from hala.ops import locks; print(locks.REPO); sys.exit(locks.main_lock(None, "
+        "locks.VARIANTS, True, False))"
+    )
     env = {**os.environ, "PYTHONPATH": str(pypath)}
     # cwd outside the checkout: `python -c` puts the working directory first on sys.path
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=pypath)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=pypath
+    )
 
 
 def test_a_changed_requirements_file_makes_its_locks_stale(tmp_path):
@@ -84,17 +90,29 @@ def test_a_changed_requirements_file_makes_its_locks_stale(tmp_path):
     reqs.write_text(reqs.read_text().replace("trl==1.16.0", "trl==1.15.0"))
     out = _check(tmp_path / "py")
     assert out.returncode == 1
-    stale = [line.removeprefix("stale: ").split(":")[0] for line in out.stderr.splitlines() if line.startswith("stale: ")]
+    stale = [
+        line.removeprefix("stale: ").split(":")[0]
+        for line in out.stderr.splitlines()
+        if line.startswith("stale: ")
+    ]
     # train's rendered inputs and locks, in both variants, and nothing else
-    assert sorted(stale) == sorted(f"locks/{v}/train{s}" for v in ("cpu", "cuda") for s in (".in", ".txt", ".tests.txt"))
+    assert sorted(stale) == sorted(
+        f"locks/{v}/train{s}" for v in ("cpu", "cuda") for s in (".in", ".txt", ".tests.txt")
+    )
     assert "make lock" in out.stderr
     # a test-only requirement changes only the tests lock (the image's lock is untouched)
     reqs.write_text(reqs.read_text().replace("trl==1.15.0", "trl==1.16.0"))
     merge_tests = repo / "tests" / "stages" / "merge" / "requirements.txt"
     merge_tests.write_text(merge_tests.read_text() + "hypothesis==6.151.9\n")
     out = _check(tmp_path / "py")
-    stale = sorted(line.removeprefix("stale: ").split(":")[0] for line in out.stderr.splitlines() if line.startswith("stale: "))
-    assert stale == sorted(f"locks/{v}/merge{s}" for v in ("cpu", "cuda") for s in (".tests.in", ".tests.txt"))
+    stale = sorted(
+        line.removeprefix("stale: ").split(":")[0]
+        for line in out.stderr.splitlines()
+        if line.startswith("stale: ")
+    )
+    assert stale == sorted(
+        f"locks/{v}/merge{s}" for v in ("cpu", "cuda") for s in (".tests.in", ".tests.txt")
+    )
 
 
 def test_pip_configuration_becomes_uv_sources(tmp_path):
@@ -102,17 +120,28 @@ def test_pip_configuration_becomes_uv_sources(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
-    conf.write_text(f"[global]\nextra-index-url = file:///mirror/a/simple file:///mirror/b/simple\nfind-links = {wheels}\n")
-    code = ("import json; from hala.ops import pipconf; "
-            "print(json.dumps([pipconf.uv_args(), str(pipconf.local_wheel('torch-2.13.0+cpu-*.whl'))]))")
+    conf.write_text(
+        "[global]\nextra-index-url = file:///mirror/a/simple file:///mirror/b/simple\nfind-links = "
+        f"{wheels}\n"
+    )
+    code = (
+        "import json; from hala.ops import pipconf; "
+        "print(json.dumps([pipconf.uv_args(), str(pipconf.local_wheel('torch-2.13.0+cpu-*.whl'))]))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=str(conf))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     args, wheel = json.loads(out.stdout)
     assert args[args.index("--find-links") + 1] == str(wheels)
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--index"] == ["file:///mirror/a/simple", "file:///mirror/b/simple"]
-    assert args[-2:] == ["--index-strategy", "unsafe-best-match"]  # a partial mirror must not hide PyPI's versions
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--index"] == [
+        "file:///mirror/a/simple",
+        "file:///mirror/b/simple",
+    ]
+    assert args[-2:] == [
+        "--index-strategy",
+        "unsafe-best-match",
+    ]  # a partial mirror must not hide PyPI's versions
     assert wheel.endswith("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
     # a PIP_* variable wins over the file, as it does for pip
     env.update(PIP_FIND_LINKS="/elsewhere")

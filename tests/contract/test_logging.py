@@ -21,7 +21,9 @@ def _lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_json_events_carry_the_step_context(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_events_carry_the_step_context(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HALA_LOG_FORMAT", "json")
     logs.setup()
     logs.bind(run="tiny", step="prepare-lamini", stage="prepare", shard="1/4")
@@ -31,7 +33,12 @@ def test_json_events_carry_the_step_context(capsys: pytest.CaptureFixture, monke
     assert out[0]["event"] == "normalized" and out[0]["rows_out"] == 4
     assert out[1]["event"] == "a third-party warning" and out[1]["logger"] == "transformers.modeling_utils"
     for event in out:
-        assert (event["run"], event["step"], event["stage"], event["shard"]) == ("tiny", "prepare-lamini", "prepare", "1/4")
+        assert (event["run"], event["step"], event["stage"], event["shard"]) == (
+            "tiny",
+            "prepare-lamini",
+            "prepare",
+            "1/4",
+        )
         assert event["level"] in ("info", "warning") and event["timestamp"].endswith("Z")
 
 
@@ -46,7 +53,9 @@ def test_console_format_is_readable(capsys: pytest.CaptureFixture, monkeypatch: 
         json.loads(line)
 
 
-def test_progress_reports_rate_and_eta_at_an_interval(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_reports_rate_and_eta_at_an_interval(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HALA_LOG_FORMAT", "json")
     logs.setup()
     with logs.Progress(total=100, unit="rows", what="normalize", every=3600) as progress:

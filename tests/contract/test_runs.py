@@ -19,8 +19,15 @@ SAMPLES = REPO / "recipes" / "samples"
 
 
 def _lamini(source: Path | str = SAMPLES / "lamini.jsonl", **config) -> dict:
-    return {"stage": "prepare", "inputs": {"source": str(source)},
-            "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}, **config}}
+    return {
+        "stage": "prepare",
+        "inputs": {"source": str(source)},
+        "config": {
+            "format": "columns",
+            "columns": {"user": "instruction", "assistant": "response"},
+            **config,
+        },
+    }
 
 
 def _copy(upstream: str) -> dict:
@@ -50,10 +57,14 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     assert manifest(store, "tiny", "prepare-openorca")["counts"]["rows_removed"]["duplicates"] == 1
     assert manifest(store, "tiny", "prepare-openorca")["quarantine"]["by_reason"] == {"empty_turn": 1}
     assert manifest(store, "tiny", "prepare-hermes3")["counts"]["rows_removed"]["code"] == 2
-    assert manifest(store, "tiny", "prepare-opus100")["quarantine"]["by_reason"] == {"empty_text": 1, "wrong_script": 1}
+    assert manifest(store, "tiny", "prepare-opus100")["quarantine"]["by_reason"] == {
+        "empty_text": 1,
+        "wrong_script": 1,
+    }
     # model steps: the FP8 teacher carries its acceptance report, its folder says what it is
-    # translate and judge: every row in the output or the quarantine; the tiny recipe generates with transformers
-    # (engine: transformers, seconds to start); the serve suite runs the same stages on vLLM's CPU build
+    # translate and judge: every row in the output or the quarantine; the tiny recipe generates with
+    # transformers (engine: transformers, seconds to start); the serve suite runs the same stages on vLLM's
+    # CPU build
     for step in (s for s in steps if s.startswith(("translate-", "judge-"))):
         m = manifest(store, "tiny", step)
         c = m["counts"]
@@ -73,7 +84,10 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         assert m["outputs"]["model"]["path"].endswith("-SFT"), step
     assert manifest(store, "tiny", "translate-hermes3")["inputs"]["model"]["step"] == "train-translator"
     assert manifest(store, "tiny", "merge-hala-9b")["inputs"]["model"]["step"] == "train-hala-9b"
-    caches = {manifest(store, "tiny", f"train-hala-{s}")["metrics"]["tokenized"]["cache"] for s in ("350m", "700m", "1.2b")}
+    caches = {
+        manifest(store, "tiny", f"train-hala-{s}")["metrics"]["tokenized"]["cache"]
+        for s in ("350m", "700m", "1.2b")
+    }
     assert len(caches) == 1
     # evaluate: the FP8 check passed, the translator was scored against its base, the four Hala models on
     # every OALL v2 family (format-only data in the tiny recipe)
@@ -83,26 +97,45 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
     for size in ("350m", "700m", "1.2b", "9b"):
         bench = manifest(store, "tiny", f"evaluate-hala-{size}")["metrics"]
         assert len(bench["model"]["families"]) == 6 and not bench["model"]["failures"], size
-        assert bench["data_origin"] == "format_only" and bench["model"]["input"]["step"] == f"merge-hala-{size}"
+        assert (
+            bench["data_origin"] == "format_only" and bench["model"]["input"]["step"] == f"merge-hala-{size}"
+        )
     fp8 = manifest(store, "tiny", "quantize-teacher")
     assert fp8["outputs"]["model"]["path"] == f"attempt-{fp8['attempt']}/tiny-teacher-FP8-Dynamic"
     assert fp8["metrics"]["fidelity"]["ppl_increase"] <= fp8["config"]["max_ppl_increase"]
     assert fp8["inputs"]["model"]["kind"] == "tiny"
-    assert (store / "_sources" / f"tiny-teacher-{fp8['inputs']['model']['sha256'][:16]}" / "_MANIFEST.json").exists()
+    assert (
+        store / "_sources" / f"tiny-teacher-{fp8['inputs']['model']['sha256'][:16]}" / "_MANIFEST.json"
+    ).exists()
     second = hala("run", "recipes/tiny.yaml", "--store", str(store))
     assert second.returncode == 0
     states = {e["step"]: e["state"] for e in events(second.stdout) if e.get("event") == "summary"}
     assert set(states.values()) == {"cached"}, states
-    assert not any(e.get("event") == "start" for e in events(second.stdout)), "a cached step must not start a process"
+    assert not any(e.get("event") == "start" for e in events(second.stdout)), (
+        "a cached step must not start a process"
+    )
     status = hala("status", "tiny", "--store", str(store), "--json")
-    rows = [r for r in json.loads(status.stdout) if planned[r["step"]].get("enabled", True)]  # publish-hala is off
+    rows = [
+        r for r in json.loads(status.stdout) if planned[r["step"]].get("enabled", True)
+    ]  # publish-hala is off
     assert {r["state"] for r in rows} == {"committed"} and all(r["cached"] for r in rows)
     # publish, switched on (after the cache check: a disabled step is not part of a plain run); no token
     # here, so a dry run with a card per model (lineage and scores)
-    pub = hala("run", "recipes/tiny.yaml", "--store", str(store), "--only", "publish-hala", "--set", "publish-hala.enabled=true",
-               env={"HF_TOKEN": ""})
+    pub = hala(
+        "run",
+        "recipes/tiny.yaml",
+        "--store",
+        str(store),
+        "--only",
+        "publish-hala",
+        "--set",
+        "publish-hala.enabled=true",
+        env={"HF_TOKEN": ""},
+    )
     assert pub.returncode == 0, pub.stdout[-3000:] + pub.stderr
-    plan_dir = store / "tiny" / "publish-hala" / manifest(store, "tiny", "publish-hala")["outputs"]["plan"]["path"]
+    plan_dir = (
+        store / "tiny" / "publish-hala" / manifest(store, "tiny", "publish-hala")["outputs"]["plan"]["path"]
+    )
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert plan["mode"] == "dry-run" and len(plan["repos"]) == 6
     card = (plan_dir / next(r["card"] for r in plan["repos"] if r["input"] == "hala_9b")).read_text()
@@ -112,7 +145,9 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
 def test_cache_misses_on_config_input_and_force(tmp_path: Path) -> None:
     source = tmp_path / "lamini.jsonl"
     source.write_bytes((SAMPLES / "lamini.jsonl").read_bytes())
-    path = write_recipe(tmp_path, {"prepare-lamini": _lamini(source), "prepare-copy": _copy("prepare-lamini")})
+    path = write_recipe(
+        tmp_path, {"prepare-lamini": _lamini(source), "prepare-copy": _copy("prepare-lamini")}
+    )
 
     def states(*extra: str) -> dict[str, str]:
         result = hala("run", str(path), *extra)
@@ -122,12 +157,24 @@ def test_cache_misses_on_config_input_and_force(tmp_path: Path) -> None:
     assert states() == {"prepare-lamini": "done", "prepare-copy": "done"}
     assert states() == {"prepare-lamini": "cached", "prepare-copy": "cached"}
     # a config change reruns the step; its output is byte-identical, so the reader stays cached
-    assert states("--set", "prepare-lamini.rows_per_file=1000") == {"prepare-lamini": "done", "prepare-copy": "cached"}
+    assert states("--set", "prepare-lamini.rows_per_file=1000") == {
+        "prepare-lamini": "done",
+        "prepare-copy": "cached",
+    }
     # changed input content: both rerun (the copy's input hash changed)
     source.write_text(source.read_text() + json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
-    assert states("--set", "prepare-lamini.rows_per_file=1000") == {"prepare-lamini": "done", "prepare-copy": "done"}
-    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force", "prepare-copy") == {"prepare-lamini": "cached", "prepare-copy": "done"}
-    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force") == {"prepare-lamini": "done", "prepare-copy": "done"}
+    assert states("--set", "prepare-lamini.rows_per_file=1000") == {
+        "prepare-lamini": "done",
+        "prepare-copy": "done",
+    }
+    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force", "prepare-copy") == {
+        "prepare-lamini": "cached",
+        "prepare-copy": "done",
+    }
+    assert states("--set", "prepare-lamini.rows_per_file=1000", "--force") == {
+        "prepare-lamini": "done",
+        "prepare-copy": "done",
+    }
 
 
 def test_tampered_output_makes_the_next_reader_exit_3_naming_the_file(tmp_path: Path) -> None:
@@ -143,7 +190,9 @@ def test_tampered_output_makes_the_next_reader_exit_3_naming_the_file(tmp_path: 
     assert str(part) in verify.stderr and "changed since it was written" in verify.stderr
     reader = hala("run", str(path), "--force", "prepare-copy", "--only", "prepare-copy")
     assert reader.returncode == 3
-    failure = next(e for e in events(reader.stdout) if e.get("event") == "failed" and e.get("step") == "prepare-copy")
+    failure = next(
+        e for e in events(reader.stdout) if e.get("event") == "failed" and e.get("step") == "prepare-copy"
+    )
     assert str(part) in failure["error"]
 
 
@@ -204,10 +253,18 @@ def test_step_command_is_the_contract(tmp_path: Path) -> None:
     first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HALA_LOG_FORMAT": "json"})
     assert first.returncode == 0, first.stdout + first.stderr
     lines = events(first.stdout)
-    assert all({"run", "step", "stage"} <= set(e) for e in lines if e.get("logger", "").startswith(("hala.step", "stages.")))
+    assert all(
+        {"run", "step", "stage"} <= set(e)
+        for e in lines
+        if e.get("logger", "").startswith(("hala.step", "stages."))
+    )
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and any(e.get("event") == "cached" for e in events(again.stdout))
-    wrong = subprocess.run([str(py), "-m", "stages.prepare", "--recipe", str(path), "--step", "prepare-lamni"], capture_output=True, text=True)
+    wrong = subprocess.run(
+        [str(py), "-m", "stages.prepare", "--recipe", str(path), "--step", "prepare-lamni"],
+        capture_output=True,
+        text=True,
+    )
     assert wrong.returncode == 2 and "did you mean 'prepare-lamini'" in wrong.stdout
 
 
@@ -228,7 +285,8 @@ def test_run_records_logs_and_status(tmp_path: Path) -> None:
 
 
 def test_manifest_is_written_last(tmp_path: Path) -> None:
-    """Every data file is older than (or as old as) the manifest: readers that see a manifest see complete data."""
+    """Every data file is older than (or as old as) the manifest: readers that see a manifest see complete
+    data."""
     path = write_recipe(tmp_path, {"prepare-lamini": _lamini()})
     assert hala("run", str(path)).returncode == 0
     step = tmp_path / "store" / "r" / "prepare-lamini"
@@ -251,22 +309,42 @@ def test_the_run_report_opens_in_headless_chromium_with_its_tables_and_plots(tmp
     assert "| train-translator | train | committed |" in md and "paper: Hala-9B" in md
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "headless Chromium is missing: `make test` installs Debian's chromium package"
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     for table in ("steps", "rows-left-out", "fp8-acceptance", "translation-quality", "arabic-benchmarks"):
         assert f'id="{table}"' in dom.stdout, table
     assert dom.stdout.count('src="data:image/png;base64,') == 4  # loss curves, generation, training, reasons
-    assert "Generation throughput per step (engine start-up excluded)" in dom.stdout and "Training throughput per step" in dom.stdout
-    for name in ("translate-openorca-teacher", "translate-openorca"):  # the rate the plot shows leaves the engine's start out
+    assert (
+        "Generation throughput per step (engine start-up excluded)" in dom.stdout
+        and "Training throughput per step" in dom.stdout
+    )
+    for name in (
+        "translate-openorca-teacher",
+        "translate-openorca",
+    ):  # the rate the plot shows leaves the engine's start out
         m = json.loads((store / "tiny" / name / "_MANIFEST.json").read_text())
         shards = m["metrics"].get("shards") or [m["metrics"]]
         assert all(0 < s["generation_seconds"] < m["timings"]["seconds"] for s in shards), name
     assert "evaluate-hala-9b" in dom.stdout and "Hala-9B" in dom.stdout
     # the plots are drawn, not just referenced: the screenshot holds the bar colours of two of them
     shot = tmp_path / "page.png"
-    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,9000", page.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1400,9000", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
     from PIL import Image
 

@@ -1,5 +1,5 @@
-"""How sharded stages read and write rows (hala.contract.tables): contiguous row ranges, read by row group, and outputs
-written at a sane file size however small the chunks are."""
+"""How sharded stages read and write rows (hala.contract.tables): contiguous row ranges, read by row group,
+and outputs written at a sane file size however small the chunks are."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def _write(folder: Path, rows: int, *, group_rows: int, file_rows: int, step: in
     writer = tables.PartWriter(str(folder), SCHEMA, group_rows=group_rows, file_rows=file_rows)
     for a in range(0, rows, step):  # appended in small tables, as chunks are
         ids = list(range(a, min(a + step, rows)))
-        writer.write(pa.table({"id": ids, "text": [f"row {i} " + "x" * (i % 50) for i in ids]}, schema=SCHEMA))
+        writer.write(
+            pa.table({"id": ids, "text": [f"row {i} " + "x" * (i % 50) for i in ids]}, schema=SCHEMA)
+        )
     return writer.close()
 
 
@@ -80,5 +82,7 @@ def test_every_shard_of_every_split_reads_its_rows_exactly_once(tmp_path: Path) 
     files = _write(tmp_path, 777, group_rows=64, file_rows=300)
     reader = tables.RowGroups(fsspec.filesystem("file"), files)
     for n in (1, 2, 8, 32):
-        seen = [r["id"] for i in range(n) for _, r in reader.rows(*tables.shard_range(777, i, n), batch_rows=50)]
+        seen = [
+            r["id"] for i in range(n) for _, r in reader.rows(*tables.shard_range(777, i, n), batch_rows=50)
+        ]
         assert seen == list(range(777)), n

@@ -19,13 +19,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 def _echo_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The `echo` test stage: found through HALA_STAGES_PATH, imported through PYTHONPATH."""
     monkeypatch.setenv("HALA_STAGES_PATH", str(FIXTURES))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))
+    )
 
 
 def _recipe(tmp_path: Path, rows: int = 10, shards: int = 3, **config) -> Path:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(rows)))
-    return write_recipe(tmp_path, {"echo-rows": {"stage": "echo", "shards": shards, "inputs": {"data": str(data)}, "config": config}})
+    return write_recipe(
+        tmp_path,
+        {"echo-rows": {"stage": "echo", "shards": shards, "inputs": {"data": str(data)}, "config": config}},
+    )
 
 
 def _shard(recipe: Path, shard: str | None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +53,11 @@ def test_runner_runs_every_shard_then_gathers(tmp_path: Path) -> None:
     assert m["outputs"]["data"]["path"] == f"attempt-{m['attempt']}/data"
     assert files == [f"attempt-{m['attempt']}/data/s0000{i}-rows.jsonl" for i in range(3)]
     assert [p["shard"] for p in m["shards"]["parts"]] == [0, 1, 2]
-    got = sorted(json.loads(line)["n"] for f in files for line in (tmp_path / "store" / "r" / "echo-rows" / f).read_text().splitlines())
+    got = sorted(
+        json.loads(line)["n"]
+        for f in files
+        for line in (tmp_path / "store" / "r" / "echo-rows" / f).read_text().splitlines()
+    )
     assert len(got) == len(set(got)) == 6
     assert not (tmp_path / "store" / "r" / "echo-rows" / "_work").exists()
     again = hala("run", str(path))
@@ -56,29 +65,49 @@ def test_runner_runs_every_shard_then_gathers(tmp_path: Path) -> None:
 
 
 def test_a_forced_sharded_step_commits_its_new_result(tmp_path: Path) -> None:
-    # issue 18: `--force` reran every shard, then gather found the old manifest with the same fingerprint, said
-    # cached, kept the old outputs and left the new parts in _work/ while the run summary said done
+    # issue 18: `--force` reran every shard, then gather found the old manifest with the same fingerprint,
+    # said cached, kept the old outputs and left the new parts in _work/ while the run summary said done
     path = _recipe(tmp_path, rows=10, shards=3)
     assert hala("run", str(path)).returncode == 0
     step_dir = tmp_path / "store" / "r" / "echo-rows"
     before = manifest(tmp_path / "store", "r", "echo-rows")
-    (step_dir / before["outputs"]["data"]["files"][1]["path"]).write_text("")  # what the rerun must replace, not keep
+    (step_dir / before["outputs"]["data"]["files"][1]["path"]).write_text(
+        ""
+    )  # what the rerun must replace, not keep
     forced = hala("run", str(path), "--force", "echo-rows")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr
     after = manifest(tmp_path / "store", "r", "echo-rows")
     assert after["fingerprint"] == before["fingerprint"]
     assert after["timings"]["started"] > before["timings"]["finished"]  # a new commit, from the new parts
     assert not (step_dir / "_work").exists()  # nothing left behind
-    rows = sorted(json.loads(line)["n"] for f in after["outputs"]["data"]["files"]
-                  for line in (step_dir / f["path"]).read_text().splitlines())
+    rows = sorted(
+        json.loads(line)["n"]
+        for f in after["outputs"]["data"]["files"]
+        for line in (step_dir / f["path"]).read_text().splitlines()
+    )
     assert rows == list(range(10))
     assert [e for e in events(forced.stdout) if e.get("event") == "gathered"]
     assert not [e for e in events(forced.stdout) if e.get("event") == "cached"]
     assert hala("verify", "r", "--store", str(tmp_path / "store")).returncode == 0
     # a forced rerun of one shard only (a pod rerun by hand) leaves the committed result standing
     assert _shard(path, "1/3").returncode == 0  # cached: the step is committed
-    forced_one = subprocess.run([sys.executable, "-m", "echo_stage", "--recipe", str(path), "--step", "echo-rows",
-                                 "--shard", "1/3", "--force"], capture_output=True, text=True, cwd=REPO)
+    forced_one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "echo_stage",
+            "--recipe",
+            str(path),
+            "--step",
+            "echo-rows",
+            "--shard",
+            "1/3",
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert forced_one.returncode == 0 and (step_dir / "_work").exists()
     gathered = hala("gather", str(path), "echo-rows")
     assert gathered.returncode == 0 and not (step_dir / "_work").exists()
@@ -106,7 +135,9 @@ def test_gather_refuses_a_damaged_part(tmp_path: Path) -> None:
     path = _recipe(tmp_path, rows=6, shards=2)
     for i in range(2):
         assert _shard(path, f"{i}/2").returncode == 0
-    part = next((tmp_path / "store" / "r" / "echo-rows" / "_work").rglob("00001-of-00002/attempt-*/data/rows.jsonl"))
+    part = next(
+        (tmp_path / "store" / "r" / "echo-rows" / "_work").rglob("00001-of-00002/attempt-*/data/rows.jsonl")
+    )
     part.write_text(part.read_text()[:-3])
     result = hala("gather", str(path), "echo-rows")
     assert result.returncode == 3 and "shard 1" in result.stderr and "rows.jsonl" in result.stderr
@@ -129,8 +160,8 @@ def test_shard_argument_is_checked(tmp_path: Path) -> None:
 
 
 def test_chunks_commit_where_the_temporary_folder_is_another_file_system(tmp_path: Path) -> None:
-    """In a container /tmp is a tmpfs and the store a volume: a chunk renamed from one to the other failed (EXDEV).
-    Here TMPDIR is /dev/shm (tmpfs) and the store lies on the disk of the test's folder."""
+    """In a container /tmp is a tmpfs and the store a volume: a chunk renamed from one to the other failed
+    (EXDEV). Here TMPDIR is /dev/shm (tmpfs) and the store lies on the disk of the test's folder."""
     import tempfile
 
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))

@@ -14,7 +14,9 @@ from hala.contract import spans
 def _turns(shared_data: Path) -> list[str]:
     lima = json.loads((shared_data / "en-lima" / "lima.json").read_text())
     texts = [r["instruction"] for r in lima] + [r["output"] for r in lima]
-    glaive = json.loads((shared_data / "en-glaive-toolcall-demo" / "glaive_toolcall_en_demo.json").read_text())
+    glaive = json.loads(
+        (shared_data / "en-glaive-toolcall-demo" / "glaive_toolcall_en_demo.json").read_text()
+    )
     texts += [t["value"] for r in glaive for t in r["conversations"]]
     return texts
 
@@ -27,17 +29,25 @@ def test_round_trip_on_lima_and_glaive(shared_data: Path) -> None:
         assert spans.restore(masked, found) == text
         for span in found:
             assert span not in spans.MARKER.sub("", masked) or len(span) < 4  # taken out, not copied
-    assert kinds["code_block"] >= 190 and kinds["latex_inline"] > 50 and kinds["json"] >= 211 and kinds["url"] > 10
+    assert (
+        kinds["code_block"] >= 190
+        and kinds["latex_inline"] > 50
+        and kinds["json"] >= 211
+        and kinds["url"] > 10
+    )
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Solve $x^2 = 4$ now.", ["$x^2 = 4$"]),
-    ("It costs $5 and $10.", []),
-    ("Use `ls -la` and \\(a+b\\).", ["`ls -la`", "\\(a+b\\)"]),
-    ('Reply {"name": "f", "arguments": {"x": 1}} ok', ['{"name": "f", "arguments": {"x": 1}}']),
-    ("Dear {name}, see https://example.org/a?b=1.", ["{name}", "https://example.org/a?b=1"]),
-    ("```py\nprint('$x$')\n```", ["```py\nprint('$x$')\n```"]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Solve $x^2 = 4$ now.", ["$x^2 = 4$"]),
+        ("It costs $5 and $10.", []),
+        ("Use `ls -la` and \\(a+b\\).", ["`ls -la`", "\\(a+b\\)"]),
+        ('Reply {"name": "f", "arguments": {"x": 1}} ok', ['{"name": "f", "arguments": {"x": 1}}']),
+        ("Dear {name}, see https://example.org/a?b=1.", ["{name}", "https://example.org/a?b=1"]),
+        ("```py\nprint('$x$')\n```", ["```py\nprint('$x$')\n```"]),
+    ],
+)
 def test_what_is_protected(text: str, expected: list[str]) -> None:
     assert spans.protect(text)[1] == expected
 

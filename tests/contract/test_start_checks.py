@@ -1,10 +1,11 @@
 """The dry run refuses what a step refuses at start, with the same message.
 
 Every check a stage makes on its config before doing work lives in its `config.py` (pydantic validators, and
-`check_inputs(cfg, inputs)` where the config must agree with the step's inputs), a module that imports pydantic
-and the library only. `recipe.load` runs them, so the CLI's dry run and the step's own start (which loads the
-recipe too) give one answer. Here each check is set off on the tiny recipe twice: by `hala run --dry-run` in the
-CLI's environment, and by the stage itself, `step.run(...)` with its real `main`, in the stage's environment.
+`check_inputs(cfg, inputs)` where the config must agree with the step's inputs), a module that imports
+pydantic and the library only. `recipe.load` runs them, so the CLI's dry run and the step's own start (which
+loads the recipe too) give one answer. Here each check is set off on the tiny recipe twice: by `hala run
+--dry-run` in the CLI's environment, and by the stage itself, `step.run(...)` with its real `main`, in the
+stage's environment.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import REPO, events, hala
 
 from hala.contract import stagespec
 from hala.ops import cli, envs
+from helpers import REPO, events, hala
 
 TINY = "recipes/tiny.yaml"
 
@@ -28,52 +29,141 @@ TINY = "recipes/tiny.yaml"
 CASES: list[tuple[str, list[str], str]] = [
     # translate
     ("translate-lamini", ["translate-lamini.prompt=no-placeholder"], "prompt must contain {text}"),
-    ("translate-lamini", ["translate-lamini.sampling={temperature: 0, top_k: 5}"], "sampling keys ['top_k'] are unknown"),
-    ("translate-lamini", ["translate-lamini.gate.length_ratio=[3, 0.3]"], "gate.length_ratio must be [low, high]"),
-    ("translate-lamini", ["translate-lamini.max_model_len=140"], "max_model_len 140 leaves no room beside sampling.max_tokens 128"),
+    (
+        "translate-lamini",
+        ["translate-lamini.sampling={temperature: 0, top_k: 5}"],
+        "sampling keys ['top_k'] are unknown",
+    ),
+    (
+        "translate-lamini",
+        ["translate-lamini.gate.length_ratio=[3, 0.3]"],
+        "gate.length_ratio must be [low, high]",
+    ),
+    (
+        "translate-lamini",
+        ["translate-lamini.max_model_len=140"],
+        "max_model_len 140 leaves no room beside sampling.max_tokens 128",
+    ),
     # judge
     ("judge-opus100", ["judge-opus100.prompt=Is {src} right?"], "prompt must contain {src} and {tgt}"),
     ("judge-opus100", ["judge-opus100.labels=[GOOD, GOOD]"], "labels must differ"),
     # evaluate
     ("evaluate-translator", ["evaluate-translator.prompt=Translate."], "prompt has no {text} placeholder"),
-    ("evaluate-translator", ["evaluate-translator.kind=fp8_acceptance"], "kind fp8_acceptance needs input 'reference'"),
+    (
+        "evaluate-translator",
+        ["evaluate-translator.kind=fp8_acceptance"],
+        "kind fp8_acceptance needs input 'reference'",
+    ),
     ("evaluate-hala-350m", ["evaluate-hala-350m.kind=translation"], "kind translation needs input 'data'"),
     # merge
     ("merge-hala-350m", ["merge-hala-350m.t=1.7"], "t must lie in [0, 1]"),
-    ("merge-hala-350m", ["merge-hala-350m.t=[{filter: self_attn, value: [0.1, -0.5]}, {value: 0.5}]"], "the setting has -0.5"),
-    ("merge-hala-350m", ["merge-hala-350m.mergekit={merge_method: slerp}"], "give either mergekit or method/t, not both"),
-    ("merge-hala-700m", ["merge-hala-700m.t=null", "merge-hala-700m.method=null", "merge-hala-700m.mergekit={merge_method: ties, models: [a, b]}"],
-     "merge_method 'ties' is not supported"),
-    ("merge-hala-700m", ["merge-hala-700m.t=null", "merge-hala-700m.method=null", "merge-hala-700m.mergekit={merge_method: slerp, base_model: a, models: [a, b]}"],
-     "slerp needs parameters.t"),
-    ("merge-hala-700m", ["merge-hala-700m.t=null", "merge-hala-700m.method=null", "merge-hala-700m.mergekit={merge_method: linear, base_model: a, "
-                                              "models: [{model: a, parameters: {weight: -1}}, {model: b, parameters: {weight: 1}}]}"],
-     "linear weights must be >= 0"),
+    (
+        "merge-hala-350m",
+        ["merge-hala-350m.t=[{filter: self_attn, value: [0.1, -0.5]}, {value: 0.5}]"],
+        "the setting has -0.5",
+    ),
+    (
+        "merge-hala-350m",
+        ["merge-hala-350m.mergekit={merge_method: slerp}"],
+        "give either mergekit or method/t, not both",
+    ),
+    (
+        "merge-hala-700m",
+        [
+            "merge-hala-700m.t=null",
+            "merge-hala-700m.method=null",
+            "merge-hala-700m.mergekit={merge_method: ties, models: [a, b]}",
+        ],
+        "merge_method 'ties' is not supported",
+    ),
+    (
+        "merge-hala-700m",
+        [
+            "merge-hala-700m.t=null",
+            "merge-hala-700m.method=null",
+            "merge-hala-700m.mergekit={merge_method: slerp, base_model: a, models: [a, b]}",
+        ],
+        "slerp needs parameters.t",
+    ),
+    (
+        "merge-hala-700m",
+        [
+            "merge-hala-700m.t=null",
+            "merge-hala-700m.method=null",
+            "merge-hala-700m.mergekit={merge_method: linear, base_model: a, "
+            "models: [{model: a, parameters: {weight: -1}}, {model: b, parameters: {weight: 1}}]}",
+        ],
+        "linear weights must be >= 0",
+    ),
     # prepare
-    ("prepare-lamini", ["prepare-lamini.columns={user: instruction, answer: response}"], "mean nothing for format columns"),
+    (
+        "prepare-lamini",
+        ["prepare-lamini.columns={user: instruction, answer: response}"],
+        "mean nothing for format columns",
+    ),
     ("prepare-lamini", ["prepare-lamini.columns={assistant: response}"], "format columns needs columns.user"),
-    ("prepare-hermes3", ["prepare-hermes3.roles={human: boss}"], "roles map to system, user, assistant, tool or tool_call"),
+    (
+        "prepare-hermes3",
+        ["prepare-hermes3.roles={human: boss}"],
+        "roles map to system, user, assistant, tool or tool_call",
+    ),
     # publish
     ("publish-hala", ["publish-hala.names={hala_3b: Hala-3B}"], "names for hala_3b, which are not inputs"),
-    ("publish-hala", ["publish-hala.inputs.notes=recipes/samples/pairs.en-ar.tsv"],
-     "input 'notes' (recipes/samples/pairs.en-ar.tsv) is not a step output"),
+    (
+        "publish-hala",
+        ["publish-hala.inputs.notes=recipes/samples/pairs.en-ar.tsv"],
+        "input 'notes' (recipes/samples/pairs.en-ar.tsv) is not a step output",
+    ),
     # quantize
     ("quantize-teacher", ["quantize-teacher.scheme=FP8"], "give the step an input 'calibration'"),
-    ("quantize-teacher", ["quantize-teacher.algorithm=gptq"], "scheme FP8_DYNAMIC with algorithm gptq measures activations"),
+    (
+        "quantize-teacher",
+        ["quantize-teacher.algorithm=gptq"],
+        "scheme FP8_DYNAMIC with algorithm gptq measures activations",
+    ),
     ("quantize-teacher", ["quantize-teacher.prompt=Translate."], "prompt has no {text} placeholder"),
     # train
-    ("train-hala-350m", ["train-hala-350m.mixture={data_openorca: 2, data_nope: 1}"], "mixture names data_nope, which are not data inputs"),
-    ("train-hala-350m", ["train-hala-350m.mixture={data_openorca: 0}"], "mixture weight of 'data_openorca' is 0"),
-    ("train-hala-350m", ["train-hala-350m.trainer.output_dir=/tmp/elsewhere"], "output_dir: set by the stage"),
-    ("train-hala-350m", ["train-hala-350m.trainer.lerning_rate=0.001"], "unknown key 'lerning_rate' in config.trainer (did you mean 'learning_rate'?)"),
+    (
+        "train-hala-350m",
+        ["train-hala-350m.mixture={data_openorca: 2, data_nope: 1}"],
+        "mixture names data_nope, which are not data inputs",
+    ),
+    (
+        "train-hala-350m",
+        ["train-hala-350m.mixture={data_openorca: 0}"],
+        "mixture weight of 'data_openorca' is 0",
+    ),
+    (
+        "train-hala-350m",
+        ["train-hala-350m.trainer.output_dir=/tmp/elsewhere"],
+        "output_dir: set by the stage",
+    ),
+    (
+        "train-hala-350m",
+        ["train-hala-350m.trainer.lerning_rate=0.001"],
+        "unknown key 'lerning_rate' in config.trainer (did you mean 'learning_rate'?)",
+    ),
     ("train-hala-350m", ["train-hala-350m.prompt=Translate {text}"], "prompt is for task pairs"),
     ("train-translator", ["train-translator.directions=[english-arabic]"], "expected SRC-TGT language codes"),
     ("train-translator", ["train-translator.prompt=null"], "task pairs needs a prompt with {text}"),
-    ("train-translator", ["train-translator.prompt={en-ar: 'To Arabic: {text}'}", "train-translator.directions=[en-ar, ar-en]"],
-     "prompt has no entry for direction ar-en"),
-    ("train-translator", ["train-translator.prompt=Into Arabic please"], "prompt for en-ar has no {text} placeholder"),
-    ("train-translator", ["train-translator.trainer.packing=true", "train-translator.trainer.max_length=null"],
-     "trainer.packing needs trainer.max_length"),
+    (
+        "train-translator",
+        [
+            "train-translator.prompt={en-ar: 'To Arabic: {text}'}",
+            "train-translator.directions=[en-ar, ar-en]",
+        ],
+        "prompt has no entry for direction ar-en",
+    ),
+    (
+        "train-translator",
+        ["train-translator.prompt=Into Arabic please"],
+        "prompt for en-ar has no {text} placeholder",
+    ),
+    (
+        "train-translator",
+        ["train-translator.trainer.packing=true", "train-translator.trainer.max_length=null"],
+        "trainer.packing needs trainer.max_length",
+    ),
 ]
 # a case for each stage's tests of its inputs (a step without any data input cannot be written with --set)
 INPUT_CHECKS_WITHOUT_A_CASE = {"publish: nothing to publish", "train: no data inputs"}
@@ -143,9 +233,19 @@ def at_start(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[int, s
             for item in items:
                 argv += ["--set", item]
             cases.append([i, _stage(step), argv])
-        procs.append((subprocess.Popen([str(envs.python_for(env)), "-c", driver, json.dumps(cases)], cwd=REPO,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       env={**os.environ, "HALA_LOG_FORMAT": "json", "HALA_WARM": "0"}), env))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [str(envs.python_for(env)), "-c", driver, json.dumps(cases)],
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "HALA_LOG_FORMAT": "json", "HALA_WARM": "0"},
+                ),
+                env,
+            )
+        )
         if len(procs) == 2:
             collect(*procs.pop(0))
     for proc, env in procs:
@@ -154,8 +254,9 @@ def at_start(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[int, s
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}:{c[2][:40]}" for c in CASES])
-def test_the_dry_run_refuses_what_the_step_refuses_at_start(index: int, at_start: dict[int, tuple[int, str]],
-                                                             capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_the_dry_run_refuses_what_the_step_refuses_at_start(
+    index: int, at_start: dict[int, tuple[int, str]], capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     step, items, says = CASES[index]
     code, err = _dry_run(items, capsys, tmp_path / "store")
     assert code == 2, err
@@ -173,25 +274,38 @@ def test_every_check_of_every_stage_config_has_a_case() -> None:
         checks = (spec.root / "config.py").read_text().count("raise ValueError(")
         cases = sum(1 for step, _, _ in CASES if _stage(step) == spec.name)
         uncovered = sum(1 for c in INPUT_CHECKS_WITHOUT_A_CASE if c.startswith(spec.name + ":"))
-        assert cases + uncovered >= checks, f"stage {spec.name}: {checks} checks in its config.py, {cases} cases here"
+        assert cases + uncovered >= checks, (
+            f"stage {spec.name}: {checks} checks in its config.py, {cases} cases here"
+        )
 
 
 def test_config_modules_import_without_the_stages_libraries() -> None:
     # what lets any environment (the CLI's, a laptop's dry run of the paper recipe) run the stages' own checks
-    code = ("import sys\nfrom hala.contract import stagespec\n"
-            "for spec in stagespec.all_stages().values(): spec.config_model()\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datasets', 'pyarrow', 'llmcompressor', "
-            "'compressed_tensors', 'lighteval', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"
-            "print(heavy)\n")
+    code = (
+        "import sys\nfrom hala.contract import stagespec\n"
+        "for spec in stagespec.all_stages().values(): spec.config_model()\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datasets', 'pyarrow', "
+        "'llmcompressor', "
+        "'compressed_tensors', 'lighteval', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
     out = subprocess.run([str(envs.python_for("cli")), "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 
 def test_the_issue_examples_as_commands(tmp_path: Path) -> None:
-    # the exact commands: a prompt without {text} and slerp outside [0, 1] are refused, exit 2, before anything runs
-    for item, says in [("translate-lamini.prompt=no-placeholder", "step 'translate-lamini': config: prompt must contain {text}"),
-                       ("merge-hala-350m.t=1.7", "step 'merge-hala-350m': config: t must lie in [0, 1]")]:
+    # the exact commands: a prompt without {text} and slerp outside [0, 1] are refused, exit 2, before
+    # anything runs
+    for item, says in [
+        (
+            "translate-lamini.prompt=no-placeholder",
+            "step 'translate-lamini': config: prompt must contain {text}",
+        ),
+        ("merge-hala-350m.t=1.7", "step 'merge-hala-350m': config: t must lie in [0, 1]"),
+    ]:
         out = hala("run", TINY, "--dry-run", "--json", "--store", str(tmp_path), "--set", item)
         assert out.returncode == 2, out.stderr
-        assert says in out.stderr and "1 problem" not in out.stderr  # one problem, under the step that was changed
+        assert (
+            says in out.stderr and "1 problem" not in out.stderr
+        )  # one problem, under the step that was changed

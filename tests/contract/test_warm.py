@@ -1,4 +1,5 @@
-"""Warm interpreters (hala.kit.warm): a forked child is what `python -m MODULE ARGS` would be, or it is refused."""
+"""Warm interpreters (hala.kit.warm): a forked child is what `python -m MODULE ARGS` would be, or it is
+refused."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, hala, manifest, write_recipe
 
 from hala.kit import warm
+from helpers import REPO, hala, manifest, write_recipe
 
-PROBE = '''
+PROBE = """
 import json, os, sys
 STATE = globals().setdefault("STATE", [])
 import hala.kit.warm as w
-w._probe_calls = getattr(w, "_probe_calls", 0) + 1        # module state: must not leak from one child to the next
+w._probe_calls = getattr(w, "_probe_calls", 0) + 1  # module state: must not leak from one child to the next
 text = sys.stdin.read()
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "stdin": text,
                   "env": os.environ.get("PROBE_VALUE"), "calls": w._probe_calls, "name": __name__}))
@@ -34,7 +35,7 @@ if code == "pipe":  # a write to a connection the other end reset
 if code == "sleep":
     import time; time.sleep(60)
 sys.exit(int(code or 0))
-'''
+"""
 
 
 @pytest.fixture
@@ -49,8 +50,15 @@ def server(tmp_path: Path):
 
 
 def _run(srv, env, cwd, stdin="", **extra):
-    proc = srv.popen([sys.executable, "-m", "probe", "a", "--b"], env={**env, **extra}, cwd=str(cwd),
-                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = srv.popen(
+        [sys.executable, "-m", "probe", "a", "--b"],
+        env={**env, **extra},
+        cwd=str(cwd),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(stdin)
     return proc.returncode, out, err
 
@@ -61,11 +69,20 @@ def test_a_forked_child_is_what_python_dash_m_would_be(server):
     assert code == 0 and err == "to stderr\n"
     seen = json.loads(out)
     assert seen["argv"] == ["a", "--b"] and seen["stdin"] == "hello" and seen["name"] == "__main__"
-    assert seen["cwd"] == str(tmp) and seen["path0"] == str(tmp)  # as `python -m` puts the working directory first
+    assert seen["cwd"] == str(tmp) and seen["path0"] == str(
+        tmp
+    )  # as `python -m` puts the working directory first
     assert seen["env"] == "server"
-    # the same module run as a plain process says the same (but the warm socket, which only a forked child has)
-    plain = subprocess.run([sys.executable, "-m", "probe", "a", "--b"], input="hello", capture_output=True, text=True,
-                           cwd=tmp, env=env)
+    # the same module run as a plain process says the same (but the warm socket, which only a forked child
+    # has)
+    plain = subprocess.run(
+        [sys.executable, "-m", "probe", "a", "--b"],
+        input="hello",
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env=env,
+    )
     assert json.loads(plain.stdout) == seen
     # every child is a fresh fork of the server: what one child changed, the next does not see
     assert json.loads(_run(srv, env, tmp)[1])["calls"] == 1
@@ -78,8 +95,13 @@ def test_exit_codes_and_errors_are_those_of_a_plain_interpreter(server):
     assert code == 1 and "RuntimeError: probe failed on purpose" in err and "Traceback" in err
     code, _, err = _run(srv, env, tmp, HALA_PROBE_EXIT="message")
     assert code == 1 and "a message instead of a code" in err
-    proc = srv.popen([sys.executable, "-m", "probe"], env={**env, "HALA_PROBE_EXIT": "sleep"}, cwd=str(tmp),
-                     stdout=subprocess.PIPE, text=True)
+    proc = srv.popen(
+        [sys.executable, "-m", "probe"],
+        env={**env, "HALA_PROBE_EXIT": "sleep"},
+        cwd=str(tmp),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     assert proc.poll() is None
     proc.kill()
@@ -87,13 +109,19 @@ def test_exit_codes_and_errors_are_those_of_a_plain_interpreter(server):
 
 
 def test_a_write_to_a_reset_connection_raises_as_in_a_plain_interpreter(server):
-    """Python ignores SIGPIPE at start, so a write to a reset socket raises (the store's client retries it, or the
-    step ends with 75); a forked child had it back at its default and died of signal 13 (issue 32, finding 11)."""
+    """Python ignores SIGPIPE at start, so a write to a reset socket raises (the store's client retries it, or
+    the step ends with 75); a forked child had it back at its default and died of signal 13 (issue 32, finding
+    11)."""
     srv, env, tmp = server
     code, _, err = _run(srv, env, tmp, HALA_PROBE_EXIT="pipe")
     assert code == 1 and "BrokenPipeError" in err
-    plain = subprocess.run([sys.executable, "-m", "probe"], capture_output=True, text=True, cwd=tmp,
-                           env={**env, "HALA_PROBE_EXIT": "pipe"})
+    plain = subprocess.run(
+        [sys.executable, "-m", "probe"],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env={**env, "HALA_PROBE_EXIT": "pipe"},
+    )
     assert plain.returncode == code and "BrokenPipeError" in plain.stderr
 
 
@@ -113,8 +141,13 @@ def test_popen_falls_back_to_a_plain_process_outside_a_warm_step(tmp_path):
 
 
 def test_runner_steps_run_warm_and_commit_what_plain_processes_commit(tmp_path):
-    steps = {"prepare-lamini": {"stage": "prepare", "inputs": {"source": str(REPO / "recipes" / "samples" / "lamini.jsonl")},
-                                "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}}}}
+    steps = {
+        "prepare-lamini": {
+            "stage": "prepare",
+            "inputs": {"source": str(REPO / "recipes" / "samples" / "lamini.jsonl")},
+            "config": {"format": "columns", "columns": {"user": "instruction", "assistant": "response"}},
+        }
+    }
     outputs = {}
     for mode in ("1", "0"):
         path = write_recipe(tmp_path / f"warm-{mode}", steps)

@@ -11,15 +11,22 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from hala.contract import recipe as recipe_mod, tiny, tiny_spec
+from hala.contract import recipe as recipe_mod
+from hala.contract import tiny, tiny_spec
 from hala.contract.errors import DataError
-from hala.contract.store import Store
 from hala.contract.hashing import sha256_json
+from hala.contract.store import Store
 from helpers import REPO
 
-ARCH = {"teacher": "Cohere2ForCausalLM", "judge": "Qwen2ForCausalLM", "translator": "Lfm2ForCausalLM",
-        "lfm2-350m": "Lfm2ForCausalLM", "lfm2-700m": "Lfm2ForCausalLM", "lfm2-1.2b": "Lfm2ForCausalLM",
-        "fanar-9b": "Gemma2ForCausalLM"}
+ARCH = {
+    "teacher": "Cohere2ForCausalLM",
+    "judge": "Qwen2ForCausalLM",
+    "translator": "Lfm2ForCausalLM",
+    "lfm2-350m": "Lfm2ForCausalLM",
+    "lfm2-700m": "Lfm2ForCausalLM",
+    "lfm2-1.2b": "Lfm2ForCausalLM",
+    "fanar-9b": "Gemma2ForCausalLM",
+}
 
 
 def _name(role: str, recipe) -> str:
@@ -45,7 +52,12 @@ def test_every_role_has_its_architecture_and_loads_like_a_real_model(built) -> N
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
         assert model.config.vocab_size == len(tok)
-        ids = tok.apply_chat_template([{"role": "user", "content": "مرحبا"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": "مرحبا"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] > ids["input_ids"].shape[1]
         m = store.read_manifest("_sources", _name(role, recipe))
@@ -53,7 +65,9 @@ def test_every_role_has_its_architecture_and_loads_like_a_real_model(built) -> N
     lfm2 = json.loads((Path(paths["translator"]) / "config.json").read_text())
     assert lfm2["conv_dim"] == lfm2["block_dim"] == lfm2["hidden_size"]  # vLLM needs them
     assert "conv" in lfm2["layer_types"] and "full_attention" in lfm2["layer_types"]
-    sizes = [AutoConfig.from_pretrained(paths[r]).hidden_size for r in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b")]
+    sizes = [
+        AutoConfig.from_pretrained(paths[r]).hidden_size for r in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b")
+    ]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
@@ -61,7 +75,10 @@ def test_chat_template_marks_only_assistant_tokens(built) -> None:
     _, _, paths = built
     tok = AutoTokenizer.from_pretrained(paths["translator"])
     assert "{% generation %}" in tok.chat_template
-    chat = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "اثنان زائد اثنين يساوي أربعة."}]
+    chat = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "اثنان زائد اثنين يساوي أربعة."},
+    ]
     enc = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     masked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
     assert tok.decode(masked) == "اثنان زائد اثنين يساوي أربعة.<|im_end|>"
@@ -85,7 +102,10 @@ def test_translators_reproduce_the_sample_pairs(built, role: str) -> None:
 
 def test_judge_separates_aligned_from_shifted_pairs(built) -> None:
     store, recipe, _ = built
-    assert store.read_manifest("_sources", _name("judge", recipe))["metrics"]["reproduction"]["verdict_accuracy"] >= 0.9
+    assert (
+        store.read_manifest("_sources", _name("judge", recipe))["metrics"]["reproduction"]["verdict_accuracy"]
+        >= 0.9
+    )
 
 
 def test_untrained_bases_are_random_stand_ins(built) -> None:
@@ -99,7 +119,8 @@ def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path
     shutil.copy(REPO / "recipes" / "samples" / "pairs.en-ar.tsv", pairs)
     (tmp_path / "r.yaml").write_text(
         "name: t\nstore: x\nrun: r\ntiny_models: {pairs: pairs.tsv}\n"
-        f"steps: {{prepare-x: {{stage: prepare, inputs: {{source: {REPO / 'recipes/samples/lamini.jsonl'}}}, config: {{format: qa}}}}}}\n"
+        f"steps: {{prepare-x: {{stage: prepare, inputs: {{source: "
+        f"{REPO / 'recipes/samples/lamini.jsonl'}}}, config: {{format: qa}}}}}}\n"
     )
     recipe = recipe_mod.load(tmp_path / "r.yaml")
     store = Store(str(tmp_path / "store"))
@@ -113,7 +134,8 @@ def test_built_once_then_reused_and_rebuilt_when_the_pairs_change(tmp_path: Path
     other = tiny.ensure(store, "lfm2-350m", changed)
     again = store.read_manifest("_sources", _name("lfm2-350m", changed))
     assert again["fingerprint"] != first["fingerprint"]
-    # another spec is another folder: the first stand-in (which a step of another recipe may be reading) is untouched
+    # another spec is another folder: the first stand-in (which a step of another recipe may be reading) is
+    # untouched
     assert _name("lfm2-350m", changed) != name and other != path
     assert store.read_manifest("_sources", name) == first
     store.verify_output("_sources", name, first, "model")
@@ -136,8 +158,22 @@ def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> No
     recipe = REPO / "recipes" / "tiny.yaml"
 
     def start(store: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "hala.contract.tiny", "lfm2-350m", "--recipe", str(recipe), "--store", str(store)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hala.contract.tiny",
+                "lfm2-350m",
+                "--recipe",
+                str(recipe),
+                "--store",
+                str(store),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     procs = [start(tmp_path / "store") for _ in range(3)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -153,4 +189,6 @@ def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> No
     other = start(tmp_path / "other-store")
     out, err = other.communicate(timeout=600)
     assert other.returncode == 0, err[-2000:]
-    assert not any(e.get("event") == "tiny model built" for e in events(out))  # copied from the cache, not trained
+    assert not any(
+        e.get("event") == "tiny model built" for e in events(out)
+    )  # copied from the cache, not trained

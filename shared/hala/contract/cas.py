@@ -1,24 +1,25 @@
-"""Conditional writes on every store: create-if-absent and replace-if-unchanged, each one request (or one system
-call), so that of two writers exactly one wins whatever the timing, with no lock held between them.
+"""Conditional writes on every store: create-if-absent and replace-if-unchanged, each one request (or one
+system call), so that of two writers exactly one wins whatever the timing, with no lock held between them.
 
-    version = create(fs, path, data)              # Conflict if the object exists
-    version = replace(fs, path, data, expect)     # Conflict unless the object is still at version `expect`
-    version, data = read(fs, path)                # (None, None) when there is none
-    delete(fs, path, expect)                      # Conflict unless it is still at `expect`; gone already is fine
+    version = create(fs, path, data)           # Conflict if the object exists
+    version = replace(fs, path, data, expect)  # Conflict unless the object is still at version `expect`
+    version, data = read(fs, path)             # (None, None) when there is none
+    delete(fs, path, expect)                   # Conflict unless it is still at `expect`; gone already is fine
 
 A version is what the store itself tells writes apart by: S3's ETag (`If-None-Match: *`, `If-Match`), GCS's
-generation (`ifGenerationMatch`, on multipart uploads, the ones every server enforces), and on a local or network
-file system the sha256 of the bytes. There, `create` is `link(2)` of a whole, fsynced file, which fails when the
-name exists (atomic on NFS too), and `replace` holds `flock(2)` on a hidden lock file beside the object for the
-compare and the `rename(2)` only; the folder is fsynced after either. This is how Delta Lake commits (put-if-absent
-of the next log entry) and Iceberg (compare-and-swap of a pointer), applied to our manifests, parts and leases.
+generation (`ifGenerationMatch`, on multipart uploads, the ones every server enforces), and on a local or
+network file system the sha256 of the bytes. There, `create` is `link(2)` of a whole, fsynced file, which
+fails when the name exists (atomic on NFS too), and `replace` holds `flock(2)` on a hidden lock file beside
+the object for the compare and the `rename(2)` only; the folder is fsynced after either. This is how Delta
+Lake commits (put-if-absent of the next log entry) and Iceberg (compare-and-swap of a pointer), applied to our
+manifests, parts and leases.
 
-Every body written here carries a token of its writer (an attempt id, a lease token), so a write whose answer was
-lost and whose retry met its own bytes (botocore retries a PUT after a 500 that took effect: the retry gets 412) is
-recognised by `owned`, not taken for a loss.
+Every body written here carries a token of its writer (an attempt id, a lease token), so a write whose answer
+was lost and whose retry met its own bytes (botocore retries a PUT after a 500 that took effect: the retry
+gets 412) is recognised by `owned`, not taken for a loss.
 
-Other fsspec filesystems (memory://, and any without conditional requests) get compare-then-write under a lock of
-this process: exclusive within one process, not between machines; `hala` warns once.
+Other fsspec filesystems (memory://, and any without conditional requests) get compare-then-write under a lock
+of this process: exclusive within one process, not between machines; `hala` warns once.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def write(fs: Any, path: str, data: bytes, expect: str | None) -> str:
 
 
 def owned(fs: Any, path: str, data: bytes) -> str | None:
-    """After a Conflict: the object's version when it holds exactly `data` (this writer's own write, whose answer was
-    lost and whose retry met it), else None (another writer's)."""
+    """After a Conflict: the object's version when it holds exactly `data` (this writer's own write, whose
+    answer was lost and whose retry met it), else None (another writer's)."""
     version, current = read(fs, path)
     return version if current == data else None
 
@@ -160,7 +161,8 @@ def delete(fs: Any, path: str, expect: str) -> None:
 
 
 def is_conflict(exc: BaseException) -> bool:
-    """412 PreconditionFailed, or 409 ConditionalRequestConflict (S3: two conditional writes of one key at once)."""
+    """412 PreconditionFailed, or 409 ConditionalRequestConflict (S3: two conditional writes of one key at
+    once)."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, (FileExistsError, Conflict)):
@@ -172,7 +174,7 @@ def is_conflict(exc: BaseException) -> bool:
     return False
 
 
-# --- S3 ---------------------------------------------------------------------------------------------------------
+# --- S3 -----------------------------------------------------------------------------------------------------
 
 
 def _s3_put(fs: Any, path: str, data: bytes, **condition: str) -> str:
@@ -201,22 +203,35 @@ def _s3_get(fs: Any, path: str) -> tuple[str, bytes]:
     return sync(fs.loop, get)
 
 
-# --- GCS --------------------------------------------------------------------------------------------------------
+# --- GCS ----------------------------------------------------------------------------------------------------
 
 
 def _gcs_upload(fs: Any, path: str, data: bytes, generation: int | str) -> str:
-    """One multipart upload with ifGenerationMatch (0: only if absent). gcsfs's own `mode="create"` covers only the
-    first case; fake-gcs-server, like GCS, enforces the condition on multipart uploads."""
+    """One multipart upload with ifGenerationMatch (0: only if absent). gcsfs's own `mode="create"` covers
+    only the first case; fake-gcs-server, like GCS, enforces the condition on multipart uploads."""
     import json
 
     bucket, key, _ = fs.split_path(path)
     boundary = f"hala-{uuid.uuid4().hex}"
-    body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{json.dumps({'name': key})}\r\n"
-            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--".encode()
+    body = (
+        (
+            f"--{boundary}\r\nContent-Type: application/json; "
+            f"charset=UTF-8\r\n\r\n{json.dumps({'name': key})}\r\n"
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--".encode()
+    )
     try:
-        out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="multipart",
-                      ifGenerationMatch=str(generation), headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
-                      data=body, json_out=True)
+        out = fs.call(
+            "POST",
+            f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+            uploadType="multipart",
+            ifGenerationMatch=str(generation),
+            headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+            data=body,
+            json_out=True,
+        )
     except FileExistsError as e:  # gcsfs raises this for 412 Precondition Failed
         raise Conflict(path) from e
     finally:
@@ -224,12 +239,15 @@ def _gcs_upload(fs: Any, path: str, data: bytes, generation: int | str) -> str:
     return str(out["generation"])
 
 
-# --- local and network file systems -----------------------------------------------------------------------------
+# --- local and network file systems
+# -----------------------------------------------------------------------------
 
 
 def _fsync_dir(folder: str) -> None:
     """A rename or link is durable once its folder is (ext4, XFS: the entry lives in the folder's blocks)."""
-    with contextlib.suppress(OSError):  # some file systems refuse to open a folder for fsync; the data is synced
+    with contextlib.suppress(
+        OSError
+    ):  # some file systems refuse to open a folder for fsync; the data is synced
         fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
@@ -238,8 +256,8 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _local_whole_file(path: str, data: bytes) -> str:
-    """`data` in a new file beside `path`, synced to disk: a hidden name of its own, created with the process's umask
-    (mkstemp's 0600 would lock another user of a shared store out)."""
+    """`data` in a new file beside `path`, synced to disk: a hidden name of its own, created with the
+    process's umask (mkstemp's 0600 would lock another user of a shared store out)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
@@ -259,7 +277,9 @@ def _local_whole_file(path: str, data: bytes) -> str:
 def _local_create(path: str, data: bytes) -> str:
     tmp = _local_whole_file(path, data)
     try:
-        os.link(tmp, path)  # fails with EEXIST when the name is taken: the one atomic "create if absent" of POSIX
+        os.link(
+            tmp, path
+        )  # fails with EEXIST when the name is taken: the one atomic "create if absent" of POSIX
     except FileExistsError as e:
         raise Conflict(path) from e
     except OSError as e:
@@ -299,8 +319,11 @@ def _process_lock(fs: Any) -> Any:
     name = type(fs).__name__
     if name not in _WARNED and "Memory" not in name:
         _WARNED.add(name)
-        get_log("hala.store").warning("this store offers no conditional writes: commits are exclusive within one process "
-                                      "only, and the lease is the only guard between machines", filesystem=name)
+        get_log("hala.store").warning(
+            "this store offers no conditional writes: commits are exclusive within one process "
+            "only, and the lease is the only guard between machines",
+            filesystem=name,
+        )
     lock = _LOCKS.setdefault(id(fs), threading.Lock())
     with lock:
         yield

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 CHUNK = 1 << 20
 # hashlib releases the GIL on large updates, so files hash in parallel threads: a model's shards (or the two
@@ -59,4 +60,6 @@ def sha256_tree(fs: Any, root: str) -> str:
         return sha256_file(fs, root)[0]
     root = root.rstrip("/")
     paths = sorted(fs.find(root))
-    return sha256_listing((p[len(root) + 1 :], digest) for p, (digest, _) in zip(paths, sha256_files(fs, paths)))
+    return sha256_listing(
+        (p[len(root) + 1 :], digest) for p, (digest, _) in zip(paths, sha256_files(fs, paths))
+    )

@@ -2,27 +2,30 @@
 
 Kubernetes can run two pods of one Job index at once (a node that stops answering, a replaced pod) and two
 people can run `hala run` on one store. The lease makes the second writer wait while the first one works, then
-find the step committed (exit 0, nothing recomputed) or, if the first one failed, resume its work area. It saves
-work; it is not what keeps the result right: every commit is one conditional write (hala.contract.cas), so a writer
-that lost its lease without knowing it (a paused pod, a partitioned node) cannot replace what another committed.
+find the step committed (exit 0, nothing recomputed) or, if the first one failed, resume its work area. It
+saves work; it is not what keeps the result right: every commit is one conditional write (hala.contract.cas),
+so a writer that lost its lease without knowing it (a paused pod, a partitioned node) cannot replace what
+another committed.
 
-    <store>/<run>/_leases/<name>.lock   a local or network file system: flock(2), which the kernel drops when
-                                        the holder dies (NFS maps it to its own locks); never deleted, because
-                                        a waiter may hold the old file open. The holder's record (token, pid) is
-                                        written into the file; check() reads it back through the path, so a holder
-                                        whose lock was broken (the file removed, an NFS lock reclaimed after a
-                                        partition and given to another) finds another token there and stops
-    <store>/<run>/_leases/<name>.json   an object store: an object created if absent (S3 `If-None-Match: *`, GCS
-                                        `ifGenerationMatch=0`), renewed every TTL/4 if unchanged (`If-Match` on its
-                                        ETag, `ifGenerationMatch` on its generation), deleted if unchanged at the end
-                                        (the pattern of Terraform's S3 lock file and of Delta Lake's S3 commits)
+    <store>/<run>/_leases/<name>.lock
+        a local or network file system: flock(2), which the kernel drops when the holder dies (NFS maps it to
+        its own locks); never deleted, because a waiter may hold the old file open. The holder's record
+        (token, pid) is written into the file; check() reads it back through the path, so a holder whose lock
+        was broken (the file removed, an NFS lock reclaimed after a partition and given to another) finds
+        another token there and stops
+    <store>/<run>/_leases/<name>.json
+        an object store: an object created if absent (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`),
+        renewed every TTL/4 if unchanged (`If-Match` on its ETag, `ifGenerationMatch` on its generation),
+        deleted if unchanged at the end (the pattern of Terraform's S3 lock file and of Delta Lake's S3
+        commits)
 
 A holder that dies leaves its lease object behind. A waiter takes it over once it has not changed for a TTL
 measured on the waiter's own clock (no trust in clocks across machines), or at once when the holder was a
 process on this same machine, in this same PID namespace, that no longer exists. The takeover is itself
-conditional, so two waiters cannot both win. A holder that could not renew for most of a TTL stops (exit 75) at its
-next check: before each chunk it commits, and right before its commit. A renewal whose request took effect but whose
-answer was lost (the client's retry then meets a changed object) finds its own token there and goes on.
+conditional, so two waiters cannot both win. A holder that could not renew for most of a TTL stops (exit 75)
+at its next check: before each chunk it commits, and right before its commit. A renewal whose request took
+effect but whose answer was lost (the client's retry then meets a changed object) finds its own token there
+and goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from hala.contract import cas
 from hala.contract.errors import TemporaryError
@@ -45,8 +49,9 @@ LEASES = "_leases"
 
 
 def ttl_seconds() -> float:
-    """How long a lease lives without renewal (HALA_LEASE_TTL, default 60 s): a waiter takes over a lease that has
-    not changed for this long. Long enough for a renewal to get through the client's retries (5 attempts)."""
+    """How long a lease lives without renewal (HALA_LEASE_TTL, default 60 s): a waiter takes over a lease that
+    has not changed for this long. Long enough for a renewal to get through the client's retries (5
+    attempts)."""
     return float(os.environ.get("HALA_LEASE_TTL", "60"))
 
 
@@ -57,14 +62,22 @@ def _identity() -> dict[str, Any]:
         except OSError:
             return None
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": read("/proc/self/ns/pid"),
-            "boot_id": read("/proc/sys/kernel/random/boot_id")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_namespace": read("/proc/self/ns/pid"),
+        "boot_id": read("/proc/sys/kernel/random/boot_id"),
+    }
 
 
 def _gone(holder: dict[str, Any]) -> bool:
     """The holder ran on this machine, in this PID namespace, and its process no longer exists."""
     me = _identity()
-    if not holder or any(holder.get(k) != me[k] for k in ("host", "pid_namespace", "boot_id")) or me["boot_id"] is None:
+    if (
+        not holder
+        or any(holder.get(k) != me[k] for k in ("host", "pid_namespace", "boot_id"))
+        or me["boot_id"] is None
+    ):
         return False
     try:
         os.kill(int(holder["pid"]), 0)
@@ -76,7 +89,11 @@ def _gone(holder: dict[str, Any]) -> bool:
 
 
 def describe(holder: dict[str, Any]) -> str:
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "another process"
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+        if holder
+        else "another process"
+    )
 
 
 class Lease:
@@ -100,8 +117,10 @@ class Lease:
     def release(self) -> None: ...
 
     def _lost(self, why: str) -> TemporaryError:
-        return TemporaryError(f"lost the lease {self.store.uri(self.path)}: {why}; nothing was committed by this "
-                              "process (another writer may have taken over): rerun the step")
+        return TemporaryError(
+            f"lost the lease {self.store.uri(self.path)}: {why}; nothing was committed by this "
+            "process (another writer may have taken over): rerun the step"
+        )
 
 
 class Busy(Exception):
@@ -124,7 +143,9 @@ class _FileLease(Lease):
                 time.sleep(poll)
         self.inode = os.fstat(self.fd).st_ino
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(self.record).encode(), 0)  # who holds it, for the waiters' messages and check()
+        os.pwrite(
+            self.fd, json.dumps(self.record).encode(), 0
+        )  # who holds it, for the waiters' messages and check()
         os.fsync(self.fd)
 
     def _holder(self) -> dict[str, Any]:
@@ -139,8 +160,9 @@ class _FileLease(Lease):
             log.info("waiting for another writer", lease=self.name, holder=describe(holder))
 
     def check(self) -> None:
-        """The lock file at the lease's path is still the one this process locked, and still names this holder: read
-        through the path, not the descriptor (on NFS a fresh open revalidates what another client changed)."""
+        """The lock file at the lease's path is still the one this process locked, and still names this
+        holder: read through the path, not the descriptor (on NFS a fresh open revalidates what another client
+        changed)."""
         try:
             with open(self.path, "rb") as f:
                 inode, body = os.fstat(f.fileno()).st_ino, f.read(4096)
@@ -177,8 +199,9 @@ class _ObjectLease(Lease):
         self.body = b""
 
     def _write(self, expect: str | None) -> str:
-        """Write the lease (created if absent, or replaced if still at `expect`); its new version. cas.Conflict when
-        another writer got there first, unless what is there is this holder's own write, whose answer was lost."""
+        """Write the lease (created if absent, or replaced if still at `expect`); its new version.
+        cas.Conflict when another writer got there first, unless what is there is this holder's own write,
+        whose answer was lost."""
         body = json.dumps({**self.record, "renewed": now()}).encode()
         try:
             version = cas.write(self.fs, self.path, body, expect)
@@ -202,7 +225,9 @@ class _ObjectLease(Lease):
     # --- the protocol -------------------------------------------------------------------------------
 
     def acquire(self, log: Any, poll: float, wait: bool = True) -> None:
-        seen: tuple[str, float] | None = None  # (version, when this process first saw it) of the holder's lease
+        seen: tuple[str, float] | None = (
+            None  # (version, when this process first saw it) of the holder's lease
+        )
         while True:
             try:
                 self.version = self._write(None)
@@ -230,7 +255,9 @@ class _ObjectLease(Lease):
                     seen = None
                     continue
                 self.taken_over = holder
-                log.warning("took over a lease its holder stopped renewing", lease=self.name, holder=describe(holder))
+                log.warning(
+                    "took over a lease its holder stopped renewing", lease=self.name, holder=describe(holder)
+                )
                 break
             time.sleep(poll)
         self.renewed = time.monotonic()
@@ -250,8 +277,7 @@ class _ObjectLease(Lease):
 
     def check(self) -> None:
         if self.lost is None and time.monotonic() - self.renewed > 0.75 * self.ttl:
-            self.lost = (f"it was not renewed for {time.monotonic() - self.renewed:.0f} s "
-                         f"({self.lost_reason})")
+            self.lost = f"it was not renewed for {time.monotonic() - self.renewed:.0f} s ({self.lost_reason})"
         if self.lost:
             raise self._lost(self.lost)
 
@@ -269,9 +295,11 @@ class _ObjectLease(Lease):
 
 
 @contextlib.contextmanager
-def held(store: Store, run: str, name: str, log: Any, poll: float | None = None, wait: bool = True) -> Iterator[Lease]:
-    """Hold the lease `name` of `run` on `store` for the block, waiting while another live process holds it (or, with
-    `wait=False`, raising Busy at once; `hala gc` skips what a writer is working on)."""
+def held(
+    store: Store, run: str, name: str, log: Any, poll: float | None = None, wait: bool = True
+) -> Iterator[Lease]:
+    """Hold the lease `name` of `run` on `store` for the block, waiting while another live process holds it
+    (or, with `wait=False`, raising Busy at once; `hala gc` skips what a writer is working on)."""
     ttl = ttl_seconds()
     lease: Any = (_FileLease if store.is_local else _ObjectLease)(store, run, name, ttl)
     lease.acquire(log, poll if poll is not None else min(2.0, ttl / 8), wait)

@@ -63,8 +63,19 @@ def setup(level: str | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level_name)
     # Libraries log at INFO a lot (httpx, filelock); keep their noise out unless asked for.
-    for noisy in ("httpx", "filelock", "urllib3", "fsspec", "asyncio", "botocore", "aiobotocore", "s3fs", "gcsfs",
-                  "google.auth", "aiohttp"):
+    for noisy in (
+        "httpx",
+        "filelock",
+        "urllib3",
+        "fsspec",
+        "asyncio",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+        "gcsfs",
+        "google.auth",
+        "aiohttp",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)
     _configured = True
@@ -126,7 +137,7 @@ class Progress:
 
             self._bar = tqdm(total=total, unit=f" {unit}", desc=what, leave=False, dynamic_ncols=True)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -39,8 +39,9 @@ RECIPE_KEYS = {
     "store": "fsspec URL or path of the artifact store (relative paths: to the current directory)",
     "run": "the run name: artifacts go to <store>/<run>/<step>/",
     "tiny_models": "settings of the tiny stand-in models (tiny:<role> sources)",
-    "kubernetes": "namespace, queue (Kueue), storage size and class, retries (new Jobs of a failed step), pod_retries "
-                  "(pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered manifests",
+    "kubernetes": "namespace, queue (Kueue), storage size and class, retries (new Jobs of a failed step), "
+    "pod_retries "
+    "(pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered manifests",
     "steps": "the steps, by name (<stage>-<subject>)",
 }
 STEP_KEYS = {
@@ -50,11 +51,13 @@ STEP_KEYS = {
     "config": "the stage's typed config",
     "shards": "how many shard processes a sharded stage runs (Indexed Job completions)",
     "enabled": "false leaves the step out of `hala run` unless --set STEP.enabled=true",
-    "resources": "what one pod/container of the step needs on a cluster (gpus, fp8, cpu, memory, shm, parallelism); derived from the config when left out",
+    "resources": "what one pod/container of the step needs on a cluster (gpus, fp8, cpu, memory, shm, "
+    "parallelism); derived from the config when left out",
 }
 TINY_KEYS = {
     "pairs": "TSV file (id, en, ar) the teacher, judge and translator stand-ins learn to reproduce",
-    "prompts": "prompts the stand-ins are trained with: teacher/translator {en-ar, ar-en} with {text}; judge with {src}, {tgt}",
+    "prompts": "prompts the stand-ins are trained with: teacher/translator {en-ar, ar-en} with {text}; "
+    "judge with {src}, {tgt}",
     "max_seconds": "upper bound on the training time of one stand-in",
 }
 
@@ -77,7 +80,10 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "prompts": {
                     "type": "object",
                     "additionalProperties": {
-                        "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}]
+                        "anyOf": [
+                            {"type": "string"},
+                            {"type": "object", "additionalProperties": {"type": "string"}},
+                        ]
                     },
                 },
                 "max_seconds": {"type": "number", "exclusiveMinimum": 0},
@@ -87,7 +93,11 @@ RECIPE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "namespace": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+                "namespace": {
+                    "type": "string",
+                    "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                    "maxLength": 63,
+                },
                 "queue": {"type": "string", "minLength": 1},
                 "storage": {"type": "string", "pattern": "^[0-9]+(Mi|Gi|Ti)$"},
                 "storage_class": {"type": "string", "minLength": 1},
@@ -142,7 +152,9 @@ class InputRef:
     output: str | None = None
     uri: str | None = None  # absolute path, URL, hub repo id, or tiny role
     revision: str | None = None
-    pinned: str | None = None  # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
+    pinned: str | None = (
+        None  # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
+    )
     hub_type: str = "model"  # hub: a model or a dataset repository (the stage's stage.toml says which)
 
     def describe(self) -> str:
@@ -191,7 +203,10 @@ class Recipe:
 
     def step(self, name: str) -> Step:
         if name not in self.steps:
-            raise ConfigError(f"recipe {self.path}: no step '{name}'{_did_you_mean(name, self.steps)}; steps: {', '.join(self.steps)}")
+            raise ConfigError(
+                f"recipe {self.path}: no step '{name}'{_did_you_mean(name, self.steps)}; steps: "
+                f"{', '.join(self.steps)}"
+            )
         return self.steps[name]
 
     def downstream(self, name: str) -> list[str]:
@@ -227,12 +242,20 @@ def load(
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping with name, store, run and steps")
     raw = copy.deepcopy(raw)
-    written = {name: _flat((body or {}).get("config") or {}) for name, body in (raw.get("steps") or {}).items()
-               if isinstance(body, dict)} if isinstance(raw.get("steps"), dict) else {}
+    written = (
+        {
+            name: _flat((body or {}).get("config") or {})
+            for name, body in (raw.get("steps") or {}).items()
+            if isinstance(body, dict)
+        }
+        if isinstance(raw.get("steps"), dict)
+        else {}
+    )
     if isinstance(raw.get("steps"), dict):
-        # YAML anchors, aliases and merge keys (`config: &student` ... `config: *student`, `<<: *corpus`) load as
-        # one object shared by every step that names it: each step gets its own copy, so that an override or a
-        # default filled in changes that step alone (one deepcopy of the whole tree would keep the sharing)
+        # YAML anchors, aliases and merge keys (`config: &student` ... `config: *student`, `<<: *corpus`) load
+        # as one object shared by every step that names it: each step gets its own copy, so that an override
+        # or a default filled in changes that step alone (one deepcopy of the whole tree would keep the
+        # sharing)
         raw["steps"] = {name: copy.deepcopy(body) for name, body in raw["steps"].items()}
     from_cli: dict[tuple[str, str], str] = {}
     sources = dict(override_sources or {})
@@ -240,9 +263,11 @@ def load(
         _apply_override(raw, item, from_cli, sources.get(item, "--set"))
     problems = _validate_top(raw, path)
     if run is not None and not RUN_NAME.match(run):
-        # the run is a folder of the store: '..', '/' or a leading '_' (the store's own _sources, _cache) would put it
-        # somewhere else
-        problems.append(f"--run {run!r}: a run name is letters, digits, '.', '_' and '-', starting with a letter or digit")
+        # the run is a folder of the store: '..', '/' or a leading '_' (the store's own _sources, _cache)
+        # would put it somewhere else
+        problems.append(
+            f"--run {run!r}: a run name is letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
     if problems:
         raise ConfigError(_report(path, problems))
     step_names = list(raw["steps"])
@@ -270,10 +295,18 @@ def load(
         )
     for step in steps.values():
         if not step.name.startswith(step.stage + "-"):
-            problems.append(f"step '{step.name}' runs stage '{step.stage}': name it {step.stage}-<subject> (names say what ran)")
+            problems.append(
+                f"step '{step.name}' runs stage '{step.stage}': name it {step.stage}-<subject> (names say "
+                "what ran)"
+            )
         problems.extend(_validate_step(step, steps, from_cli))
-    if any(ref.kind == "tiny" for s in steps.values() for ref in s.inputs.values()) and not (raw.get("tiny_models") or {}).get("pairs"):
-        problems.append("a step uses a tiny:<role> model, but the recipe has no tiny_models.pairs (the sample pairs the stand-ins learn)")
+    if any(ref.kind == "tiny" for s in steps.values() for ref in s.inputs.values()) and not (
+        raw.get("tiny_models") or {}
+    ).get("pairs"):
+        problems.append(
+            "a step uses a tiny:<role> model, but the recipe has no tiny_models.pairs (the sample pairs the "
+            "stand-ins learn)"
+        )
     if problems:
         raise ConfigError(_report(path, problems))
     for step in steps.values():
@@ -313,13 +346,17 @@ def _validate_top(raw: dict[str, Any], path: Path) -> list[str]:
                 where, allowed = f"step '{loc[1]}'", STEP_KEYS
             for key in sorted(set(err.instance) - set(allowed)):
                 problems.append(
-                    f"{where}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
+                    f"{where}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed keys: "
+                    f"{', '.join(allowed)}"
                 )
         elif loc[:1] == ["steps"] and len(loc) >= 2:
             rest = ".".join(str(p) for p in loc[2:]) or "(the step)"
             problems.append(f"step '{loc[1]}': {rest}: {err.message}")
         elif err.validator == "propertyNames":
-            problems.append(f"step name {err.instance!r} must be <stage>-<subject>, lower case (e.g. translate-openorca-teacher)")
+            problems.append(
+                f"step name {err.instance!r} must be <stage>-<subject>, lower case (e.g. "
+                "translate-openorca-teacher)"
+            )
         else:
             problems.append(f"{'.'.join(str(p) for p in loc) or 'top level'}: {err.message}")
     return problems
@@ -339,17 +376,23 @@ def _validate_step(step: Step, steps: dict[str, Step], from_cli: dict[tuple[str,
             )
     for name, ispec in spec.inputs.items():
         if ispec.required and name not in step.inputs:
-            problems.append(f"step '{step.name}': missing input '{name}' ({ispec.description or 'required by stage ' + spec.name})")
+            problems.append(
+                f"step '{step.name}': missing input '{name}' "
+                f"({ispec.description or 'required by stage ' + spec.name})"
+            )
     for ref in step.inputs.values():
         if ref.kind == "step":
             producer = steps[ref.step]  # type: ignore[index]
             if producer.spec is not None and ref.output not in producer.spec.outputs:
                 problems.append(
-                    f"step '{step.name}': input '{ref.name}' names output '{ref.output}' of step '{ref.step}', "
+                    f"step '{step.name}': input '{ref.name}' names output '{ref.output}' of step "
+                    f"'{ref.step}', "
                     f"which has outputs: {', '.join(producer.spec.outputs)}"
                 )
     if step.shards > 1 and not spec.sharded:
-        problems.append(f"step '{step.name}': shards: {step.shards}, but stage '{spec.name}' does not shard its input")
+        problems.append(
+            f"step '{step.name}': shards: {step.shards}, but stage '{spec.name}' does not shard its input"
+        )
     problems.extend(validate_config(spec, step.name, step.config, from_cli))
     if not problems:
         step.config = apply_defaults(spec.schema, step.config)
@@ -379,16 +422,23 @@ def typed_problems(step: Step, from_cli: dict[tuple[str, str], str] | None = Non
     return []
 
 
-def pydantic_problems(exc: Any, step_name: str, from_cli: dict[tuple[str, str], str] | None = None) -> list[str]:
-    """One line per error of a pydantic ValidationError, naming the step, the key and where its value came from."""
+def pydantic_problems(
+    exc: Any, step_name: str, from_cli: dict[tuple[str, str], str] | None = None
+) -> list[str]:
+    """One line per error of a pydantic ValidationError, naming the step, the key and where its value came
+    from."""
     lines = []
-    mine = ", ".join(sorted(f"{k} (from {src})" for (name, k), src in (from_cli or {}).items() if name == step_name))
+    mine = ", ".join(
+        sorted(f"{k} (from {src})" for (name, k), src in (from_cli or {}).items() if name == step_name)
+    )
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if loc:
             source = (from_cli or {}).get((step_name, loc))
-            lines.append(f"step '{step_name}': config key '{loc}'{f' (from {source})' if source else ''}: {msg}")
+            lines.append(
+                f"step '{step_name}': config key '{loc}'{f' (from {source})' if source else ''}: {msg}"
+            )
         else:  # a check across keys: name the step's overrides, the likely culprits
             lines.append(f"step '{step_name}': config: {msg}{f'; overridden: {mine}' if mine else ''}")
     return lines
@@ -409,13 +459,23 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _provenance(step: Step, written: dict[str, Any], from_cli: dict[tuple[str, str], str]) -> dict[str, str]:
     out = {}
     for key in _flat(step.config):
-        cli = next((src for (name, k), src in from_cli.items() if name == step.name and (key == k or key.startswith(k + "."))), None)
+        cli = next(
+            (
+                src
+                for (name, k), src in from_cli.items()
+                if name == step.name and (key == k or key.startswith(k + "."))
+            ),
+            None,
+        )
         out[key] = cli or ("recipe" if key in written else "default")
     return out
 
 
 def validate_config(
-    spec: stagespec.StageSpec, step_name: str, config: dict[str, Any], from_cli: dict[tuple[str, str], str] | None = None
+    spec: stagespec.StageSpec,
+    step_name: str,
+    config: dict[str, Any],
+    from_cli: dict[tuple[str, str], str] | None = None,
 ) -> list[str]:
     """Check a step's config against the stage's JSON Schema; one readable line per problem."""
     schema = spec.schema
@@ -428,8 +488,11 @@ def validate_config(
             allowed = sorted((err.schema.get("properties") or {}).keys())
             where = f"config.{loc}" if loc else "config"
             for key in sorted(set(err.instance) - set(allowed)):
-                listing = (", ".join(allowed) if len(allowed) <= 30 else
-                           f"{len(allowed)} keys, listed in stages/{spec.name}/config.schema.json under {where}")
+                listing = (
+                    ", ".join(allowed)
+                    if len(allowed) <= 30
+                    else f"{len(allowed)} keys, listed in stages/{spec.name}/config.schema.json under {where}"
+                )
                 problems.append(
                     f"step '{step_name}': unknown key '{key}' in {where}{_did_you_mean(key, allowed)}; "
                     f"allowed keys for stage '{spec.name}': {listing}"
@@ -486,13 +549,20 @@ def parse_ref(name: str, raw: str, steps: dict[str, Any], base: Path, check_path
     if raw.startswith("tiny:"):
         role = raw[len("tiny:") :]
         if role not in TINY_ROLES:
-            raise ConfigError(f"input '{name}': unknown tiny model '{role}'{_did_you_mean(role, TINY_ROLES)}; known: {', '.join(TINY_ROLES)}")
+            raise ConfigError(
+                f"input '{name}': unknown tiny model '{role}'{_did_you_mean(role, TINY_ROLES)}; known: "
+                f"{', '.join(TINY_ROLES)}"
+            )
         return InputRef(name, raw, "tiny", uri=role)
     if raw.startswith("hub:"):
         repo, _, revision = raw[len("hub:") :].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
-            raise ConfigError(f"input '{name}': hub id {repo!r} must look like 'org/name' (e.g. hub:Open-Orca/OpenOrca)")
-        return InputRef(name, raw, "hub", uri=repo, revision=revision or None, pinned="recipe" if revision else None)
+            raise ConfigError(
+                f"input '{name}': hub id {repo!r} must look like 'org/name' (e.g. hub:Open-Orca/OpenOrca)"
+            )
+        return InputRef(
+            name, raw, "hub", uri=repo, revision=revision or None, pinned="recipe" if revision else None
+        )
     if "://" in raw:
         if raw.startswith("file://"):
             raw_path = raw[len("file://") :]
@@ -544,9 +614,10 @@ def _toposort(steps: dict[str, Step], declared: list[str], path: Path) -> list[s
 
 
 def read_set_file(path: str | Path) -> tuple[list[str], dict[str, str]]:
-    """An override file: a YAML mapping with the keys of --set (`STEP.KEY: VALUE`, e.g. `prepare-openorca.max_rows:
-    1000`, `translate-lamini.inputs.data: s3://b/x.parquet`). Returns the --set items it stands for, which is
-    how it reaches every step process, container and Job of a run, and which file each came from."""
+    """An override file: a YAML mapping with the keys of --set (`STEP.KEY: VALUE`, e.g.
+    `prepare-openorca.max_rows: 1000`, `translate-lamini.inputs.data: s3://b/x.parquet`). Returns the --set
+    items it stands for, which is how it reaches every step process, container and Job of a run, and which
+    file each came from."""
     path = Path(path)
     try:
         body = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -561,15 +632,28 @@ def read_set_file(path: str | Path) -> tuple[list[str], dict[str, str]]:
     items, sources = [], {}
     for key, value in body.items():
         if not isinstance(key, str) or "." not in key:
-            raise ConfigError(f"--set-file {path}: key {key!r} is not STEP.KEY (e.g. prepare-openorca.max_rows)")
-        text = value if isinstance(value, str) and _plain(value) else yaml.safe_dump(value, default_flow_style=True,
-                                                                                        allow_unicode=True, width=10**9)
+            raise ConfigError(
+                f"--set-file {path}: key {key!r} is not STEP.KEY (e.g. prepare-openorca.max_rows)"
+            )
+        text = (
+            value
+            if isinstance(value, str) and _plain(value)
+            else yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+        )
         text = text.strip()
         if text.endswith("\n..."):
             text = text[: -len("\n...")].strip()
-        if ".inputs." in key and isinstance(value, str) and "://" not in value and ":" not in value.split("/")[0] \
-                and not Path(value).is_absolute() and (path.parent / value).exists():
-            text = str((path.parent / value).resolve())  # a path of the file's own: relative to the file, not the cwd
+        if (
+            ".inputs." in key
+            and isinstance(value, str)
+            and "://" not in value
+            and ":" not in value.split("/")[0]
+            and not Path(value).is_absolute()
+            and (path.parent / value).exists()
+        ):
+            text = str(
+                (path.parent / value).resolve()
+            )  # a path of the file's own: relative to the file, not the cwd
         item = f"{key}={text}"
         items.append(item)
         sources[item] = f"--set-file {path}"
@@ -584,7 +668,9 @@ def _plain(text: str) -> bool:
         return False
 
 
-def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str], source: str = "--set") -> None:
+def _apply_override(
+    raw: dict[str, Any], item: str, from_cli: dict[tuple[str, str], str], source: str = "--set"
+) -> None:
     """`--set STEP.KEY=VALUE`: KEY is a config key (dotted for nested ones), `inputs.NAME`, `shards`,
     `enabled` or `resources.NAME`. VALUE is read as YAML, so 10 is an int, true a bool, [a, b] a list."""
     target, eq, value_text = item.partition("=")
@@ -594,7 +680,10 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
     step_name = next((s for s in sorted(steps, key=len, reverse=True) if target.startswith(s + ".")), None)
     if step_name is None:
         head = target.split(".")[0]
-        raise ConfigError(f"--set {item!r}: no step '{head}' in the recipe{_did_you_mean(head, steps)}; steps: {', '.join(steps)}")
+        raise ConfigError(
+            f"--set {item!r}: no step '{head}' in the recipe{_did_you_mean(head, steps)}; steps: "
+            f"{', '.join(steps)}"
+        )
     key = target[len(step_name) + 1 :]
     if not key:
         raise ConfigError(f"--set {item!r}: expected STEP.KEY=VALUE")
@@ -615,17 +704,20 @@ def _apply_override(raw: dict[str, Any], item: str, from_cli: dict[tuple[str, st
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: config key '{part}' of step '{step_name}' is not a mapping")
+                raise ConfigError(
+                    f"--set {item!r}: config key '{part}' of step '{step_name}' is not a mapping"
+                )
         node[parts[-1]] = value
     from_cli[(step_name, key)] = source
 
 
-# --- hub revisions ------------------------------------------------------------------------------------------------
+# --- hub revisions
+# ------------------------------------------------------------------------------------------------
 #
 # A hub input is pinned by the recipe (hub:ORG/NAME@REV) or by the lock beside it (`hala pin RECIPE` writes
-# <recipe>.lock.yaml with the commit each unpinned hub input resolves to). An input pinned by neither is resolved to
-# its current commit when the hub answers (hala.contract.sources) and is exit 2 when it does not: its cache key would
-# otherwise be a name whose content can change under a cached step.
+# <recipe>.lock.yaml with the commit each unpinned hub input resolves to). An input pinned by neither is
+# resolved to its current commit when the hub answers (hala.contract.sources) and is exit 2 when it does not:
+# its cache key would otherwise be a name whose content can change under a cached step.
 
 
 def lock_path(recipe_path: Path) -> Path:
@@ -644,7 +736,10 @@ def read_lock(recipe_path: Path) -> dict[str, str]:
     body = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     hub = body.get("hub") if isinstance(body, dict) else None
     if not isinstance(hub, dict) or not all(isinstance(v, str) and v for v in hub.values()):
-        raise ConfigError(f"{path}: expected `hub: {{model:ORG/NAME: <commit sha>, ...}}`; write it again with `hala pin {recipe_path}`")
+        raise ConfigError(
+            f"{path}: expected `hub: {{model:ORG/NAME: <commit sha>, ...}}`; write it again with `hala pin "
+            f"{recipe_path}`"
+        )
     return hub
 
 
@@ -662,13 +757,20 @@ def pin_hub_inputs(steps: dict[str, Step], recipe_path: Path) -> None:
             step.inputs[name] = ref
 
 
-def unpinned_hub_inputs(recipe: "Recipe") -> list[tuple[str, InputRef]]:
-    """(step, input) of every enabled step's hub input that neither the recipe nor its lock pins to a commit."""
-    return [(s.name, ref) for s in recipe.steps.values() if s.enabled for ref in s.inputs.values()
-            if ref.kind == "hub" and not is_commit(ref.revision)]
+def unpinned_hub_inputs(recipe: Recipe) -> list[tuple[str, InputRef]]:
+    """(step, input) of every enabled step's hub input that neither the recipe nor its lock pins to a
+    commit."""
+    return [
+        (s.name, ref)
+        for s in recipe.steps.values()
+        if s.enabled
+        for ref in s.inputs.values()
+        if ref.kind == "hub" and not is_commit(ref.revision)
+    ]
 
 
 def is_commit(revision: str | None) -> bool:
     """A full commit sha: a branch or tag name can move, a commit cannot."""
-    return bool(revision) and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)  # type: ignore[union-attr]
-
+    if not revision:
+        return False
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)

@@ -26,9 +26,14 @@ def generate(stage: str) -> dict[str, Any]:
     schema = model.model_json_schema()
     clash = stagespec.RESERVED_CONFIG_KEYS & set(schema.get("properties", {}))
     if clash:
-        raise ConfigError(f"stage '{stage}': config keys {sorted(clash)} are reserved for the recipe's step level")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": f"generated from {spec.config_class} by `hala schema {stage} --write`; do not edit", **schema}
+        raise ConfigError(
+            f"stage '{stage}': config keys {sorted(clash)} are reserved for the recipe's step level"
+        )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": f"generated from {spec.config_class} by `hala schema {stage} --write`; do not edit",
+        **schema,
+    }
 
 
 def render(schema: dict[str, Any]) -> str:
@@ -42,7 +47,10 @@ def check(stage: str) -> str | None:
     want = render(generate(stage))
     have = spec.schema_path.read_text() if spec.schema_path.exists() else ""
     if want != have:
-        return f"{spec.schema_path} is out of date with {spec.config_class}; run `hala schema {stage} --write` in its environment"
+        return (
+            f"{spec.schema_path} is out of date with {spec.config_class}; run `hala schema {stage} "
+            "--write` in its environment"
+        )
     return None
 
 

@@ -35,7 +35,8 @@ class NotCommitted(ConfigError):
 
 
 class Unpinned(ConfigError):
-    """A hub input pinned neither by the recipe nor by its lock, while the hub cannot be asked for its commit."""
+    """A hub input pinned neither by the recipe nor by its lock, while the hub cannot be asked for its
+    commit."""
 
 
 @dataclass
@@ -46,7 +47,9 @@ class ResolvedInput:
     store: Store | None = None
     run: str | None = None
     manifest: dict[str, Any] | None = None  # the producer's manifest, for step outputs
-    revision: str | None = None  # hub: the revision read (a commit sha, or the recipe's tag where the hub is not asked)
+    revision: str | None = (
+        None  # hub: the revision read (a commit sha, or the recipe's tag where the hub is not asked)
+    )
 
     @property
     def kind(self) -> str:
@@ -60,8 +63,8 @@ class ResolvedInput:
 
     @property
     def folder_name(self) -> str | None:
-        """A step output's own folder name, the lineage it carries (`tiny-teacher-FP8-Dynamic`), without the attempt
-        folder it lies in; None for other inputs."""
+        """A step output's own folder name, the lineage it carries (`tiny-teacher-FP8-Dynamic`), without the
+        attempt folder it lies in; None for other inputs."""
         path = (self.output or {}).get("path")
         return path.rstrip("/").rsplit("/", 1)[-1] if path else None
 
@@ -71,7 +74,9 @@ class ResolvedInput:
         if self.kind == "step":
             rec.update(step=self.ref.step, output=self.ref.output, rows=(self.output or {}).get("rows"))
         if self.kind == "hub":
-            rec.update(revision=self.revision, pinned=self.ref.pinned or "resolved", repo_type=self.ref.hub_type)
+            rec.update(
+                revision=self.revision, pinned=self.ref.pinned or "resolved", repo_type=self.ref.hub_type
+            )
         return rec
 
     def local_path(self) -> str:
@@ -84,15 +89,23 @@ class ResolvedInput:
         if self.kind == "url":
             return _download(self.uri, self.key)
         if self.kind == "tiny":
-            raise ConfigError(f"input '{self.ref.name}': tiny models are built by hala.contract.tiny.ensure(); use ctx.model_path()")
-        raise ConfigError(f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a path")
+            raise ConfigError(
+                f"input '{self.ref.name}': tiny models are built by hala.contract.tiny.ensure(); use "
+                "ctx.model_path()"
+            )
+        raise ConfigError(
+            f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a "
+            "path"
+        )
 
     def row_groups(self) -> Any:
-        """The input's parquet files as `tables.RowGroups`, read where they lie (ranged reads on an object store).
+        """The input's parquet files as `tables.RowGroups`, read where they lie (ranged reads on an object
+        store).
 
-        A sharded reader uses this instead of local_path(): it reads its own rows' bytes, not the dataset. Step
-        outputs are checked against their manifest by size here (every file there, none truncated); parquet checks
-        its own footer and pages. Re-hashing every byte is `hala verify`'s job, and local_path()'s."""
+        A sharded reader uses this instead of local_path(): it reads its own rows' bytes, not the dataset.
+        Step outputs are checked against their manifest by size here (every file there, none truncated);
+        parquet checks its own footer and pages. Re-hashing every byte is `hala verify`'s job, and
+        local_path()'s."""
         from hala.contract import tables
 
         if self.kind == "step":
@@ -104,8 +117,11 @@ class ResolvedInput:
             for f, path in zip(files, paths):
                 if sizes.get(path) != f["bytes"]:
                     found = "missing" if path not in sizes else f"{sizes[path]} bytes"
-                    raise DataError(f"artifact changed since it was written: {self.store.uri(path)} is {found}, its manifest "
-                                    f"says {f['bytes']} bytes; rerun step '{step}' with --force {step}")
+                    raise DataError(
+                        f"artifact changed since it was written: {self.store.uri(path)} is {found}, its "
+                        "manifest "
+                        f"says {f['bytes']} bytes; rerun step '{step}' with --force {step}"
+                    )
         elif self.kind in ("path", "url"):
             fs, root = fsspec.core.url_to_fs(self.uri)
             paths = [root] if fs.isfile(root) else sorted(fs.glob(f"{root.rstrip('/')}/**/*.parquet"))
@@ -121,14 +137,17 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
         manifest = store.read_manifest(recipe.run, ref.step or "")
         if manifest is None:
             raise NotCommitted(
-                f"step '{step.name}': input '{ref.name}' comes from step '{ref.step}', which is not committed in run "
-                f"'{recipe.run}' of store {store.url}; run it first (hala run {recipe.path} --only {ref.step})"
+                f"step '{step.name}': input '{ref.name}' comes from step '{ref.step}', which is not "
+                "committed in run "
+                f"'{recipe.run}' of store {store.url}; run it first (hala run {recipe.path} --only "
+                f"{ref.step})"
             )
         try:
             entry = manifest["outputs"][ref.output]
         except KeyError:
             raise ConfigError(
-                f"step '{step.name}': input '{ref.name}' wants output '{ref.output}' of step '{ref.step}', which has "
+                f"step '{step.name}': input '{ref.name}' wants output '{ref.output}' of step '{ref.step}', "
+                "which has "
                 f"{', '.join(manifest['outputs'])}"
             ) from None
         uri = store.uri(store.output_path(recipe.run, ref.step or "", manifest, ref.output or ""))
@@ -141,7 +160,9 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
     if ref.kind == "url":
         fs, path = fsspec.core.url_to_fs(ref.uri or "")
         try:
-            if fs.protocol in ("memory",) or "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+            if fs.protocol in ("memory",) or "memory" in (
+                fs.protocol if isinstance(fs.protocol, tuple) else ()
+            ):
                 key = sha256_tree(fs, path)
             else:
                 key = sha256_json({"url": ref.uri, "ukey": fs.ukey(path)})
@@ -150,11 +171,15 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
         return ResolvedInput(ref, key, ref.uri or "")
     if ref.kind == "hub":
         revision = hub_revision(ref, step.name)
-        return ResolvedInput(ref, sha256_json({"hub": hub_key(ref), "revision": revision}), ref.uri or "", revision=revision)
+        return ResolvedInput(
+            ref, sha256_json({"hub": hub_key(ref), "revision": revision}), ref.uri or "", revision=revision
+        )
     if ref.kind == "tiny":
         spec = tiny_spec.spec(ref.uri or "", recipe)
         key = sha256_json(spec)
-        return ResolvedInput(ref, key, store.uri(tiny_spec.source_path(store, ref.uri or "", key)), store, recipe.run)
+        return ResolvedInput(
+            ref, key, store.uri(tiny_spec.source_path(store, ref.uri or "", key)), store, recipe.run
+        )
     raise ConfigError(f"step '{step.name}': input '{ref.name}': unknown kind {ref.kind}")
 
 
@@ -164,7 +189,12 @@ def resolve(store: Store, recipe: Recipe, step: Step) -> dict[str, ResolvedInput
     if len(items) < 2:
         return {name: input_key(store, recipe, step, ref) for name, ref in items}
     with ThreadPoolExecutor(min(len(items), WORKERS)) as pool:
-        return dict(zip((name for name, _ in items), pool.map(lambda item: input_key(store, recipe, step, item[1]), items)))
+        return dict(
+            zip(
+                (name for name, _ in items),
+                pool.map(lambda item: input_key(store, recipe, step, item[1]), items),
+            )
+        )
 
 
 def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
@@ -185,12 +215,15 @@ BENCH_ENGINE = "HALA_BENCH_ENGINE"
 
 
 def bench_engine() -> str | None:
-    """The benchmarks' engine stand-in (hala.kit.engine.InstantEngine), from the environment alone: no recipe or config
-    key can select it, and every step's fingerprint includes it, so its outputs never pass for a model's in a cache.
-    Here, not in hala.kit.engine: every stage's version covers the modules it imports, and prepare imports no engine."""
+    """The benchmarks' engine stand-in (hala.kit.engine.InstantEngine), from the environment alone: no recipe
+    or config key can select it, and every step's fingerprint includes it, so its outputs never pass for a
+    model's in a cache. Here, not in hala.kit.engine: every stage's version covers the modules it imports, and
+    prepare imports no engine."""
     value = os.environ.get(BENCH_ENGINE)
     if value and value != "instant":
-        raise ConfigError(f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model")
+        raise ConfigError(
+            f"{BENCH_ENGINE}={value!r}: the only benchmark engine is 'instant'; unset it to run a model"
+        )
     return value or None
 
 
@@ -221,9 +254,10 @@ def hub_commit(repo_type: str, repo: str, revision: str | None) -> str:
 
 
 def hub_revision(ref: InputRef, where: str) -> str:
-    """The revision a hub input's cache key and its reader use: the recipe's or the lock's commit as it is; otherwise
-    the commit its branch (or tag) names now, asked of the hub. An input pinned by nothing, with no hub to ask, is
-    exit 2 with the fix: caching it under its name would let its content change under a cached step."""
+    """The revision a hub input's cache key and its reader use: the recipe's or the lock's commit as it is;
+    otherwise the commit its branch (or tag) names now, asked of the hub. An input pinned by nothing, with no
+    hub to ask, is exit 2 with the fix: caching it under its name would let its content change under a cached
+    step."""
     if is_commit(ref.revision):
         return ref.revision or ""
     why = "HF_HUB_OFFLINE is set"
@@ -232,17 +266,25 @@ def hub_revision(ref: InputRef, where: str) -> str:
             return hub_commit(ref.hub_type, ref.uri or "", ref.revision)
         except ImportError:
             why = "huggingface_hub is not installed in this environment"
-        except Exception as e:  # noqa: BLE001 - sorted here: missing or refused is the recipe's error, the rest the network's
+        # sorted here: missing or refused is the recipe's error, the rest the network's
+        except Exception as e:  # noqa: BLE001
             name = type(e).__name__
             if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
-                raise ConfigError(f"step '{where}': input '{ref.name}' ({ref.raw}): the hub has no {ref.hub_type} repository or "
-                                  f"revision by that name, or refuses this token ({name}); fix the id, or set HF_TOKEN") from None
+                raise ConfigError(
+                    f"step '{where}': input '{ref.name}' ({ref.raw}): the hub has no {ref.hub_type} "
+                    "repository or "
+                    f"revision by that name, or refuses this token ({name}); fix the id, or set HF_TOKEN"
+                ) from None
             why = f"the hub did not answer ({name}: {str(e)[:200]})"
     if ref.revision:
-        return ref.revision  # the recipe's branch or tag, as written: pinned by its author, if not to a commit
+        return (
+            ref.revision
+        )  # the recipe's branch or tag, as written: pinned by its author, if not to a commit
     raise Unpinned(
-        f"step '{where}': input '{ref.name}' ({ref.raw}) is not pinned to a revision, and {why}, so its current "
-        f"commit cannot be read. Pin it: write {ref.raw}@<commit sha> in the recipe, or run `hala pin <recipe>` where "
-        f"the hub answers (it writes the commits to the lock beside the recipe, e.g. {lock_path(Path('recipe.yaml')).name})"
+        f"step '{where}': input '{ref.name}' ({ref.raw}) is not pinned to a revision, and {why}, so its "
+        "current "
+        f"commit cannot be read. Pin it: write {ref.raw}@<commit sha> in the recipe, or run `hala pin "
+        "<recipe>` where "
+        "the hub answers (it writes the commits to the lock beside the recipe, e.g. "
+        f"{lock_path(Path('recipe.yaml')).name})"
     )
-

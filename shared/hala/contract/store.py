@@ -2,17 +2,18 @@
 
 Layout of one step:
 
-    <step>/_MANIFEST.json                the commit: written last, by one conditional write (hala.contract.cas);
-                                         only a step with a manifest exists for readers
-    <step>/attempt-<id>/<output>/...     one attempt's outputs, immutable and never moved; the manifest names the
-                                         attempt it commits, every other attempt's files are garbage (`hala gc`)
-    <step>/_work/<fingerprint>/          work in progress: chunks, checkpoints, shard parts; resumed by a rerun
-                                         with the same fingerprint, discarded by one with another, removed at commit
+    <step>/_MANIFEST.json             the commit: written last, by one conditional write (hala.contract.cas);
+                                      only a step with a manifest exists for readers
+    <step>/attempt-<id>/<output>/...  one attempt's outputs, immutable and never moved; the manifest names the
+                                      attempt it commits, every other attempt's files are garbage (`hala gc`)
+    <step>/_work/<fingerprint>/       work in progress: chunks, checkpoints, shard parts; resumed by a rerun
+                                      with the same fingerprint, discarded by one with another, removed at
+                                      commit
 
-Every path in a manifest, a part or a chunk marker is relative to the folder that holds it, so a store read from
-another mount point (a host folder against `/store` in a container, a moved folder, a copied bucket) is the same
-store. A reader trusts only a manifest, and checks the sha256 of every file it reads against it: a tampered file
-is a DataError (exit 3) that names the file.
+Every path in a manifest, a part or a chunk marker is relative to the folder that holds it, so a store read
+from another mount point (a host folder against `/store` in a container, a moved folder, a copied bucket) is
+the same store. A reader trusts only a manifest, and checks the sha256 of every file it reads against it: a
+tampered file is a DataError (exit 3) that names the file.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from hala.contract import cas
-from hala.contract.errors import EXIT_CONFIG, EXIT_TEMPORARY, ConfigError, DataError, TemporaryError, exit_code_for
+from hala.contract.errors import (
+    EXIT_CONFIG,
+    EXIT_TEMPORARY,
+    ConfigError,
+    DataError,
+    TemporaryError,
+    exit_code_for,
+)
 from hala.contract.hashing import sha256_file, sha256_files, sha256_listing
 
 MANIFEST = "_MANIFEST.json"
@@ -52,46 +60,59 @@ FETCH_WORKERS = 8  # files downloaded at once from a remote store (each over its
 
 
 def cache_root() -> Path:
-    """This machine's content-addressed cache (HALA_CACHE, default ~/.cache/hala): downloads, localized outputs,
-    tiny stand-in builds. Entries are named by what they hold, so every store and process can share them."""
+    """This machine's content-addressed cache (HALA_CACHE, default ~/.cache/hala): downloads, localized
+    outputs, tiny stand-in builds. Entries are named by what they hold, so every store and process can share
+    them."""
     return Path(os.environ.get("HALA_CACHE", Path.home() / ".cache" / "hala"))
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def new_attempt() -> str:
     """A name no other attempt has: when it started (sortable, readable in a listing) and 32 random bits."""
-    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def safe_relpath(path: Any, where: str) -> str:
-    """A path read from a manifest, a part or a marker, checked before anything is read or written with it: relative,
-    forward slashes, no `..`, no empty or hidden-control parts. A DataError (exit 3) naming the file otherwise: a
-    manifest that points outside its folder is damaged or forged, and no cache or store path may be built from it."""
+    """A path read from a manifest, a part or a marker, checked before anything is read or written with it:
+    relative, forward slashes, no `..`, no empty or hidden-control parts. A DataError (exit 3) naming the file
+    otherwise: a manifest that points outside its folder is damaged or forged, and no cache or store path may
+    be built from it."""
     if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        raise DataError(f"{where}: path {path!r} is not a relative path; the file is damaged (rerun the step that wrote it)")
+        raise DataError(
+            f"{where}: path {path!r} is not a relative path; the file is damaged (rerun the step that wrote "
+            "it)"
+        )
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise DataError(f"{where}: path {path!r} leaves its folder or has empty parts; the file is damaged "
-                        "(rerun the step that wrote it)")
+        raise DataError(
+            f"{where}: path {path!r} leaves its folder or has empty parts; the file is damaged "
+            "(rerun the step that wrote it)"
+        )
     return path
 
 
 def check_sha256(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _SHA256.match(value):
-        raise DataError(f"{where}: sha256 {value!r} is not 64 hex digits; the file is damaged (rerun the step that wrote it)")
+        raise DataError(
+            f"{where}: sha256 {value!r} is not 64 hex digits; the file is damaged (rerun the step that "
+            "wrote it)"
+        )
     return value
 
 
 def prefixed(outputs: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Output entries described relative to an attempt's folder, made relative to the step: `prefix/` before each
-    path (the aggregate sha256 is of paths relative to the output itself, so it does not change)."""
+    """Output entries described relative to an attempt's folder, made relative to the step: `prefix/` before
+    each path (the aggregate sha256 is of paths relative to the output itself, so it does not change)."""
     out = {}
     for name, entry in outputs.items():
-        out[name] = {**entry, "path": f"{prefix}/{entry['path']}",
-                     "files": [{**f, "path": f"{prefix}/{f['path']}"} for f in entry.get("files", [])]}
+        out[name] = {
+            **entry,
+            "path": f"{prefix}/{entry['path']}",
+            "files": [{**f, "path": f"{prefix}/{f['path']}"} for f in entry.get("files", [])],
+        }
     return out
 
 
@@ -109,16 +130,20 @@ def manifest_files(manifest: dict[str, Any], where: str) -> list[dict[str, Any]]
 
 def storage_options(url: str) -> dict[str, Any]:
     """How the store's client retries and waits, set on purpose rather than left to defaults. fsspec's own
-    configuration (FSSPEC_CONFIG_DIR, FSSPEC_<PROTOCOL>_<KEY>) wins over these; credentials come from the client's
-    standard places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / profiles / instance roles; GOOGLE_APPLICATION_CREDENTIALS)."""
+    configuration (FSSPEC_CONFIG_DIR, FSSPEC_<PROTOCOL>_<KEY>) wins over these; credentials come from the
+    client's standard places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / profiles / instance roles;
+    GOOGLE_APPLICATION_CREDENTIALS)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     opts: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
-        # botocore's standard retry mode: exponential backoff with jitter on throttling (SlowDown), 5xx and dropped
-        # connections, 5 attempts in all; a connection gets 10 s, a response 60 s (a part of a multipart upload is
-        # 50 MB). s3fs adds its own 5 tries of a call on top (S3FileSystem.retries).
-        opts["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 5}, "connect_timeout": 10,
-                                 "read_timeout": 60}
+        # botocore's standard retry mode: exponential backoff with jitter on throttling (SlowDown), 5xx and
+        # dropped connections, 5 attempts in all; a connection gets 10 s, a response 60 s (a part of a
+        # multipart upload is 50 MB). s3fs adds its own 5 tries of a call on top (S3FileSystem.retries).
+        opts["config_kwargs"] = {
+            "retries": {"mode": "standard", "total_max_attempts": 5},
+            "connect_timeout": 10,
+            "read_timeout": 60,
+        }
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:  # MinIO, Ceph, R2, a test server: botocore reads these too, older releases did not
             opts["endpoint_url"] = endpoint
@@ -133,7 +158,9 @@ class Store:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
         except (ImportError, ValueError) as e:
-            raise ConfigError(f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)") from e
+            raise ConfigError(
+                f"store {url!r}: {e} (install the fsspec package for that protocol, e.g. s3fs or gcsfs)"
+            ) from e
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         # planning only (hala.ops.schedule.probe): manifests read once, file sizes from one listing of the run
@@ -141,8 +168,8 @@ class Store:
         self.sizes: dict[str, Any] | None = None
 
     def check(self) -> None:
-        """The store answers and can be used: its bucket exists and the credentials are accepted (exit 2 with the
-        fix, naming the URL), or it does not answer within the client's retries (exit 75). One request."""
+        """The store answers and can be used: its bucket exists and the credentials are accepted (exit 2 with
+        the fix, naming the URL), or it does not answer within the client's retries (exit 75). One request."""
         if self.is_local or "memory" in self.fs.protocol:
             return
         bucket = self.root.split("/", 1)[0]
@@ -152,17 +179,26 @@ class Store:
             else:
                 self.fs.info(bucket)
         except FileNotFoundError:
-            raise ConfigError(f"store {self.url}: bucket {bucket!r} does not exist (or is not visible to these credentials); "
-                              "create it, or fix the store URL (--store, the recipe's store:)") from None
+            raise ConfigError(
+                f"store {self.url}: bucket {bucket!r} does not exist (or is not visible to these "
+                "credentials); "
+                "create it, or fix the store URL (--store, the recipe's store:)"
+            ) from None
         except Exception as e:  # noqa: BLE001 - classified below: refused, temporary or a bug
             code = exit_code_for(e)
-            if code == EXIT_CONFIG:  # S3's AccessDenied (PermissionError), GCS's 403 (gcsfs: OSError "Forbidden")
-                raise ConfigError(f"store {self.url}: the credentials were refused ({str(e).splitlines()[0]}); set "
-                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) for s3://, "
-                                  "GOOGLE_APPLICATION_CREDENTIALS for gs://, for an identity that may read and write the "
-                                  "bucket") from None
+            if (
+                code == EXIT_CONFIG
+            ):  # S3's AccessDenied (PermissionError), GCS's 403 (gcsfs: OSError "Forbidden")
+                raise ConfigError(
+                    f"store {self.url}: the credentials were refused ({str(e).splitlines()[0]}); set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) for s3://, "
+                    "GOOGLE_APPLICATION_CREDENTIALS for gs://, for an identity that may read and write the "
+                    "bucket"
+                ) from None
             if code == EXIT_TEMPORARY:
-                raise TemporaryError(f"store {self.url} did not answer after the client's retries: {type(e).__name__}: {e}") from e
+                raise TemporaryError(
+                    f"store {self.url} did not answer after the client's retries: {type(e).__name__}: {e}"
+                ) from e
             raise
 
     # --- paths ------------------------------------------------------------------------------------
@@ -182,7 +218,8 @@ class Store:
     # --- shards: every name and folder of one shard of a step is spelled here -------------------------
 
     def shards_path(self, run: str, step: str, fingerprint: str) -> str:
-        """The folder of a sharded step's shard work (each shard's part, chunks and attempts), under its work area."""
+        """The folder of a sharded step's shard work (each shard's part, chunks and attempts), under its work
+        area."""
         return f"{self.work_path(run, step, fingerprint)}/shards"
 
     def shard_path(self, run: str, step: str, fingerprint: str, index: int, count: int) -> str:
@@ -203,8 +240,9 @@ class Store:
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         if not self.is_local:
-            # s3fs and gcsfs answer "not found" from a listing they cached earlier in this process (a runner that
-            # looked at a shard's folder before the shard committed its part): a commit must be read from the store
+            # s3fs and gcsfs answer "not found" from a listing they cached earlier in this process (a runner
+            # that looked at a shard's folder before the shard committed its part): a commit must be read from
+            # the store
             self.fs.invalidate_cache(path)
         try:
             return json.loads(self.fs.cat_file(path))  # one GET on an object store (open() adds a HEAD)
@@ -214,9 +252,9 @@ class Store:
             raise DataError(f"{self.uri(path)}: not valid JSON ({e}); delete it and rerun the step") from e
 
     def write_json(self, path: str, obj: Any) -> None:
-        """Whole-file write that readers never see half-done: rename of a synced file on local disks (created with the
-        process's umask, so a group can share the store), one PUT on object stores. For run bookkeeping (status,
-        _RUN.json); commits go through `publish`, which is conditional."""
+        """Whole-file write that readers never see half-done: rename of a synced file on local disks (created
+        with the process's umask, so a group can share the store), one PUT on object stores. For run
+        bookkeeping (status, _RUN.json); commits go through `publish`, which is conditional."""
         data = (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
         if self.is_local:
             tmp = cas._local_whole_file(path, data)
@@ -263,9 +301,10 @@ class Store:
             raise DataError(f"{self.uri(path)}: not valid JSON ({e}); delete it and rerun the step") from e
 
     def publish(self, path: str, obj: dict[str, Any], expect: str | None) -> dict[str, Any] | None:
-        """The commit: `obj` written at `path` (a manifest, a part) by one conditional write, if what is there is
-        still what the writer saw (`expect`: its version, or None for nothing). None when this writer won; else
-        what won (a reader sees one or the other, never a mix), or {} when the object was removed meanwhile."""
+        """The commit: `obj` written at `path` (a manifest, a part) by one conditional write, if what is there
+        is still what the writer saw (`expect`: its version, or None for nothing). None when this writer won;
+        else what won (a reader sees one or the other, never a mix), or {} when the object was removed
+        meanwhile."""
         data = (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
         try:
             cas.write(self.fs, path, data, expect)
@@ -276,20 +315,20 @@ class Store:
             return self.read_versioned(path)[1] or {}
 
     def committed(self, run: str, step: str, fingerprint: str | None) -> dict[str, Any] | None:
-        """The one cache predicate: the step's manifest when it is committed under this fingerprint with every output
-        file present at its recorded size, else None. A step, a shard's planning, gather, the runner's plan, a tiny
-        stand-in and train's tokenized cache all ask this, and nothing else."""
+        """The one cache predicate: the step's manifest when it is committed under this fingerprint with every
+        output file present at its recorded size, else None. A step, a shard's planning, gather, the runner's
+        plan, a tiny stand-in and train's tokenized cache all ask this, and nothing else."""
         manifest = self.read_manifest(run, step)
         if manifest is None or fingerprint is None or manifest.get("fingerprint") != fingerprint:
             return None
         return manifest if self.outputs_present(run, step, manifest) else None
 
     def localize(self, run: str, step: str, manifest: dict[str, Any], output: str) -> str:
-        """A local path holding one committed output, every file checked against the manifest: on a local store the
-        output itself (re-hashed), on an object store a copy in this machine's content-addressed cache
-        (cache_root()/outputs/<sha256>/<output folder name>), fetched once per machine, several files at a time, each
-        hashed as it lands, into a folder of its own that is renamed in place whole (a reader never meets a copy
-        another process is still writing)."""
+        """A local path holding one committed output, every file checked against the manifest: on a local
+        store the output itself (re-hashed), on an object store a copy in this machine's content-addressed
+        cache (cache_root()/outputs/<sha256>/<output folder name>), fetched once per machine, several files at
+        a time, each hashed as it lands, into a folder of its own that is renamed in place whole (a reader
+        never meets a copy another process is still writing)."""
         where = f"{self.uri(self.path(run, step, MANIFEST))}"
         entry = manifest["outputs"][output]
         files = manifest_files({"outputs": {output: entry}}, where)
@@ -306,7 +345,11 @@ class Store:
         local = fsspec.filesystem("file")
 
         def fetch(f: dict[str, Any]) -> None:
-            rel = f["path"][len(root) + 1:] if f["path"].startswith(root + "/") else f["path"].rsplit("/", 1)[-1]
+            rel = (
+                f["path"][len(root) + 1 :]
+                if f["path"].startswith(root + "/")
+                else f["path"].rsplit("/", 1)[-1]
+            )
             dst = tmp / name / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get(self.path(run, step, f["path"]), str(dst))
@@ -314,12 +357,13 @@ class Store:
             if digest != f["sha256"] or size != f["bytes"]:
                 raise DataError(
                     f"artifact changed since it was written: {self.uri(self.path(run, step, f['path']))} "
-                    f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with --force {step}"
+                    f"(sha256 {digest[:12]}…, manifest says {f['sha256'][:12]}…); rerun step '{step}' with "
+                    f"--force {step}"
                 )
 
         try:
-            # largest first, so that the last to finish is small; one at a time this was the slowest way to read an
-            # output (bench/store_throughput.py)
+            # largest first, so that the last to finish is small; one at a time this was the slowest way to
+            # read an output (bench/store_throughput.py)
             ordered = sorted(files, key=lambda f: -f["bytes"])
             with ThreadPoolExecutor(max(1, min(FETCH_WORKERS, len(ordered)))) as pool:
                 for _ in pool.map(fetch, ordered):
@@ -341,13 +385,15 @@ class Store:
             entry = manifest["outputs"][output]
         except KeyError:
             raise ConfigError(
-                f"step '{step}' of run '{run}' has no output '{output}'; it has: {', '.join(manifest.get('outputs', {}))}"
+                f"step '{step}' of run '{run}' has no output '{output}'; it has: "
+                f"{', '.join(manifest.get('outputs', {}))}"
             ) from None
         return self.path(run, step, entry["path"])
 
     def file_sizes(self, paths: list[str]) -> dict[str, Any]:
-        """Path -> size of those of `paths` that exist: one listing per folder (on S3 a LIST answers for up to 1,000
-        files, where a size is one HEAD each), never a cached one; while planning, the run's one listing."""
+        """Path -> size of those of `paths` that exist: one listing per folder (on S3 a LIST answers for up to
+        1,000 files, where a size is one HEAD each), never a cached one; while planning, the run's one
+        listing."""
         if self.sizes is not None:
             return self.sizes
         sizes: dict[str, Any] = {}
@@ -361,8 +407,11 @@ class Store:
 
     def outputs_present(self, run: str, step: str, manifest: dict[str, Any]) -> bool:
         """Cheap check for a cache hit: every listed file exists with its recorded size."""
-        files = [(self.path(run, step, f["path"]), f["bytes"]) for entry in manifest.get("outputs", {}).values()
-                 for f in entry.get("files", [])]
+        files = [
+            (self.path(run, step, f["path"]), f["bytes"])
+            for entry in manifest.get("outputs", {}).values()
+            for f in entry.get("files", [])
+        ]
         sizes = self.file_sizes([path for path, _ in files])
         return all(sizes.get(path) == size for path, size in files)
 
@@ -376,12 +425,15 @@ class Store:
 
     def verify_output(self, run: str, step: str, manifest: dict[str, Any], output: str) -> None:
         """Re-hash every file of one output; DataError (exit 3) naming the first file that differs."""
-        files = manifest_files({"outputs": {output: manifest["outputs"][output]}}, self.uri(self.path(run, step, MANIFEST)))
+        files = manifest_files(
+            {"outputs": {output: manifest["outputs"][output]}}, self.uri(self.path(run, step, MANIFEST))
+        )
         paths = [self.path(run, step, f["path"]) for f in files]
         for path in paths:
             if not self.fs.exists(path):
                 raise DataError(
-                    f"artifact missing: {self.uri(path)} is listed in the manifest of step '{step}' but does not exist; "
+                    f"artifact missing: {self.uri(path)} is listed in the manifest of step '{step}' but "
+                    "does not exist; "
                     f"rerun it with --force {step}"
                 )
         for f, path, (digest, size) in zip(files, paths, sha256_files(self.fs, paths)):
@@ -401,23 +453,26 @@ class Store:
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def describe(self, base: str, rel_dir: str, local: bool,
-                 known: dict[str, tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
+    def describe(
+        self, base: str, rel_dir: str, local: bool, known: dict[str, tuple[str, int, int]] | None = None
+    ) -> list[dict[str, Any]]:
         """Files under base/rel_dir (on this machine when `local`, else in the store) with sha256 and size."""
-        return describe(fsspec.filesystem("file") if local else self.fs, base, rel_dir, known if local else None)
+        return describe(
+            fsspec.filesystem("file") if local else self.fs, base, rel_dir, known if local else None
+        )
 
     def upload(self, base: str, rels: list[str], dest: str) -> None:
-        """Files `base/<rel>` of this machine to `dest/<rel>` in the store, several at a time. Named one by one: a
-        folder put into a folder that exists lands inside it (fsspec's rule), which once committed an earlier
-        attempt's bytes under a new attempt's hashes."""
+        """Files `base/<rel>` of this machine to `dest/<rel>` in the store, several at a time. Named one by
+        one: a folder put into a folder that exists lands inside it (fsspec's rule), which once committed an
+        earlier attempt's bytes under a new attempt's hashes."""
         if not rels:
             return
         self.fs.put([os.path.join(base, r) for r in rels], [f"{dest}/{r}" for r in rels])
 
     def materialize(self, pairs: list[tuple[str, str]]) -> None:
-        """(source, destination) store paths: each destination a new name for the source's bytes, the source left as
-        it is: a hard link on a local store (no bytes copied; a copy where links are refused), a server-side copy on
-        an object store (CopyObject, GCS rewrite: no byte passes through this process)."""
+        """(source, destination) store paths: each destination a new name for the source's bytes, the source
+        left as it is: a hard link on a local store (no bytes copied; a copy where links are refused), a
+        server-side copy on an object store (CopyObject, GCS rewrite: no byte passes through this process)."""
         if self.is_local:
             for src, dst in pairs:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -434,7 +489,8 @@ class Store:
                 pass
 
     def sync(self, folder: str, rels: list[str]) -> None:
-        """Local stores: every file `folder/<rel>` and its folders on disk before the manifest that names them."""
+        """Local stores: every file `folder/<rel>` and its folders on disk before the manifest that names
+        them."""
         if not self.is_local:
             return
         folders = {folder}
@@ -454,8 +510,8 @@ class Store:
         cas._fsync_dir(os.path.dirname(folder))
 
     def remove(self, path: str) -> None:
-        """Remove a folder or file of this writer's own (a lost or failed attempt); what cannot be removed now is
-        left to `hala gc`, never an error."""
+        """Remove a folder or file of this writer's own (a lost or failed attempt); what cannot be removed now
+        is left to `hala gc`, never an error."""
         try:
             if self.is_local:
                 if os.path.isdir(path):
@@ -468,14 +524,18 @@ class Store:
             pass
 
     def clean_work(self, run: str, step: str, keep: str | None = None) -> None:
-        """Drop work areas; `keep` one fingerprint (the current one, when resuming). Best effort: called after a
-        commit, where a failure must not turn a committed step into a failed one (what stays is garbage for gc)."""
+        """Drop work areas; `keep` one fingerprint (the current one, when resuming). Best effort: called after
+        a commit, where a failure must not turn a committed step into a failed one (what stays is garbage for
+        gc)."""
         work = self.path(run, step, WORK)
         try:
             if not self.fs.exists(work):
                 return
-            for entry in self.fs.ls(work, detail=False, refresh=True) if not self.is_local else [
-                    os.path.join(work, e) for e in os.listdir(work)]:
+            for entry in (
+                self.fs.ls(work, detail=False, refresh=True)
+                if not self.is_local
+                else [os.path.join(work, e) for e in os.listdir(work)]
+            ):
                 if keep is None or entry.rstrip("/").rsplit("/", 1)[-1] != keep:
                     self.fs.rm(entry, recursive=True)
             # on an object store a prefix ends with its last object: nothing is left to remove
@@ -489,7 +549,9 @@ class Store:
                 raise  # before the work: a store that cannot remove stale work cannot take the step's either
             from hala.contract.logs import get
 
-            get("hala.store").warning("work area not removed; `hala gc` will", path=self.uri(work), error=f"{type(e).__name__}: {e}")
+            get("hala.store").warning(
+                "work area not removed; `hala gc` will", path=self.uri(work), error=f"{type(e).__name__}: {e}"
+            )
 
     # --- run bookkeeping --------------------------------------------------------------------------
 
@@ -500,7 +562,9 @@ class Store:
             name = self.shard_name(step, index, count)
         else:
             name = step
-        self.write_json(self.path(run, "_status", f"{name}.json"), {"step": step, "shard": shard, "at": now(), **fields})
+        self.write_json(
+            self.path(run, "_status", f"{name}.json"), {"step": step, "shard": shard, "at": now(), **fields}
+        )
 
     def read_statuses(self, run: str) -> dict[str, dict[str, Any]]:
         folder = self.path(run, "_status")
@@ -517,9 +581,11 @@ class Store:
         return out
 
 
-def describe(fs: Any, base: str, rel_dir: str, known: dict[str, tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
-    """Files under base/rel_dir with sha256 and size; paths relative to base. `known`: local files already hashed by
-    their writer (abs path -> sha256, size, mtime_ns), taken only if size and mtime still match."""
+def describe(
+    fs: Any, base: str, rel_dir: str, known: dict[str, tuple[str, int, int]] | None = None
+) -> list[dict[str, Any]]:
+    """Files under base/rel_dir with sha256 and size; paths relative to base. `known`: local files already
+    hashed by their writer (abs path -> sha256, size, mtime_ns), taken only if size and mtime still match."""
     root = f"{base.rstrip('/')}/{rel_dir}"
     if not fs.exists(root):
         return []
@@ -531,21 +597,28 @@ def describe(fs: Any, base: str, rel_dir: str, known: dict[str, tuple[str, int, 
             found[p] = (entry[0], entry[1])
     rest = [p for p in paths if p not in found]
     found.update(zip(rest, sha256_files(fs, rest)))
-    return [{"path": p[len(base.rstrip("/")) + 1 :], "sha256": found[p][0], "bytes": found[p][1]} for p in paths]
+    return [
+        {"path": p[len(base.rstrip("/")) + 1 :], "sha256": found[p][0], "bytes": found[p][1]} for p in paths
+    ]
 
 
 def describe_local(base: str, rel_dir: str) -> list[dict[str, Any]]:
     return describe(fsspec.filesystem("file"), base, rel_dir)
 
 
-def output_entry(files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int | None, **extra: Any) -> dict[str, Any]:
+def output_entry(
+    files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int | None, **extra: Any
+) -> dict[str, Any]:
     prefix = rel_dir.rstrip("/") + "/"
     return {
         "path": rel_dir,
         "kind": kind,
         "rows": rows,
         "bytes": sum(f["bytes"] for f in files),
-        "sha256": sha256_listing((f["path"][len(prefix) :] if f["path"].startswith(prefix) else f["path"], f["sha256"]) for f in files),
+        "sha256": sha256_listing(
+            (f["path"][len(prefix) :] if f["path"].startswith(prefix) else f["path"], f["sha256"])
+            for f in files
+        ),
         "files": files,
         **extra,
     }
@@ -553,8 +626,8 @@ def output_entry(files: list[dict[str, Any]], rel_dir: str, kind: str, rows: int
 
 @dataclass(frozen=True)
 class Identity:
-    """What made an artifact, as its manifest records it: a recipe step (`of_step`), or an artifact no recipe names
-    (a tiny stand-in, a tokenized cache) described by its builder."""
+    """What made an artifact, as its manifest records it: a recipe step (`of_step`), or an artifact no recipe
+    names (a tiny stand-in, a tokenized cache) described by its builder."""
 
     name: str
     stage: str
@@ -563,17 +636,28 @@ class Identity:
     config_hash: str | None = None
 
     @classmethod
-    def of_step(cls, step: Any) -> "Identity":
+    def of_step(cls, step: Any) -> Identity:
         return cls(step.name, step.stage, step.spec.version, step.config, step.config_hash())
 
 
-def new_manifest(*, run: str, step: Any, fingerprint: str, inputs: dict[str, Any], outputs: dict[str, Any],
-                 counts: dict[str, Any] | None, quarantine: dict[str, Any], metrics: dict[str, Any],
-                 timings: dict[str, Any], shards: dict[str, Any] | None, attempt: str | None = None,
-                 lease: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the fields).
-    `step`: a recipe Step or an Identity; `attempt`: the attempt whose folder holds the outputs; `lease`: the token
-    of the lease its writer held when it committed (hala.contract.lease.Lease.token)."""
+def new_manifest(
+    *,
+    run: str,
+    step: Any,
+    fingerprint: str,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    counts: dict[str, Any] | None,
+    quarantine: dict[str, Any],
+    metrics: dict[str, Any],
+    timings: dict[str, Any],
+    shards: dict[str, Any] | None,
+    attempt: str | None = None,
+    lease: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one place a manifest is put together (schema hala.manifest/1; docs/ARCHITECTURE.md lists the
+    fields). `step`: a recipe Step or an Identity; `attempt`: the attempt whose folder holds the outputs;
+    `lease`: the token of the lease its writer held when it committed (hala.contract.lease.Lease.token)."""
     who = step if isinstance(step, Identity) else Identity.of_step(step)
     return {
         "schema": SCHEMA,
@@ -603,7 +687,9 @@ def check_counts(counts: dict[str, Any], where: str) -> None:
     """rows_in = rows_out + rows_quarantined + sum(rows_removed): refuse to commit otherwise."""
     unknown = set(counts) - set(COUNT_KEYS)
     if unknown:
-        raise DataError(f"{where}: unknown count keys {sorted(unknown)}; the manifest uses {', '.join(COUNT_KEYS)}")
+        raise DataError(
+            f"{where}: unknown count keys {sorted(unknown)}; the manifest uses {', '.join(COUNT_KEYS)}"
+        )
     removed = counts.get("rows_removed") or {}
     total = counts.get("rows_out", 0) + counts.get("rows_quarantined", 0) + sum(removed.values())
     if counts.get("rows_in", 0) != total:
@@ -622,7 +708,10 @@ def code_version() -> str:
         try:
             out = subprocess.run(
                 ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             )
             return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
@@ -638,6 +727,7 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "image": os.environ.get("HALA_IMAGE"),
-        # forked from `hala run`'s warm interpreter of the environment (hala.kit.warm): same code, imports done ahead
+        # forked from `hala run`'s warm interpreter of the environment (hala.kit.warm): same code, imports
+        # done ahead
         "warm": bool(os.environ.get("HALA_WARM_SOCKET")),
     }

@@ -9,30 +9,54 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def conversations_schema() -> Any:
     import pyarrow as pa
 
-    call = pa.struct([("type", pa.string()), ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+    call = pa.struct(
+        [("type", pa.string()), ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))]
+    )
     message = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(call))])
-    return pa.schema([("id", pa.string()), ("origin", pa.string()), ("messages", pa.list_(message)), ("tools", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("origin", pa.string()),
+            ("messages", pa.list_(message)),
+            ("tools", pa.string()),
+        ]
+    )
 
 
 def pairs_schema(*extra: tuple[str, Any]) -> Any:
     import pyarrow as pa
 
-    base = [("id", pa.string()), ("origin", pa.string()), ("src_lang", pa.string()), ("tgt_lang", pa.string()),
-            ("src", pa.string()), ("tgt", pa.string())]
+    base = [
+        ("id", pa.string()),
+        ("origin", pa.string()),
+        ("src_lang", pa.string()),
+        ("tgt_lang", pa.string()),
+        ("src", pa.string()),
+        ("tgt", pa.string()),
+    ]
     return pa.schema(base + list(extra))
 
 
 def quarantine_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("origin", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()),
-                      ("detail", pa.string()), ("raw", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("origin", pa.string()),
+            ("row_index", pa.int64()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+            ("raw", pa.string()),
+        ]
+    )
 
 
 RAW_LIMIT = 1 << 20  # keep at most 1 MiB of a quarantined row
@@ -57,12 +81,13 @@ def write_table(path: str, table: Any) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-# --- reading a shard's rows ---------------------------------------------------------------------------------------
+# --- reading a shard's rows
+# ---------------------------------------------------------------------------------------
 #
 # Rows are numbered across the input's parquet files in path order (file by file, row group by row group), and
 # shard i of n owns the contiguous range [total*i//n, total*(i+1)//n). A shard reads the footers of every file
-# (a few KB each), then only the row groups that overlap its range: on an object store those are ranged GETs of
-# its own bytes, never a download of the dataset. Contiguous ranges read n times less than `i mod n` would.
+# (a few KB each), then only the row groups that overlap its range: on an object store those are ranged GETs
+# of its own bytes, never a download of the dataset. Contiguous ranges read n times less than `i mod n` would.
 
 
 def shard_range(total: int, i: int, n: int) -> tuple[int, int]:
@@ -98,23 +123,29 @@ class RowGroups:
         self.total = first
 
     @classmethod
-    def local(cls, path: str) -> "RowGroups":
+    def local(cls, path: str) -> RowGroups:
         """The parquet files of a local file or folder (every *.parquet below it, in path order)."""
         import glob
 
         import fsspec
 
-        paths = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        paths = (
+            [path]
+            if os.path.isfile(path)
+            else sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        )
         return cls(fsspec.filesystem("file"), paths)
 
     @property
     def columns(self) -> list[str]:
         return list(self.schema.names) if self.schema is not None else []
 
-    def batches(self, start: int, stop: int, batch_rows: int = 4096, columns: list[str] | None = None) -> Iterator[Any]:
-        """Arrow record batches holding exactly rows [start, stop), in order; only overlapping row groups are read,
-        in batches of at most `batch_rows` (memory follows the batch, not the row group or the file), and of them
-        only `columns` when given (parquet reads those columns' pages alone)."""
+    def batches(
+        self, start: int, stop: int, batch_rows: int = 4096, columns: list[str] | None = None
+    ) -> Iterator[Any]:
+        """Arrow record batches holding exactly rows [start, stop), in order; only overlapping row groups are
+        read, in batches of at most `batch_rows` (memory follows the batch, not the row group or the file),
+        and of them only `columns` when given (parquet reads those columns' pages alone)."""
         import pyarrow.parquet as pq
 
         current, handle, parquet = -1, None, None  # one file open at a time
@@ -139,8 +170,13 @@ class RowGroups:
             if handle is not None:
                 handle.close()
 
-    def rows(self, start: int = 0, stop: int | None = None, batch_rows: int = 4096,
-             columns: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    def rows(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        batch_rows: int = 4096,
+        columns: list[str] | None = None,
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """(row index, row) for rows [start, stop) (every row by default), decoding a batch at a time."""
         index = start
         for batch in self.batches(start, self.total if stop is None else stop, batch_rows, columns):
@@ -149,7 +185,8 @@ class RowGroups:
                 index += 1
 
 
-# --- writing an output at a sane file size ------------------------------------------------------------------------
+# --- writing an output at a sane file size
+# ------------------------------------------------------------------------
 
 GROUP_ROWS = 32_768  # rows per row group: a shard's range starts and ends inside at most two of them
 GROUP_BYTES = 64 << 20  # or fewer rows when they are large (long conversations)
@@ -160,12 +197,26 @@ FILE_BYTES = 512 << 20
 class PartWriter:
     """Tables appended in order become `part-00000.parquet`, `part-00001.parquet`, ... in `folder`, written as
     they come: row groups of GROUP_ROWS (or GROUP_BYTES), a new file after FILE_ROWS rows (or FILE_BYTES).
-    Holds at most one row group in memory. `close()` leaves at least one file, so a reader always finds a table."""
+    Holds at most one row group in memory. `close()` leaves at least one file, so a reader always finds a
+    table."""
 
-    def __init__(self, folder: str, schema: Any, *, group_rows: int = GROUP_ROWS, group_bytes: int = GROUP_BYTES,
-                 file_rows: int = FILE_ROWS, file_bytes: int = FILE_BYTES):
+    def __init__(
+        self,
+        folder: str,
+        schema: Any,
+        *,
+        group_rows: int = GROUP_ROWS,
+        group_bytes: int = GROUP_BYTES,
+        file_rows: int = FILE_ROWS,
+        file_bytes: int = FILE_BYTES,
+    ):
         self.folder, self.schema = folder, schema
-        self.group_rows, self.group_bytes, self.file_rows, self.file_bytes = group_rows, group_bytes, file_rows, file_bytes
+        self.group_rows, self.group_bytes, self.file_rows, self.file_bytes = (
+            group_rows,
+            group_bytes,
+            file_rows,
+            file_bytes,
+        )
         self.pending: list[Any] = []
         self.pending_rows = self.pending_bytes = 0
         self.writer: Any = None
@@ -185,7 +236,9 @@ class PartWriter:
         if self.pending_bytes >= self.group_bytes:
             self._flush()  # one short row group of large rows
         elif self.pending_rows >= self.group_rows:
-            self._flush(self.pending_rows - self.pending_rows % self.group_rows)  # whole row groups; the rest waits
+            self._flush(
+                self.pending_rows - self.pending_rows % self.group_rows
+            )  # whole row groups; the rest waits
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
@@ -211,7 +264,9 @@ class PartWriter:
                 self.path = os.path.join(self.folder, f"part-{len(self.files):05d}.parquet")
                 self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
                 self.files.append(self.path)
-            piece = table.slice(0, self.file_rows - self.file_rows_written)  # a file holds file_rows rows at most
+            piece = table.slice(
+                0, self.file_rows - self.file_rows_written
+            )  # a file holds file_rows rows at most
             table = table.slice(piece.num_rows)
             self.writer.write_table(piece, row_group_size=self.group_rows)
             self.file_rows_written += piece.num_rows

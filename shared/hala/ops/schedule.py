@@ -3,12 +3,12 @@
 Two questions, answered the same way for every executor (the local runner, the Kubernetes conductor; docker
 compose runs the DAG this module's rules render as `depends_on`):
 
-- `state(store, recipe, step, forced)`: is the step committed under its current fingerprint (`cached`, by the one
-  cache predicate `Store.committed`), must it run (`run`), or can it not be judged yet because an input is not
-  committed (`waiting`, planning only). It reads manifests and input identities, nothing else.
-- `next_move(recipe, step, states, stopped)`: given what is known of the other steps, may it start (`go`), must it
-  wait for its inputs (`wait`), can it never run in this pass because an input failed (`blocked`), or is the run
-  stopping at a failure (`skip`). Pure: no store, no clock.
+- `state(store, recipe, step, forced)`: is the step committed under its current fingerprint (`cached`, by the
+  one cache predicate `Store.committed`), must it run (`run`), or can it not be judged yet because an input is
+  not committed (`waiting`, planning only). It reads manifests and input identities, nothing else.
+- `next_move(recipe, step, states, stopped)`: given what is known of the other steps, may it start (`go`),
+  must it wait for its inputs (`wait`), can it never run in this pass because an input failed (`blocked`), or
+  is the run stopping at a failure (`skip`). Pure: no store, no clock.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def state(store: Store, recipe: Recipe, step: Step, forced: bool, planning: bool
 
 
 def probe(store: Store, recipe: Recipe, steps: list[Step], force: list[str] | None) -> dict[str, State]:
-    """Every step's state read before the run starts, side by side, each manifest once and every file's size from one
-    listing of the run: on an object store each state was a few requests (its manifest, its inputs' manifests, a
-    listing per output folder), and one after the other they were most of a cached run (the tiny DAG on S3: 2.8 s
-    of 4.0 s, 118 requests). A step whose state cannot be read here is read again in its turn, where its error is
-    reported. Valid only until a step runs: a cached state holds while every upstream step was cached too."""
+    """Every step's state read before the run starts, side by side, each manifest once and every file's size
+    from one listing of the run: on an object store each state was a few requests (its manifest, its inputs'
+    manifests, a listing per output folder), and one after the other they were most of a cached run (the tiny
+    DAG on S3: 2.8 s of 4.0 s, 118 requests). A step whose state cannot be read here is read again in its
+    turn, where its error is reported. Valid only until a step runs: a cached state holds while every upstream
+    step was cached too."""
 
     def one(step: Step) -> State | None:
         try:
@@ -70,13 +71,16 @@ def probe(store: Store, recipe: Recipe, steps: list[Step], force: list[str] | No
     return {name: st for name, st in states.items() if st is not None}
 
 
-def next_move(recipe: Recipe, step: Step, states: dict[str, str], tracked: set[str], stopped: bool) -> tuple[str, list[str]]:
+def next_move(
+    recipe: Recipe, step: Step, states: dict[str, str], tracked: set[str], stopped: bool
+) -> tuple[str, list[str]]:
     """('go' | 'wait' | 'blocked' | 'skip', the upstream steps that decided it).
 
-    `tracked`: the steps this run executes (the runner's selection, the conductor's enabled steps); `states`: what
-    is known of them so far (a FINAL state, or 'running'). An upstream step outside the run counts as there: its
-    committed output is read, and a missing one is the step's own error (exit 2) when it resolves its inputs.
-    `stopped`: the run stops at its first failure (no --keep-going) and one happened, so nothing new starts."""
+    `tracked`: the steps this run executes (the runner's selection, the conductor's enabled steps); `states`:
+    what is known of them so far (a FINAL state, or 'running'). An upstream step outside the run counts as
+    there: its committed output is read, and a missing one is the step's own error (exit 2) when it resolves
+    its inputs. `stopped`: the run stops at its first failure (no --keep-going) and one happened, so nothing
+    new starts."""
     ups = [u for u in step.upstream if u in recipe.steps]
     failed = [u for u in ups if states.get(u) in ("failed", "blocked")]
     if failed:

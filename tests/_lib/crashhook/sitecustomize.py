@@ -1,5 +1,6 @@
-"""Loaded at interpreter start when this folder is on PYTHONPATH (tests/_lib/crashpoints.env puts it there): installs
-the crash plan of HALA_CRASH_PLAN in every process of a recovery test. Without the variable it does nothing."""
+"""Loaded at interpreter start when this folder is on PYTHONPATH (tests/_lib/crashpoints.env puts it there):
+installs the crash plan of HALA_CRASH_PLAN in every process of a recovery test. Without the variable it does
+nothing."""
 
 import os
 

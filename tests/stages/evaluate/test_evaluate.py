@@ -13,7 +13,8 @@ import pytest
 from hala.contract import schema, step, tables, tiny
 from hala.contract.store import Store
 from helpers import REPO, output_dir, write_recipe
-from stages.evaluate import localdata, main as emain, translation
+from stages.evaluate import localdata, translation
+from stages.evaluate import main as emain
 from stages.evaluate.config import EvaluateConfig
 
 PAIRS = REPO / "recipes" / "samples" / "pairs.en-ar.tsv"
@@ -29,8 +30,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_pairs(folder: Path, pairs: list[tuple[str, str]], prefix: str = "p") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": f"{prefix}:{i}", "origin": prefix, "src_lang": "en", "tgt_lang": "ar", "src": en, "tgt": ar}
-            for i, (en, ar) in enumerate(pairs)]
+    rows = [
+        {"id": f"{prefix}:{i}", "origin": prefix, "src_lang": "en", "tgt_lang": "ar", "src": en, "tgt": ar}
+        for i, (en, ar) in enumerate(pairs)
+    ]
     tables.write(str(folder / "part-0.parquet"), rows, tables.pairs_schema())
     return folder
 
@@ -43,7 +46,8 @@ def sample_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def flores_devtest(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """FLORES-200 devtest sentences (index >= 997 in SIB-200's numbering), English and Arabic aligned by index."""
+    """FLORES-200 devtest sentences (index >= 997 in SIB-200's numbering), English and Arabic aligned by
+    index."""
     root = shared_data / "flores200-sib200-subset-eng-arb"
     split = {}
     with open(root / "derived" / "flores200_subset.ids.tsv", encoding="utf-8", newline="") as f:
@@ -63,10 +67,19 @@ def flores_devtest(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) 
     return write_pairs(tmp_path_factory.mktemp("flores") / "data", [(en[i], ar[i]) for i in ids], "flores")
 
 
-def evaluate(tmp_path: Path, store: Path, run: str, inputs: dict[str, str], **config: Any) -> tuple[int, dict | None]:
-    path = write_recipe(tmp_path, {"evaluate-x": {"stage": "evaluate", "inputs": inputs, "config": config}},
-                        store=str(store), run=run, tiny_models={"pairs": str(PAIRS)})
-    code = step.run("evaluate", EvaluateConfig, emain.main, argv=["--recipe", str(path), "--step", "evaluate-x"])
+def evaluate(
+    tmp_path: Path, store: Path, run: str, inputs: dict[str, str], **config: Any
+) -> tuple[int, dict | None]:
+    path = write_recipe(
+        tmp_path,
+        {"evaluate-x": {"stage": "evaluate", "inputs": inputs, "config": config}},
+        store=str(store),
+        run=run,
+        tiny_models={"pairs": str(PAIRS)},
+    )
+    code = step.run(
+        "evaluate", EvaluateConfig, emain.main, argv=["--recipe", str(path), "--step", "evaluate-x"]
+    )
     return code, Store(str(store)).read_manifest(run, "evaluate-x")
 
 
@@ -84,9 +97,20 @@ def test_sacrebleu_scores_identical_and_shuffled_text_as_expected() -> None:
     assert shuffled["bleu"] < 10 and shuffled["chrf++"] < 40
 
 
-def test_translator_base_against_model_on_flores_devtest(tmp_path: Path, store: Path, flores_devtest: Path) -> None:
-    code, m = evaluate(tmp_path, store, "flores", {"model": "tiny:translator", "base": "tiny:lfm2-1.2b", "data": str(flores_devtest)},
-                       kind="translation", prompt=PROMPT, engine="transformers", max_model_len=512, max_tokens=48)
+def test_translator_base_against_model_on_flores_devtest(
+    tmp_path: Path, store: Path, flores_devtest: Path
+) -> None:
+    code, m = evaluate(
+        tmp_path,
+        store,
+        "flores",
+        {"model": "tiny:translator", "base": "tiny:lfm2-1.2b", "data": str(flores_devtest)},
+        kind="translation",
+        prompt=PROMPT,
+        engine="transformers",
+        max_model_len=512,
+        max_tokens=48,
+    )
     assert code == 0
     r = m["metrics"]
     assert r["rows"] == 24 and r["direction"] == "en-ar"
@@ -94,30 +118,62 @@ def test_translator_base_against_model_on_flores_devtest(tmp_path: Path, store: 
         assert 0 <= r[side]["bleu"] <= 100 and 0 <= r[side]["chrf++"] <= 100
         assert r[side]["engine"]["engine"] == "transformers" and r[side]["completion_tokens"] > 0
     assert r["difference"]["chrf++"] == round(r["model"]["chrf++"] - r["base"]["chrf++"], 2)
-    out = [r for _, r in tables.RowGroups.local(str(output_dir(store, "flores", "evaluate-x", "translations"))).rows()]
+    out = [
+        r
+        for _, r in tables.RowGroups.local(
+            str(output_dir(store, "flores", "evaluate-x", "translations"))
+        ).rows()
+    ]
     assert len(out) == 24 and {"src", "ref", "hyp_model", "hyp_base"} <= set(out[0])
 
 
-def test_fp8_acceptance_passes_a_faithful_model_and_fails_a_worse_one(tmp_path: Path, store: Path, sample_pairs: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    common = {"kind": "fp8_acceptance", "prompt": TEACHER, "engine": "transformers", "max_model_len": 512, "max_tokens": 64}
-    code, m = evaluate(tmp_path / "a", store, "fp8-same", {"model": "tiny:teacher", "reference": "tiny:teacher",
-                                                           "data": str(sample_pairs)}, **common, max_quality_drop=0.0)
+def test_fp8_acceptance_passes_a_faithful_model_and_fails_a_worse_one(
+    tmp_path: Path, store: Path, sample_pairs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = {
+        "kind": "fp8_acceptance",
+        "prompt": TEACHER,
+        "engine": "transformers",
+        "max_model_len": 512,
+        "max_tokens": 64,
+    }
+    code, m = evaluate(
+        tmp_path / "a",
+        store,
+        "fp8-same",
+        {"model": "tiny:teacher", "reference": "tiny:teacher", "data": str(sample_pairs)},
+        **common,
+        max_quality_drop=0.0,
+    )
     assert code == 0
     r = m["metrics"]
     assert r["accepted"] and r["chrf_drop"] == 0.0 and r["identical_outputs"] == r["rows"] == 12
     assert r["reference"]["chrf++"] > 50  # the teacher knows these pairs
     assert r["throughput_ratio"] > 0 and r["device"]["type"] == "cpu" and r["device"]["fp8_native"] is False
     # an untrained model in the FP8 seat loses far more than the tolerance: exit 3, nothing committed
-    code, m = evaluate(tmp_path / "b", store, "fp8-bad", {"model": "tiny:lfm2-350m", "reference": "tiny:teacher",
-                                                          "data": str(sample_pairs)}, **common, max_quality_drop=0.5)
+    code, m = evaluate(
+        tmp_path / "b",
+        store,
+        "fp8-bad",
+        {"model": "tiny:lfm2-350m", "reference": "tiny:teacher", "data": str(sample_pairs)},
+        **common,
+        max_quality_drop=0.5,
+    )
     assert code == 3 and m is None
     assert "loses" in capsys.readouterr().out
 
 
-def test_benchmarks_on_the_format_samples_score_every_family_for_model_and_base(tmp_path: Path, store: Path) -> None:
-    code, m = evaluate(tmp_path, store, "bench", {"model": "tiny:translator", "base": "tiny:lfm2-1.2b", "benchmarks": str(SAMPLES)},
-                       kind="benchmarks", trust_data_origin="format_only")
+def test_benchmarks_on_the_format_samples_score_every_family_for_model_and_base(
+    tmp_path: Path, store: Path
+) -> None:
+    code, m = evaluate(
+        tmp_path,
+        store,
+        "bench",
+        {"model": "tiny:translator", "base": "tiny:lfm2-1.2b", "benchmarks": str(SAMPLES)},
+        kind="benchmarks",
+        trust_data_origin="format_only",
+    )
     assert code == 0
     r = m["metrics"]
     fams = ["alghafa", "arabic_exams", "arabic_mmlu", "arabic_mmlu_ht", "aratrust", "madinah_qa"]
@@ -128,16 +184,29 @@ def test_benchmarks_on_the_format_samples_score_every_family_for_model_and_base(
     assert r["difference"]["average"] == round(r["model"]["average"] - r["base"]["average"], 4)
     assert r["data_origin"] == "format_only" and r["few_shot"] == 0 and "acc_norm" in r["metric"]
     results = output_dir(store, "bench", "evaluate-x", "results")
-    assert (results / "scores.json").exists() and list(results.glob("lighteval-model/results/*/results_*.json"))
+    assert (results / "scores.json").exists() and list(
+        results.glob("lighteval-model/results/*/results_*.json")
+    )
 
 
-def test_benchmarks_on_real_exams_and_arabicmmlu_converted_on_the_fly(tmp_path: Path, store: Path, shared_data: Path) -> None:
+def test_benchmarks_on_real_exams_and_arabicmmlu_converted_on_the_fly(
+    tmp_path: Path, store: Path, shared_data: Path
+) -> None:
     data = tmp_path / "oall"
     ex = localdata.exams(str(shared_data / "ar-exams"), str(data))
-    mm = localdata.arabicmmlu(str(shared_data / "ar-arabicmmlu-subset" / "ArabicMMLUs.csv"), str(data), per_subset=5)
+    mm = localdata.arabicmmlu(
+        str(shared_data / "ar-arabicmmlu-subset" / "ArabicMMLUs.csv"), str(data), per_subset=5
+    )
     assert ex["test"] > 500 and ex["skipped"] == 0 and mm["subsets"] >= 10
-    code, m = evaluate(tmp_path, store, "real", {"model": "tiny:lfm2-350m", "benchmarks": str(data)}, kind="benchmarks",
-                       tasks=["arabic_exams", "arabic_mmlu"], max_samples=20)
+    code, m = evaluate(
+        tmp_path,
+        store,
+        "real",
+        {"model": "tiny:lfm2-350m", "benchmarks": str(data)},
+        kind="benchmarks",
+        tasks=["arabic_exams", "arabic_mmlu"],
+        max_samples=20,
+    )
     assert code == 0
     r = m["metrics"]["model"]
     assert set(r["families"]) == {"arabic_exams", "arabic_mmlu"} and len(r["tasks"]) == 1 + mm["subsets"]
@@ -145,7 +214,8 @@ def test_benchmarks_on_real_exams_and_arabicmmlu_converted_on_the_fly(tmp_path: 
 
 
 def test_a_broken_task_is_marked_failed_with_file_and_line_and_the_others_still_score(
-        tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     data = tmp_path / "oall"
@@ -158,42 +228,79 @@ def test_a_broken_task_is_marked_failed_with_file_and_line_and_the_others_still_
     rows = [json.loads(x) for x in ht.read_text(encoding="utf-8").splitlines()]
     rows[2]["choices"] = "الرياض"  # a malformed choice list
     ht.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    code, m = evaluate(tmp_path / "a", store, "broken", {"model": "tiny:lfm2-350m", "benchmarks": str(data)}, kind="benchmarks",
-                       tasks=["arabic_exams", "aratrust", "arabic_mmlu_ht"])
+    code, m = evaluate(
+        tmp_path / "a",
+        store,
+        "broken",
+        {"model": "tiny:lfm2-350m", "benchmarks": str(data)},
+        kind="benchmarks",
+        tasks=["arabic_exams", "aratrust", "arabic_mmlu_ht"],
+    )
     assert code == 0
     r = m["metrics"]["model"]
     assert list(r["tasks"]) == ["aratrust:Ethics"]
     assert f"{exams}:2: answer None is not one of A-D" in r["failures"]["arabic_exams"]
     assert f"{ht}:3: choices must be a list" in r["failures"]["arabic_mmlu_ht:global_facts"]
     # every task broken: nothing to report, exit 3 naming the file and line
-    code, m = evaluate(tmp_path / "b", store, "broken-all", {"model": "tiny:lfm2-350m", "benchmarks": str(data)}, kind="benchmarks",
-                       tasks=["arabic_exams"])
+    code, m = evaluate(
+        tmp_path / "b",
+        store,
+        "broken-all",
+        {"model": "tiny:lfm2-350m", "benchmarks": str(data)},
+        kind="benchmarks",
+        tasks=["arabic_exams"],
+    )
     out = capsys.readouterr().out
     assert code == 3 and m is None and "no task could be scored" in out and "test.jsonl:2" in out
 
 
-def test_missing_inputs_and_unknown_tasks_fail_clearly(tmp_path: Path, store: Path, sample_pairs: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    code, _ = evaluate(tmp_path / "a", store, "bad", {"model": "tiny:teacher", "data": str(sample_pairs)}, kind="fp8_acceptance")
+def test_missing_inputs_and_unknown_tasks_fail_clearly(
+    tmp_path: Path, store: Path, sample_pairs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = evaluate(
+        tmp_path / "a",
+        store,
+        "bad",
+        {"model": "tiny:teacher", "data": str(sample_pairs)},
+        kind="fp8_acceptance",
+    )
     assert code == 2 and "needs input 'reference'" in capsys.readouterr().out
-    code, _ = evaluate(tmp_path / "b", store, "bad", {"model": "tiny:teacher", "benchmarks": str(SAMPLES)}, kind="benchmarks",
-                       tasks=["no_such_task"])
+    code, _ = evaluate(
+        tmp_path / "b",
+        store,
+        "bad",
+        {"model": "tiny:teacher", "benchmarks": str(SAMPLES)},
+        kind="benchmarks",
+        tasks=["no_such_task"],
+    )
     assert code == 3 and "none of the tasks no_such_task has data" in capsys.readouterr().out
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "weights.bin").write_bytes(b"\0")
-    code, _ = evaluate(tmp_path / "d", store, "bad", {"model": str(not_a_model), "data": str(sample_pairs)}, kind="translation")
+    code, _ = evaluate(
+        tmp_path / "d",
+        store,
+        "bad",
+        {"model": str(not_a_model), "data": str(sample_pairs)},
+        kind="translation",
+    )
     assert code == 3 and f"{not_a_model}, which has no config.json" in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _ = evaluate(tmp_path / "c", store, "bad", {"model": "tiny:teacher", "data": str(empty)}, kind="translation")
+    code, _ = evaluate(
+        tmp_path / "c", store, "bad", {"model": "tiny:teacher", "data": str(empty)}, kind="translation"
+    )
     assert code == 3 and f"input 'data' ({empty}) holds no parquet file" in capsys.readouterr().out
 
 
 def test_localdata_reports_rows_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "exams.jsonl"
-    good = {"id": "1", "question": {"stem": "س", "choices": [{"label": k, "text": k} for k in "ABCD"]}, "answerKey": "B",
-            "info": {"subject": "Physics"}}
+    good = {
+        "id": "1",
+        "question": {"stem": "س", "choices": [{"label": k, "text": k} for k in "ABCD"]},
+        "answerKey": "B",
+        "info": {"subject": "Physics"},
+    }
     broken = {**good, "id": "2", "question": {"stem": "س", "choices": [{"label": "A", "text": "a"}]}}
     src.write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\nnot json\n", encoding="utf-8")
     counts = localdata.exams(str(src), str(tmp_path / "out"), validation=0)
@@ -205,11 +312,22 @@ def test_localdata_reports_rows_it_cannot_use(tmp_path: Path, capsys: pytest.Cap
 def test_benchmarks_through_vllm_agree_with_the_transformers_backend(tmp_path: Path, store: Path) -> None:
     """The serving engine scores the multiple-choice tasks from prompt log-probabilities; in fp32 it picks the
     same answers as LightEval's transformers backend."""
-    common = {"kind": "benchmarks", "tasks": ["arabic_exams", "aratrust", "arabic_mmlu"], "dtype": "float32", "max_model_len": 512}
+    common = {
+        "kind": "benchmarks",
+        "tasks": ["arabic_exams", "aratrust", "arabic_mmlu"],
+        "dtype": "float32",
+        "max_model_len": 512,
+    }
     scores = {}
     for engine in ("transformers", "vllm"):
-        code, m = evaluate(tmp_path / engine, store, f"bench-{engine}", {"model": "tiny:translator", "benchmarks": str(SAMPLES)},
-                           benchmark_engine=engine, **common)
+        code, m = evaluate(
+            tmp_path / engine,
+            store,
+            f"bench-{engine}",
+            {"model": "tiny:translator", "benchmarks": str(SAMPLES)},
+            benchmark_engine=engine,
+            **common,
+        )
         assert code == 0, engine
         scores[engine] = m["metrics"]["model"]["tasks"]
     assert len(scores["vllm"]) == 4 and scores["vllm"] == scores["transformers"]

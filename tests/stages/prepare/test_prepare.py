@@ -21,17 +21,27 @@ from stages.prepare.config import PrepareConfig
 from stages.prepare.main import main
 
 
-def run_prepare(tmp_path: Path, source: Any, target: Any = None, name: str = "prepare-x", store: str | None = None,
-                capsys: pytest.CaptureFixture | None = None, **config: Any) -> tuple[int, dict | None, Path]:
+def run_prepare(
+    tmp_path: Path,
+    source: Any,
+    target: Any = None,
+    name: str = "prepare-x",
+    store: str | None = None,
+    capsys: pytest.CaptureFixture | None = None,
+    **config: Any,
+) -> tuple[int, dict | None, Path]:
     inputs = {"source": str(source)}
     if target is not None:
         inputs["target"] = str(target)
-    recipe = write_recipe(tmp_path, {name: {"stage": "prepare", "inputs": inputs, "config": config}}, store=store)
+    recipe = write_recipe(
+        tmp_path, {name: {"stage": "prepare", "inputs": inputs, "config": config}}, store=store
+    )
     code = step.run("prepare", PrepareConfig, main, argv=["--recipe", str(recipe), "--step", name])
     st = Store(store or str(tmp_path / "store"))
     m = st.read_manifest("r", name)
     step_dir = tmp_path / "store" / "r" / name
-    # the committed attempt's folder, which holds every output (`attempt-<id>/data`, `attempt-<id>/quarantine`)
+    # the committed attempt's folder, which holds every output (`attempt-<id>/data`,
+    # `attempt-<id>/quarantine`)
     return code, m, (step_dir / m["outputs"]["data"]["path"]).parent if m else step_dir
 
 
@@ -62,10 +72,19 @@ def test_alpaca_5000(tmp_path: Path, shared_data: Path) -> None:
     raw = json.loads(src.read_text())
     first = rows(out)[0]
     assert first["id"] == "x:0" and first["origin"] == "x"
-    assert first["messages"][0] == {"role": "user", "content": raw[0]["instruction"] + "\n\n" + raw[0]["input"], "tool_calls": None}
+    assert first["messages"][0] == {
+        "role": "user",
+        "content": raw[0]["instruction"] + "\n\n" + raw[0]["input"],
+        "tool_calls": None,
+    }
     assert first["messages"][1]["content"] == raw[0]["output"]
     ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
-    assert len(ds) == m["counts"]["rows_out"] and set(ds.column_names) == {"id", "origin", "messages", "tools"}
+    assert len(ds) == m["counts"]["rows_out"] and set(ds.column_names) == {
+        "id",
+        "origin",
+        "messages",
+        "tools",
+    }
 
 
 def test_lima_history_is_multi_turn_and_code_can_be_dropped(tmp_path: Path, shared_data: Path) -> None:
@@ -80,7 +99,9 @@ def test_lima_history_is_multi_turn_and_code_can_be_dropped(tmp_path: Path, shar
     i = with_history[0]
     assert len(got[f"x:{i}"]["messages"]) == 2 * len(raw[i]["history"]) + 2
     assert m["metrics"]["multi_turn_rows"] == sum(1 for i in with_history if f"x:{i}" in got)
-    fenced = sum(1 for r in raw if "```" in r["output"] or any("```" in t for turn in r["history"] for t in turn))
+    fenced = sum(
+        1 for r in raw if "```" in r["output"] or any("```" in t for turn in r["history"] for t in turn)
+    )
     code, m2, _ = run_prepare(tmp_path / "nocode", src, format="alpaca", drop_code=True)
     assert code == 0
     balanced(m2)
@@ -122,7 +143,9 @@ def test_gsm8k_question_answer(tmp_path: Path, shared_data: Path) -> None:
 
 def test_ntrex_aligned_text_with_crlf(tmp_path: Path, shared_data: Path) -> None:
     d = shared_data / "ntrex128-eng-arb"
-    code, m, out = run_prepare(tmp_path, d / "newstest2019-src.eng.txt", d / "newstest2019-ref.arb.txt", format="aligned_text")
+    code, m, out = run_prepare(
+        tmp_path, d / "newstest2019-src.eng.txt", d / "newstest2019-ref.arb.txt", format="aligned_text"
+    )
     assert code == 0
     balanced(m)
     assert m["counts"]["rows_in"] == 1997 and m["counts"]["rows_quarantined"] == 0
@@ -139,11 +162,14 @@ def test_flores_both_directions_and_tsv_pairs(tmp_path: Path, shared_data: Path)
     code, m, out = run_prepare(tmp_path / "fwd", en, ar, format="aligned_text")
     assert code == 0 and m["counts"]["rows_in"] == 1004
     balanced(m)
-    code, m_rev, out_rev = run_prepare(tmp_path / "rev", en, ar, format="aligned_text", src_lang="ar", tgt_lang="en")
+    code, m_rev, out_rev = run_prepare(
+        tmp_path / "rev", en, ar, format="aligned_text", src_lang="ar", tgt_lang="en"
+    )
     assert code == 0
     fwd, rev = rows(out), rows(out_rev)
     assert rev[0]["src"] == fwd[0]["tgt"] and rev[0]["tgt"] == fwd[0]["src"] and rev[0]["src_lang"] == "ar"
-    # the real per-language TSVs are pandas-written (quoted fields): join them by index_id into one pairs table
+    # the real per-language TSVs are pandas-written (quoted fields): join them by index_id into one pairs
+    # table
     by_id: dict[str, dict[str, str]] = {}
     for lang, folder in (("en", "eng_Latn"), ("ar", "arb_Arab")):
         with open(d.parent / folder / "dev.tsv", encoding="utf-8", newline="") as f:
@@ -158,20 +184,31 @@ def test_flores_both_directions_and_tsv_pairs(tmp_path: Path, shared_data: Path)
     code, m_tsv, out_tsv = run_prepare(tmp_path / "tsv", table, format="pairs")
     assert code == 0 and m_tsv["counts"]["rows_in"] == 99
     balanced(m_tsv)
-    assert all(r["src"] == by_id_text for r, by_id_text in zip(rows(out_tsv), [v["en"].strip() for _, v in sorted(by_id.items(), key=lambda kv: int(kv[0]))]))
+    assert all(
+        r["src"] == by_id_text
+        for r, by_id_text in zip(
+            rows(out_tsv), [v["en"].strip() for _, v in sorted(by_id.items(), key=lambda kv: int(kv[0]))]
+        )
+    )
     ds = datasets.load_dataset("parquet", data_files=str(out_tsv / "data" / "*.parquet"), split="train")
     assert ds.column_names == ["id", "origin", "src_lang", "tgt_lang", "src", "tgt"]
 
 
-def test_duplicates_across_batches_and_merged_runs_keep_the_first_of_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Repeats land in the same batch, in a later batch, and after the recent digests were merged into the sorted
-    array (a buffer of 500 forces ~10 merges): exactly the first of every distinct row is kept, in input order."""
+def test_duplicates_across_batches_and_merged_runs_keep_the_first_of_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeats land in the same batch, in a later batch, and after the recent digests were merged into the
+    sorted array (a buffer of 500 forces ~10 merges): exactly the first of every distinct row is kept, in
+    input order."""
     from stages.prepare import dedup
+
     monkeypatch.setattr(dedup, "BUFFER", 500)
     rng = __import__("random").Random(7)
     order = [rng.randrange(3000) for _ in range(9000)]
     src = tmp_path / "rows.jsonl"
-    src.write_text("".join(json.dumps({"instruction": f"task {k}", "output": f"answer {k}"}) + "\n" for k in order))
+    src.write_text(
+        "".join(json.dumps({"instruction": f"task {k}", "output": f"answer {k}"}) + "\n" for k in order)
+    )
     code, m, out = run_prepare(tmp_path, src, format="alpaca")
     assert code == 0
     balanced(m)
@@ -185,9 +222,13 @@ def test_duplicates_across_batches_and_merged_runs_keep_the_first_of_each(tmp_pa
 
 def test_the_seen_set_holds_eight_bytes_a_row() -> None:
     from stages.prepare import dedup
+
     seen = dedup.SeenSet(buffer=1000)
     digests = [dedup.digest(f"row {i}".encode()) for i in range(20_000)]
-    assert all(seen.first_seen(digests[i:i + 2048]) == [True] * len(digests[i:i + 2048]) for i in range(0, 20_000, 2048))
+    assert all(
+        seen.first_seen(digests[i : i + 2048]) == [True] * len(digests[i : i + 2048])
+        for i in range(0, 20_000, 2048)
+    )
     assert not any(seen.first_seen(digests[::7]))
     assert len(seen) == 20_000 and seen.sorted.nbytes >= 19_000 * 8 and len(seen.recent) < 1000
 
@@ -200,13 +241,33 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path: Path) -> None:
     lines = [
         json.dumps(good).encode(),
         b'{"messages": [{"role": "user", "content": "broken json"',
-        '{"messages": [{"role": "user", "content": "caf\u00e9"}, {"role": "assistant", "content": "ok"}]}'.encode("latin-1"),
+        (
+            '{"messages": [{"role": "user", "content": "caf\u00e9"}, {"role": "assistant", "content": "ok"}]}'
+        ).encode("latin-1"),
         json.dumps({"text": "no messages"}).encode(),
-        json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}).encode(),
-        json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
-        json.dumps({"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "y"}]}).encode(),
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
-                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}).encode(),
+        json.dumps(
+            {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}
+        ).encode(),
+        json.dumps(
+            {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}
+        ).encode(),
+        json.dumps(
+            {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "y"}]}
+        ).encode(),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"type": "function", "function": {"name": "f", "arguments": "{not json"}}
+                        ],
+                    },
+                ]
+            }
+        ).encode(),
         json.dumps(["not", "an", "object"]).encode(),
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}).encode(),
         json.dumps(good).encode(),  # a duplicate
@@ -220,18 +281,30 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path: Path) -> None:
     assert m["counts"]["rows_in"] == 11 and m["counts"]["rows_out"] == 1
     assert m["counts"]["rows_removed"]["duplicates"] == 1
     assert m["quarantine"]["by_reason"] == {
-        "invalid_json": 1, "invalid_utf8": 1, "missing_field": 1, "empty_turn": 1, "unknown_role": 1,
-        "invalid_type": 1, "invalid_tool_call": 1, "not_a_record": 1, "missing_turn": 1,
+        "invalid_json": 1,
+        "invalid_utf8": 1,
+        "missing_field": 1,
+        "empty_turn": 1,
+        "unknown_role": 1,
+        "invalid_type": 1,
+        "invalid_tool_call": 1,
+        "not_a_record": 1,
+        "missing_turn": 1,
     }
     q = rows(out, "quarantine")
     assert {r["row_index"] for r in q} == {1, 2, 3, 4, 5, 6, 7, 8, 9}
     utf8 = next(r for r in q if r["reason"] == "invalid_utf8")
     assert "line 3" in utf8["detail"] and "caf" in utf8["raw"]
-    assert next(r for r in q if r["reason"] == "unknown_role")["detail"].startswith("message 0: role='wizard'")
+    assert next(r for r in q if r["reason"] == "unknown_role")["detail"].startswith(
+        "message 0: role='wizard'"
+    )
 
 
 def test_invalid_utf8_inside_a_json_array_quarantines_only_that_row(tmp_path: Path) -> None:
-    rows_ = [{"instruction": "Say A.", "input": "", "output": "A"}, {"instruction": "Say \udcff.", "input": "", "output": "B"}]
+    rows_ = [
+        {"instruction": "Say A.", "input": "", "output": "A"},
+        {"instruction": "Say \udcff.", "input": "", "output": "B"},
+    ]
     text = json.dumps(rows_, ensure_ascii=False).encode("utf-8", "surrogateescape")
     src = tmp_path / "mixed.json"
     src.write_bytes(text)
@@ -239,7 +312,9 @@ def test_invalid_utf8_inside_a_json_array_quarantines_only_that_row(tmp_path: Pa
     assert code == 0 and m["counts"]["rows_out"] == 1 and m["quarantine"]["by_reason"] == {"invalid_utf8": 1}
 
 
-def test_a_json_file_that_does_not_parse_is_exit_3_naming_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_json_file_that_does_not_parse_is_exit_3_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     src = tmp_path / "broken.json"
     src.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n')
     code, m, _ = run_prepare(tmp_path, src, format="alpaca")
@@ -248,16 +323,19 @@ def test_a_json_file_that_does_not_parse_is_exit_3_naming_file_and_line(tmp_path
     assert str(src) in failure["error"] and "line 3" in failure["error"]
 
 
-def test_a_json_array_streams_row_by_row_and_a_late_error_names_its_byte(tmp_path: Path, shared_data: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch,
-                                                                          capsys: pytest.CaptureFixture) -> None:
-    """A gzipped JSON array read 4 KiB at a time (rows cross reads; one row is larger than many reads) gives the
-    rows json.load gives; the same array cut short fails at the byte where it breaks, with nothing committed."""
+def test_a_json_array_streams_row_by_row_and_a_late_error_names_its_byte(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A gzipped JSON array read 4 KiB at a time (rows cross reads; one row is larger than many reads) gives
+    the rows json.load gives; the same array cut short fails at the byte where it breaks, with nothing
+    committed."""
     import gzip
 
     from stages.prepare import readers
 
-    alpaca = json.loads((shared_data / "en-alpaca-5000" / "alpaca_5000.json").read_text(encoding="utf-8"))[:400]
+    alpaca = json.loads((shared_data / "en-alpaca-5000" / "alpaca_5000.json").read_text(encoding="utf-8"))[
+        :400
+    ]
     alpaca[7] = {**alpaca[7], "output": "long " * 20_000}  # 100 KB: 25 reads
     text = json.dumps(alpaca, ensure_ascii=False, indent=2)
     src = tmp_path / "alpaca.json.gz"
@@ -294,7 +372,9 @@ def test_pairs_tables_with_and_without_header(tmp_path: Path) -> None:
         w.writerow(["Hello.", "Hello."])  # untranslated
         w.writerow(["Yes.", ""])
         f.write("only one field\n")
-    code, m, out = run_prepare(tmp_path / "h", src, format="pairs", columns={"src": "source", "tgt": "target"})
+    code, m, out = run_prepare(
+        tmp_path / "h", src, format="pairs", columns={"src": "source", "tgt": "target"}
+    )
     assert code == 0
     balanced(m)
     assert m["quarantine"]["by_reason"] == {"wrong_script": 1, "empty_text": 1, "malformed_row": 1}
@@ -317,32 +397,60 @@ def test_config_mistakes_are_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_exclude_and_first_n_rows(tmp_path: Path, repo: Path) -> None:
-    code, m, out = run_prepare(tmp_path, repo / "recipes" / "samples" / "tulu3.jsonl", format="messages",
-                               exclude={"source": ["oasst", "wildchat"]}, max_rows=4)
+    code, m, out = run_prepare(
+        tmp_path,
+        repo / "recipes" / "samples" / "tulu3.jsonl",
+        format="messages",
+        exclude={"source": ["oasst", "wildchat"]},
+        max_rows=4,
+    )
     assert code == 0
     balanced(m)
     assert m["counts"]["rows_in"] == 4 and m["counts"]["rows_removed"]["excluded"] == 2
     tool_row = next(r for r in rows(out) if r["tools"])
     assert json.loads(tool_row["tools"])[0]["function"]["name"] == "get_weather"
-    assert tool_row["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Riyadh"}'}
+    assert tool_row["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Riyadh"}',
+    }
 
 
 def test_lima_style_conversation_lists(tmp_path: Path) -> None:
     src = tmp_path / "lima.jsonl"
-    src.write_text(json.dumps({"conversations": ["Hi there", "Hello!", "How are you?", "Fine."], "source": "x"}) + "\n"
-                   + json.dumps({"conversations": ["Lonely question"], "source": "x"}) + "\n")
+    src.write_text(
+        json.dumps({"conversations": ["Hi there", "Hello!", "How are you?", "Fine."], "source": "x"})
+        + "\n"
+        + json.dumps({"conversations": ["Lonely question"], "source": "x"})
+        + "\n"
+    )
     code, m, out = run_prepare(tmp_path, src, format="lima")
-    assert code == 0 and [x["role"] for x in rows(out)[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert code == 0 and [x["role"] for x in rows(out)[0]["messages"]] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert m["quarantine"]["by_reason"] == {"missing_turn": 1}
 
 
 def test_a_prepared_output_reads_back_unchanged(tmp_path: Path, repo: Path) -> None:
     """Step outputs are inputs too: the messages format reads the conversations schema losslessly."""
     src = repo / "recipes" / "samples" / "tulu3.jsonl"
-    recipe = write_recipe(tmp_path, {
-        "prepare-tulu3": {"stage": "prepare", "inputs": {"source": str(src)}, "config": {"format": "messages"}},
-        "prepare-again": {"stage": "prepare", "inputs": {"source": "prepare-tulu3"}, "config": {"format": "messages", "origin": "tulu3"}},
-    })
+    recipe = write_recipe(
+        tmp_path,
+        {
+            "prepare-tulu3": {
+                "stage": "prepare",
+                "inputs": {"source": str(src)},
+                "config": {"format": "messages"},
+            },
+            "prepare-again": {
+                "stage": "prepare",
+                "inputs": {"source": "prepare-tulu3"},
+                "config": {"format": "messages", "origin": "tulu3"},
+            },
+        },
+    )
     for name in ("prepare-tulu3", "prepare-again"):
         assert step.run("prepare", PrepareConfig, main, argv=["--recipe", str(recipe), "--step", name]) == 0
     first = rows(tmp_path / "store" / "r" / "prepare-tulu3")
@@ -352,11 +460,17 @@ def test_a_prepared_output_reads_back_unchanged(tmp_path: Path, repo: Path) -> N
 
 
 def test_object_store_paths(tmp_path: Path, repo: Path) -> None:
-    """memory:// stands in for s3:// or gs://: the source is a URL, the outputs are staged locally and uploaded."""
+    """memory:// stands in for s3:// or gs://: the source is a URL, the outputs are staged locally and
+    uploaded."""
     fs = fsspec.filesystem("memory")
     fs.pipe("/in/lamini.jsonl", (repo / "recipes" / "samples" / "lamini.jsonl").read_bytes())
-    code, m, _ = run_prepare(tmp_path, "memory://in/lamini.jsonl", store="memory://store", format="columns",
-                             columns={"user": "instruction", "assistant": "response"})
+    code, m, _ = run_prepare(
+        tmp_path,
+        "memory://in/lamini.jsonl",
+        store="memory://store",
+        format="columns",
+        columns={"user": "instruction", "assistant": "response"},
+    )
     assert code == 0 and m["counts"]["rows_out"] == 4
     st = Store("memory://store")
     st.verify_output("r", "prepare-x", m, "data")
@@ -367,7 +481,9 @@ def test_object_store_paths(tmp_path: Path, repo: Path) -> None:
 
 def test_hub_without_network_is_a_temporary_failure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # pinned to a commit: the key needs no hub, the read does, and a missing network is worth a retry
-    code, m, _ = run_prepare(tmp_path / "pinned", f"hub:Open-Orca/OpenOrca@{'0' * 40}", format="openorca", max_rows=10)
+    code, m, _ = run_prepare(
+        tmp_path / "pinned", f"hub:Open-Orca/OpenOrca@{'0' * 40}", format="openorca", max_rows=10
+    )
     assert code == 75 and m is None
     failure = next(e for e in events(capsys.readouterr().out) if e.get("event") == "failed")
     assert "Open-Orca/OpenOrca" in failure["error"] and "retry" in failure["error"]
@@ -379,5 +495,7 @@ def test_hub_without_network_is_a_temporary_failure(tmp_path: Path, capsys: pyte
 
 
 def test_stage_image_entrypoint_prints_usage() -> None:
-    out = subprocess.run([sys.executable, "-m", "hala.ops.launch", "prepare", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hala.ops.launch", "prepare", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "--recipe" in out.stdout and "--shard" in out.stdout

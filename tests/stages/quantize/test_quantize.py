@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hala.contract import recipe as recipe_mod, schema, step, tiny
+from hala.contract import recipe as recipe_mod
+from hala.contract import schema, step, tiny
 from hala.contract.errors import ConfigError
 from hala.contract.store import Store
 from hala.kit import engine
 from helpers import REPO, events, output_dir, write_recipe
-from stages.quantize import fidelity, main as qmain
+from stages.quantize import fidelity
+from stages.quantize import main as qmain
 from stages.quantize.config import QuantizeConfig
 
 PAIRS = REPO / "recipes" / "samples" / "pairs.en-ar.tsv"
@@ -36,19 +38,30 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample pairs as a prepared pairs dataset (the schema prepare writes)."""
     folder = tmp_path_factory.mktemp("sample") / "data"
     folder.mkdir()
-    rows = [{"id": f"s:{i}", "origin": "s", "src_lang": "en", "tgt_lang": "ar", "src": en, "tgt": ar}
-            for i, (en, ar) in enumerate(tiny.read_pairs(PAIRS))]
+    rows = [
+        {"id": f"s:{i}", "origin": "s", "src_lang": "en", "tgt_lang": "ar", "src": en, "tgt": ar}
+        for i, (en, ar) in enumerate(tiny.read_pairs(PAIRS))
+    ]
     pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
     return folder
 
 
-def quantize(tmp_path: Path, store: Path, model: str, sample: Path, run: str, **config: Any) -> tuple[int, dict | None]:
+def quantize(
+    tmp_path: Path, store: Path, model: str, sample: Path, run: str, **config: Any
+) -> tuple[int, dict | None]:
     inputs = {"model": model, "sample": str(sample)}
     if "calibration" in config:
         inputs["calibration"] = str(config.pop("calibration"))
-    path = write_recipe(tmp_path, {"quantize-x": {"stage": "quantize", "inputs": inputs, "config": config}},
-                        store=str(store), run=run, tiny_models={"pairs": str(PAIRS)})
-    code = step.run("quantize", QuantizeConfig, qmain.main, argv=["--recipe", str(path), "--step", "quantize-x"])
+    path = write_recipe(
+        tmp_path,
+        {"quantize-x": {"stage": "quantize", "inputs": inputs, "config": config}},
+        store=str(store),
+        run=run,
+        tiny_models={"pairs": str(PAIRS)},
+    )
+    code = step.run(
+        "quantize", QuantizeConfig, qmain.main, argv=["--recipe", str(path), "--step", "quantize-x"]
+    )
     return code, Store(str(store)).read_manifest(run, "quantize-x")
 
 
@@ -56,7 +69,9 @@ def test_schema_file_matches_the_typed_config() -> None:
     assert schema.check("quantize") is None
 
 
-def test_fp8_dynamic_teacher_is_a_compressed_tensors_checkpoint_that_generates(tmp_path: Path, store: Path, sample: Path) -> None:
+def test_fp8_dynamic_teacher_is_a_compressed_tensors_checkpoint_that_generates(
+    tmp_path: Path, store: Path, sample: Path
+) -> None:
     code, m = quantize(tmp_path, store, "tiny:teacher", sample, "fp8", fidelity_rows=32)
     assert code == 0
     out = store / "fp8" / "quantize-x" / m["outputs"]["model"]["path"]
@@ -79,10 +94,14 @@ def test_fp8_dynamic_teacher_is_a_compressed_tensors_checkpoint_that_generates(t
     # the way a consumer loads it
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Translate from English to Arabic: Good morning."}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Translate from English to Arabic: Good morning."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert tok.decode(gen[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True) == "صباح الخير."
+    assert tok.decode(gen[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True) == "صباح الخير."
     # a stage that serves it checks the hardware first: emulated on CPU (said), refused on a GPU without FP8
     assert engine.check_fp8_hardware(str(out), devices=[]) == "cpu-emulated"
     assert engine.check_fp8_hardware(str(out), devices=[("NVIDIA H100 80GB HBM3", (9, 0))]) == "native"
@@ -95,13 +114,20 @@ def test_fp8_dynamic_teacher_is_a_compressed_tensors_checkpoint_that_generates(t
     assert engine.check_fp8_hardware(str(bf16), devices=[("NVIDIA A100-SXM4-80GB", (8, 0))]) is None
 
 
-@pytest.mark.parametrize("role,arch_modules", [
-    ("translator", {"Conv1d"}),  # LFM2's depthwise short convolution is not a Linear: it stays bf16
-    ("fanar-9b", set()),
-    ("judge", set()),
-])
-def test_every_architecture_we_use(tmp_path: Path, store: Path, sample: Path, role: str, arch_modules: set[str]) -> None:
-    code, m = quantize(tmp_path, store, f"tiny:{role}", sample, f"arch-{role}", fidelity_rows=8, max_ppl_increase=0.5)
+@pytest.mark.parametrize(
+    "role,arch_modules",
+    [
+        ("translator", {"Conv1d"}),  # LFM2's depthwise short convolution is not a Linear: it stays bf16
+        ("fanar-9b", set()),
+        ("judge", set()),
+    ],
+)
+def test_every_architecture_we_use(
+    tmp_path: Path, store: Path, sample: Path, role: str, arch_modules: set[str]
+) -> None:
+    code, m = quantize(
+        tmp_path, store, f"tiny:{role}", sample, f"arch-{role}", fidelity_rows=8, max_ppl_increase=0.5
+    )
     assert code == 0
     kept = m["metrics"]["not_quantized"]
     assert arch_modules <= set(kept)
@@ -111,8 +137,9 @@ def test_every_architecture_we_use(tmp_path: Path, store: Path, sample: Path, ro
         assert all(n.endswith(".conv.conv") for n in kept["Conv1d"])
 
 
-def test_corrupted_scales_fail_the_fidelity_check(tmp_path: Path, store: Path, sample: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_corrupted_scales_fail_the_fidelity_check(
+    tmp_path: Path, store: Path, sample: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Weight scales multiplied by 8 after saving: the check must notice and refuse to commit (exit 3)."""
     original = qmain.save_checkpoint
 
@@ -131,29 +158,49 @@ def test_corrupted_scales_fail_the_fidelity_check(tmp_path: Path, store: Path, s
     assert "fails its fidelity check: perplexity rose" in failure["error"]
 
 
-def test_schemes_that_measure_activations_need_calibration_data(tmp_path: Path, store: Path, sample: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+def test_schemes_that_measure_activations_need_calibration_data(
+    tmp_path: Path, store: Path, sample: Path, capsys: pytest.CaptureFixture
+) -> None:
     code, _ = quantize(tmp_path / "a", store, "tiny:teacher", sample, "static", scheme="FP8")
     assert code == 2
     assert "give the step an input 'calibration'" in capsys.readouterr().out
-    code, m = quantize(tmp_path / "b", store, "tiny:teacher", sample, "static", scheme="FP8", calibration=sample,
-                       calibration_rows=16, fidelity_rows=8, max_ppl_increase=0.5)
+    code, m = quantize(
+        tmp_path / "b",
+        store,
+        "tiny:teacher",
+        sample,
+        "static",
+        scheme="FP8",
+        calibration=sample,
+        calibration_rows=16,
+        fidelity_rows=8,
+        max_ppl_increase=0.5,
+    )
     assert code == 0
     out = store / "static" / "quantize-x" / m["outputs"]["model"]["path"]
     assert out.name == "tiny-teacher-FP8"
-    acts = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["input_activations"]
-    assert acts["dynamic"] is False and "model.layers.0.self_attn.q_proj.input_scale" in load_file(out / "model.safetensors")
+    acts = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "input_activations"
+    ]
+    assert acts["dynamic"] is False and "model.layers.0.self_attn.q_proj.input_scale" in load_file(
+        out / "model.safetensors"
+    )
 
 
 def test_the_offline_list_of_static_activation_schemes_is_compressed_tensors_own() -> None:
-    # the recipe loader decides "needs calibration" without compressed-tensors (any environment can plan a run)
-    from compressed_tensors.quantization import preset_name_to_scheme
+    # the recipe loader decides "needs calibration" without compressed-tensors (any environment can plan a
+    # run)
     from typing import get_args
+
+    from compressed_tensors.quantization import preset_name_to_scheme
 
     from stages.quantize.config import STATIC_ACTIVATIONS, Scheme
 
-    measured = {s for s in get_args(Scheme) if (a := preset_name_to_scheme(s, ["Linear"]).input_activations) is not None
-                and a.dynamic is not True}
+    measured = {
+        s
+        for s in get_args(Scheme)
+        if (a := preset_name_to_scheme(s, ["Linear"]).input_activations) is not None and a.dynamic is not True
+    }
     assert measured == STATIC_ACTIVATIONS
 
 
@@ -170,6 +217,12 @@ def test_sequential_mode_measures_the_same_as_together(store: Path, sample: Path
     load_q = lambda: AutoModelForCausalLM.from_pretrained(q).eval()  # noqa: E731
     together = fidelity.compare(load_s, load_q, items, "together")
     sequential = fidelity.compare(load_s, load_q, items, "sequential")
-    for key in ("ppl_source", "ppl_quantized", "mean_abs_logit_diff", "max_abs_logit_diff", "argmax_agreement"):
+    for key in (
+        "ppl_source",
+        "ppl_quantized",
+        "mean_abs_logit_diff",
+        "max_abs_logit_diff",
+        "argmax_agreement",
+    ):
         assert together[key] == pytest.approx(sequential[key], rel=1e-5), key
     assert together["tokens"] == sequential["tokens"] > 0

@@ -18,11 +18,15 @@ class EchoConfig:
     quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
     misreport: bool = False  # claim one row too many: the library must refuse to commit
     sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
-    stamp: bool = False  # each row carries a random id of this process: two attempts never write the same bytes
-    chunk_rows: int = 0  # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
+    stamp: bool = (
+        False  # each row carries a random id of this process: two attempts never write the same bytes
+    )
+    chunk_rows: int = (
+        0  # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
+    )
 
     @classmethod
-    def model_validate(cls, data: dict) -> "EchoConfig":
+    def model_validate(cls, data: dict) -> EchoConfig:
         return cls(**data)
 
 
@@ -44,12 +48,14 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
     if cfg.chunk_rows:
         _rechunk(ctx, out, cfg.chunk_rows)
     ctx.set_output("data", rows=kept, format="parquet" if cfg.chunk_rows else "jsonl")
-    ctx.count(rows_in=len(rows) + (1 if cfg.misreport else 0), rows_out=kept, rows_quarantined=len(rows) - kept)
+    ctx.count(
+        rows_in=len(rows) + (1 if cfg.misreport else 0), rows_out=kept, rows_quarantined=len(rows) - kept
+    )
 
 
 def _rechunk(ctx: StepContext, path: str, size: int) -> None:
-    """The output again as resumable chunks in the work area, then into parquet outputs (hala.kit.chunks, as translate
-    and judge do): one column, `line`."""
+    """The output again as resumable chunks in the work area, then into parquet outputs (hala.kit.chunks, as
+    translate and judge do): one column, `line`."""
     import pyarrow as pa
 
     from hala.kit.chunks import Chunks
