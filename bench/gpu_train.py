@@ -25,12 +25,8 @@ import time
 
 import torch
 
-PEAK_BF16 = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-}  # dense, SXM figures from NVIDIA's sheets
+# dense, SXM figures from NVIDIA's sheets
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 LFM2_1_2B = {
     "vocab_size": 65536,
     "hidden_size": 2048,

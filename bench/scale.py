@@ -258,9 +258,8 @@ def measure(
         assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), c
         shards_m = m["metrics"].get("shards") or [m["metrics"]]
         engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in shards_m)
-        work = sum(
-            s["generation_seconds"] for s in shards_m
-        )  # the stage's own work: no imports, no engine start
+        # the stage's own work: no imports, no engine start
+        work = sum(s["generation_seconds"] for s in shards_m)
         extra = load_ratio(store / run / step / "conversations", env) if stage == "translate" else {}
         if stage == "translate" and tokenize_rows:
             t = tokenize(store, run, env)

@@ -35,9 +35,8 @@ def _offline_registry() -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         import nltk
 
-        nltk.download = lambda *a, **k: (
-            False
-        )  # task modules ask for punkt at import; offline that is a wait for nothing
+        # task modules ask for punkt at import; offline that is a wait for nothing
+        nltk.download = lambda *a, **k: False
 
 
 def offline(models: list[str], data: str | None) -> bool:
@@ -217,9 +216,8 @@ def run_isolated(
     out, err = proc.communicate(request)
     if proc.returncode != 0:
         lines = [x for x in err.strip().splitlines() if x.strip()]
-        causes = [x for x in lines if "Error" in x or "error" in x][
-            -3:
-        ]  # vLLM's root cause comes lines before the last
+        # vLLM's root cause comes lines before the last
+        causes = [x for x in lines if "Error" in x or "error" in x][-3:]
         raise RuntimeError(
             " | ".join(dict.fromkeys(causes + lines[-1:]))[-1500:]
             if lines

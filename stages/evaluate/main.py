@@ -124,9 +124,8 @@ def run_fp8(cfg: EvaluateConfig, ctx: StepContext) -> dict[str, Any]:
         "accepted": drop <= cfg.max_quality_drop,
     }
     write_translations(ctx, pairs, columns)
-    ctx.metrics.update(
-        result
-    )  # kept even when the check fails below: the manifest is not written then, the log is
+    # kept even when the check fails below: the manifest is not written then, the log is
+    ctx.metrics.update(result)
     ctx.log.info(
         "fp8 acceptance",
         chrf_drop=drop,

@@ -48,9 +48,8 @@ def build(data: str | None, wanted: list[str], problems: dict[str, list[str]] | 
                 if found:
                     problems[cfg.name] = found
                     continue
-            cfg = copy.copy(
-                cfg
-            )  # several task classes have their own __init__: dataclasses.replace would fail
+            # several task classes have their own __init__: dataclasses.replace would fail
+            cfg = copy.copy(cfg)
             cfg.hf_repo = folder  # datasets.load_dataset(path=<folder>, name=<subset>) reads it offline
             cfg.hf_revision = None
         if isinstance(

@@ -89,6 +89,7 @@ def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> Chun
 
 def marker_of(plan: ChunkPlan, engine_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The chunk's tables and its marker's counters (hala.kit.chunks writes the files, then the marker)."""
+    # from planning to commit
     marker = {
         "rows_in": len(plan.rows),
         "accepted": len(plan.out["accepted"]),
@@ -97,7 +98,7 @@ def marker_of(plan: ChunkPlan, engine_name: str) -> tuple[dict[str, Any], dict[s
         "by_reason": dict(plan.reasons),
         "seconds": round(time.monotonic() - plan.t0, 3),
         "engine": engine_name,
-    }  # from planning to commit
+    }
     return plan.out, marker
 
 

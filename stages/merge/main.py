@@ -141,9 +141,8 @@ def merge_tensor(
     def pair(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         if s in cached:
             return cached[s]
-        a = base.rows(name, s, s + step).to(
-            dtype
-        )  # MergeKit casts the inputs to dtype, then computes in float32
+        # MergeKit casts the inputs to dtype, then computes in float32
+        a = base.rows(name, s, s + step).to(dtype)
         b = model.rows(name, s, s + step).to(dtype)
         if whole:
             cached[s] = (a, b)

@@ -59,9 +59,8 @@ def evaluate(setting: Any, tensor_name: str, frac: float) -> float | None:
 class Plan:
     method: str
     t_setting: Any = 0.5  # slerp, and linear from our own keys
-    weights: dict[str, Any] = field(
-        default_factory=dict
-    )  # linear from MergeKit: {"base": setting, "model": setting}
+    # linear from MergeKit: {"base": setting, "model": setting}
+    weights: dict[str, Any] = field(default_factory=dict)
     dtype: str = "bfloat16"
     out_dtype: str = "bfloat16"
     tokenizer_source: str = "base"

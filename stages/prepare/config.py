@@ -112,8 +112,7 @@ class PrepareConfig(BaseModel):
         "Latin)",
     )
     roles: dict[str, str] = Field(
-        default={},
-        description="sharegpt: more 'from' values and the role they mean, e.g. {bot: assistant}",
+        default={}, description="sharegpt: more 'from' values and the role they mean, e.g. {bot: assistant}"
     )
     rows_per_file: int = Field(100_000, ge=1, description="rows per parquet shard written")
 

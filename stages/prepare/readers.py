@@ -63,9 +63,8 @@ def list_files(uri: str, cfg: PrepareConfig) -> tuple[Any, list[str]]:
     if fs.isdir(path):
         pattern = cfg.files or "*"
         found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/**/{pattern}") if fs.isfile(p))
-        found = [
-            p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))
-        ]  # manifests, hidden files
+        # manifests, hidden files
+        found = [p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))]
         if not found:
             raise DataError(f"{uri}: no files match {pattern!r}")
         return fs, found
@@ -105,9 +104,8 @@ def iter_json_array(f: Any, uri: str) -> Iterator[Any]:
     offset, line and column, after every row before it went through (a malformed array has no rows that can be
     trusted after the error, so nothing past it is read)."""
     decoder = json.JSONDecoder()
-    incremental = codecs.getincrementaldecoder("utf-8")(
-        "surrogateescape"
-    )  # invalid bytes: rows quarantined later
+    # invalid bytes: rows quarantined later
+    incremental = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     buf, pos = "", 0
     bytes_read, lines_before = 0, 0  # bytes decoded so far; newlines in text already dropped from buf
     eof = False

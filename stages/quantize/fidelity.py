@@ -28,9 +28,8 @@ from hala.contract.errors import DataError
 @dataclass
 class Scored:
     ids: torch.Tensor  # [1, T] token ids
-    targets: (
-        torch.Tensor
-    )  # indices of the scored tokens (the last assistant turn); logits at targets-1 predict them
+    # indices of the scored tokens (the last assistant turn); logits at targets-1 predict them
+    targets: torch.Tensor
 
 
 def _assistant_targets(tok: Any, chat: list[dict[str, str]], full: list[int]) -> list[int]:

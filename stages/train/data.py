@@ -319,9 +319,8 @@ def prepare(
             desc="truncating",
         )
         # a prompt that fills max_length leaves nothing to learn: such rows join the quarantine
-        left = Counter(
-            keys[usable][np.isin(keys[usable], keys[truncated])].tolist()
-        )  # usable examples of those rows
+        # usable examples of those rows
+        left = Counter(keys[usable][np.isin(keys[usable], keys[truncated])].tolist())
         for k in truncated:
             if any(t != -100 for t in ds[int(k)]["labels"]):
                 continue

@@ -114,9 +114,8 @@ def commit(cfg: TrainConfig, ctx: StepContext, s: Setup, t: Trained) -> None:
     manifest."""
     name = card.output_name(cfg, ctx)
     folder_out = ctx.output_dir("model", folder=name)
-    s.tok.chat_template = (
-        s.tok.chat_template or s.template
-    )  # inference template: the model's own when it had one
+    # inference template: the model's own when it had one
+    s.tok.chat_template = s.tok.chat_template or s.template
     card.finalize(t.saved, folder_out, s.base, s.tok, cfg)
     state, hyper = t.trainer.state, t.args.to_dict()
     history = state.log_history

@@ -43,9 +43,8 @@ def read_examples(cfg: TrainConfig, ctx: StepContext) -> data.Examples:
                 f"task is {cfg.task}"
             )
         out.rows_in[name] = reader.total
-        rows = (
-            row for _, row in reader.rows(0, reader.total)
-        )  # a batch of rows at a time, never the whole input
+        # a batch of rows at a time, never the whole input
+        rows = (row for _, row in reader.rows(0, reader.total))
         if kind == "pairs":
             data.add_pairs(out, name, rows, cfg)
         else:

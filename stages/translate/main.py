@@ -256,6 +256,7 @@ def marker_of(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The chunk's tables and its marker's counters (hala.kit.chunks writes the files, then the marker)."""
     quarantined = sum(result["reasons"].values())
+    # from planning to commit
     marker = {
         "rows_in": len(plan.rows),
         "rows_out": len(plan.rows) - quarantined,
@@ -267,7 +268,7 @@ def marker_of(
         "completion_tokens": result["completion_tokens"],
         "seconds": round(time.monotonic() - plan.t0, 3),
         "engine": engine_name,
-    }  # from planning to commit
+    }
     return {o: result["out"][o] for o in outputs}, marker
 
 

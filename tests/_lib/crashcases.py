@@ -37,16 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "contract" / "fixture_stages"
 KINDS = ("step", "sharded", "artifact")
 RUNS = {"step": "r", "sharded": "r", "artifact": "_sources"}
-STEPS = {
-    "step": ["prepare-x"],
-    "sharded": ["echo-rows"],
-    "artifact": [],
-}  # verified by name: no _RUN.json lists them
-ALLOWED = {
-    0,
-    75,
-    -9,
-}  # what a crashed process may end with: done (the crash hit a best-effort cleanup), temporary, killed
+# verified by name: no _RUN.json lists them
+STEPS = {"step": ["prepare-x"], "sharded": ["echo-rows"], "artifact": []}
+# what a crashed process may end with: done (the crash hit a best-effort cleanup), temporary, killed
+ALLOWED = {0, 75, -9}
 
 
 def _py(env_name: str) -> str:

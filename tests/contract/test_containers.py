@@ -48,9 +48,8 @@ def test_every_stage_set_has_one_image_built_from_its_lock():
         for variant in images.VARIANTS:
             pins = img.pins(variant)
             assert img.lock(variant) == REPO / "locks" / variant / f"{name}.txt"
-            assert (
-                "pytest" not in pins and "mergekit" not in pins
-            )  # test tools are in <set>.tests.txt, never in an image
+            # test tools are in <set>.tests.txt, never in an image
+            assert "pytest" not in pins and "mergekit" not in pins
             assert {"pyyaml", "structlog", "fsspec"} <= set(pins)  # the common library's own dependencies
     # translate and judge share a set, hence one image; vLLM sets get the vLLM layer, torch sets the torch
     # layer
@@ -162,9 +161,8 @@ def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_o
         assert ("--shard" in svc["command"]) == ("--shard" in local)
         if step.spec.env in ("serve", "eval", "train"):
             assert svc["shm_size"] == "1g"  # vLLM fails with Docker's 64 MiB of /dev/shm
-    assert any(
-        recipe.steps[s].shards > 1 for s in recipe.steps
-    )  # the tiny recipe exercises shards and gather
+    # the tiny recipe exercises shards and gather
+    assert any(recipe.steps[s].shards > 1 for s in recipe.steps)
     assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}} and spec["name"] == "hala-tiny"
 
 
@@ -176,18 +174,16 @@ def test_cuda_compose_waits_only_for_real_inputs_and_reserves_gpus():
     devices = teacher["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 4, "capabilities": ["gpu"]}]  # tensor_parallel_size 4
     assert "io.hala.fp8" in teacher["labels"] and "io.hala.fp8" in services["quantize-teacher"]["labels"]
-    assert (
-        services["quantize-teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
-    )  # resources.gpus
+    # resources.gpus
+    assert services["quantize-teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
     merges = [n for n in services if n.startswith("merge-")]
     assert merges and all("deploy" not in services[n] for n in merges)  # slerp runs on CPU
     assert all("io.hala.fp8" not in services[n].get("labels", {}) for n in merges)
     assert services["prepare-openorca"]["depends_on"] == {
         "record": {"condition": "service_completed_successfully"}
     }
-    assert (
-        services["record"]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
-    )  # from the caller, never in the file
+    # from the caller, never in the file
+    assert services["record"]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
 
 
 def test_resources_in_the_recipe_win_over_the_derived_ones(tmp_path):

@@ -105,6 +105,5 @@ def test_the_library_is_layered_contract_kit_ops_and_stages_import_only_the_firs
     for path in sorted((REPO / "stages").rglob("*.py")):
         wrong += [f"{path.relative_to(REPO)} imports hala.{x}" for x in layers(path) - allowed["kit"]]
     assert not wrong, "\n".join(wrong)
-    assert sorted(p.name for p in (REPO / "shared" / "hala").glob("*.py")) == [
-        "__init__.py"
-    ]  # every module has its layer
+    # every module has its layer
+    assert sorted(p.name for p in (REPO / "shared" / "hala").glob("*.py")) == ["__init__.py"]

@@ -138,10 +138,8 @@ def test_pip_configuration_becomes_uv_sources(tmp_path):
         "file:///mirror/a/simple",
         "file:///mirror/b/simple",
     ]
-    assert args[-2:] == [
-        "--index-strategy",
-        "unsafe-best-match",
-    ]  # a partial mirror must not hide PyPI's versions
+    # a partial mirror must not hide PyPI's versions
+    assert args[-2:] == ["--index-strategy", "unsafe-best-match"]
     assert wheel.endswith("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
     # a PIP_* variable wins over the file, as it does for pip
     env.update(PIP_FIND_LINKS="/elsewhere")

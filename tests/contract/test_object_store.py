@@ -64,9 +64,8 @@ def test_a_run_on_s3_commits_what_a_local_run_commits(s3: dict[str, str], tmp_pa
     assert _status(remote_url, env) == _status(str(tmp_path / "local" / "store"), env)
     assert {s for s, *_ in _status(remote_url, env).values()} == {"committed"}
     verify = hala("verify", "r", "--store", remote_url, env=env)
-    assert verify.returncode == 0, (
-        verify.stdout + verify.stderr
-    )  # every file's sha256 read back from the server
+    # every file's sha256 read back from the server
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     seconds = {}
     for where, recipe in (("local", local), ("s3", remote)):
         t0 = time.monotonic()

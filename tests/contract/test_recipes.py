@@ -356,9 +356,8 @@ def test_the_tiny_recipe_plans_one_translation_again_when_one_is_overridden():
     assert [n for n in students if recipe.steps[n].config["chunk_rows"] == 8] == ["translate-lamini"]
     bad = hala("run", "recipes/tiny.yaml", "--dry-run", "--set", "translate-lamini.chunk_rows=abc")
     assert bad.returncode == 2
-    assert (
-        "translate-lamini" in bad.stderr and "problems" not in bad.stderr
-    )  # one problem, under its own step
+    # one problem, under its own step
+    assert "translate-lamini" in bad.stderr and "problems" not in bad.stderr
     assert "translate-openorca:" not in bad.stderr
 
 
@@ -379,10 +378,11 @@ def test_an_override_file_sets_many_keys_validated_like_set_and_reaches_the_step
         (REPO / "recipes" / "samples" / "lamini.jsonl").read_bytes()
     )
     overrides = tmp_path / "overrides.yaml"
+    # relative to the file, not to the cwd
     overrides.write_text(
         "prepare-a.max_rows: 3\nprepare-b.columns: {user: prompt, assistant: response}\n"
         "prepare-c.inputs.source: data/mine.jsonl\n"
-    )  # relative to the file, not to the cwd
+    )
     out = hala(
         "steps",
         str(path),
@@ -396,9 +396,8 @@ def test_an_override_file_sets_many_keys_validated_like_set_and_reaches_the_step
     )
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
-    assert (
-        shown["config"]["max_rows"] == 4 and shown["from"]["max_rows"] == "--set"
-    )  # --set wins over the file
+    # --set wins over the file
+    assert shown["config"]["max_rows"] == 4 and shown["from"]["max_rows"] == "--set"
     assert shown["from"]["format"] == "recipe" and shown["from"]["dedup"] == "default"
     b = json.loads(
         hala("steps", str(path), "--set-file", str(overrides), "--config", "prepare-b", "--json").stdout

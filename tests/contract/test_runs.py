@@ -115,9 +115,8 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         "a cached step must not start a process"
     )
     status = hala("status", "tiny", "--store", str(store), "--json")
-    rows = [
-        r for r in json.loads(status.stdout) if planned[r["step"]].get("enabled", True)
-    ]  # publish-hala is off
+    # publish-hala is off
+    rows = [r for r in json.loads(status.stdout) if planned[r["step"]].get("enabled", True)]
     assert {r["state"] for r in rows} == {"committed"} and all(r["cached"] for r in rows)
     # publish, switched on (after the cache check: a disabled step is not part of a plain run); no token
     # here, so a dry run with a card per model (lineage and scores)

@@ -71,9 +71,8 @@ def test_a_forced_sharded_step_commits_its_new_result(tmp_path: Path) -> None:
     assert hala("run", str(path)).returncode == 0
     step_dir = tmp_path / "store" / "r" / "echo-rows"
     before = manifest(tmp_path / "store", "r", "echo-rows")
-    (step_dir / before["outputs"]["data"]["files"][1]["path"]).write_text(
-        ""
-    )  # what the rerun must replace, not keep
+    # what the rerun must replace, not keep
+    (step_dir / before["outputs"]["data"]["files"][1]["path"]).write_text("")
     forced = hala("run", str(path), "--force", "echo-rows")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr
     after = manifest(tmp_path / "store", "r", "echo-rows")

@@ -306,6 +306,5 @@ def test_the_issue_examples_as_commands(tmp_path: Path) -> None:
     ]:
         out = hala("run", TINY, "--dry-run", "--json", "--store", str(tmp_path), "--set", item)
         assert out.returncode == 2, out.stderr
-        assert (
-            says in out.stderr and "1 problem" not in out.stderr
-        )  # one problem, under the step that was changed
+        # one problem, under the step that was changed
+        assert says in out.stderr and "1 problem" not in out.stderr

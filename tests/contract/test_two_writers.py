@@ -73,9 +73,8 @@ def _one_result(store_url: str) -> dict[str, Any]:
     """The committed result: every file hashes as its manifest says, nothing else lies in the output folders,
     every row is there once, and no work area is left."""
     store = Store(store_url)
-    manifest = store.verify_step(
-        "r", "prepare-big"
-    )  # re-hashes every file: DataError on a mix of two writers
+    # re-hashes every file: DataError on a mix of two writers
+    manifest = store.verify_step("r", "prepare-big")
     for entry in manifest["outputs"].values():
         listed = {store.path("r", "prepare-big", f["path"]) for f in entry["files"]}
         folder = store.path("r", "prepare-big", entry["path"])

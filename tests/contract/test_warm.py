@@ -69,9 +69,8 @@ def test_a_forked_child_is_what_python_dash_m_would_be(server):
     assert code == 0 and err == "to stderr\n"
     seen = json.loads(out)
     assert seen["argv"] == ["a", "--b"] and seen["stdin"] == "hello" and seen["name"] == "__main__"
-    assert seen["cwd"] == str(tmp) and seen["path0"] == str(
-        tmp
-    )  # as `python -m` puts the working directory first
+    # as `python -m` puts the working directory first
+    assert seen["cwd"] == str(tmp) and seen["path0"] == str(tmp)
     assert seen["env"] == "server"
     # the same module run as a plain process says the same (but the warm socket, which only a forked child
     # has)

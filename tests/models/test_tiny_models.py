@@ -189,6 +189,5 @@ def test_processes_side_by_side_build_once_and_commit_once(tmp_path: Path) -> No
     other = start(tmp_path / "other-store")
     out, err = other.communicate(timeout=600)
     assert other.returncode == 0, err[-2000:]
-    assert not any(
-        e.get("event") == "tiny model built" for e in events(out)
-    )  # copied from the cache, not trained
+    # copied from the cache, not trained
+    assert not any(e.get("event") == "tiny model built" for e in events(out))

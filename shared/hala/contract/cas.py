@@ -277,9 +277,8 @@ def _local_whole_file(path: str, data: bytes) -> str:
 def _local_create(path: str, data: bytes) -> str:
     tmp = _local_whole_file(path, data)
     try:
-        os.link(
-            tmp, path
-        )  # fails with EEXIST when the name is taken: the one atomic "create if absent" of POSIX
+        # fails with EEXIST when the name is taken: the one atomic "create if absent" of POSIX
+        os.link(tmp, path)
     except FileExistsError as e:
         raise Conflict(path) from e
     except OSError as e:

@@ -143,9 +143,8 @@ class _FileLease(Lease):
                 time.sleep(poll)
         self.inode = os.fstat(self.fd).st_ino
         os.ftruncate(self.fd, 0)
-        os.pwrite(
-            self.fd, json.dumps(self.record).encode(), 0
-        )  # who holds it, for the waiters' messages and check()
+        # who holds it, for the waiters' messages and check()
+        os.pwrite(self.fd, json.dumps(self.record).encode(), 0)
         os.fsync(self.fd)
 
     def _holder(self) -> dict[str, Any]:
@@ -225,9 +224,8 @@ class _ObjectLease(Lease):
     # --- the protocol -------------------------------------------------------------------------------
 
     def acquire(self, log: Any, poll: float, wait: bool = True) -> None:
-        seen: tuple[str, float] | None = (
-            None  # (version, when this process first saw it) of the holder's lease
-        )
+        # (version, when this process first saw it) of the holder's lease
+        seen: tuple[str, float] | None = None
         while True:
             try:
                 self.version = self._write(None)

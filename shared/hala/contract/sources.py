@@ -47,9 +47,8 @@ class ResolvedInput:
     store: Store | None = None
     run: str | None = None
     manifest: dict[str, Any] | None = None  # the producer's manifest, for step outputs
-    revision: str | None = (
-        None  # hub: the revision read (a commit sha, or the recipe's tag where the hub is not asked)
-    )
+    # hub: the revision read (a commit sha, or the recipe's tag where the hub is not asked)
+    revision: str | None = None
 
     @property
     def kind(self) -> str:
@@ -277,9 +276,8 @@ def hub_revision(ref: InputRef, where: str) -> str:
                 ) from None
             why = f"the hub did not answer ({name}: {str(e)[:200]})"
     if ref.revision:
-        return (
-            ref.revision
-        )  # the recipe's branch or tag, as written: pinned by its author, if not to a commit
+        # the recipe's branch or tag, as written: pinned by its author, if not to a commit
+        return ref.revision
     raise Unpinned(
         f"step '{where}': input '{ref.name}' ({ref.raw}) is not pinned to a revision, and {why}, so its "
         "current "

@@ -38,9 +38,8 @@ class InputSpec:
     name: str
     required: bool = True
     description: str = ""
-    hub: str = (
-        "model"  # what a hub:ORG/NAME given here is: a model or a dataset repository (its revision's API)
-    )
+    # what a hub:ORG/NAME given here is: a model or a dataset repository (its revision's API)
+    hub: str = "model"
 
 
 @dataclass(frozen=True)

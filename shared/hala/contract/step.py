@@ -122,9 +122,8 @@ class StepContext:
     log: Any
     attempt: str = ""  # this process's attempt: its outputs go to <base>/attempt-<id>/, never anywhere else
     base: str = ""  # store folder the commit's paths are relative to: the step's, or the shard's part folder
-    lease: Any = (
-        None  # the lease held while main runs (hala.contract.lease); check_lease() before each commit
-    )
+    # the lease held while main runs (hala.contract.lease); check_lease() before each commit
+    lease: Any = None
     counts: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     quarantined: Counter = field(default_factory=Counter)
@@ -487,9 +486,8 @@ def run(
                     **({"waited_for": lease.describe(held.waited_for)} if held.waited_for else {}),
                 )
                 return 0
-            ctx.store.clean_work(
-                ctx.run, ctx.step.name, keep=ctx.fingerprint
-            )  # another fingerprint's work is stale
+            # another fingerprint's work is stale
+            ctx.store.clean_work(ctx.run, ctx.step.name, keep=ctx.fingerprint)
             ctx.store.write_status(
                 ctx.run,
                 ctx.step.name,
@@ -581,8 +579,7 @@ def run(
     finally:
         if ctx is not None and rank() == 0:
             if not committed and ctx.lease is not None:
-                ctx.store.remove(
-                    ctx.attempt_dir
-                )  # a failed attempt's files (a killed one leaves them to `hala gc`)
+                # a failed attempt's files (a killed one leaves them to `hala gc`)
+                ctx.store.remove(ctx.attempt_dir)
             if not ctx.store.is_local and os.path.isdir(ctx.staging):
                 shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -236,9 +236,8 @@ class PartWriter:
         if self.pending_bytes >= self.group_bytes:
             self._flush()  # one short row group of large rows
         elif self.pending_rows >= self.group_rows:
-            self._flush(
-                self.pending_rows - self.pending_rows % self.group_rows
-            )  # whole row groups; the rest waits
+            # whole row groups; the rest waits
+            self._flush(self.pending_rows - self.pending_rows % self.group_rows)
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
@@ -264,9 +263,8 @@ class PartWriter:
                 self.path = os.path.join(self.folder, f"part-{len(self.files):05d}.parquet")
                 self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
                 self.files.append(self.path)
-            piece = table.slice(
-                0, self.file_rows - self.file_rows_written
-            )  # a file holds file_rows rows at most
+            # a file holds file_rows rows at most
+            piece = table.slice(0, self.file_rows - self.file_rows_written)
             table = table.slice(piece.num_rows)
             self.writer.write_table(piece, row_group_size=self.group_rows)
             self.file_rows_written += piece.num_rows

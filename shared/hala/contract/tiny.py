@@ -453,9 +453,8 @@ def cached_build(role: str, recipe: Any, spec: dict[str, Any], entry: Path) -> t
                 tmp / "model",
                 float(recipe.tiny_models.get("max_seconds", 900)),
             )
-            (tmp / "info.json").write_text(
-                json.dumps(info, ensure_ascii=False)
-            )  # written last: the entry is whole
+            # written last: the entry is whole
+            (tmp / "info.json").write_text(json.dumps(info, ensure_ascii=False))
             if entry.exists():
                 shutil.rmtree(entry)  # a half-written entry of a killed builder
             os.replace(tmp, entry)

@@ -67,11 +67,12 @@ class Chunks:
     def _markers(self) -> dict[int, dict[str, Any]]:
         folder = f"{self.root}/{MARKERS}"
         try:
+            # not a create's hidden temporary file
             paths = sorted(
                 p
                 for p in self.store.fs.ls(folder, detail=False, refresh=True)
                 if p.rstrip("/").rsplit("/", 1)[-1][:6].isdigit()
-            )  # not a create's hidden temporary file
+            )
         except FileNotFoundError:
             return {}
         with ThreadPoolExecutor(8) as pool:  # on an object store, one GET each: in parallel
@@ -176,9 +177,8 @@ class Chunks:
         for k in range(self.appended, before):
             marker = self.done.get(k)
             if marker is None:
-                raise RuntimeError(
-                    f"chunk {k} is neither committed nor planned"
-                )  # plan() makes this impossible
+                # plan() makes this impossible
+                raise RuntimeError(f"chunk {k} is neither committed nor planned")
             for name, path in marker["files"].items():
                 with self.store.fs.open(self._file(path, k), "rb") as f:
                     self.writers[name].write(pq.read_table(f, schema=self.schemas[name]))

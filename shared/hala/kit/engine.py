@@ -106,9 +106,8 @@ class StepEngine:
         if self.engine is not None:
             return self.engine
         t0 = time.monotonic()
-        model = self.ctx.model_path(
-            self.model_input
-        )  # a tiny stand-in may be built here, a folder downloaded
+        # a tiny stand-in may be built here, a folder downloaded
+        model = self.ctx.model_path(self.model_input)
         if bench_engine() == "instant":
             self.engine = InstantEngine(model, self.cfg.prompt)
             self.ctx.log.warning("engine ready", **self.engine.info())
@@ -116,9 +115,8 @@ class StepEngine:
             self.engine = self.cfg.open(model)
             self.ctx.log.info("engine ready", **self.engine.info())
         self.ctx.metrics["engine"] = self.engine.info()
-        self.start_seconds = round(
-            time.monotonic() - t0, 3
-        )  # the model's resolution included: not generation time
+        # the model's resolution included: not generation time
+        self.start_seconds = round(time.monotonic() - t0, 3)
         return self.engine
 
     def close(self, engines_seen: set[str]) -> None:
@@ -153,9 +151,8 @@ class InstantEngine:
         from transformers import AutoTokenizer
 
         t0 = time.monotonic()
-        self.tok = AutoTokenizer.from_pretrained(
-            model
-        )  # planning counts tokens with the model's own tokenizer
+        # planning counts tokens with the model's own tokenizer
+        self.tok = AutoTokenizer.from_pretrained(model)
         self.model_path = model
         self.prefix, _, self.suffix = prompt.partition("{text}")
         self.start_seconds = round(time.monotonic() - t0, 2)
@@ -172,11 +169,12 @@ class InstantEngine:
         for conv in conversations:
             text = conv[-1]["content"].removeprefix(self.prefix).removesuffix(self.suffix)
             arabic = text.translate(_LATIN_TO_ARABIC)
+            # ~4 chars a token
             out.append(
                 Generation(
                     arabic, prompt_tokens=len(text) // 4, completion_tokens=len(arabic) // 4, finished=True
                 )
-            )  # ~4 chars a token
+            )
         return out
 
     def choose(self, conversations: list[list[dict[str, str]]], labels: list[str]) -> list[Choice]:
@@ -371,9 +369,8 @@ class TransformersEngine:
     def chat(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
         torch = self.torch
         encoded = [self.prompt_ids(c) for c in conversations]
-        order = sorted(
-            range(len(encoded)), key=lambda i: len(encoded[i])
-        )  # similar lengths share a batch: less padding
+        # similar lengths share a batch: less padding
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(encoded)
         torch.manual_seed(sampling.seed)
         eos = self.tok.eos_token_id
@@ -656,9 +653,8 @@ class VllmEngine:
             left = [i for _, internal in queued for i in internal if _external_id(i) not in finished]
             try:
                 if left and engine.has_unfinished_requests():
-                    engine.abort_request(
-                        left, internal=True
-                    )  # the caller stopped early: the next call must not inherit these
+                    # the caller stopped early: the next call must not inherit these
+                    engine.abort_request(left, internal=True)
             except self.failures:
                 pass  # a dead engine has nothing left to abort; the error that killed it is on its way up
 

@@ -39,9 +39,8 @@ from hala.ops import k8s, runs
 from hala.ops.drive import Outcome, Stopped, drive
 
 ATTEMPT = "hala.dev/attempt"  # 1, 2, ...: the how-many-th Job of the step in this run
-BUDGET_FROM = (
-    "hala.dev/budget-from"  # the attempt the current budget of retries started at (a reapply resets it)
-)
+# the attempt the current budget of retries started at (a reapply resets it)
+BUDGET_FROM = "hala.dev/budget-from"
 MAX_BACKOFF_S = 600.0
 FINAL_CODES = (EXIT_CONFIG, EXIT_DATA)
 
@@ -253,9 +252,8 @@ def conduct(
         outcomes = drive(recipe, steps, store, executor, detach_on_failure=True, wait_seconds=resync_seconds)
     except Stopped:
         return EXIT_TEMPORARY  # the caller (a test, or a pod being replaced) comes back and adopts what runs
-    runs.summarize(
-        recipe, store, outcomes, started, seconds=time.monotonic() - t0
-    )  # the local runner's summary
+    # the local runner's summary
+    runs.summarize(recipe, store, outcomes, started, seconds=time.monotonic() - t0)
     failure = next((o for o in outcomes.values() if o.state == "failed"), None)
     _record(
         store,
@@ -290,9 +288,8 @@ class JobExecutor:
         self.fingerprints: dict[str, str | None] = {}
         self.looked: set[str] = set()  # steps this conductor has seen a Job of
         self.adopted: set[str] = set()
-        self.next_attempt: dict[
-            str, tuple[int, int]
-        ] = {}  # step -> (attempt, budget-from) of the Job to create
+        # step -> (attempt, budget-from) of the Job to create
+        self.next_attempt: dict[str, tuple[int, int]] = {}
         self.wake: float | None = None  # the soonest retry, when one is backing off
 
     def start(self, step: Step, fingerprint: str | None, forced: bool) -> None:
@@ -376,9 +373,8 @@ class JobExecutor:
         attempt = int(_meta(job, "annotations").get(ATTEMPT, 1))
         budget_from = int(_meta(job, "annotations").get(BUDGET_FROM, 1))
         if self.reapplied and first_look:
-            budget_from = (
-                attempt + 1
-            )  # reapplied after the run failed: the failed step gets its retries again
+            # reapplied after the run failed: the failed step gets its retries again
+            budget_from = attempt + 1
         if code in FINAL_CODES or attempt + 1 - budget_from > self.retries:
             self.log.error(
                 "job failed",

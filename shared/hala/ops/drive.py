@@ -78,9 +78,8 @@ def drive(
         for step in steps:
             if step.name in outcomes:
                 continue
-            stopped = not keep_going and any(
-                o.state == "failed" for o in outcomes.values()
-            )  # nothing new starts
+            # nothing new starts
+            stopped = not keep_going and any(o.state == "failed" for o in outcomes.values())
             if step.name not in running and not _begin(
                 recipe,
                 step,

@@ -38,9 +38,8 @@ class EnvSet:
     tests: list[Path] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
-    warm: list[str] = field(
-        default_factory=list
-    )  # modules its warm interpreter imports ahead (hala.kit.warm)
+    # modules its warm interpreter imports ahead (hala.kit.warm)
+    warm: list[str] = field(default_factory=list)
 
 
 def venvs_dir() -> Path:
@@ -141,10 +140,8 @@ def setup_env(env: EnvSet, force: bool = False) -> bool:
     if any(
         "+cpu" in line for line in lock_files(env)[0].read_text().splitlines() if line.startswith("torch==")
     ) and not pipconf.local_wheel("torch-*+cpu-*.whl"):
-        sources += [
-            "--find-links",
-            pipconf.TORCH_CPU_LINKS,
-        ]  # no local CPU build: PyTorch's own page of wheels
+        # no local CPU build: PyTorch's own page of wheels
+        sources += ["--find-links", pipconf.TORCH_CPU_LINKS]
     # the interpreter the environments are made from: the one running this (its base, when it is a venv)
     base = getattr(sys, "_base_executable", sys.executable)
     _run([uv, "venv", "-q", "--allow-existing", "--python", base, str(root)], f"{env.name}: venv", run_env)

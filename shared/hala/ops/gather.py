@@ -131,9 +131,8 @@ def _gather(recipe: Any, step: Any, store: Store, held: lease.Lease, log: Any) -
                 for k, v in entry.items()
                 if k not in ("path", "kind", "rows", "bytes", "sha256", "files")
             }
-            folder = (
-                entry["path"].rstrip("/").rsplit("/", 1)[-1]
-            )  # the output's own folder name, under its attempt
+            # the output's own folder name, under its attempt
+            folder = entry["path"].rstrip("/").rsplit("/", 1)[-1]
             folders[name] = f"{ATTEMPT}{attempt}/{folder}"
             for f in entry["files"]:
                 src = f"{part_dir}/{f['path']}"

@@ -64,9 +64,8 @@ def test_without_a_token_the_step_writes_cards_and_the_plan_and_succeeds(tmp_pat
     card = (out / model["card"]).read_text(encoding="utf-8")
     assert card.startswith('---\nlicense: "cc-by-nc-4.0"')
     assert "`merge-hala-350m` (merge" in card and "tiny:lfm2-350m" in card
-    assert (
-        "Card written by the producing stage" in card and "slerp" in card
-    )  # the merge stage's own card follows
+    # the merge stage's own card follows
+    assert "Card written by the producing stage" in card and "slerp" in card
 
 
 def test_a_token_with_no_reachable_hub_is_a_dry_run_and_the_token_never_shows(tmp_path: Path) -> None:

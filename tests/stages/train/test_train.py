@@ -173,9 +173,8 @@ def test_masked_forms_teach_the_translator_to_carry_markers(tmp_path: Path) -> N
         {"id": "d", "src_lang": "en", "tgt_lang": "ar", "src": "Hi", "tgt": " "},
     ]
     data.add_pairs(out, "p", rows, cfg)
-    made = [
-        json.loads(e) for e in out.dataset()["example"]
-    ]  # written to Arrow as they are made, read back mapped
+    # written to Arrow as they are made, read back mapped
+    made = [json.loads(e) for e in out.dataset()["example"]]
     completions = [e["completion"][0]["content"] for e in made]
     prompts = [e["prompt"][0]["content"] for e in made]
     assert completions == ["احسب $x^2$ الآن.", "احسب ⟦0⟧ الآن.", "شكرا"]  # b is flipped to en-ar
@@ -338,9 +337,8 @@ def test_lora_is_merged_into_a_plain_model(store: Path, tmp_path: Path, pairs: P
     out = store / "lora" / "train-x" / m["outputs"]["model"]["path"]
     assert out.name == "tiny-lfm2-350m-SFT-LoRA" and not (out / "adapter_config.json").exists()
     merged = load_file(out / "model.safetensors")
-    base_dir = Path(
-        m["metrics"]["base"]["uri"]
-    )  # a tiny stand-in under _sources/: its manifest names the folder
+    # a tiny stand-in under _sources/: its manifest names the folder
+    base_dir = Path(m["metrics"]["base"]["uri"])
     base = load_file(
         output_dir(base_dir.parents[1], "_sources", base_dir.name, "model") / "model.safetensors"
     )

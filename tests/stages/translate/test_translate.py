@@ -117,9 +117,8 @@ def test_latex_comes_back_byte_identical_and_outputs_agree(
     src = {r["id"]: r for r in pq.read_table(next(prepared["scp116k"].glob("*.parquet"))).to_pylist()}
     for row in rows(store, "scp", "conversations"):
         for before, after in zip(src[row["id"]]["messages"], row["messages"]):
-            assert (
-                spans.protect(before["content"])[1] == spans.protect(after["content"])[1]
-            )  # same LaTeX, same order
+            # same LaTeX, same order
+            assert spans.protect(before["content"])[1] == spans.protect(after["content"])[1]
             assert (spans.protect(after["content"])[0].count("⟦")) == len(spans.protect(before["content"])[1])
     assert (
         len(rows(store, "scp", "pairs")) == 2 * c["rows_out"]
@@ -325,9 +324,8 @@ def test_a_killed_shard_resumes_after_its_last_committed_chunk(
     old = json.loads((work0 / "chunks" / "_done" / "000000.json").read_text())
     for name, path in old["files"].items():
         (stale / name).mkdir()
-        (stale / name / "chunk-000000.parquet").write_bytes(
-            (work0 / "chunks" / path).read_bytes()
-        )  # relative paths
+        # relative paths
+        (stale / name / "chunk-000000.parquet").write_bytes((work0 / "chunks" / path).read_bytes())
     old = {k: v for k, v in old.items() if k not in ("layout", "first", "stop")}
     (stale / "_done" / "000000.json").write_text(
         json.dumps({**old, "files": {n: str(stale / n / "chunk-000000.parquet") for n in old["files"]}})

@@ -18,12 +18,10 @@ class EchoConfig:
     quarantine_every: int = 0  # every k-th row of the shard goes to the quarantine (0: none)
     misreport: bool = False  # claim one row too many: the library must refuse to commit
     sleep_s: float = 0.0  # per row, so a test can kill a shard mid-way
-    stamp: bool = (
-        False  # each row carries a random id of this process: two attempts never write the same bytes
-    )
-    chunk_rows: int = (
-        0  # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
-    )
+    # each row carries a random id of this process: two attempts never write the same bytes
+    stamp: bool = False
+    # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
+    chunk_rows: int = 0
 
     @classmethod
     def model_validate(cls, data: dict) -> EchoConfig:
