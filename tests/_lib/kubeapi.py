@@ -52,6 +52,13 @@ def _job(name: str, ns: str, version: int) -> dict[str, Any]:
     }
 
 
+def _ranges(indexes: range) -> str:
+    """Job status's index notation for consecutive indexes ("0-2", "0", or "")."""
+    if not indexes:
+        return ""
+    return str(indexes[0]) if len(indexes) == 1 else f"{indexes[0]}-{indexes[-1]}"
+
+
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     return {
         "kind": "Status",
@@ -83,9 +90,8 @@ class KubeAPI(Bounded):
         self.changed = threading.Condition()
         self.jobs: dict[str, dict[str, Any]] = {}
         self.controller = controller
-        self.exits: dict[
-            str, list[int]
-        ] = {}  # job name -> exit codes its next pods end with, without running
+        # job name -> exit codes its next pods end with, without running
+        self.exits: dict[str, list[int]] = {}
         self.pods: list[tuple[str, int | None, int]] = []  # (job, index, exit code) of every pod run
         self.runners: list[threading.Thread] = []
         api = self
@@ -148,7 +154,11 @@ class KubeAPI(Bounded):
             def do_POST(self) -> None:  # noqa: N802
                 api.requests.append(f"POST {self.path}")
                 job = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                name = job.get("metadata", {}).get("name")
+                meta = job.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    # as the API server does: the prefix and five random characters
+                    meta["name"] = meta.pop("generateName") + uuid.uuid4().hex[:5]
+                name = meta.get("name")
                 with api.changed:
                     if name in api.jobs:
                         self._send(409, _status(409, "AlreadyExists", f'jobs.batch "{name}" already exists'))
@@ -236,7 +246,8 @@ class KubeAPI(Bounded):
         indexed = spec.get("completionMode") == "Indexed"
         limit = spec.get("backoffLimitPerIndex", 0) if indexed else spec.get("backoffLimit", 6)
         failed: tuple[int | None, int] | None = None
-        for index in range(spec["completions"]) if indexed else [None]:
+        succeeded = failed_pods = 0
+        for index in range(spec.get("completions", 1)) if indexed else [None]:
             for _ in range(limit + 1):
                 with self.changed:
                     gone = name not in self.jobs or self.jobs[name]["metadata"]["uid"] != uid
@@ -254,7 +265,11 @@ class KubeAPI(Bounded):
                         timeout=600,
                     ).returncode
                 self.pods.append((name, index, code))
-                if code == 0 or code in final_codes:
+                if code == 0:
+                    succeeded += 1
+                    break
+                failed_pods += 1
+                if code in final_codes:
                     break
             if code != 0:
                 failed = (index, code)
@@ -262,20 +277,35 @@ class KubeAPI(Bounded):
         with self.changed:
             if name not in self.jobs or self.jobs[name]["metadata"]["uid"] != uid:
                 return
+            # the status a Job controller of Kubernetes >= 1.31 leaves: counts, indexes, and the interim
+            # condition (SuccessCriteriaMet, FailureTarget) before the final one
+            status: dict[str, Any] = {"succeeded": succeeded, "failed": failed_pods}
+            now = _now()
             if failed is None:
-                condition = {"type": "Complete", "status": "True", "lastTransitionTime": _now()}
+                status["conditions"] = [
+                    {"type": t, "status": "True", "lastTransitionTime": now}
+                    for t in ("SuccessCriteriaMet", "Complete")
+                ]
+                if indexed:
+                    status["completedIndexes"] = _ranges(range(succeeded))
             else:
                 index, code = failed
                 why = "PodFailurePolicy" if code in final_codes else "BackoffLimitExceeded"
-                condition = {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": why,
-                    "lastTransitionTime": _now(),
-                    "message": f"Container {container['name']} for pod {name}-{index} failed with exit code "
-                    f"{code}",
-                }
-            self.jobs[name]["status"] = {"conditions": [condition]}
+                message = f"Container {container['name']} for pod {name}-{index} failed with exit code {code}"
+                status["conditions"] = [
+                    {
+                        "type": t,
+                        "status": "True",
+                        "reason": why,
+                        "lastTransitionTime": now,
+                        "message": message,
+                    }
+                    for t in ("FailureTarget", "Failed")
+                ]
+                if indexed:
+                    status["completedIndexes"] = _ranges(range(index or 0)) if index else ""
+                    status["failedIndexes"] = str(index)
+            self.jobs[name]["status"] = status
             self._bump(name)
 
     def settle(self, timeout: float = 600) -> None:

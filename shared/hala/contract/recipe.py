@@ -39,9 +39,9 @@ RECIPE_KEYS = {
     "store": "fsspec URL or path of the artifact store (relative paths: to the current directory)",
     "run": "the run name: artifacts go to <store>/<run>/<step>/",
     "tiny_models": "settings of the tiny stand-in models (tiny:<role> sources)",
-    "kubernetes": "namespace, queue (Kueue), storage size and class, retries (new Jobs of a failed step), "
-    "pod_retries "
-    "(pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered manifests",
+    "kubernetes": "namespace, queue and priority_class (Kueue), storage size and class, retries (new Jobs "
+    "of a failed step), pod_retries (pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered "
+    "manifests; parallelism, active_deadline_seconds and pod_gc of the Argo Workflow",
     "steps": "the steps, by name (<stage>-<subject>)",
 }
 STEP_KEYS = {
@@ -105,6 +105,14 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "pod_retries": {"type": "integer", "minimum": 0},  # pods of one Job (its backoffLimit)
                 "retry_backoff_seconds": {"type": "number", "minimum": 0},
                 "ttl_seconds": {"type": "integer", "minimum": 0},
+                # Kueue: the WorkloadPriorityClass of the run's Jobs (with `queue`)
+                "priority_class": {"type": "string", "minLength": 1},
+                # Argo Workflows: steps running at once, the workflow's deadline, when its pods are deleted
+                "parallelism": {"type": "integer", "minimum": 1},
+                "active_deadline_seconds": {"type": "integer", "minimum": 1},
+                "pod_gc": {
+                    "enum": ["OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"]
+                },
             },
         },
         "steps": {
@@ -152,9 +160,8 @@ class InputRef:
     output: str | None = None
     uri: str | None = None  # absolute path, URL, hub repo id, or tiny role
     revision: str | None = None
-    pinned: str | None = (
-        None  # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
-    )
+    # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
+    pinned: str | None = None
     hub_type: str = "model"  # hub: a model or a dataset repository (the stage's stage.toml says which)
 
     def describe(self) -> str:
@@ -651,9 +658,8 @@ def read_set_file(path: str | Path) -> tuple[list[str], dict[str, str]]:
             and not Path(value).is_absolute()
             and (path.parent / value).exists()
         ):
-            text = str(
-                (path.parent / value).resolve()
-            )  # a path of the file's own: relative to the file, not the cwd
+            # a path of the file's own: relative to the file, not the cwd
+            text = str((path.parent / value).resolve())
         item = f"{key}={text}"
         items.append(item)
         sources[item] = f"--set-file {path}"

@@ -166,18 +166,34 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise ConfigError(f"`hala render {args.what}` needs a recipe, e.g. recipes/tiny.yaml")
     recipe = _load(args, check_paths=False, store=args.store, run=args.run)
     args.variant = args.variant or ("cpu" if args.what == "compose" else "cuda")
+    if args.queue:
+        recipe.kubernetes["queue"] = args.queue  # Kueue: every Job labelled with it, created suspended
     if args.what == "compose":
         from hala.ops import compose
 
         body = compose.text(recipe, args.variant, file=Path(args.out).name if args.out else "compose.yaml")
     else:
-        from hala.ops import k8s
+        from hala.ops import argo, kueue, manifests
 
         if args.out:
-            for path in k8s.write(recipe, args.out, args.variant, args.registry, args.tag):
+            if args.what == "argo":
+                paths = argo.write(recipe, args.out, args.variant, args.registry, args.tag)
+            elif args.what == "kueue":
+                paths = kueue.write(recipe, args.out)
+            else:
+                paths = manifests.write(recipe, args.out, args.variant, args.registry, args.tag)
+            for path in paths:
                 print(f"wrote: {path}")
             return 0
-        body = k8s.text(recipe, args.variant, args.registry, args.tag)
+        if args.what == "argo":
+            files = argo.render(recipe, args.variant, args.registry, args.tag)
+        elif args.what == "kueue":
+            files = kueue.render(recipe)
+        else:
+            files = manifests.render(recipe, args.variant, args.registry, args.tag)
+        body = manifests.dump(
+            [o for name, objs in files.items() if name != "kustomization.yaml" for o in objs]
+        )
     if args.out:
         Path(args.out).write_text(body)
     else:
@@ -498,8 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--runner", default="compose", help="what runs the steps (recorded in _RUN.json)")
     rec.set_defaults(func=cmd_record)
 
-    rn = sub.add_parser("render", help="compose file or Kubernetes manifests of a recipe")
-    rn.add_argument("what", choices=["compose", "k8s"])
+    rn = sub.add_parser(
+        "render",
+        help="compose file, Kubernetes manifests (the conductor's), an Argo Workflow, or the Kueue queues "
+        "of a recipe",
+    )
+    rn.add_argument("what", choices=["compose", "k8s", "argo", "kueue"])
     rn.add_argument("recipe", nargs="?")
     rn.add_argument(
         "--variant", choices=["cpu", "cuda"], default=None, help="default: cpu for compose, cuda for k8s"
@@ -508,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry", help="k8s: image registry written into the Jobs (default $REGISTRY or local)"
     )
     rn.add_argument("--tag", help="k8s: image tag (default $HALA_TAG or dev)")
+    rn.add_argument(
+        "--queue",
+        help="k8s, argo: a Kueue LocalQueue (over the recipe's kubernetes.queue): Jobs carry its label "
+        "and are created suspended until Kueue admits them",
+    )
     rn.add_argument(
         "--store",
         help="the store the containers use: an object store URL (s3://, gs://) is passed to every "

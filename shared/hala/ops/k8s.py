@@ -1,30 +1,17 @@
-"""Kubernetes: the manifests of a recipe (`hala render k8s`); the conductor that runs them is
-hala.ops.conductor.
+"""Kubernetes objects of a recipe's steps: their names and labels, the pod every runner on a cluster gives a
+step (image, command, resources, GPU placement, security context, volumes), a step's Job and a sharded step's
+gather Job. The files made of them are hala.ops.manifests (`hala render k8s`) and hala.ops.argo; the conductor
+that creates the Jobs is hala.ops.conductor.
 
-    hala render k8s recipes/hala-paper.yaml -o manifests/hala-paper     # cuda images, GPUs, FP8 placement
-    hala render k8s recipes/tiny.yaml --variant cpu -o manifests/tiny   # cpu images, no GPU
-    kubectl apply -k manifests/hala-paper/
-
-What `kubectl apply -k` creates: the namespace, the store's volume claim (ReadWriteMany; an fsspec URL
-store such as s3://... needs none), the recipe as a ConfigMap, RBAC for the conductor and the conductor
-Job. The conductor (hala-cli image, hala.ops.conductor) creates one Job per step in dependency order and
-retries failed ones. Every name carries the run (`<run>-<step>`, `hala-conductor-<run>`), so two runs of one
-recipe live side by side in a namespace (`hala render k8s ... --run b`). `jobs/` holds every step's Job on its
-own, for per-stage reuse (`kubectl apply -f manifests/hala-paper/jobs/26-merge-hala-350m.yaml`, and
-`NN-<step>-gather.yaml` after a sharded one); they are not in the kustomization.
-
-No cluster ran these manifests here: they are validated offline (kubernetes-validate --strict) and
-policy-tested; the conductor is tested through the official client against a stand-in of the Jobs API.
+Every name carries the run (`<run>-<step>`, `hala-conductor-<run>`), so two runs of one recipe live side by
+side in a namespace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, ConfigError
 from hala.contract.recipe import Recipe, Step
@@ -36,9 +23,8 @@ from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
 UID = 1000
 CONDUCTOR = "hala-conductor"
-HF_SECRET = (
-    "hala-hf-token"  # optional: `kubectl create secret generic hala-hf-token --from-literal=token=hf_...`
-)
+# optional: `kubectl create secret generic hala-hf-token --from-literal=token=hf_...`
+HF_SECRET = "hala-hf-token"
 STORE_SECRET = "hala-store-credentials"  # optional: env for an object store (AWS_ACCESS_KEY_ID, ...)
 FINGERPRINT = "hala.dev/fingerprint"
 TTL_SECONDS = 7 * 24 * 3600
@@ -77,24 +63,32 @@ def conductor_name(recipe: Recipe) -> str:
     return k8s_name(f"{CONDUCTOR}-{recipe.run}")
 
 
-def _labels(recipe: Recipe, step: str, stage: str) -> dict[str, str]:
-    labels = {
+def labels(recipe: Recipe, step: str, stage: str, *, queued: bool = True) -> dict[str, str]:
+    """A step's labels: the run, step and stage; with `kubernetes.queue`, Kueue's queue (and priority class)
+    labels, which make Kueue admit the workload into that LocalQueue (`queued=False`: the conductor, a small
+    pod that must not hold quota while it waits on the steps)."""
+    out = {
         "app.kubernetes.io/name": "hala",
         "app.kubernetes.io/part-of": k8s_name(recipe.name),
         "hala.dev/run": k8s_name(recipe.run),
         "hala.dev/step": k8s_name(step),
         "hala.dev/stage": stage,
     }
-    if recipe.kubernetes.get("queue"):
-        labels["kueue.x-k8s.io/queue-name"] = str(
-            recipe.kubernetes["queue"]
-        )  # Kueue admits the Job into this queue
-    return labels
+    if queued and recipe.kubernetes.get("queue"):
+        out["kueue.x-k8s.io/queue-name"] = str(recipe.kubernetes["queue"])
+        if recipe.kubernetes.get("priority_class"):
+            out["kueue.x-k8s.io/priority-class"] = str(recipe.kubernetes["priority_class"])
+    return out
 
 
-_store_url = (
-    compose_mod.store_url
-)  # an object store's URL as it is, else the volume at /store (one rule for both)
+def queued(recipe: Recipe) -> bool:
+    """Jobs go through Kueue: created suspended, so nothing starts before Kueue admits them (its webhook
+    suspends them too, where it runs; a cluster without it would start them at once)."""
+    return bool(recipe.kubernetes.get("queue"))
+
+
+# an object store's URL as it is, else the volume at /store (one rule for both)
+store_url = compose_mod.store_url
 
 
 def _env(recipe: Recipe, variant: str) -> list[dict[str, Any]]:
@@ -117,7 +111,7 @@ def _env(recipe: Recipe, variant: str) -> list[dict[str, Any]]:
     return env
 
 
-def _pod(
+def pod_spec(
     recipe: Recipe,
     container: dict[str, Any],
     need: Needs | None,
@@ -142,7 +136,7 @@ def _pod(
         {"name": "home", "emptyDir": {}},
         {"name": "recipe", "configMap": {"name": "hala-recipe"}},
     ]
-    if _store_url(recipe) == STORE_MOUNT:
+    if store_url(recipe) == STORE_MOUNT:
         mounts.append({"name": "store", "mountPath": STORE_MOUNT})
         volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": "hala-store"}})
     if need and need.shm:
@@ -214,7 +208,7 @@ def fp8_affinity() -> dict[str, Any]:
     }
 
 
-def _resources(step_stage: str, need: Needs | None, variant: str) -> dict[str, Any]:
+def resources_for(step_stage: str, need: Needs | None, variant: str) -> dict[str, Any]:
     if variant == "cpu":
         cpu, mem = TINY_DEFAULT
     elif need and need.gpus:
@@ -251,19 +245,18 @@ def step_job(
     if variant == "cpu":
         need = Needs(gpus=0, fp8=False, cpu=need.cpu, memory=need.memory, shm=need.shm)
     args = commands.image_args(
-        recipe, step, None, store_arg or _store_url(recipe), recipe_arg or compose_mod.recipe_in_image(recipe)
+        recipe, step, None, store_arg or store_url(recipe), recipe_arg or compose_mod.recipe_in_image(recipe)
     )
     container = {
         "name": "step",
         "image": images_mod.reference(step.spec.env, variant, registry, tag),
         "args": args,
-        "resources": _resources(step.stage, need, variant),
+        "resources": resources_for(step.stage, need, variant),
     }
-    pod = _pod(recipe, container, need, variant, recipe_arg=recipe_arg)
-    retries = int(
-        recipe.kubernetes.get("pod_retries", 2)
-    )  # pods of one Job; `retries` is new Jobs (the conductor)
-    spec: dict[str, Any] = {}
+    pod = pod_spec(recipe, container, need, variant, recipe_arg=recipe_arg)
+    # pods of one Job; `retries` is new Jobs (the conductor)
+    retries = int(recipe.kubernetes.get("pod_retries", 2))
+    spec: dict[str, Any] = {"suspend": True} if queued(recipe) else {}
     if step.shards > 1:
         # an Indexed Job: hala.contract.step reads JOB_COMPLETION_INDEX as the shard; each index retries on
         # its own, and one index that fails for good fails the step (gather needs every part)
@@ -296,183 +289,37 @@ def step_job(
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },
-            "template": {"metadata": {"labels": _labels(recipe, step.name, step.stage)}, "spec": pod},
+            "template": {"metadata": {"labels": labels(recipe, step.name, step.stage)}, "spec": pod},
         }
     )
     meta: dict[str, Any] = {
         "name": job_name(recipe, step),
         "namespace": namespace(recipe),
-        "labels": _labels(recipe, step.name, step.stage),
+        "labels": labels(recipe, step.name, step.stage),
     }
     if fingerprint or annotations:
         meta["annotations"] = {**({FINGERPRINT: fingerprint} if fingerprint else {}), **(annotations or {})}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-def conductor_job(recipe: Recipe, variant: str, registry: str | None, tag: str | None) -> dict[str, Any]:
-    args = [
-        "run",
-        compose_mod.recipe_in_image(recipe),
-        "--runner",
-        "k8s",
-        "--store",
-        _store_url(recipe),
-        "--run",
-        recipe.run,
-        "--variant",
-        variant,
-        "--namespace",
-        namespace(recipe),
-        *commands.set_args(recipe),
-    ]
-    if registry:
-        args += ["--registry", registry]
-    if tag:
-        args += ["--tag", tag]
-    container = {
-        "name": "conductor",
-        "image": images_mod.reference("cli", variant, registry, tag),
-        "args": args,
-        "resources": _resources("cli", None, "cuda"),
-    }
-    pod = _pod(recipe, container, None, variant, service_account=CONDUCTOR)
-    # the conductor Job's uid (its pods carry it as a label): a retried pod of this Job is the same conductor,
-    # one of a Job applied again is a new one (hala.ops.conductor: only a new one retries a run's failed
-    # steps)
-    container["env"].append(
-        {
-            "name": "HALA_CONDUCTOR_ID",
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}},
-        }
-    )
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": conductor_name(recipe),
-            "namespace": namespace(recipe),
-            "labels": _labels(recipe, "conductor", "cli"),
-        },
-        "spec": {
-            # a restarted conductor adopts the Jobs it created instead of creating them again
-            "backoffLimit": 3,
-            "ttlSecondsAfterFinished": int(recipe.kubernetes.get("ttl_seconds", TTL_SECONDS)),
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": "conductor",
-                            "operator": "In",
-                            "values": [EXIT_CONFIG, EXIT_DATA],
-                        },
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
-            "template": {"metadata": {"labels": _labels(recipe, "conductor", "cli")}, "spec": pod},
-        },
-    }
-
-
-def base_objects(
-    recipe: Recipe, variant: str, registry: str | None, tag: str | None
-) -> dict[str, list[dict[str, Any]]]:
-    ns = namespace(recipe)
-
-    def meta(name: str) -> dict[str, Any]:
-        return {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "hala"}}
-
-    files: dict[str, list[dict[str, Any]]] = {
-        "namespace.yaml": [
-            {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "metadata": {"name": ns, "labels": {"app.kubernetes.io/name": "hala"}},
-            }
-        ],
-        "recipe.yaml": [
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": meta("hala-recipe"),
-                "data": {recipe.path.name: recipe.path.read_text(encoding="utf-8")},
-            }
-        ],
-        "rbac.yaml": [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(CONDUCTOR)},
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": meta(CONDUCTOR),
-                "rules": [
-                    {
-                        "apiGroups": ["batch"],
-                        "resources": ["jobs"],
-                        "verbs": ["create", "get", "list", "watch", "delete"],
-                    },
-                    {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
-                ],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": meta(CONDUCTOR),
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONDUCTOR},
-                "subjects": [{"kind": "ServiceAccount", "name": CONDUCTOR, "namespace": ns}],
-            },
-        ],
-        "conductor.yaml": [conductor_job(recipe, variant, registry, tag)],
-    }
-    if _store_url(recipe) == STORE_MOUNT:
-        pvc: dict[str, Any] = {
-            "accessModes": ["ReadWriteMany"],  # every step's pod, on any node, reads and writes it
-            "resources": {"requests": {"storage": str(recipe.kubernetes.get("storage", "100Gi"))}},
-        }
-        if recipe.kubernetes.get("storage_class"):
-            pvc["storageClassName"] = recipe.kubernetes["storage_class"]
-        files["storage.yaml"] = [
-            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta("hala-store"), "spec": pvc}
-        ]
-    return files
-
-
-def render(
-    recipe: Recipe, variant: str = "cuda", registry: str | None = None, tag: str | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """File name -> objects: the base files, kustomization.yaml and jobs/NN-<step>.yaml."""
-    files = base_objects(recipe, variant, registry, tag)
-    order = ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml", "conductor.yaml"]
-    files["kustomization.yaml"] = [
-        {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [f for f in order if f in files],
-        }
-    ]
-    enabled = [s for s in recipe.steps.values() if s.enabled]
-    for i, step in enumerate(enabled, 1):
-        # files are named after the step (a stable path to apply one stage); the Jobs in them, after run and
-        # step
-        files[f"jobs/{i:02d}-{k8s_name(step.name)}.yaml"] = [step_job(recipe, step, variant, registry, tag)]
-        if step.shards > 1:
-            files[f"jobs/{i:02d}-{k8s_name(step.name)}-gather.yaml"] = [
-                gather_job(recipe, step, variant, registry, tag)
-            ]
-    return files
-
-
 def gather_job(
-    recipe: Recipe, step: Step, variant: str, registry: str | None, tag: str | None
+    recipe: Recipe,
+    step: Step,
+    variant: str,
+    registry: str | None,
+    tag: str | None,
+    recipe_arg: str | None = None,
+    store_arg: str | None = None,
 ) -> dict[str, Any]:
     """`hala gather` of a sharded step as a Job of its own (hala-cli), to apply after the step's Indexed Job
-    when the step Jobs are used without the conductor (the conductor gathers in its own process)."""
+    when the step Jobs are used without the conductor (the conductor gathers in its own process; an Argo
+    Workflow runs this pod as the task after the Job)."""
     args = [
         "gather",
-        compose_mod.recipe_in_image(recipe),
+        recipe_arg or compose_mod.recipe_in_image(recipe),
         step.name,
         "--store",
-        _store_url(recipe),
+        store_arg or store_url(recipe),
         "--run",
         recipe.run,
         *commands.set_args(recipe),
@@ -481,18 +328,19 @@ def gather_job(
         "name": "gather",
         "image": images_mod.reference("cli", variant, registry, tag),
         "args": args,
-        "resources": _resources("cli", None, "cuda"),
+        "resources": resources_for("cli", None, "cuda"),
     }
-    labels = _labels(recipe, step.name, "gather")
+    gather_labels = labels(recipe, step.name, "gather")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": k8s_name(f"{recipe.run}-gather-{step.name}"),
             "namespace": namespace(recipe),
-            "labels": labels,
+            "labels": gather_labels,
         },
         "spec": {
+            **({"suspend": True} if queued(recipe) else {}),
             "backoffLimit": 6,  # exit 75 while a shard is missing: retried with the Job's back-off
             "ttlSecondsAfterFinished": int(recipe.kubernetes.get("ttl_seconds", TTL_SECONDS)),
             "podFailurePolicy": {
@@ -508,49 +356,9 @@ def gather_job(
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },
-            "template": {"metadata": {"labels": labels}, "spec": _pod(recipe, container, None, variant)},
+            "template": {
+                "metadata": {"labels": gather_labels},
+                "spec": pod_spec(recipe, container, None, variant, recipe_arg=recipe_arg),
+            },
         },
     }
-
-
-HEADER = """\
-# Generated by `hala render k8s {recipe}{flags} -o {out}` -- do not edit: edit the recipe and render
-# again (a test checks that these files equal the rendering). Not run on a cluster here: validated
-# offline with kubernetes-validate --strict.
-"""
-
-
-def dump(objects: list[dict[str, Any]]) -> str:
-    return "---\n".join(yaml.safe_dump(o, sort_keys=False, width=200, allow_unicode=True) for o in objects)
-
-
-def write(
-    recipe: Recipe,
-    out: str | Path,
-    variant: str = "cuda",
-    registry: str | None = None,
-    tag: str | None = None,
-) -> list[Path]:
-    out = Path(out)
-    rel = (
-        recipe.path.resolve().relative_to(images_mod.REPO)
-        if recipe.path.resolve().is_relative_to(images_mod.REPO)
-        else recipe.path
-    )
-    flags = f" --variant {variant}" if variant != "cuda" else ""
-    head = HEADER.format(recipe=rel, flags=flags, out=out.as_posix())
-    written = []
-    if (out / "jobs").exists():
-        for old in (out / "jobs").glob("*.yaml"):
-            old.unlink()  # a step removed from the recipe loses its file
-    for fname, objects in render(recipe, variant, registry, tag).items():
-        path = out / fname
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(head + dump(objects), encoding="utf-8")
-        written.append(path)
-    return written
-
-
-def text(recipe: Recipe, variant: str = "cuda", registry: str | None = None, tag: str | None = None) -> str:
-    files = render(recipe, variant, registry, tag)
-    return dump([o for name, objs in files.items() if name != "kustomization.yaml" for o in objs])
