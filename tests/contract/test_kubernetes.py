@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from hala.contract import recipe as recipe_mod
-from hala.ops import conductor, k8s, manifests
+from hala.ops import conductor, k8s, kubejobs, manifests
 from hala.ops.resources import needs
 from helpers import REPO, hala, write_recipe
 
@@ -344,7 +344,7 @@ class FakeCluster:
     def create(self, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
         if name in self.jobs:
-            raise conductor.Conflict(name)
+            raise kubejobs.Conflict(name)
         self.jobs[name] = {**copy.deepcopy(job), "status": {}}
         self.created.append((self.polls, name))
 
@@ -510,7 +510,7 @@ def test_the_conductor_waits_on_the_watch_api_and_resyncs_after_a_dropped_histor
     with KubeAPI() as api:
         (tmp_path / "kubeconfig").write_text(api.kubeconfig())
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-        jobs = conductor.KubeJobs("hala", selector="app.kubernetes.io/part-of=x,hala.dev/run=r")
+        jobs = kubejobs.KubeJobs("hala", selector="app.kubernetes.io/part-of=x,hala.dev/run=r")
         t0 = time.monotonic()
         jobs.wait(1)  # no change: the watch ends at its timeout
         assert time.monotonic() - t0 >= 0.9 and jobs.version == "5"
@@ -545,7 +545,7 @@ def _cluster_run(
     """One conductor of `recipe` against the API stand-in, through KubeJobs (kubernetes' own client)."""
     (tmp_path / "kubeconfig").write_text(api.kubeconfig())
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    jobs = conductor.KubeJobs("hala", selector=conductor.run_selector(recipe))
+    jobs = kubejobs.KubeJobs("hala", selector=conductor.run_selector(recipe))
     return conductor.conduct(
         recipe,
         jobs,
@@ -700,7 +700,7 @@ def test_hala_cancel_deletes_that_runs_jobs_only(tmp_path, echo, monkeypatch):
                 name=k8s.conductor_name(recipe), labels=k8s.labels(recipe, "conductor", "cli", queued=False)
             )
             job["spec"]["template"]["spec"]["containers"][0]["name"] = "conductor"
-            conductor.KubeJobs("hala").create(job)
+            kubejobs.KubeJobs("hala").create(job)
         api.settle()
         out = subprocess.run(
             [sys.executable, "-m", "hala.ops.cli", "cancel", "a", "-n", "hala"],

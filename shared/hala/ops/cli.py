@@ -89,9 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return compose.run(recipe, args.variant, timeout=args.timeout, export=args.export)
     if args.runner == "k8s":
-        from hala.ops import conductor, k8s
+        from hala.ops import conductor, k8s, kubejobs
 
-        jobs = conductor.KubeJobs(
+        jobs = kubejobs.KubeJobs(
             args.namespace or k8s.namespace(recipe), selector=conductor.run_selector(recipe)
         )
         return conductor.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
@@ -296,9 +296,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from hala.ops import conductor
+    from hala.ops import conductor, kubejobs
 
-    names = conductor.cancel(conductor.KubeJobs(args.namespace), args.run, args.recipe_name)
+    names = conductor.cancel(kubejobs.KubeJobs(args.namespace), args.run, args.recipe_name)
     if not names:
         print(f"no Job of run {args.run!r} here", file=sys.stderr)
         return 1
