@@ -349,3 +349,41 @@ def test_the_run_report_opens_in_headless_chromium_with_its_tables_and_plots(tmp
 
     colours = {c for _, c in Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (0x4A, 0x7B, 0xB7) in colours and (0xC4, 0x60, 0x4F) in colours
+
+
+def test_the_report_draws_its_plots_again_only_when_a_manifest_changed(tmp_path: Path) -> None:
+    """A cached rerun's report reuses its plots (issue 30: drawing them was most of a cached `make run`):
+    keyed by the manifests, this module's code and matplotlib's version; a changed manifest draws them
+    again."""
+    store = Path(os.environ.get("HALA_TEST_TINY_STORE", tmp_path / "artifacts"))
+    if not (store / "tiny" / "_RUN.json").exists():
+        assert hala("run", "recipes/tiny.yaml", "--store", str(store)).returncode == 0
+    out = tmp_path / "report"
+    code = (
+        "import sys\n"
+        "from hala.contract.store import Store\n"
+        "from hala.ops import report\n"
+        f"report.write(Store({str(store)!r}), 'tiny', {str(out)!r})\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr[-2000:]
+    saved = json.loads((out / "plots.json").read_text())
+    page = (out / "report.html").read_text()
+    assert len(saved["plots"]) == 4 and all(png in page for _, png in saved["plots"])
+    stamp = (out / "plots.json").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "False", again.stderr[-2000:]  # nothing drawn
+    assert (out / "plots.json").stat().st_mtime_ns == stamp and (out / "report.html").read_text() == page
+
+    import fsspec
+
+    from hala.contract.store import Store
+    from hala.ops import report
+
+    data = report.collect(Store(str(store)), "tiny")
+    name = next(n for n, m in data["manifests"].items() if m and "loss_curve" in (m.get("metrics") or {}))
+    data["manifests"][name]["metrics"]["loss_curve"]["train"][-1]["loss"] += 1.0  # a step that ran again
+    images = report.cached_plots(fsspec.filesystem("file"), str(out), data)
+    assert json.loads((out / "plots.json").read_text())["key"] != saved["key"]
+    assert images[0][1] != saved["plots"][0][1]  # the loss curves, drawn again with the new point

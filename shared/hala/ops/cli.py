@@ -95,7 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.namespace or k8s.namespace(recipe), selector=conductor.run_selector(recipe)
         )
         return conductor.conduct(recipe, jobs, variant=args.variant, registry=args.registry, tag=args.tag)
-    return runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
+    code = runner.run(recipe, args.only, args.force, keep_going=args.keep_going, verbose=args.verbose)
+    if args.report:  # in this process: `make run` saves a second interpreter's start-up and imports
+        _write_report(Store(recipe.store), recipe.run, None)
+    return code
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -411,16 +414,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    _write_report(Store(args.store), args.run, args.out)
+    return 0
+
+
+def _write_report(store: Store, run: str, out: str | None) -> None:
     from hala.ops import report
 
-    store = Store(args.store)
-    page, md = report.write(store, args.run, args.out)
-    if not args.out:  # in the store: its URL (s3://...), not the client's bucket-relative path
+    page, md = report.write(store, run, out)
+    if not out:  # in the store: its URL (s3://...), not the client's bucket-relative path
         page, md = store.uri(page), store.uri(md)
     logs.get("hala.report").info("report written", html=page, markdown=md)
     if logs.console():
         print(f"report: {page}")
-    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -464,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun even if cached: all steps, or the one named (repeatable)",
     )
     r.add_argument("--dry-run", action="store_true", help="print the plan; run and download nothing")
+    r.add_argument(
+        "--report", action="store_true", help="local runner: then write the run's report (`hala report RUN`)"
+    )
     r.add_argument(
         "--keep-going", action="store_true", help="after a failure, still run steps that do not depend on it"
     )

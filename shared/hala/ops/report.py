@@ -13,10 +13,15 @@ set has it); without it the page says so and keeps its tables.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import importlib.metadata
 import io
+import json
+from pathlib import Path
 from typing import Any
 
+from hala.contract.hashing import sha256_json
 from hala.contract.store import Store
 from hala.ops import runs
 
@@ -349,15 +354,42 @@ def render_html(
     return "\n".join(parts)
 
 
+def plot_key(manifests: dict[str, Any]) -> str:
+    """What the plots are a function of: the manifests, this module's code and matplotlib's version."""
+    try:
+        mpl = importlib.metadata.version("matplotlib")
+    except importlib.metadata.PackageNotFoundError:
+        mpl = None
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return sha256_json({"manifests": manifests, "code": code, "matplotlib": mpl})
+
+
+def cached_plots(fs: Any, folder: str, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The plots of `data`, drawn again only when the manifests changed: a rerun whose steps were all cached
+    reuses them from <folder>/plots.json (drawing them is most of a report's time: matplotlib's import and
+    its PNGs)."""
+    key = plot_key(data["manifests"])
+    path = f"{folder}/plots.json"
+    try:
+        saved = json.loads(fs.cat_file(path))
+        if saved.get("key") == key:
+            return [(title, png) for title, png in saved["plots"]]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: draw them
+    images = plots(data)
+    fs.pipe_file(path, json.dumps({"key": key, "plots": images}).encode())
+    return images
+
+
 def write(store: Store, run: str, out: str | None = None) -> tuple[str, str]:
     """Write report.html and report.md (default: <store>/<run>/_report/); returns their locations."""
     data = collect(store, run)
     tables = sections(data)
-    page = render_html(data, tables, plots(data))
-    md = render_markdown(data, tables)
     folder = out or store.path(run, "_report")
     fs = store.fs if out is None else __import__("fsspec").core.url_to_fs(out)[0]
     fs.makedirs(folder, exist_ok=True)
+    page = render_html(data, tables, cached_plots(fs, folder, data))
+    md = render_markdown(data, tables)
     paths = (f"{folder}/report.html", f"{folder}/report.md")
     with fs.open(paths[0], "w", encoding="utf-8") as f:
         f.write(page)
