@@ -7,7 +7,6 @@ code), and the manifest says so. Nothing is dropped silently.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -142,7 +141,7 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
                     if cfg.drop_code and formats.has_code(messages):
                         removed["code"] += 1
                         continue
-                    key = json.dumps([messages, tools], ensure_ascii=False, sort_keys=True).encode()
+                    key = dedup.conversation_key(messages, tools)
                     out: dict[str, Any] = {
                         "id": row_id,
                         "origin": origin,
@@ -151,7 +150,7 @@ def main(cfg: PrepareConfig, ctx: StepContext) -> None:
                     }
                 else:
                     src, tgt = formats.pair(raw, cfg)
-                    key = json.dumps([src, tgt], ensure_ascii=False).encode()
+                    key = dedup.pair_key(src, tgt)
                     out = {
                         "id": row_id,
                         "origin": origin,

@@ -233,6 +233,33 @@ def test_the_seen_set_holds_eight_bytes_a_row() -> None:
     assert len(seen) == 20_000 and seen.sorted.nbytes >= 19_000 * 8 and len(seen.recent) < 1000
 
 
+def test_the_dedup_key_tells_apart_what_json_told_apart_and_nothing_more() -> None:
+    """conversation_key replaced the JSON of [messages, tools] (issue 30): equal conversations share a key,
+    and contents that carry the key's own separators, or split the same text differently, do not."""
+    from stages.prepare.dedup import conversation_key, pair_key
+
+    def msg(role: str, content: str, calls: list | None = None) -> dict:
+        return {"role": role, "content": content, "tool_calls": calls}
+
+    call = [{"type": "function", "function": {"name": "f", "arguments": '{"a": "1|user|2|x"}'}}]
+    cases = [
+        ([msg("user", "a|b"), msg("assistant", "c")], None),
+        ([msg("user", "a"), msg("assistant", "b|c")], None),
+        ([msg("user", "a|assistant|1|b"), msg("assistant", "")], None),
+        ([msg("user", "a"), msg("assistant", "b")], None),
+        ([msg("user", "a"), msg("assistant", "b")], ""),
+        ([msg("user", "a"), msg("assistant", "b")], "[]"),
+        ([msg("user", "a"), msg("assistant", "b", call)], None),
+        ([msg("user", "a"), msg("assistant", "b|0|")], None),
+        ([msg("system", "s"), msg("user", "a"), msg("assistant", "b")], None),
+        ([msg("user", "sa"), msg("assistant", "b")], None),
+    ]
+    keys = [conversation_key(m, t) for m, t in cases]
+    assert len(set(keys)) == len(cases)  # as many keys as distinct conversations
+    assert keys == [conversation_key([dict(x) for x in m], t) for m, t in cases]  # equal ones agree
+    assert pair_key("ab", "c") != pair_key("a", "bc") and pair_key("a", "b") == pair_key("a", "b")
+
+
 # --- malformed input --------------------------------------------------------------------------------
 
 
