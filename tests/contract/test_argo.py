@@ -146,10 +146,14 @@ def test_the_dag_is_the_recipes_with_sharded_steps_as_indexed_jobs_and_their_gat
     def committed_by(step: str) -> str:
         return argo.task_name(enabled[step]) + ("-gather" if enabled[step].shards > 1 else "")
 
-    assert len(tasks) == len(enabled) + sum(s.shards > 1 for s in enabled.values())
+    # every step, a gather after each sharded one, the run's record first and its report last
+    assert len(tasks) == len(enabled) + sum(s.shards > 1 for s in enabled.values()) + 2
+    assert "dependencies" not in tasks["run-record"]
+    assert sorted(tasks["run-report"]["dependencies"]) == sorted(committed_by(n) for n in enabled)
+    assert templates["run-record"]["container"]["args"][:2] == ["record", "/opt/hala/recipes/hala-paper.yaml"]
     for step in enabled.values():
         task = tasks[argo.task_name(step)]
-        wanted = sorted(committed_by(u) for u in step.upstream if u in enabled)
+        wanted = sorted(committed_by(u) for u in step.upstream if u in enabled) or ["run-record"]
         assert sorted(task.get("dependencies", [])) == wanted, step.name
         template = templates[task["template"]]
         if step.shards > 1:
@@ -322,11 +326,19 @@ def test_the_rendered_workflow_run_in_dag_order_commits_what_a_local_run_commits
         result = argorun.run(workflow, api, dict(os.environ), logs=logs)
         api.settle()
         assert sorted(i for name, i, _ in api.pods) == [0, 1]
-    assert result == {t: ("Succeeded", 1) for t in ("echo-a", "echo-a-gather", "echo-b", "echo-c")}, logs
+    tasks = ("run-record", "echo-a", "echo-a-gather", "echo-b", "echo-c", "run-report")
+    assert result == {t: ("Succeeded", 1) for t in tasks}, logs
     local = hala("run", str(recipe.path), "--run", "local")
     assert local.returncode == 0, local.stderr
     store = Path(recipe.store)
     assert _rows(store, "argo") == _rows(store, "local")
+    # the run's record and report, as every runner leaves them: `hala status` reads the Workflow's run
+    status = json.loads(hala("status", "argo", "--store", str(store), "--json").stdout)
+    assert {r["step"]: r["state"] for r in status} == dict.fromkeys(
+        ("echo-a", "echo-b", "echo-c"), "committed"
+    )
+    assert json.loads((store / "argo" / "_RUN.json").read_text())["runner"] == "argo"
+    assert (store / "argo" / "_report" / "report.html").exists()
     assert _rows(store, "argo")["echo-c"][0]["rows_quarantined"] == 3
     before = {p: p.stat().st_mtime_ns for p in (store / "argo").rglob("_MANIFEST.json")}
     with KubeAPI(max_requests=2000, seconds=600, controller=True) as api:
@@ -356,4 +368,4 @@ def test_a_failing_step_is_retried_on_75_and_not_on_3_and_its_dependents_never_s
         assert [code for _, _, code in api.pods] == [3, 3]
         assert len(api.jobs) == 2
     assert result["echo-a"] == ("Failed", 2)
-    assert result["echo-a-gather"] == result["echo-b"] == ("Omitted", 0)
+    assert result["echo-a-gather"] == result["echo-b"] == result["run-report"] == ("Omitted", 0)

@@ -27,7 +27,8 @@ from typing import Any
 
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA
 from hala.contract.recipe import Recipe, Step
-from hala.ops import k8s, manifests
+from hala.ops import commands, k8s, manifests
+from hala.ops import compose as compose_mod
 
 API = "argoproj.io/v1alpha1"
 EXECUTOR = "hala-argo-executor"  # Argo's executor of a step's pod: it reports the step's result, nothing else
@@ -160,6 +161,23 @@ def spec(
             tasks.append({"name": f"{name}-gather", "template": f"{name}-gather", "dependencies": [name]})
         else:
             templates.append(_pod_template(name, job, retry=step_retry))
+    # the run's record first (what `hala status` and the report read), its report last: as compose does
+    recipe_in, store = recipe_arg or compose_mod.recipe_in_image(recipe), store_arg or k8s.store_url(recipe)
+    record = ["record", recipe_in, "--store", store, "--run", recipe.run, "--runner", "argo"]
+    for role, args, after in (
+        ("record", [*record, *commands.set_args(recipe)], []),
+        ("report", ["report", recipe.run, "--store", store], sorted(done(s) for s in enabled)),
+    ):
+        job = k8s.cli_job(
+            recipe, f"{recipe.run}-{role}", role, role, args, variant, registry, tag, recipe_arg
+        )
+        templates.append(_pod_template(f"run-{role}", job, retry=step_retry))
+        tasks.append(
+            {"name": f"run-{role}", "template": f"run-{role}", **({"dependencies": after} if after else {})}
+        )
+    for task in tasks:
+        if not task.get("dependencies") and task["name"] != "run-record":
+            task["dependencies"] = ["run-record"]
     out: dict[str, Any] = {
         "entrypoint": ENTRY,
         "automountServiceAccountToken": False,

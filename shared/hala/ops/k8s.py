@@ -324,21 +324,43 @@ def gather_job(
         recipe.run,
         *commands.set_args(recipe),
     ]
+    return cli_job(
+        recipe,
+        f"{recipe.run}-gather-{step.name}",
+        step.name,
+        "gather",
+        args,
+        variant,
+        registry,
+        tag,
+        recipe_arg,
+    )
+
+
+def cli_job(
+    recipe: Recipe,
+    name: str,
+    step: str,
+    role: str,
+    args: list[str],
+    variant: str,
+    registry: str | None,
+    tag: str | None,
+    recipe_arg: str | None = None,
+) -> dict[str, Any]:
+    """A `hala` command of the run (gather, record, report) as a Job of the hala-cli image, labelled as the
+    step it serves with `role` as its stage."""
     container = {
-        "name": "gather",
+        "name": role,
         "image": images_mod.reference("cli", variant, registry, tag),
         "args": args,
         "resources": resources_for("cli", None, "cuda"),
     }
-    gather_labels = labels(recipe, step.name, "gather")
+    job_labels = labels(recipe, step, role)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": k8s_name(f"{recipe.run}-gather-{step.name}"),
-            "namespace": namespace(recipe),
-            "labels": gather_labels,
-        },
+        "metadata": {"name": k8s_name(name), "namespace": namespace(recipe), "labels": job_labels},
         "spec": {
             **({"suspend": True} if queued(recipe) else {}),
             "backoffLimit": 6,  # exit 75 while a shard is missing: retried with the Job's back-off
@@ -348,7 +370,7 @@ def gather_job(
                     {
                         "action": "FailJob",
                         "onExitCodes": {
-                            "containerName": "gather",
+                            "containerName": role,
                             "operator": "In",
                             "values": [EXIT_CONFIG, EXIT_DATA],
                         },
@@ -357,7 +379,7 @@ def gather_job(
                 ]
             },
             "template": {
-                "metadata": {"labels": gather_labels},
+                "metadata": {"labels": job_labels},
                 "spec": pod_spec(recipe, container, None, variant, recipe_arg=recipe_arg),
             },
         },
