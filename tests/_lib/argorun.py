@@ -5,7 +5,8 @@ running it, not Argo (no controller runs here).
 
 What it takes from the Workflow, as Argo would: the DAG's tasks and dependencies (a task starts once all its
 dependencies succeeded; after a failure nothing new starts, Argo's failFast), each container template's image
-arguments, run as the image's ENTRYPOINT runs them (`hala-stage ARGS`, or `hala ARGS` in hala-cli), with the
+arguments, run as the image's ENTRYPOINT runs them (`hala-stage ARGS`, or `hala ARGS` in hala-cli) in the
+environment that holds the image's lock (`local/hala-serve:...` -> `.venvs/serve`), with the
 template's environment values (HOME and HF_HOME excepted: a pod's are emptyDirs, here the machine's, which
 hold the stand-ins' cache), and its retryStrategy: `limit` and the `expression`, evaluated on `lastRetry` as
 Argo's expr evaluates it (the subset the rendering uses: ==, !=, in, not in, &&, ||, asInt). A resource
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from hala.contract import stagespec
+from kubeapi import python_for_image
 
 SKIPPED_ENV = {"HOME", "HF_HOME"}
 
@@ -117,7 +118,8 @@ def _run_container(template: dict[str, Any], env: dict[str, str], timeout: float
     # the image's ENTRYPOINT (hala.ops.images): `hala-stage STAGE ...` for a step, `hala gather ...` in
     # hala-cli (the echo fixture stage lives in the cli set, so the image alone does not tell)
     step = container["args"][0] in stagespec.all_stages()
-    cmd = [sys.executable, "-m", "hala.ops.launch" if step else "hala.ops.cli", *container["args"]]
+    python = python_for_image(container["image"])  # the image's set: its environment here
+    cmd = [python, "-m", "hala.ops.launch" if step else "hala.ops.cli", *container["args"]]
     done = subprocess.run(cmd, env=child, capture_output=True, text=True, timeout=timeout)
     return done.returncode, (done.stderr + done.stdout)[-3000:]
 

@@ -32,10 +32,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from bounded import Bounded
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _now() -> str:
@@ -50,6 +53,14 @@ def _job(name: str, ns: str, version: int) -> dict[str, Any]:
         "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}},
         "status": {},
     }
+
+
+def python_for_image(image: str) -> str:
+    """The interpreter that stands in for an image here: `local/hala-<set>:tag` runs in `.venvs/<set>`, the
+    environment that holds the same lock (hala.ops.images), else this process's own."""
+    name = image.rsplit("/", 1)[-1].split(":")[0]
+    python = REPO / ".venvs" / name.removeprefix("hala-") / "bin" / "python"
+    return str(python) if name.startswith("hala-") and python.exists() else sys.executable
 
 
 def _ranges(indexes: range) -> str:
@@ -258,7 +269,7 @@ class KubeAPI(Bounded):
                 if code is None:
                     env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(index)} if indexed else {})}
                     code = subprocess.run(
-                        [sys.executable, "-m", "hala.ops.launch", *container["args"]],
+                        [python_for_image(container["image"]), "-m", "hala.ops.launch", *container["args"]],
                         env=env,
                         capture_output=True,
                         text=True,
