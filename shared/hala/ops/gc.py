@@ -184,6 +184,8 @@ def collect(
         if not files and not (delete and store.is_local):
             continue
         guard = lease.held(store, owner, step, log, wait=False) if leases else contextlib.nullcontext()
+        # the folders' times before anything is removed: a removal below a folder makes it look new
+        changed = _folder_times(root) if delete and store.is_local else {}
         try:
             with guard:
                 if leases and _shards_busy(store, owner, step):
@@ -198,7 +200,7 @@ def collect(
                         store.fs.rm_file(path)
                         _prune(store, path, root)
                 if delete and store.is_local:
-                    _remove_empty(root, now - grace_s)
+                    _remove_empty(root, now - grace_s, changed)
         except lease.Busy:
             result.busy.append(f"{owner}/{step}")
     if delete and result.files:
@@ -224,17 +226,30 @@ def _prune(store: Store, path: str, root: str) -> None:
         folder = os.path.dirname(folder)
 
 
-def _remove_empty(root: str, before: float) -> None:
-    """Local stores: empty folders under a step's (a killed attempt's, before it wrote its first file), when
-    they were last changed before `before`; a fresh one may be a running attempt's that has not written
-    yet."""
+def _folder_times(root: str) -> dict[str, float]:
+    import os
+
+    out = {}
+    for folder, _, _ in os.walk(root):
+        try:
+            out[folder] = os.stat(folder).st_mtime
+        except OSError:
+            continue
+    return out
+
+
+def _remove_empty(root: str, before: float, changed: dict[str, float]) -> None:
+    """Local stores: empty folders under a step's (a killed attempt's, before it wrote its first file, or
+    emptied by this collection), when they were last changed before `before` as they were found (`changed`:
+    removing a folder's files makes it look new); a fresh one may be a running attempt's that has not
+    written yet."""
     import os
 
     for folder, subdirs, names in os.walk(root, topdown=False):
         if folder == root or names or any(os.path.isdir(os.path.join(folder, d)) for d in subdirs):
             continue
         try:
-            if os.stat(folder).st_mtime < before:
+            if changed.get(folder, os.stat(folder).st_mtime) < before:
                 os.rmdir(folder)
         except OSError:
             continue
