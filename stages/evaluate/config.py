@@ -87,6 +87,11 @@ class EvaluateConfig(EngineConfig):
     def _check(self) -> EvaluateConfig:
         if self.kind != "benchmarks" and "{text}" not in self.prompt:
             raise ValueError("prompt has no {text} placeholder")
+        if self.kind == "benchmarks" and self.endpoint is not None:
+            raise ValueError(
+                "endpoint: benchmarks run through LightEval on the model in process; a served model can be "
+                "evaluated with kind translation"
+            )
         return self
 
 

@@ -14,7 +14,7 @@ from hala.contract import tables
 from hala.contract.errors import ConfigError
 from hala.contract.step import StepContext
 from hala.kit import chunks
-from hala.kit.engine import Choice
+from hala.kit.engine import Choice, choice_budget
 from stages.judge.config import JudgeConfig
 
 OUTPUTS = ["accepted", "rejected", "quarantine"]
@@ -34,11 +34,22 @@ def _bad(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _quarantined(index: int, row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    return {
+        "id": row.get("id"),
+        "origin": row.get("origin"),
+        "row_index": index,
+        "reason": reason,
+        "detail": detail,
+        "raw": tables.raw_text(row),
+    }
+
+
 @dataclass
 class ChunkPlan:
     k: int
     rows: list[tuple[int, dict[str, Any]]]
-    todo: list[dict[str, Any]]  # the rows sent to the engine, in order
+    todo: list[tuple[int, dict[str, Any]]]  # the rows sent to the engine, in order, with their indexes
     out: dict[str, list[dict[str, Any]]]
     reasons: Counter
     t0: float
@@ -50,7 +61,7 @@ def plan_chunk(
     """Rows that cannot be judged go to the quarantine now; the others become prompts."""
     plan = ChunkPlan(k, rows, [], {name: [] for name in OUTPUTS}, Counter(), time.monotonic())
     prompts = []
-    longest = max(len(engine.tok.encode(label, add_special_tokens=False)) for label in cfg.labels)
+    longest = choice_budget(cfg.labels)  # what the engine lets the label take
     for index, row in rows:
         problem = _bad(row)
         if problem is None:
@@ -59,26 +70,20 @@ def plan_chunk(
                 problem = ("too_long", f"the prompt does not fit max_model_len {cfg.max_model_len}")
         if problem is not None:
             plan.reasons[problem[0]] += 1
-            plan.out["quarantine"].append(
-                {
-                    "id": row.get("id"),
-                    "origin": row.get("origin"),
-                    "row_index": index,
-                    "reason": problem[0],
-                    "detail": problem[1],
-                    "raw": tables.raw_text(row),
-                }
-            )
+            plan.out["quarantine"].append(_quarantined(index, row, *problem))
         else:
-            plan.todo.append(row)
+            plan.todo.append((index, row))
             prompts.append(conv)
     return plan, prompts
 
 
 def finish_chunk(plan: ChunkPlan, picks: list[Choice], cfg: JudgeConfig) -> ChunkPlan:
-    for row, pick in zip(plan.todo, picks, strict=True):
+    for (index, row), pick in zip(plan.todo, picks, strict=True):
         pair = {k: row.get(k) for k in ("id", "origin", "src_lang", "tgt_lang", "src", "tgt")}
-        if pick.label == cfg.labels[0]:
+        if pick.error:  # a served model's non-answer: the pair is not judged, it is quarantined
+            plan.reasons[pick.error] += 1
+            plan.out["quarantine"].append(_quarantined(index, row, pick.error, pick.detail))
+        elif pick.label == cfg.labels[0]:
             plan.out["accepted"].append(pair)
         else:
             plan.out["rejected"].append(

@@ -123,6 +123,8 @@ def assemble(turn: Turn, cfg: TranslateConfig) -> str:
     pieces = list(turn.pieces)
     for i in turn.todo:
         gen = turn.out[i]
+        if gen.error:  # a served model's non-answer (bad_response, endpoint_rejected)
+            raise Reject(gen.error, f"message {turn.msg}: {gen.detail}")
         if not gen.finished:
             raise Reject(
                 "truncated",

@@ -56,6 +56,8 @@ from hala.contract.store import (
     prefixed,
 )
 
+# what a tokenizer and its chat template are made of, in a hub repository (no weights)
+TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 HUB_SKIP = [
     "original/*",
     "*.gguf",
@@ -169,8 +171,10 @@ class StepContext:
         """Record the sha256 of a staged output file the stage hashed as it wrote it (a merge's shards)."""
         self.digests[os.path.abspath(path)] = (sha256, size, os.stat(path).st_mtime_ns)
 
-    def model_path(self, name: str) -> str:
-        """Local folder of a model input: a step output, a path, or a tiny stand-in (built on first use)."""
+    def model_path(self, name: str, *, tokenizer_only: bool = False) -> str:
+        """Local folder of a model input: a step output, a path, or a tiny stand-in (built on first use).
+        `tokenizer_only`: a hub model's config and tokenizer files, not its weights (a step whose model is
+        served elsewhere plans with its tokenizer alone)."""
         resolved = self.input(name)
         if resolved.kind == "tiny":
             from hala.contract import tiny  # torch: only in environments that build models
@@ -182,6 +186,10 @@ class StepContext:
             # the pinned commit's files (once per machine, in the hub's cache), never whatever main is today;
             # not the copies of the weights transformers and vLLM never read (Meta's original/ checkpoints,
             # GGUF, ONNX, Flax, TF), which can double a 100 GB download
+            if tokenizer_only:
+                return snapshot_download(
+                    resolved.uri, revision=resolved.revision, allow_patterns=TOKENIZER_FILES
+                )
             return snapshot_download(resolved.uri, revision=resolved.revision, ignore_patterns=HUB_SKIP)
         return resolved.local_path()
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hala.contract.errors import ConfigError, TemporaryError
 from hala.contract.sources import bench_engine
+from hala.kit.endpoint import Endpoint
 
 
 class EngineConfig(BaseModel):
@@ -40,8 +41,14 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="auto: vLLM where installed, else transformers"
+    engine: Literal["auto", "vllm", "transformers", "endpoint"] = Field(
+        "auto",
+        description="auto: the endpoint if one is set, else vLLM where installed, else transformers",
+    )
+    endpoint: Endpoint | None = Field(
+        None,
+        description="a served model (OpenAI-compatible API) to send the requests to instead of loading one; "
+        "the step's model input then gives only its tokenizer",
     )
     engine_args: dict[str, Any] = Field(
         default={},
@@ -56,11 +63,28 @@ class EngineConfig(BaseModel):
         False, description="let transformers and vLLM run the model repository's own code"
     )
 
+    @model_validator(mode="after")
+    def _check_engine(self) -> EngineConfig:
+        if self.engine == "endpoint" and self.endpoint is None:
+            raise ValueError("engine endpoint needs endpoint: {base_url: http://host:8000/v1, model: ...}")
+        if self.endpoint is not None and self.engine not in ("auto", "endpoint"):
+            raise ValueError(
+                f"endpoint is set but engine is {self.engine}: use engine endpoint (or auto), or drop "
+                "endpoint"
+            )
+        return self
+
+    @property
+    def engine_kind(self) -> str:
+        """The engine this config opens: endpoint when one is set, else its `engine`."""
+        return "endpoint" if self.endpoint is not None else self.engine
+
     def open(self, model: str, *, seed: int = 0) -> Any:
-        """This config's engine on `model` (a local folder or a hub id)."""
+        """This config's engine on `model` (a local folder or a hub id; for an endpoint, its tokenizer)."""
         return open_engine(
             model,
-            self.engine,
+            self.engine_kind,
+            endpoint=self.endpoint,
             max_model_len=self.max_model_len,
             dtype=self.dtype,
             seed=seed,
@@ -85,12 +109,16 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finished: bool  # False when max_tokens cut it
+    error: str | None = None  # a served model's answer that is no answer: the row's quarantine reason
+    detail: str = ""
 
 
 @dataclass
 class Choice:
     label: str
     scores: dict[str, float] = field(default_factory=dict)  # log-probabilities, when the engine gives them
+    error: str | None = None  # as Generation.error
+    detail: str = ""
 
 
 class StepEngine:
@@ -106,8 +134,8 @@ class StepEngine:
         if self.engine is not None:
             return self.engine
         t0 = time.monotonic()
-        # a tiny stand-in may be built here, a folder downloaded
-        model = self.ctx.model_path(self.model_input)
+        # a tiny stand-in may be built here, a folder downloaded (for an endpoint, its tokenizer's files only)
+        model = self.ctx.model_path(self.model_input, tokenizer_only=self.cfg.engine_kind == "endpoint")
         if bench_engine() == "instant":
             self.engine = InstantEngine(model, self.cfg.prompt)
             self.ctx.log.warning("engine ready", **self.engine.info())
@@ -121,6 +149,7 @@ class StepEngine:
 
     def close(self, engines_seen: set[str]) -> None:
         if self.engine is not None:
+            self.ctx.metrics["engine"] = self.engine.info()  # with what it counted (an endpoint's requests)
             t0 = time.monotonic()
             self.engine.close()  # vLLM's CPU build waits ~5 s for its engine process before killing it
             self.ctx.timings["engine_start_seconds"] = self.engine.start_seconds
@@ -290,8 +319,18 @@ def open_engine(
     batch_size: int = 16,
     engine_args: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    endpoint: Endpoint | None = None,
 ) -> Any:
-    """vllm | transformers | auto (vLLM when installed). engine_args go to vllm.LLM unchanged."""
+    """vllm | transformers | endpoint | auto (vLLM when installed). engine_args go to vllm.LLM unchanged."""
+    if kind == "endpoint":
+        if endpoint is None:
+            raise ConfigError("engine endpoint: set endpoint.base_url (the server's http://host:port/v1)")
+        from hala.kit.endpoint import EndpointEngine
+
+        # the weights stay on the server: `model` gives the tokenizer that plans the requests
+        return EndpointEngine(
+            model, endpoint, max_model_len=max_model_len, trust_remote_code=trust_remote_code
+        )
     check_fp8_hardware(model)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "transformers"
@@ -318,7 +357,7 @@ def open_engine(
             batch_size=batch_size,
             trust_remote_code=trust_remote_code,
         )
-    raise ConfigError(f"engine {kind!r}: use vllm, transformers or auto")
+    raise ConfigError(f"engine {kind!r}: use vllm, transformers, endpoint or auto")
 
 
 class TransformersEngine:
@@ -571,9 +610,7 @@ class VllmEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         return self._params(
-            Sampling(
-                max_tokens=max(len(self.tok.encode(label, add_special_tokens=False)) for label in labels) + 2
-            ),
+            Sampling(max_tokens=choice_budget(labels)),
             structured_outputs=StructuredOutputsParams(choice=labels),
         )
 
@@ -675,6 +712,14 @@ class VllmEngine:
     def close(self) -> None:
         self.closing = True  # a shutdown is not a death
         del self.llm
+
+
+def choice_budget(labels: list[str]) -> int:
+    """max_tokens for a label under guided decoding: its bytes, not its tokens in the tokenizer's own split.
+    The grammar may reach a label through smaller pieces than `encode` gives (seen: a tiny tokenizer's
+    'ACCEPT' cut to 'ACCEP' with a budget of its 2 tokens + 2); a byte a token is the most it can take, and
+    the grammar ends the answer as soon as the label is complete."""
+    return max(len(label.encode("utf-8")) for label in labels) + 2
 
 
 def _external_id(internal: str) -> str:

@@ -3,8 +3,9 @@
 The compose and Kubernetes renderers both ask here, so the two never disagree. A step's `resources:` in
 the recipe wins; what it leaves out is derived from the stage and its config:
 
-    gpus   train: config.processes; translate, judge, evaluate: engine_args.tensor_parallel_size (1);
-           quantize: 1; prepare, merge, publish: 0 (CPU stages)
+    gpus   train: config.processes; translate, judge, evaluate: engine_args.tensor_parallel_size (1), 0
+           with an endpoint (the model is served elsewhere: the step is a CPU client); quantize: 1;
+           prepare, merge, publish: 0 (CPU stages)
     fp8    the step runs FP8 weights: a quantize step with an FP8 scheme (its fidelity check serves the
            result) or a step whose model input is such a step's output. Native FP8 needs compute
            capability >= 8.9 (Ada, Hopper, Blackwell); the renderers pin those steps to such nodes.
@@ -38,10 +39,17 @@ def _is_fp8_quantize(step: Step) -> bool:
     return step.stage == "quantize" and "FP8" in str(step.config.get("scheme", "FP8_DYNAMIC")).upper()
 
 
+def _client(step: Step) -> bool:
+    """A step that sends its requests to a served model: no GPU, no vLLM in its container."""
+    return bool(step.config.get("endpoint")) or step.config.get("engine") == "endpoint"
+
+
 def _gpus(step: Step) -> int:
     if step.stage == "train":
         return int(step.config.get("processes", 1))
     if step.stage in GPU_STAGES_WITH_ENGINE:
+        if _client(step):
+            return 0
         return int((step.config.get("engine_args") or {}).get("tensor_parallel_size", 1))
     if step.stage in CPU_STAGES:
         return 0
@@ -57,7 +65,7 @@ def needs(recipe: Recipe, step: Step) -> Needs:
     )
     gpus = int(given.get("gpus", _gpus(step)))
     fp8 = bool(given.get("fp8", gpus > 0 and (_is_fp8_quantize(step) or upstream_fp8)))
-    heavy = step.stage not in ("prepare", "publish")
+    heavy = step.stage not in ("prepare", "publish") and not _client(step)
     return Needs(
         gpus=gpus,
         fp8=fp8,
