@@ -45,6 +45,13 @@ _LATIN_TO_ARABIC = str.maketrans(
 TRANSLATE_PROMPT = "Translate everything that follows into Arabic:\n\n{text}"
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = (
+        256  # a real server's backlog (uvicorn: 2048), not socketserver's 5: 64 clients connect at once
+    )
+    daemon_threads = True
+
+
 class ModelServer(Bounded):
     def __init__(
         self,
@@ -140,8 +147,7 @@ class ModelServer(Bounded):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        http.daemon_threads = True
+        http = _Server(("127.0.0.1", 0), Handler)
         self.bound(http, max_requests, seconds)
 
     def authorized(self, header: str | None) -> bool:
