@@ -66,6 +66,7 @@ class ModelServer(Bounded):
         label_tokens: tuple[str, str] = ("ACC", "REJ"),
         max_requests: int = 5000,
         seconds: float = 600.0,
+        port: int = 0,
     ):
         self.model, self.prefix = model, prompt.partition("{text}")[0]
         self.faults, self.slow_seconds, self.structured = faults or {}, slow_seconds, structured
@@ -147,7 +148,7 @@ class ModelServer(Bounded):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        http = _Server(("127.0.0.1", 0), Handler)
+        http = _Server(("127.0.0.1", port), Handler)
         self.bound(http, max_requests, seconds)
 
     def authorized(self, header: str | None) -> bool:
@@ -212,3 +213,20 @@ class ModelServer(Bounded):
                 "total_tokens": (len(content) + len(text)) // 4 + 2,
             },
         }
+
+
+def main() -> None:
+    """As a process (a recipe's `served.<name>.command` in the tests): serve until killed or bounded."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--seconds", type=float, default=600.0)
+    args = p.parse_args()
+    server = ModelServer(model=args.model, port=args.port, max_requests=100000, seconds=args.seconds)
+    server.thread.run()  # in this thread: the process lives as long as the request loop
+
+
+if __name__ == "__main__":
+    main()

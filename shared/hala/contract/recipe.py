@@ -42,7 +42,21 @@ RECIPE_KEYS = {
     "kubernetes": "namespace, queue and priority_class (Kueue), storage size and class, retries (new Jobs "
     "of a failed step), pod_retries (pods of one Job), retry_backoff_seconds, ttl_seconds of the rendered "
     "manifests; parallelism, active_deadline_seconds and pod_gc of the Argo Workflow",
+    "served": "models served once for every step that uses them (config endpoint.served: NAME): model, "
+    "max_model_len, engine_args (vLLM's), port, replicas, resources",
     "steps": "the steps, by name (<stage>-<subject>)",
+}
+SERVED_KEYS = {
+    "model": "the model input served: a step's output, ORG/NAME[@REV], tiny:<role> or a path",
+    "max_model_len": "the server's context (prompt and output together)",
+    "engine_args": "vLLM's engine arguments, as for the in-process engine (tensor_parallel_size, ...)",
+    "port": "the port it listens on (127.0.0.1 for the local runner and compose; the Service's on Kubernetes)",
+    "replicas": "Kubernetes: replicas of its Deployment behind one Service",
+    "resources": "what one replica needs on a cluster (gpus, fp8, cpu, memory, shm); gpus derived from "
+    "tensor_parallel_size when left out",
+    "ready_seconds": "how long a server may take to load and answer before the run gives up on it",
+    "command": "another OpenAI-compatible server instead of vLLM's (SGLang, TGI, llama.cpp): its command, "
+    "with {python} {model} {name} {host} {port} {max_model_len} filled in",
 }
 STEP_KEYS = {
     "stage": "the stage that runs the step",
@@ -112,6 +126,35 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "active_deadline_seconds": {"type": "integer", "minimum": 1},
                 "pod_gc": {
                     "enum": ["OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"]
+                },
+            },
+        },
+        "served": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[a-z][a-z0-9-]{0,30}[a-z0-9]$"},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["model"],
+                "properties": {
+                    "model": {"type": "string", "minLength": 1},
+                    "max_model_len": {"type": "integer", "minimum": 64},
+                    "engine_args": {"type": "object"},
+                    "port": {"type": "integer", "minimum": 1024, "maximum": 65535},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "resources": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "gpus": {"type": "integer", "minimum": 0},
+                            "fp8": {"type": "boolean"},
+                            "cpu": {"type": ["string", "number"]},
+                            "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
+                            "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
+                        },
+                    },
+                    "ready_seconds": {"type": "number", "exclusiveMinimum": 0},
+                    "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
                 },
             },
         },
@@ -193,6 +236,38 @@ class Step:
 
 
 @dataclass
+class Served:
+    """A model served for the steps whose config says `endpoint: {served: NAME}` (hala.ops.served starts it;
+    the steps find it through HALA_SERVED_URL_<NAME>)."""
+
+    name: str
+    model: InputRef
+    max_model_len: int = 2048
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    port: int = 8000
+    replicas: int = 1
+    resources: dict[str, Any] = field(default_factory=dict)
+    ready_seconds: float = 1800.0
+    command: list[str] = field(default_factory=list)  # another server than vLLM's, with placeholders
+    users: list[str] = field(default_factory=list)  # the steps that send it requests, in run order
+
+    @property
+    def upstream(self) -> list[str]:
+        return [self.model.step] if self.model.kind == "step" and self.model.step else []
+
+
+def served_url_env(name: str) -> str:
+    """The variable a step reads its served model's URL from (the runner that started the server sets it)."""
+    return "HALA_SERVED_URL_" + name.upper().replace("-", "_")
+
+
+def served_by(step: Step) -> str | None:
+    """The served model a step sends its requests to, if any."""
+    endpoint = step.config.get("endpoint")
+    return endpoint.get("served") if isinstance(endpoint, dict) else None
+
+
+@dataclass
 class Recipe:
     path: Path
     name: str
@@ -203,6 +278,7 @@ class Recipe:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
     kubernetes: dict[str, Any] = field(default_factory=dict)
+    served: dict[str, Served] = field(default_factory=dict)
 
     @property
     def order(self) -> list[str]:
@@ -300,6 +376,7 @@ def load(
             spec=spec,
             resources=dict(body.get("resources") or {}),
         )
+    served = _served(raw, steps, path, check_paths, problems)
     for step in steps.values():
         if not step.name.startswith(step.stage + "-"):
             problems.append(
@@ -330,7 +407,61 @@ def load(
         description=raw.get("description", ""),
         overrides=list(overrides or []),
         kubernetes=dict(raw.get("kubernetes") or {}),
+        served={n: _in_order(served[n], ordered) for n in served},
     )
+
+
+def _in_order(served: Served, ordered: list[str]) -> Served:
+    served.users.sort(key=ordered.index)
+    return served
+
+
+def _served(
+    raw: dict[str, Any], steps: dict[str, Step], path: Path, check_paths: bool, problems: list[str]
+) -> dict[str, Served]:
+    """The recipe's served models, and each step that uses one linked to it: its model input is the served
+    model (for its tokenizer), set here when the step leaves it out, an error when it names another."""
+    served: dict[str, Served] = {}
+    for name, body in (raw.get("served") or {}).items():
+        try:
+            ref = parse_ref("model", body["model"], raw["steps"], path.parent, check_paths=check_paths)
+        except ConfigError as e:
+            problems.append(f"served '{name}': {e}")
+            continue
+        served[name] = Served(
+            name=name,
+            model=ref,
+            max_model_len=int(body.get("max_model_len", 2048)),
+            engine_args=dict(body.get("engine_args") or {}),
+            port=int(body.get("port", 8000 + len(served))),
+            replicas=int(body.get("replicas", 1)),
+            resources=dict(body.get("resources") or {}),
+            ready_seconds=float(body.get("ready_seconds", 1800.0)),
+            command=list(body.get("command") or []),
+        )
+    ports = [s.port for s in served.values()]
+    if len(set(ports)) != len(ports):
+        problems.append(f"served models share a port ({sorted(ports)}): give each its own port")
+    for step in steps.values():
+        name = served_by(step)
+        if name is None:
+            continue
+        if name not in served:
+            problems.append(
+                f"step '{step.name}': endpoint.served '{name}' is not in the recipe's served models "
+                f"({', '.join(served) or 'none'}){_did_you_mean(name, served)}"
+            )
+            continue
+        model = step.inputs.get("model")
+        if model is None:
+            step.inputs["model"] = served[name].model
+        elif model.raw != served[name].model.raw:
+            problems.append(
+                f"step '{step.name}': input model is {model.raw} but served '{name}' serves "
+                f"{served[name].model.raw}; drop the step's model input (it is the served model's)"
+            )
+        served[name].users.append(step.name)
+    return served
 
 
 def _report(path: Path, problems: list[str]) -> str:
@@ -349,6 +480,8 @@ def _validate_top(raw: dict[str, Any], path: Path) -> list[str]:
                 where, allowed = "the recipe", RECIPE_KEYS
             elif loc[0] == "tiny_models":
                 where, allowed = "tiny_models", TINY_KEYS
+            elif loc[0] == "served" and len(loc) == 2:
+                where, allowed = f"served '{loc[1]}'", SERVED_KEYS
             else:
                 where, allowed = f"step '{loc[1]}'", STEP_KEYS
             for key in sorted(set(err.instance) - set(allowed)):
@@ -359,6 +492,10 @@ def _validate_top(raw: dict[str, Any], path: Path) -> list[str]:
         elif loc[:1] == ["steps"] and len(loc) >= 2:
             rest = ".".join(str(p) for p in loc[2:]) or "(the step)"
             problems.append(f"step '{loc[1]}': {rest}: {err.message}")
+        elif err.validator == "propertyNames" and loc[:1] == ["served"]:
+            problems.append(
+                f"served model name {err.instance!r}: lower case letters, digits and '-' (teacher)"
+            )
         elif err.validator == "propertyNames":
             problems.append(
                 f"step name {err.instance!r} must be <stage>-<subject>, lower case (e.g. "

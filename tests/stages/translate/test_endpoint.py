@@ -17,7 +17,7 @@ import pytest
 
 from hala.contract import step, tables
 from hala.contract.store import Store
-from helpers import REPO, events, write_recipe
+from helpers import REPO, events, free_port, hala, write_recipe
 from openaiserver import ModelServer
 from stages.judge.config import JudgeConfig
 from stages.judge.main import main as judge_main
@@ -246,3 +246,60 @@ def test_a_killed_translate_step_talking_to_a_server_resumes_without_loss_or_dup
     got = output_ids(store, "killed", "translate-x", ("conversations", "quarantine"))
     seen = [r["id"] for o in got.values() for r in o]
     assert sorted(seen) == sorted(ids)
+
+
+def test_the_local_runner_serves_a_model_once_for_the_steps_that_use_it(
+    tmp_path: Path, store: Path, prepared: dict[str, Path]
+) -> None:
+    """A recipe's served model (here the stand-in through `command`, as SGLang or TGI would be): started once
+    when the first step that uses it starts, its URL given to both steps, stopped after the last one, its log
+    kept in the store; the rerun is cached and starts no server."""
+    import socket
+
+    data, ids = many_rows(prepared, tmp_path / "data", 2)
+    port = free_port()
+    use = {"endpoint": {"served": "standin", **FAST_RETRIES}}
+    recipe = write_recipe(
+        tmp_path,
+        {
+            "translate-a": {"stage": "translate", "inputs": {"data": str(data)}, "config": use},
+            "translate-b": {
+                "stage": "translate",
+                "inputs": {"data": str(data)},
+                "config": {**use, "unit": "paragraph"},
+            },
+        },
+        store=str(store),
+        run="served-run",
+        tiny_models={"pairs": str(PAIRS)},
+        served={
+            "standin": {
+                "model": "tiny:translator",
+                "port": port,
+                "ready_seconds": 300,
+                "command": [
+                    "{python}",
+                    str(REPO / "tests" / "_lib" / "openaiserver.py"),
+                    "--port",
+                    "{port}",
+                    "--model",
+                    "{name}",
+                ],
+            }
+        },
+    )
+    out = hala("run", str(recipe), env={"HALA_LOG_FORMAT": "json"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    evs = events(out.stdout + out.stderr)
+    assert [e["served"] for e in evs if e.get("event") == "served"] == ["standin"]
+    assert [e["served"] for e in evs if e.get("event") == "served stopped"] == ["standin"]
+    for name in ("translate-a", "translate-b"):
+        m = Store(str(store)).read_manifest("served-run", name)
+        assert m["metrics"]["engine"]["served"]["id"] == "standin"
+        assert m["counts"]["rows_in"] == len(ids)
+    with socket.socket() as s:  # stopped: nothing listens any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert (store / "served-run" / "_logs" / "served-standin.log").is_file()
+    again = hala("run", str(recipe), env={"HALA_LOG_FORMAT": "json"})
+    assert again.returncode == 0
+    assert not [e for e in events(again.stdout + again.stderr) if e.get("event") == "served"]
