@@ -50,7 +50,8 @@ SERVED_KEYS = {
     "model": "the model input served: a step's output, ORG/NAME[@REV], tiny:<role> or a path",
     "max_model_len": "the server's context (prompt and output together)",
     "engine_args": "vLLM's engine arguments, as for the in-process engine (tensor_parallel_size, ...)",
-    "port": "the port it listens on (127.0.0.1 for the local runner and compose; the Service's on Kubernetes)",
+    "port": "the port it listens on (on 127.0.0.1 for the local runner and compose; the Service's port on "
+    "Kubernetes)",
     "replicas": "Kubernetes: replicas of its Deployment behind one Service",
     "resources": "what one replica needs on a cluster (gpus, fp8, cpu, memory, shm); gpus derived from "
     "tensor_parallel_size when left out",

@@ -57,8 +57,8 @@ class Endpoint(BaseModel):
     base_url: str | None = Field(None, description="the API's root, with its /v1: http://teacher:8000/v1")
     served: str | None = Field(
         None,
-        description="instead of base_url: a model the recipe serves (its `served:` section); the runner starts "
-        "it and gives the step its URL",
+        description="instead of base_url: a model the recipe serves (its `served:` section); the runner "
+        "starts it and gives the step its URL",
     )
     model: str | None = Field(
         None, description="the served model's name; default: the only one the server's /v1/models lists"
@@ -103,8 +103,8 @@ class Endpoint(BaseModel):
         url = os.environ.get(served_url_env(self.served))
         if not url:
             raise ConfigError(
-                f"endpoint.served '{self.served}': {served_url_env(self.served)} is not set; `hala run` starts "
-                "the served model and sets it (compose and Kubernetes set it in the rendered files); to run "
+                f"endpoint.served '{self.served}': {served_url_env(self.served)} is not set; `hala run` "
+                "starts the served model and sets it (compose and Kubernetes set it in the rendered files); to run "
                 "the step alone, serve the model and set that variable to its http://host:port/v1"
             )
         return self.model_copy(update={"base_url": url, "model": self.model or self.served})
