@@ -104,8 +104,8 @@ class Endpoint(BaseModel):
         if not url:
             raise ConfigError(
                 f"endpoint.served '{self.served}': {served_url_env(self.served)} is not set; `hala run` "
-                "starts the served model and sets it (compose and Kubernetes set it in the rendered files); to run "
-                "the step alone, serve the model and set that variable to its http://host:port/v1"
+                "starts the served model and sets it (compose and Kubernetes set it in the rendered files); "
+                "to run the step alone, serve the model and set that variable to its http://host:port/v1"
             )
         return self.model_copy(update={"base_url": url, "model": self.model or self.served})
 
