@@ -105,6 +105,7 @@ class KubeAPI(Bounded):
         self.exits: dict[str, list[int]] = {}
         self.pods: list[tuple[str, int | None, int]] = []  # (job, index, exit code) of every pod run
         self.runners: list[threading.Thread] = []
+        self.scales: list[tuple[str, int]] = []  # (deployment, replicas) of every scale patch, in order
         api = self
         base = f"/apis/batch/v1/namespaces/{ns}/jobs"
 
@@ -161,6 +162,28 @@ class KubeAPI(Bounded):
                 ):
                     self.wfile.write(json.dumps(line).encode() + b"\n")
                     self.wfile.flush()
+
+            def do_PATCH(self) -> None:  # noqa: N802 - a Deployment's scale subresource (served models)
+                api.requests.append(f"PATCH {self.path}")
+                path = urlparse(self.path).path
+                prefix = f"/apis/apps/v1/namespaces/{ns}/deployments/"
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if not (path.startswith(prefix) and path.endswith("/scale")):
+                    self.send_error(404)
+                    return
+                name = path[len(prefix) : -len("/scale")]
+                replicas = int(body["spec"]["replicas"])
+                api.scales.append((name, replicas))
+                self._send(
+                    200,
+                    {
+                        "apiVersion": "autoscaling/v1",
+                        "kind": "Scale",
+                        "metadata": {"name": name, "namespace": ns},
+                        "spec": {"replicas": replicas},
+                        "status": {"replicas": replicas},
+                    },
+                )
 
             def do_POST(self) -> None:  # noqa: N802
                 api.requests.append(f"POST {self.path}")

@@ -29,6 +29,7 @@ from helpers import REPO, hala, write_recipe
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 TINY = REPO / "recipes" / "tiny.yaml"
 PAPER = REPO / "recipes" / "hala-paper.yaml"
+TRANSLATE = REPO / "recipes" / "translate-hala.yaml"  # a served model: a Deployment and a Service
 K8S_VERSION = "1.37.0"
 
 
@@ -56,7 +57,10 @@ def _step_jobs(files: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 # ------------------------------------------------------------------ rendered manifests
 
 
-@pytest.mark.parametrize("recipe,variant,folder", [(TINY, "cpu", "tiny"), (PAPER, "cuda", "hala-paper")])
+@pytest.mark.parametrize(
+    "recipe,variant,folder",
+    [(TINY, "cpu", "tiny"), (PAPER, "cuda", "hala-paper"), (TRANSLATE, "cuda", "translate-hala")],
+)
 def test_checked_in_manifests_equal_the_rendering(tmp_path, recipe, variant, folder):
     out = hala(
         "render", "k8s", str(recipe.relative_to(REPO)), "--variant", variant, "-o", str(tmp_path / folder)
@@ -76,7 +80,7 @@ def test_checked_in_manifests_equal_the_rendering(tmp_path, recipe, variant, fol
         assert checked_in[name] == text.replace(str(tmp_path / folder), f"manifests/{folder}"), name
 
 
-@pytest.mark.parametrize("recipe,variant", [(TINY, "cpu"), (PAPER, "cuda")])
+@pytest.mark.parametrize("recipe,variant", [(TINY, "cpu"), (PAPER, "cuda"), (TRANSLATE, "cuda")])
 def test_every_manifest_passes_strict_schema_validation(recipe, variant):
     objects = _objects(manifests.render(_load(recipe), variant))
     kinds = {o["kind"] for o in objects}

@@ -31,7 +31,7 @@ import yaml
 
 from hala.contract import logs
 from hala.contract.errors import ConfigError
-from hala.contract.recipe import Recipe, Step
+from hala.contract.recipe import Recipe, Step, served_by, served_url_env
 from hala.ops import commands
 from hala.ops import images as images_mod
 from hala.ops.resources import FP8_MIN_CAPABILITY, needs
@@ -78,6 +78,63 @@ def step_args(
 
 
 set_args = commands.set_args
+
+
+def served_service(name: str) -> str:
+    return f"served-{name}"
+
+
+def served_args(recipe: Recipe, name: str, store: str, host: str = "127.0.0.1") -> list[str]:
+    """The served model's process in an image: `python -m hala.ops.served` (the model resolved, then vLLM's
+    OpenAI server, or the recipe's own server command)."""
+    return [
+        "--recipe",
+        recipe_in_image(recipe),
+        "--served",
+        name,
+        "--store",
+        store,
+        "--run",
+        recipe.run,
+        "--host",
+        host,
+    ]
+
+
+def served_extra(recipe: Recipe, name: str, variant: str) -> dict[str, Any]:
+    """The served model's service beside the steps': its entrypoint, a healthcheck on /v1/models (the steps
+    start once it passes), its GPUs and shared memory."""
+    from hala.ops.resources import served_needs
+
+    entry, need = recipe.served[name], served_needs(recipe, name)
+    probe = f"import urllib.request as u; u.urlopen('http://127.0.0.1:{entry.port}/v1/models', timeout=5)"
+    extra: dict[str, Any] = {
+        "entrypoint": ["python", "-m", "hala.ops.served"],
+        "labels": {"io.hala.served": name},
+        "healthcheck": {
+            "test": ["CMD", "python", "-c", probe],
+            "interval": "10s",
+            "timeout": "10s",
+            "retries": 3,
+            # loading the weights and compiling: not a failure until ready_seconds have passed
+            "start_period": f"{int(entry.ready_seconds)}s",
+        },
+    }
+    if need.shm:
+        extra["shm_size"] = _compose_size(need.shm)
+    if variant == "cuda" and need.gpus:
+        extra["deploy"] = {
+            "resources": {
+                "reservations": {
+                    "devices": [{"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]
+                }
+            }
+        }
+        if need.fp8:
+            extra["labels"]["io.hala.fp8"] = (
+                f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
+            )
+    return extra
 
 
 def _compose_size(k8s: str) -> str:
@@ -144,9 +201,14 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
             "environment": dict(common_env),
             "volumes": list(mounts),
         }
-        if deps:
-            service["depends_on"] = {d: {"condition": "service_completed_successfully"} for d in deps}
-        service.update(extra or {})
+        extra = dict(extra or {})
+        healthy = extra.pop("healthy", [])
+        if deps or healthy:
+            service["depends_on"] = {
+                **{d: {"condition": "service_completed_successfully"} for d in deps},
+                **{d: {"condition": "service_healthy"} for d in healthy},
+            }
+        service.update(extra)
         services[name] = service
         previous = name
 
@@ -157,9 +219,22 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
         [],
     )
     done_name: dict[str, str] = {}  # step -> the service whose success means the step is committed
+    served_done: set[str] = set()
     for step in recipe.steps.values():
         if not step.enabled:
             continue
+        uses = served_by(step)
+        if uses is not None and uses not in served_done:
+            # the served model's service, placed before its first user: it waits for its own model's step
+            entry = recipe.served[uses]
+            add(
+                served_service(uses),
+                _image_set(step),
+                [*served_args(recipe, uses, store), "--until-done"],
+                ["record", *[done_name[u] for u in entry.upstream if u in done_name]],
+                served_extra(recipe, uses, variant),
+            )
+            served_done.add(uses)
         need = needs(recipe, step)
         extra: dict[str, Any] = {"labels": {"io.hala.step": step.name, "io.hala.stage": step.stage}}
         if need.shm:
@@ -178,6 +253,13 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
                     f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
                 )
         after = ["record", *[done_name[u] for u in step.upstream if u in done_name]]
+        if uses is not None:
+            # its requests go to the served model: started once it answers, with its URL (host network)
+            extra["environment"] = {
+                **common_env,
+                served_url_env(uses): f"http://127.0.0.1:{recipe.served[uses].port}/v1",
+            }
+            extra["healthy"] = [served_service(uses)]
         if step.shards > 1:
             shard_names = []
             for i in range(step.shards):

@@ -32,7 +32,7 @@ from typing import Any
 
 from hala.contract import logs
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TEMPORARY, ConfigError
-from hala.contract.recipe import Recipe, Step
+from hala.contract.recipe import Recipe, Step, served_by
 from hala.contract.store import Store, now
 from hala.ops import k8s, runs
 from hala.ops.drive import Outcome, Stopped, drive
@@ -129,6 +129,7 @@ def conduct(
         resync_seconds=resync_seconds,
         max_polls=max_polls,
     )
+    executor.selected = {s.name for s in steps}
     try:
         # at the first failure the conductor ends: Jobs still running finish on their own, a rerun adopts them
         outcomes = drive(recipe, steps, store, executor, detach_on_failure=True, wait_seconds=resync_seconds)
@@ -173,9 +174,29 @@ class JobExecutor:
         # step -> (attempt, budget-from) of the Job to create
         self.next_attempt: dict[str, tuple[int, int]] = {}
         self.wake: float | None = None  # the soonest retry, when one is backing off
+        self.served_up: set[str] = set()  # served models this conductor scaled up
+        self.ended_steps: set[str] = set()
+        self.selected: set[str] = set()  # the run's steps (set by conduct)
 
     def start(self, step: Step, fingerprint: str | None, forced: bool) -> None:
         self.fingerprints[step.name] = fingerprint  # the Job is created or adopted by the next poll
+        uses = served_by(step)
+        if uses is not None and uses not in self.served_up:
+            # its served model, scaled up for its first user (its Jobs wait for the Service themselves)
+            replicas = self.recipe.served[uses].replicas or 1
+            self.jobs.scale(k8s.served_name(self.recipe, uses), replicas)
+            self.served_up.add(uses)
+            self.log.info("served scaled", served=uses, replicas=replicas)
+
+    def served_down(self, ended: set[str], selected: set[str]) -> None:
+        """A served model none of whose selected users is left to run goes back to zero replicas (its GPUs
+        free)."""
+        for name in sorted(self.served_up):
+            users = [u for u in self.recipe.served[name].users if u in selected]
+            if all(u in ended for u in users):
+                self.jobs.scale(k8s.served_name(self.recipe, name), 0)
+                self.served_up.discard(name)
+                self.log.info("served scaled", served=name, replicas=0)
 
     def poll(self, step: Step) -> tuple[int, str] | None:
         fp, name = self.fingerprints[step.name], k8s.job_name(self.recipe, step)
@@ -299,6 +320,9 @@ class JobExecutor:
         self.jobs.wait(seconds)  # returns when a Job changes (the watch API), at the latest after `seconds`
 
     def ended(self, o: Outcome) -> None:
+        self.ended_steps.add(o.step)
+        if self.served_up:
+            self.served_down(self.ended_steps, self.selected)
         if o.state == "cached":
             self.log.info("cached", step=o.step, fingerprint=(o.fingerprint or "")[:12])
         elif o.state == "done":

@@ -14,11 +14,11 @@ import re
 from typing import Any
 
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA, ConfigError
-from hala.contract.recipe import Recipe, Step
+from hala.contract.recipe import Recipe, Step, served_by, served_url_env
 from hala.ops import commands
 from hala.ops import compose as compose_mod
 from hala.ops import images as images_mod
-from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs
+from hala.ops.resources import FP8_MIN_CAPABILITY, Needs, needs, served_needs
 
 STORE_MOUNT = compose_mod.STORE_IN_IMAGE
 UID = 1000
@@ -254,6 +254,9 @@ def step_job(
         "resources": resources_for(step.stage, need, variant),
     }
     pod = pod_spec(recipe, container, need, variant, recipe_arg=recipe_arg)
+    uses = served_by(step)
+    if uses is not None:  # a CPU client of the served model's Service
+        container["env"].append({"name": served_url_env(uses), "value": served_url(recipe, uses)})
     # pods of one Job; `retries` is new Jobs (the conductor)
     retries = int(recipe.kubernetes.get("pod_retries", 2))
     spec: dict[str, Any] = {"suspend": True} if queued(recipe) else {}
@@ -384,3 +387,82 @@ def cli_job(
             },
         },
     }
+
+
+# --- served models: a Deployment behind a Service
+# -----------------------------------------------------------------------------------------------------------
+
+SERVED_PORT = 8000  # the container's port; the Service's is the recipe's
+
+
+def served_name(recipe: Recipe, name: str) -> str:
+    """`served-<run>-<name>`: the Deployment and its Service, one per run (two runs side by side)."""
+    return k8s_name(f"served-{recipe.run}-{name}")
+
+
+def served_url(recipe: Recipe, name: str) -> str:
+    return f"http://{served_name(recipe, name)}.{namespace(recipe)}.svc:{recipe.served[name].port}/v1"
+
+
+def served_objects(
+    recipe: Recipe, name: str, variant: str = "cuda", registry: str | None = None, tag: str | None = None
+) -> list[dict[str, Any]]:
+    """The served model's Deployment (created at 0 replicas: the conductor scales it to the recipe's replicas
+    when the first step that uses it starts, and back to 0 after the last) and its ClusterIP Service. Its pod
+    is the steps' pod (non-root, read-only root, the store and recipe mounted, FP8 placement for an FP8
+    teacher), running `python -m hala.ops.served`, ready once /v1/models answers."""
+    entry = recipe.served[name]
+    users = [recipe.steps[u] for u in entry.users if u in recipe.steps]
+    if not users or users[0].spec is None:
+        raise ConfigError(f"served '{name}': no step uses it, so it has no image")
+    need = served_needs(recipe, name)
+    if variant == "cpu":
+        need = Needs(gpus=0, fp8=False, cpu=need.cpu, memory=need.memory, shm=need.shm)
+    args = [
+        *compose_mod.served_args(recipe, name, store_url(recipe), host="0.0.0.0"),
+        "--port",
+        str(SERVED_PORT),
+    ]
+    probe = {"httpGet": {"path": "/v1/models", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    container = {
+        "name": "server",
+        "image": images_mod.reference(users[0].spec.env, variant, registry, tag),
+        "command": ["python", "-m", "hala.ops.served"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": SERVED_PORT}],
+        "resources": resources_for("serve", need, variant),
+        # loading weights and compiling take minutes: liveness starts counting once this has passed
+        "startupProbe": {**probe, "failureThreshold": max(1, int(entry.ready_seconds // 10))},
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 6},
+    }
+    pod = pod_spec(recipe, container, need, variant)
+    pod["restartPolicy"] = "Always"  # a Deployment's pods
+    pod_labels = {
+        **labels(recipe, f"served-{name}", "serve", queued=False),
+        "hala.dev/served": k8s_name(name),
+    }
+    selector = {"hala.dev/run": pod_labels["hala.dev/run"], "hala.dev/served": pod_labels["hala.dev/served"]}
+    meta = {"name": served_name(recipe, name), "namespace": namespace(recipe), "labels": pod_labels}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {**meta, "annotations": {"hala.dev/replicas": str(entry.replicas)}},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": selector},
+                "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector,
+                "ports": [{"name": "http", "port": entry.port, "targetPort": "http", "protocol": "TCP"}],
+            },
+        },
+    ]

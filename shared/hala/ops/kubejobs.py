@@ -78,6 +78,13 @@ class KubeJobs:
             if e.status != 404:
                 raise
 
+    def scale(self, deployment: str, replicas: int) -> None:
+        """A served model's Deployment to `replicas` (its scale subresource: the conductor's Role allows only
+        that)."""
+        self.client.AppsV1Api().patch_namespaced_deployment_scale(
+            deployment, self.ns, {"spec": {"replicas": replicas}}
+        )
+
     def list(self, selector: str) -> list[dict[str, Any]]:
         listing = self.api.list_namespaced_job(self.ns, label_selector=selector)
         return [self.client.ApiClient().sanitize_for_serialization(j) for j in listing.items]

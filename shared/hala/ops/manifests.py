@@ -139,6 +139,15 @@ def common_objects(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
     return files
 
 
+def served_in_use(recipe: Recipe) -> list[str]:
+    """The served models some enabled step sends requests to (one nobody uses is not deployed)."""
+    return [
+        name
+        for name, entry in recipe.served.items()
+        if any(recipe.steps[u].enabled for u in entry.users if u in recipe.steps)
+    ]
+
+
 def meta(recipe: Recipe, name: str) -> dict[str, Any]:
     """Metadata of an object the rendering owns in the recipe's namespace."""
     return {"name": name, "namespace": k8s.namespace(recipe), "labels": {"app.kubernetes.io/name": "hala"}}
@@ -178,8 +187,22 @@ def base_objects(
                 "verbs": ["create", "get", "list", "watch", "delete"],
             },
             {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+            # served models: scaled up for their first user, to zero after the last
+            *(
+                [
+                    {
+                        "apiGroups": ["apps"],
+                        "resources": ["deployments/scale"],
+                        "verbs": ["get", "patch", "update"],
+                    }
+                ]
+                if served_in_use(recipe)
+                else []
+            ),
         ],
     )
+    for name in served_in_use(recipe):
+        files[f"served/{k8s.k8s_name(name)}.yaml"] = k8s.served_objects(recipe, name, variant, registry, tag)
     files["conductor.yaml"] = [conductor_job(recipe, variant, registry, tag)]
     return files
 
@@ -189,7 +212,8 @@ def render(
 ) -> dict[str, list[dict[str, Any]]]:
     """File name -> objects: the base files, kustomization.yaml and jobs/NN-<step>.yaml."""
     files = base_objects(recipe, variant, registry, tag)
-    order = ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml", "conductor.yaml"]
+    order = ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml"]
+    order += sorted(f for f in files if f.startswith("served/")) + ["conductor.yaml"]
     files["kustomization.yaml"] = [
         {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",

@@ -73,3 +73,22 @@ def needs(recipe: Recipe, step: Step) -> Needs:
         memory=given.get("memory"),
         shm=given.get("shm", "1Gi" if heavy else None),
     )
+
+
+def served_needs(recipe: Recipe, name: str) -> Needs:
+    """What one replica of a served model needs: its GPUs (tensor_parallel_size unless given), FP8 hardware
+    when it serves a quantize step's FP8 output, 1Gi of shared memory (vLLM)."""
+    entry = recipe.served[name]
+    given = entry.resources
+    gpus = int(given.get("gpus", int(entry.engine_args.get("tensor_parallel_size", 1))))
+    ref = entry.model
+    upstream_fp8 = (
+        ref.kind == "step" and ref.step in recipe.steps and _is_fp8_quantize(recipe.steps[ref.step])
+    )
+    return Needs(
+        gpus=gpus,
+        fp8=bool(given.get("fp8", gpus > 0 and upstream_fp8)),
+        cpu=None if given.get("cpu") is None else str(given["cpu"]),
+        memory=given.get("memory"),
+        shm=given.get("shm", "1Gi"),
+    )
