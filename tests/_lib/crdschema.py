@@ -85,11 +85,14 @@ def errors(obj: dict[str, Any]) -> list[str]:
 
 
 def embedded_jobs(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifests a Workflow's resource templates create."""
+    """The manifests a Workflow's resource templates create (a patch, such as a served model's scale, is a
+    partial object by design: not a manifest to validate whole)."""
     if obj.get("kind") not in ("Workflow", "WorkflowTemplate"):
         return []
     return [
-        yaml.safe_load(t["resource"]["manifest"]) for t in obj["spec"].get("templates", []) if "resource" in t
+        yaml.safe_load(t["resource"]["manifest"])
+        for t in obj["spec"].get("templates", [])
+        if "resource" in t and t["resource"]["action"] == "create"
     ]
 
 

@@ -24,11 +24,13 @@ from helpers import REPO, hala, write_recipe
 FIXTURES = Path(__file__).resolve().parent / "fixture_stages"
 TINY = REPO / "recipes" / "tiny.yaml"
 PAPER = REPO / "recipes" / "hala-paper.yaml"
+TRANSLATE = REPO / "recipes" / "translate-hala.yaml"
 K8S_VERSION = "1.37.0"
 RENDERINGS = [  # (what, recipe, flags, folder under manifests/)
     ("argo", TINY, ["--variant", "cpu"], "tiny/argo"),
     ("argo", PAPER, [], "hala-paper/argo"),
     ("kueue", PAPER, [], "hala-paper/kueue"),
+    ("argo", TRANSLATE, [], "translate-hala/argo"),
 ]
 
 
@@ -73,7 +75,7 @@ def test_checked_in_argo_and_kueue_manifests_equal_the_rendering(tmp_path, what,
         assert checked_in[name] == text.replace(str(out), f"manifests/{folder}"), f"{name}: {fix}"
 
 
-@pytest.mark.parametrize("recipe,variant", [(TINY, "cpu"), (PAPER, "cuda")])
+@pytest.mark.parametrize("recipe,variant", [(TINY, "cpu"), (PAPER, "cuda"), (TRANSLATE, "cuda")])
 @pytest.mark.parametrize("queue", [None, "hala"])
 def test_workflows_validate_against_argo_crds_and_their_jobs_against_kubernetes(crds, recipe, variant, queue):
     files = argo.render(_load(recipe, queue), variant)
@@ -81,6 +83,14 @@ def test_workflows_validate_against_argo_crds_and_their_jobs_against_kubernetes(
         o for name, objs in files.items() if name != "kustomization.yaml" for o in objs if crds.known(o)
     ]
     assert {o["kind"] for o in custom} == {"Workflow", "WorkflowTemplate"}
+    if recipe == TRANSLATE:  # a served model: scaled up before its user, down after it and on exit
+        workflow = files["workflow.yaml"][0]
+        tasks, templates = _tasks(workflow), _templates(workflow)
+        assert "served-translator-up" in tasks["translate-data"]["dependencies"]
+        assert tasks["served-translator-down"]["dependencies"] == ["translate-data-gather"]
+        assert workflow["spec"]["onExit"] == "served-down-all"
+        patch = yaml.safe_load(templates["served-translator-up"]["resource"]["manifest"])
+        assert patch["spec"] == {"replicas": 2} and patch["kind"] == "Deployment"
     for obj in custom:
         assert crds.errors(obj) == [], obj["kind"]
         for job in crds.embedded_jobs(obj):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hala.contract.errors import EXIT_CONFIG, EXIT_DATA
-from hala.contract.recipe import Recipe, Step
+from hala.contract.recipe import Recipe, Step, served_by
 from hala.ops import commands, k8s, manifests
 from hala.ops import compose as compose_mod
 
@@ -93,6 +93,24 @@ def _pod_template(name: str, job: dict[str, Any], *, retry: dict[str, Any]) -> d
     return template
 
 
+def _scale_template(recipe: Recipe, name: str, replicas: int) -> dict[str, Any]:
+    """A resource task that sets a served model's Deployment to `replicas` (a merge patch of its spec)."""
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": k8s.served_name(recipe, name), "namespace": k8s.namespace(recipe)},
+        "spec": {"replicas": replicas},
+    }
+    return {
+        "name": f"served-{name}-{'up' if replicas else 'down'}",
+        "serviceAccountName": JOBS,
+        "automountServiceAccountToken": True,
+        "executor": {"serviceAccountName": JOBS},
+        "resource": {"action": "patch", "mergeStrategy": "merge", "manifest": manifests.dump([patch])},
+        "retryStrategy": retry_strategy(recipe, by_exit_code=False),
+    }
+
+
 def failure_condition() -> str:
     return ",".join(
         f"status.conditions.{i}.type in ({','.join(FAILED_TYPES)})" for i in range(CONDITION_SLOTS)
@@ -144,10 +162,31 @@ def spec(
         """The task after which a step's output is committed: a sharded step's is its gather."""
         return f"{task_name(upstream)}-gather" if upstream.shards > 1 else task_name(upstream)
 
+    served = manifests.served_in_use(recipe)
+    for name in served:
+        # a served model: scaled up once its model's step is committed, down after its last user (and by the
+        # exit handler, whatever happened)
+        entry = recipe.served[name]
+        up = [done(recipe.steps[u]) for u in entry.upstream if u in names]
+        tasks.append(
+            {
+                "name": f"served-{name}-up",
+                "template": f"served-{name}-up",
+                **({"dependencies": up} if up else {}),
+            }
+        )
+        users = [done(recipe.steps[u]) for u in entry.users if u in names]
+        tasks.append(
+            {"name": f"served-{name}-down", "template": f"served-{name}-down", "dependencies": sorted(users)}
+        )
+        templates.append(_scale_template(recipe, name, entry.replicas or 1))
+        templates.append(_scale_template(recipe, name, 0))
     for step in enabled:
         name = task_name(step)
         job = k8s.step_job(recipe, step, variant, registry, tag, recipe_arg=recipe_arg, store_arg=store_arg)
         deps = sorted(done(recipe.steps[u]) for u in step.upstream if u in names)
+        if served_by(step) in served:
+            deps.append(f"served-{served_by(step)}-up")
         task: dict[str, Any] = {"name": name, "template": name}
         if deps:
             task["dependencies"] = deps
@@ -185,6 +224,15 @@ def spec(
         "podGC": {"strategy": str(recipe.kubernetes.get("pod_gc", "OnPodSuccess"))},  # failed pods keep logs
         "ttlStrategy": {"secondsAfterCompletion": int(recipe.kubernetes.get("ttl_seconds", k8s.TTL_SECONDS))},
     }
+    if served:
+        # a failed run leaves no GPU held by a served model
+        out["onExit"] = "served-down-all"
+        templates.append(
+            {
+                "name": "served-down-all",
+                "steps": [[{"name": f"{n}-down", "template": f"served-{n}-down"} for n in served]],
+            }
+        )
     if recipe.kubernetes.get("parallelism"):
         out["parallelism"] = int(recipe.kubernetes["parallelism"])
     if recipe.kubernetes.get("active_deadline_seconds"):
@@ -250,7 +298,10 @@ def rbac(recipe: Recipe) -> list[dict[str, Any]]:
         "resources": ["jobs"],
         "verbs": ["create", "get", "list", "watch", "patch", "delete"],
     }
-    return [*manifests.role(recipe, EXECUTOR, [results]), *manifests.role(recipe, JOBS, [results, jobs])]
+    rules = [results, jobs]
+    if manifests.served_in_use(recipe):  # the scale tasks of served models
+        rules.append({"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]})
+    return [*manifests.role(recipe, EXECUTOR, [results]), *manifests.role(recipe, JOBS, rules)]
 
 
 def render(
@@ -259,8 +310,11 @@ def render(
     """File name -> objects: what `kubectl apply -k` installs (kustomization.yaml), and workflow.yaml."""
     files = manifests.common_objects(recipe)
     files["rbac.yaml"] = rbac(recipe)
+    for name in manifests.served_in_use(recipe):
+        files[f"served/{k8s.k8s_name(name)}.yaml"] = k8s.served_objects(recipe, name, variant, registry, tag)
     files["workflowtemplate.yaml"] = [workflow_template(recipe, variant, registry, tag)]
-    order = ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml", "workflowtemplate.yaml"]
+    order = ["namespace.yaml", "storage.yaml", "recipe.yaml", "rbac.yaml"]
+    order += sorted(f for f in files if f.startswith("served/")) + ["workflowtemplate.yaml"]
     files["kustomization.yaml"] = [
         {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
