@@ -80,6 +80,11 @@ render: $(CLI)/.make-stamp
 	$(HALA) render compose recipes/hala-paper.yaml --variant cuda -o compose.gpu.yaml
 	$(HALA) render k8s recipes/tiny.yaml --variant cpu -o manifests/tiny
 	$(HALA) render k8s recipes/hala-paper.yaml -o manifests/hala-paper
+	$(HALA) render argo recipes/tiny.yaml --variant cpu -o manifests/tiny/argo
+	$(HALA) render argo recipes/hala-paper.yaml -o manifests/hala-paper/argo
+	$(HALA) render kueue recipes/hala-paper.yaml -o manifests/hala-paper/kueue
+	$(HALA) render k8s recipes/translate-hala.yaml -o manifests/translate-hala
+	$(HALA) render argo recipes/translate-hala.yaml -o manifests/translate-hala/argo
 
 # Regenerate stages/<stage>/config.schema.json from the typed configs (each in its stage's environment).
 schemas: setup

@@ -553,7 +553,14 @@ class VllmEngine:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
-        return len(self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+        # return_dict: transformers 5 returns a BatchEncoding here, whose len() is its 2 keys, not the tokens
+        # (every prompt counted 2 tokens: what fits max_model_len was planned without the prompt; found by
+        # bench/served_vs_inprocess.py, where the endpoint engine quarantined 2 rows more as too_long)
+        return len(
+            self.tok.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
 
     def _watch_engine_core(self) -> None:
         """When the engine core process dies (OOM kill, lost worker), vLLM's offline client marks it dead but

@@ -78,7 +78,7 @@ def test_a_translate_step_against_a_misbehaving_server_ends_with_every_row_exact
     (exit 75): rerun until the step commits. Each row is in the conversations or the quarantine, once; a
     refused request and an answer still broken after its retries are quarantined with their reasons; the
     counts add up; the engine's manifest counts the retries by cause and the server's model."""
-    data, ids = many_rows(prepared, tmp_path / "data", 20)  # 80 rows
+    data, ids = many_rows(prepared, tmp_path / "data", 12)  # 48 rows
     refused = next(r for _, r in tables.RowGroups.local(str(data)).rows())["messages"][0]["content"][:40]
     config = {
         "unit": "paragraph",
@@ -105,7 +105,7 @@ def test_a_translate_step_against_a_misbehaving_server_ends_with_every_row_exact
     assert "endpoint_rejected" in reasons, reasons
     m = Store(str(store)).read_manifest("faulty", "translate-x")
     c = m["counts"]
-    assert c["rows_in"] == 80 == c["rows_out"] + c["rows_quarantined"]
+    assert c["rows_in"] == 48 == c["rows_out"] + c["rows_quarantined"]
     engine = m["metrics"]["engine"]
     assert engine["engine"] == "endpoint" and engine["served"]["id"] == "tiny-translator"
     assert engine["latency_seconds"]["p50"] is not None
@@ -217,7 +217,7 @@ def test_a_killed_translate_step_talking_to_a_server_resumes_without_loss_or_dup
     tmp_path: Path, store: Path, prepared: dict[str, Path]
 ) -> None:
     """SIGKILL while requests are in flight (slow answers keep them there), then a rerun: every row once."""
-    data, ids = many_rows(prepared, tmp_path / "data", 16)  # 64 rows
+    data, ids = many_rows(prepared, tmp_path / "data", 10)  # 40 rows
     config = {
         "unit": "paragraph",
         "chunk_rows": 4,

@@ -60,7 +60,13 @@ def test_served_by_vllm_equals_vllm_in_process(
         [{"id": f"p{i}", "src": s, "tgt": t} for i, (s, t) in enumerate(x.split("\t")[:2] for x in lines)],
         tables.pairs_schema(),
     )
-    data = prepared["scp116k"]
+    # LIMA's first rows: long paragraphs, so that planning (what fits max_model_len, counted with each
+    # engine's tokenizer and chat template) quarantines some as too_long the same way on both sides
+    # beside the short scp116k rows the tiny translator does translate
+    lima = [r for _, r in tables.RowGroups.local(str(prepared["lima"])).rows()][:8]
+    scp = [r for _, r in tables.RowGroups.local(str(prepared["scp116k"])).rows()]
+    data = tmp_path / "rows"
+    tables.write(str(data / "part-0.parquet"), scp + lima, tables.conversations_schema())
 
     # the reference: both steps with vLLM in process (a subprocess: vLLM spawns its engine core)
     ref = write_recipe(
@@ -117,6 +123,10 @@ def test_served_by_vllm_equals_vllm_in_process(
             else:
                 assert (a[key]["reason"], a[key]["detail"]) == (b[key]["reason"], b[key]["detail"]), key
     assert read(store, "inproc", "translate-x", "conversations"), "nothing translated: nothing compared"
+    reasons = {r["reason"] for r in read(store, "inproc", "translate-x", "quarantine").values()}
+    assert "too_long" in reasons, (
+        reasons
+    )  # planning compared too (vLLM once counted every prompt as 2 tokens)
     for output in ("accepted", "rejected"):
         assert (
             read(store, "inproc", "judge-x", output).keys() == read(store, "served", "judge-x", output).keys()
