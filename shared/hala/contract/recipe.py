@@ -78,6 +78,14 @@ TINY_KEYS = {
 
 RUN_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*$"  # a run is a folder of the store: no '..', no '/'
 RUN_NAME = re.compile(RUN_PATTERN)
+# what one pod or container needs on a cluster: a step's and a served model's `resources:`
+RESOURCES: dict[str, Any] = {
+    "gpus": {"type": "integer", "minimum": 0},
+    "fp8": {"type": "boolean"},
+    "cpu": {"type": ["string", "number"]},
+    "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
+    "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
+}
 RECIPE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -143,17 +151,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
                     "engine_args": {"type": "object"},
                     "port": {"type": "integer", "minimum": 1024, "maximum": 65535},
                     "replicas": {"type": "integer", "minimum": 0},
-                    "resources": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "gpus": {"type": "integer", "minimum": 0},
-                            "fp8": {"type": "boolean"},
-                            "cpu": {"type": ["string", "number"]},
-                            "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
-                            "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
-                        },
-                    },
+                    "resources": {"type": "object", "additionalProperties": False, "properties": RESOURCES},
                     "ready_seconds": {"type": "number", "exclusiveMinimum": 0},
                     "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
                 },
@@ -177,14 +175,8 @@ RECIPE_SCHEMA: dict[str, Any] = {
                     "resources": {
                         "type": "object",
                         "additionalProperties": False,
-                        "properties": {
-                            "gpus": {"type": "integer", "minimum": 0},
-                            "fp8": {"type": "boolean"},
-                            "cpu": {"type": ["string", "number"]},
-                            "memory": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti)?$"},
-                            "shm": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)$"},
-                            "parallelism": {"type": "integer", "minimum": 1},
-                        },
+                        # a sharded step's pods at once, beside what one pod needs
+                        "properties": {**RESOURCES, "parallelism": {"type": "integer", "minimum": 1}},
                     },
                 },
             },

@@ -120,21 +120,22 @@ def served_extra(recipe: Recipe, name: str, variant: str) -> dict[str, Any]:
             "start_period": f"{int(entry.ready_seconds)}s",
         },
     }
-    if need.shm:
-        extra["shm_size"] = _compose_size(need.shm)
-    if variant == "cuda" and need.gpus:
-        extra["deploy"] = {
-            "resources": {
-                "reservations": {
-                    "devices": [{"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]
-                }
-            }
-        }
-        if need.fp8:
-            extra["labels"]["io.hala.fp8"] = (
-                f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
-            )
+    extra.update(_placement(need, variant, extra["labels"]))
     return extra
+
+
+def _placement(need: Any, variant: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A container's shared memory and, in the cuda variant, its GPUs (an FP8 one labelled: compose cannot
+    pick a GPU model, so run it on a host with compute capability >= 8.9)."""
+    out: dict[str, Any] = {}
+    if need.shm:
+        out["shm_size"] = _compose_size(need.shm)
+    if variant == "cuda" and need.gpus:
+        device = {"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}
+        out["deploy"] = {"resources": {"reservations": {"devices": [device]}}}
+        if need.fp8:
+            labels["io.hala.fp8"] = f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
+    return out
 
 
 def _compose_size(k8s: str) -> str:
@@ -237,21 +238,7 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
             served_done.add(uses)
         need = needs(recipe, step)
         extra: dict[str, Any] = {"labels": {"io.hala.step": step.name, "io.hala.stage": step.stage}}
-        if need.shm:
-            extra["shm_size"] = _compose_size(need.shm)
-        if variant == "cuda" and need.gpus:
-            extra["deploy"] = {
-                "resources": {
-                    "reservations": {
-                        "devices": [{"driver": "nvidia", "count": need.gpus, "capabilities": ["gpu"]}]
-                    }
-                }
-            }
-            if need.fp8:
-                # compose cannot pick a GPU model: run FP8 steps on a host with compute capability >= 8.9
-                extra["labels"]["io.hala.fp8"] = (
-                    f"needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}"
-                )
+        extra.update(_placement(need, variant, extra["labels"]))
         after = ["record", *[done_name[u] for u in step.upstream if u in done_name]]
         if uses is not None:
             # its requests go to the served model: started once it answers, with its URL (host network)
