@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
+import threading
 import time
 import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 import yaml
 
-from hala.contract import stagespec
-from kubeapi import python_for_image
-
-SKIPPED_ENV = {"HOME", "HF_HOME"}
+import podrun
 
 
 def order(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,19 +109,6 @@ def _matches(job: dict[str, Any], key: str, op: str, values: list[str]) -> bool:
         return False
 
 
-def _run_container(template: dict[str, Any], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    container = template["container"]
-    values = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    child = {**env, **{k: v for k, v in values.items() if k not in SKIPPED_ENV}}
-    # the image's ENTRYPOINT (hala.ops.images): `hala-stage STAGE ...` for a step, `hala gather ...` in
-    # hala-cli (the echo fixture stage lives in the cli set, so the image alone does not tell)
-    step = container["args"][0] in stagespec.all_stages()
-    python = python_for_image(container["image"])  # the image's set: its environment here
-    cmd = [python, "-m", "hala.ops.launch" if step else "hala.ops.cli", *container["args"]]
-    done = subprocess.run(cmd, env=child, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, (done.stderr + done.stdout)[-3000:]
-
-
 def _run_resource(template: dict[str, Any], api: Any, timeout: float) -> tuple[bool, str]:
     resource = template["resource"]
     assert resource["action"] == "create", resource["action"]
@@ -152,6 +137,55 @@ def _run_resource(template: dict[str, Any], api: Any, timeout: float) -> tuple[b
     return False, f"{name}: neither condition within {timeout} s"
 
 
+def _pod(template: dict[str, Any]) -> dict[str, Any]:
+    """A container template as the pod Argo makes of it: the container, its volumes, the pod's security."""
+    return {
+        "containers": [template["container"]],
+        "volumes": template.get("volumes", []),
+        "securityContext": template.get("securityContext", {}),
+    }
+
+
+class Served:
+    """The Deployments a Workflow scales (its served models): a `patch` of spec.replicas to n > 0 starts the
+    Deployment's pod (one, whatever n: one machine) and waits for its startup probe, as a Deployment becomes
+    available; a patch to 0 stops it."""
+
+    def __init__(self, pods: Any, deployments: dict[str, dict[str, Any]], timeout: float):
+        self.pods, self.deployments, self.timeout = pods, deployments, timeout
+        self.running: dict[str, Any] = {}
+        self.history: list[tuple[str, int]] = []
+        self.logs: dict[str, str] = {}
+
+    def patch(self, template: dict[str, Any]) -> tuple[bool, str]:
+        obj = yaml.safe_load(template["resource"]["manifest"])
+        name, replicas = obj["metadata"]["name"], int(obj["spec"]["replicas"])
+        if obj["kind"] != "Deployment" or name not in self.deployments:
+            return False, f"{obj['kind']} {name}: not a rendered Deployment"
+        self.history.append((name, replicas))
+        if replicas == 0:
+            self.stop(name)
+            return True, f"{name} scaled to 0"
+        if name in self.running:
+            return True, f"{name} already up"
+        pod = self.deployments[name]["spec"]["template"]["spec"]
+        handle = self.pods.start(pod)
+        try:
+            seconds = podrun.wait_probe(self.pods, handle, pod, self.timeout)
+        except RuntimeError as e:
+            return False, str(e)
+        self.running[name] = handle
+        return True, f"{name} ready in {seconds} s"
+
+    def stop(self, name: str) -> None:
+        if name in self.running:
+            self.logs[name] = self.pods.stop(self.running.pop(name))
+
+    def close(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
 def run(
     workflow: dict[str, Any],
     api: Any,
@@ -159,43 +193,88 @@ def run(
     timeout: float = 600,
     exits: dict[str, list[int]] | None = None,
     logs: dict[str, str] | None = None,
+    pods: Any = None,
+    deployments: dict[str, dict[str, Any]] | None = None,
+    parallel: int = 1,
+    served: Served | None = None,
 ) -> dict[str, tuple[str, int]]:
     """Every task's phase and number of attempts. `exits`: a task's next attempts end with these codes without
     running (a bad node, a crash), as the stand-in's `exits` do for a Job's pods. `logs` gets each task's last
-    output (a container's stderr and stdout, a resource task's outcome)."""
+    output (a container's stderr and stdout, a resource task's outcome). `pods`: how a container runs
+    (tests/_lib/podrun.py: Venvs(env), the default, or Docker); `deployments`: the rendered Deployments the
+    Workflow scales, by name; `parallel`: tasks at a time, as Argo starts every task whose dependencies
+    succeeded (at most the Workflow's `parallelism`). The Workflow's onExit handler runs at the end, whatever
+    the outcome."""
+    pods = pods or podrun.Venvs(env)
     planned = {k: list(v) for k, v in (exits or {}).items()}
     spec = workflow["spec"]
     templates = {t["name"]: t for t in spec["templates"]}
-    dag = templates[spec["entrypoint"]]["dag"]["tasks"]
-    result: dict[str, tuple[str, int]] = {}
-    failed = False
-    for task in order(dag):
-        if failed or any(result.get(d, ("",))[0] != "Succeeded" for d in task.get("dependencies", [])):
-            result[task["name"]] = ("Omitted", 0)
-            continue
+    dag = order(templates[spec["entrypoint"]]["dag"]["tasks"])
+    served = served or Served(pods, deployments or {}, timeout)
+    lock = threading.Lock()
+
+    def attempt(task: dict[str, Any], template: dict[str, Any]) -> tuple[bool, str, str]:
+        if "resource" in template and template["resource"]["action"] == "patch":
+            ok, said = served.patch(template)
+            return ok, said, "0" if ok else "1"
+        if "resource" in template:
+            ok, said = _run_resource(template, api, timeout)
+            return ok, said, "0" if ok else "1"
+        with lock:
+            ahead = planned.get(task["name"])
+            code = ahead.pop(0) if ahead else None
+        if code is not None:
+            return code == 0, "planned", str(code)
+        code, said = pods.run(_pod(template), timeout=timeout)
+        return code == 0, said, str(code)
+
+    def one(task: dict[str, Any]) -> tuple[str, int]:
         template = templates[task["template"]]
         strategy = template.get("retryStrategy") or {}
-        attempts, phase = 0, "Failed"
+        attempts = 0
         while True:
             attempts += 1
-            if "resource" in template:
-                ok, said = _run_resource(template, api, timeout)
-                last = {"status": "Succeeded" if ok else "Failed", "exitCode": "0" if ok else "1"}
-            else:
-                ahead = planned.get(task["name"])
-                code, said = (ahead.pop(0), "planned") if ahead else _run_container(template, env, timeout)
-                ok = code == 0
-                last = {"status": "Succeeded" if ok else "Failed", "exitCode": str(code)}
+            ok, said, code = attempt(task, template)
             if logs is not None:
                 logs[task["name"]] = said
             if ok:
-                phase = "Succeeded"
-                break
+                return "Succeeded", attempts
+            last = {"status": "Failed", "exitCode": code}
             retry = attempts <= int(strategy.get("limit", 0))
             if retry and strategy.get("expression"):
                 retry = _expr(strategy["expression"], last)
             if not retry:
-                break
-        result[task["name"]] = (phase, attempts)
-        failed = failed or phase != "Succeeded"
-    return result
+                return "Failed", attempts
+
+    result: dict[str, tuple[str, int]] = {}
+    try:
+        with ThreadPoolExecutor(max(1, parallel)) as workers:
+            running: dict[Any, str] = {}
+            failed = False
+            while len(result) < len(dag):
+                for task in dag:  # in DAG order: the first ready ones first
+                    name = task["name"]
+                    if name in result or name in running.values() or len(running) >= max(1, parallel):
+                        continue
+                    deps = [result.get(d, ("",))[0] for d in task.get("dependencies", [])]
+                    if any(p in ("Failed", "Omitted") for p in deps) or (failed and not running):
+                        result[name] = ("Omitted", 0)
+                    elif not failed and all(p == "Succeeded" for p in deps):
+                        running[workers.submit(one, task)] = name
+                if not running:
+                    for task in dag:  # failFast: what could not start is omitted
+                        result.setdefault(task["name"], ("Omitted", 0))
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    result[name] = future.result()
+                    failed = failed or result[name][0] != "Succeeded"
+        handler = spec.get("onExit")
+        if handler:
+            for group in templates[handler].get("steps", []):
+                for step in group:
+                    one({"name": step["name"], "template": step["template"]})
+    finally:
+        served.close()
+    return {task["name"]: result[task["name"]] for task in dag}

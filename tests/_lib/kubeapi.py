@@ -12,9 +12,10 @@ It serves what hala.ops.conductor asks through the official client, in one names
 
 With `controller=True` it is also the Job controller and the kubelet: every Job created is run in a thread,
 its pods as local processes (`python -m hala.ops.launch` with the container's args, JOB_COMPLETION_INDEX per
-index of an Indexed Job), each pod retried up to the Job's backoffLimit (backoffLimitPerIndex) unless the
-podFailurePolicy fails the Job (or the index) on its exit code, then the Complete or Failed condition set with
-its lastTransitionTime. `exits` lets a test make the next pods of a Job exit with given codes instead of
+index of an Indexed Job; with `pods`, tests/_lib/podrun.py's runner: the container as rendered, in Docker
+too), each pod retried up to the Job's backoffLimit (backoffLimitPerIndex) unless the podFailurePolicy fails
+the Job (or the index) on its exit code, then the Complete or Failed condition set with its
+lastTransitionTime. `exits` lets a test make the next pods of a Job exit with given codes instead of
 running (a bad node, a crash). The test can also make changes (`change(name)`) and forget history
 (`forget()`); every request is recorded as "METHOD path". The server stops after `max_requests` requests or
 `seconds`.
@@ -26,7 +27,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from bounded import Bounded
+from podrun import python_for_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,14 +54,6 @@ def _job(name: str, ns: str, version: int) -> dict[str, Any]:
         "spec": {"template": {"spec": {"containers": [{"name": "step"}]}}},
         "status": {},
     }
-
-
-def python_for_image(image: str) -> str:
-    """The interpreter that stands in for an image here: `local/hala-<set>:tag` runs in `.venvs/<set>`, the
-    environment that holds the same lock (hala.ops.images), else this process's own."""
-    name = image.rsplit("/", 1)[-1].split(":")[0]
-    python = REPO / ".venvs" / name.removeprefix("hala-") / "bin" / "python"
-    return str(python) if name.startswith("hala-") and python.exists() else sys.executable
 
 
 def _ranges(indexes: range) -> str:
@@ -92,9 +85,17 @@ def _matches(labels: dict[str, str], selector: str | None) -> bool:
 
 class KubeAPI(Bounded):
     def __init__(
-        self, ns: str = "hala", max_requests: int = 200, seconds: float = 120.0, controller: bool = False
+        self,
+        ns: str = "hala",
+        max_requests: int = 200,
+        seconds: float = 120.0,
+        controller: bool = False,
+        pods: Any = None,
     ):
         self.ns = ns
+        # how the controller runs a pod: tests/_lib/podrun.py's Venvs or Docker (the container's own
+        # environment, volumes and Secrets); None: this process's environment, the container's args only
+        self.pod_runner = pods
         self.version = 5
         self.oldest = 0  # watches from before this version get 410 Gone
         self.events: list[tuple[int, str]] = []  # (version, job name)
@@ -289,7 +290,10 @@ class KubeAPI(Bounded):
                     code = planned.pop(0) if planned else None
                 if gone:
                     return  # deleted: its pods are garbage collected
-                if code is None:
+                if code is None and self.pod_runner is not None:
+                    extra = {"JOB_COMPLETION_INDEX": str(index)} if indexed else {}
+                    code, _ = self.pod_runner.run(spec["template"]["spec"], extra_env=extra, timeout=600)
+                elif code is None:
                     env = {**os.environ, **({"JOB_COMPLETION_INDEX": str(index)} if indexed else {})}
                     code = subprocess.run(
                         [python_for_image(container["image"]), "-m", "hala.ops.launch", *container["args"]],

@@ -379,3 +379,77 @@ def test_a_failing_step_is_retried_on_75_and_not_on_3_and_its_dependents_never_s
         assert len(api.jobs) == 2
     assert result["echo-a"] == ("Failed", 2)
     assert result["echo-a-gather"] == result["echo-b"] == result["run-report"] == ("Omitted", 0)
+
+
+def test_a_served_model_is_started_by_its_scale_task_reached_through_its_service_and_stopped(tmp_path, echo):
+    """A served model in the Workflow: its scale-up task (after its model's step, before its first user)
+    starts the rendered Deployment's pod and waits for its startup probe; the user's pod reaches it through
+    the Service's cluster name (HALA_SERVED_URL_STANDIN as rendered); the scale-down task after the last user
+    stops it, and the exit handler scales it down again whatever happened. The server is the OpenAI stand-in
+    through the served model's `command`, as SGLang or TGI would be."""
+    import socket
+
+    import argorun
+    import podrun
+    from kubeapi import KubeAPI
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(6)))
+    path = write_recipe(
+        tmp_path,
+        {
+            "echo-a": {"stage": "echo", "shards": 2, "inputs": {"data": str(data)}},
+            "echo-b": {
+                "stage": "echo",
+                "inputs": {"data": str(data)},
+                "config": {"endpoint": {"served": "standin"}},
+            },
+        },
+        kubernetes={"namespace": "hala", "retry_backoff_seconds": 0},
+        served={
+            "standin": {
+                "model": "echo-a",  # a step's output: the scale-up waits for it
+                "port": 8471,
+                "ready_seconds": 120,
+                "command": [
+                    "{python}",
+                    str(REPO / "tests/_lib/openaiserver.py"),
+                    "--port",
+                    "{port}",
+                    "--model",
+                    "{name}",
+                ],
+            }
+        },
+    )
+    recipe = recipe_mod.load(path, run="argo")
+    workflow = argo.workflow(recipe, "cpu", recipe_arg=str(recipe.path), store_arg=recipe.store)
+    objects = k8s.served_objects(
+        recipe, "standin", "cpu", recipe_arg=str(recipe.path), store_arg=recipe.store
+    )
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    tasks = {t["name"]: t for t in workflow["spec"]["templates"][0]["dag"]["tasks"]}
+    assert tasks["served-standin-up"]["dependencies"] == ["echo-a-gather"]
+    assert "served-standin-up" in tasks["echo-b"]["dependencies"]
+    env_b = {
+        e["name"]: e.get("value")
+        for e in next(t for t in workflow["spec"]["templates"] if t["name"] == "echo-b")["container"]["env"]
+    }
+    assert env_b["HALA_SERVED_URL_STANDIN"] == "http://served-argo-standin.hala.svc:8471/v1"
+
+    pods = podrun.Venvs(dict(os.environ), services=podrun.service_ports(objects))
+    served = argorun.Served(pods, {deployment["metadata"]["name"]: deployment}, timeout=120)
+    logs: dict[str, str] = {}
+    with KubeAPI(max_requests=2000, seconds=600, controller=True, pods=pods) as api:
+        result = argorun.run(workflow, api, dict(os.environ), logs=logs, pods=pods, served=served, parallel=2)
+        api.settle()
+    assert all(phase == "Succeeded" for phase, _ in result.values()), (result, logs)
+    name = deployment["metadata"]["name"]
+    assert served.history == [(name, 1), (name, 0), (name, 0)]  # up, down after echo-b, the exit handler
+    manifest = json.loads((Path(recipe.store) / "argo" / "echo-b" / "_MANIFEST.json").read_text())
+    rows_file = Path(recipe.store) / "argo" / "echo-b" / manifest["outputs"]["data"]["files"][0]["path"]
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert len(rows) == 6 and {r["served"] for r in rows} == {"standin"}  # its answers, through the Service
+    port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    with socket.socket() as s:  # stopped: nothing listens on the pod's port any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -124,14 +124,30 @@ def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_o
     names = list(services)
     assert names[0] == "record" and names[-1] == "report"
     # each service waits for the record and for the services that commit its inputs, nothing else: the seven
-    # corpus translations run side by side once the translator is trained
-    assert set(services["translate-lamini"]["depends_on"]) == {"record", "prepare-lamini", "train-translator"}
+    # corpus translations run side by side once the translator is trained and served
+    assert services["translate-lamini"]["depends_on"] == {
+        "record": {"condition": "service_completed_successfully"},
+        "prepare-lamini": {"condition": "service_completed_successfully"},
+        "train-translator": {"condition": "service_completed_successfully"},
+        "served-translator": {"condition": "service_healthy"},
+    }
+    # the served translator: one service, started once its model is committed, for all seven
+    served = services["served-translator"]
+    assert set(served["depends_on"]) == {"record", "train-translator"}
+    assert served["entrypoint"] == ["python", "-m", "hala.ops.served"] and "--until-done" in served["command"]
+    users = [n for n, s in services.items() if "served-translator" in s.get("depends_on", {})]
+    assert users == list(recipe.served["translator"].users) and len(users) == 7
+    assert all(
+        services[u]["environment"]["HALA_SERVED_URL_TRANSLATOR"] == "http://127.0.0.1:8471/v1" for u in users
+    )
     assert set(services["report"]["depends_on"]) == {
         "record",
         *[
             n
             for n in names
-            if n not in ("record", "report") and "shard-" not in n and f"gather-{n}" not in names
+            if n not in ("record", "report", "served-translator")
+            and "shard-" not in n
+            and f"gather-{n}" not in names
         ],
     }
     for svc in services.values():  # tiny stand-ins are built once, under a lock on the shared volume
@@ -159,8 +175,10 @@ def test_cpu_compose_runs_every_enabled_step_after_its_inputs_and_side_by_side_o
         assert svc["command"][0] == step.stage
         assert svc["command"][svc["command"].index("--step") + 1] == step.name
         assert ("--shard" in svc["command"]) == ("--shard" in local)
-        if step.spec.env in ("serve", "eval", "train"):
+        if step.spec.env in ("serve", "eval", "train") and step.name not in users:
             assert svc["shm_size"] == "1g"  # vLLM fails with Docker's 64 MiB of /dev/shm
+        elif step.name in users:  # a client of the served model: no engine of its own, the server has the shm
+            assert "shm_size" not in svc and served["shm_size"] == "1g"
     # the tiny recipe exercises shards and gather
     assert any(recipe.steps[s].shards > 1 for s in recipe.steps)
     assert spec["volumes"] == {"store": {"name": "hala-tiny-store"}} and spec["name"] == "hala-tiny"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hala.contract import recipe as recipe_mod
 from helpers import REPO, events, hala, manifest, output_dir, write_recipe
 
 SAMPLES = REPO / "recipes" / "samples"
@@ -62,15 +63,24 @@ def test_tiny_recipe_runs_then_is_all_cached(tmp_path: Path) -> None:
         "wrong_script": 1,
     }
     # model steps: the FP8 teacher carries its acceptance report, its folder says what it is
-    # translate and judge: every row in the output or the quarantine; the tiny recipe generates with
-    # transformers (engine: transformers, seconds to start); the serve suite runs the same stages on vLLM's
-    # CPU build
+    # translate and judge: every row in the output or the quarantine; the teacher and the judge generate with
+    # transformers (engine: transformers, seconds to start), the seven corpus translations send their requests
+    # to the translator served once by vLLM's CPU build (served: translator); the serve suite runs the same
+    # stages on vLLM in-process too
+    users = recipe_mod.load(REPO / "recipes" / "tiny.yaml").served["translator"].users
+    assert len(users) == 7
     for step in (s for s in steps if s.startswith(("translate-", "judge-"))):
         m = manifest(store, "tiny", step)
         c = m["counts"]
         assert c["rows_in"] == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values()), step
         assert c["rows_out"] > 0, step
-        assert m["metrics"]["engines"] == ["transformers"], step
+        assert m["metrics"]["engines"] == (["endpoint"] if step in users else ["transformers"]), step
+        if step in users:  # the server's own answer to /v1/models: the trained translator, by its name
+            engine = m["metrics"]["engine"]
+            assert (
+                engine["served"]["id"] == "translator" and engine["requests"]["requests"] >= c["rows_in"]
+            ), step
+            assert engine["served"]["root"].endswith("tiny-lfm2-1.2b-SFT"), step
     assert manifest(store, "tiny", "translate-openorca-teacher")["shards"]["count"] == 2
     assert manifest(store, "tiny", "judge-opus100")["counts"]["rows_removed"]["rejected"] >= 1
     # train: the translator and the four Hala models, each with its loss curve; the student translations

@@ -84,23 +84,6 @@ def served_service(name: str) -> str:
     return f"served-{name}"
 
 
-def served_args(recipe: Recipe, name: str, store: str, host: str = "127.0.0.1") -> list[str]:
-    """The served model's process in an image: `python -m hala.ops.served` (the model resolved, then vLLM's
-    OpenAI server, or the recipe's own server command)."""
-    return [
-        "--recipe",
-        recipe_in_image(recipe),
-        "--served",
-        name,
-        "--store",
-        store,
-        "--run",
-        recipe.run,
-        "--host",
-        host,
-    ]
-
-
 def served_extra(recipe: Recipe, name: str, variant: str) -> dict[str, Any]:
     """The served model's service beside the steps': its entrypoint, a healthcheck on /v1/models (the steps
     start once it passes), its GPUs and shared memory."""
@@ -231,7 +214,7 @@ def render(recipe: Recipe, variant: str = "cpu") -> dict[str, Any]:
             add(
                 served_service(uses),
                 _image_set(step),
-                [*served_args(recipe, uses, store), "--until-done"],
+                [*commands.served_args(recipe, uses, store, recipe_in_image(recipe)), "--until-done"],
                 ["record", *[done_name[u] for u in entry.upstream if u in done_name]],
                 served_extra(recipe, uses, variant),
             )

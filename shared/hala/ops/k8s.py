@@ -405,12 +405,19 @@ def served_url(recipe: Recipe, name: str) -> str:
 
 
 def served_objects(
-    recipe: Recipe, name: str, variant: str = "cuda", registry: str | None = None, tag: str | None = None
+    recipe: Recipe,
+    name: str,
+    variant: str = "cuda",
+    registry: str | None = None,
+    tag: str | None = None,
+    recipe_arg: str | None = None,
+    store_arg: str | None = None,
 ) -> list[dict[str, Any]]:
     """The served model's Deployment (created at 0 replicas: the conductor scales it to the recipe's replicas
     when the first step that uses it starts, and back to 0 after the last) and its ClusterIP Service. Its pod
     is the steps' pod (non-root, read-only root, the store and recipe mounted, FP8 placement for an FP8
-    teacher), running `python -m hala.ops.served`, ready once /v1/models answers."""
+    teacher), running `python -m hala.ops.served`, ready once /v1/models answers. `recipe_arg` and
+    `store_arg` as for step_job."""
     entry = recipe.served[name]
     users = [recipe.steps[u] for u in entry.users if u in recipe.steps]
     if not users or users[0].spec is None:
@@ -418,11 +425,9 @@ def served_objects(
     need = served_needs(recipe, name)
     if variant == "cpu":
         need = Needs(gpus=0, fp8=False, cpu=need.cpu, memory=need.memory, shm=need.shm)
-    args = [
-        *compose_mod.served_args(recipe, name, store_url(recipe), host="0.0.0.0"),
-        "--port",
-        str(SERVED_PORT),
-    ]
+    recipe_in = recipe_arg or compose_mod.recipe_in_image(recipe)
+    store = store_arg or store_url(recipe)
+    args = commands.served_args(recipe, name, store, recipe_in, host="0.0.0.0", port=SERVED_PORT)
     probe = {"httpGet": {"path": "/v1/models", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     container = {
         "name": "server",
@@ -436,7 +441,7 @@ def served_objects(
         "readinessProbe": probe,
         "livenessProbe": {**probe, "failureThreshold": 6},
     }
-    pod = pod_spec(recipe, container, need, variant)
+    pod = pod_spec(recipe, container, need, variant, recipe_arg=recipe_arg)
     pod["restartPolicy"] = "Always"  # a Deployment's pods
     pod_labels = {
         **labels(recipe, f"served-{name}", "serve", queued=False),

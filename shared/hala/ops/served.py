@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hala.contract.errors import ConfigError, TemporaryError
+from hala.ops import commands
 
 
 def command(
@@ -76,6 +77,15 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # harmless on a GPU machine: only the CPU backend reads it
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
     return env
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1 (the kernel's pick; the server binds it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> float:
@@ -147,24 +157,16 @@ class Pool:
         import tempfile
 
         log = Path(tempfile.mkdtemp(prefix=f"hala-served-{name}-")) / "server.log"
-        cmd = [
-            self.python_for(step),
-            "-m",
-            "hala.ops.served",
-            "--recipe",
-            str(self.recipe.path),
-            "--served",
-            name,
-            "--store",
-            self.recipe.store,
-            "--run",
-            self.recipe.run,
-        ]
+        # the recipe's port is the one compose and the cluster use; here any free one on 127.0.0.1 does, so
+        # that a second run on the same machine (or a laptop's own server on 8000) does not collide with it
+        port = free_port()
+        args = commands.served_args(self.recipe, name, self.recipe.store, str(self.recipe.path), port=port)
+        cmd = [self.python_for(step), "-m", "hala.ops.served", *args]
         t0 = time.monotonic()
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.running[name] = (proc, log)
-        url = f"http://127.0.0.1:{entry.port}/v1"
+        url = f"http://127.0.0.1:{port}/v1"
         try:
             wait_ready(url, proc, entry.ready_seconds)
         except TemporaryError as e:
@@ -242,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a pod behind a Service")
     p.add_argument("--port", type=int, help="default: the served entry's port")
     p.add_argument("--until-done", action="store_true", help="stop once every step using it is committed")
+    p.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE", help="the run's overrides")
     args = p.parse_args(argv)
     log = logs.get("hala.served")
-    recipe = recipes.load(args.recipe, store=args.store, run=args.run, check_paths=False)
+    # the run's overrides: without them a step's output would be looked for under another fingerprint
+    recipe = recipes.load(args.recipe, store=args.store, run=args.run, overrides=args.set, check_paths=False)
     if args.served not in recipe.served:
         raise ConfigError(
             f"recipe {args.recipe} serves no '{args.served}' ({', '.join(recipe.served) or 'none'})"

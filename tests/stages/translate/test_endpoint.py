@@ -252,8 +252,9 @@ def test_the_local_runner_serves_a_model_once_for_the_steps_that_use_it(
     tmp_path: Path, store: Path, prepared: dict[str, Path]
 ) -> None:
     """A recipe's served model (here the stand-in through `command`, as SGLang or TGI would be): started once
-    when the first step that uses it starts, its URL given to both steps, stopped after the last one, its log
-    kept in the store; the rerun is cached and starts no server."""
+    when the first step that uses it starts, on a free port of 127.0.0.1 (the recipe's port, the one compose
+    and the cluster use, is taken here by another listener), its URL given to both steps, stopped after the
+    last one, its log kept in the store; the rerun is cached and starts no server."""
     import socket
 
     data, ids = many_rows(prepared, tmp_path / "data", 2)
@@ -288,17 +289,22 @@ def test_the_local_runner_serves_a_model_once_for_the_steps_that_use_it(
             }
         },
     )
-    out = hala("run", str(recipe), env={"HALA_LOG_FORMAT": "json"})
+    with socket.socket() as busy:  # a laptop's own server on the recipe's port
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        out = hala("run", str(recipe), env={"HALA_LOG_FORMAT": "json"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     evs = events(out.stdout + out.stderr)
     assert [e["served"] for e in evs if e.get("event") == "served"] == ["standin"]
+    url = next(e["url"] for e in evs if e.get("event") == "served")
+    assert url.startswith("http://127.0.0.1:") and not url.startswith(f"http://127.0.0.1:{port}/")
     assert [e["served"] for e in evs if e.get("event") == "served stopped"] == ["standin"]
     for name in ("translate-a", "translate-b"):
         m = Store(str(store)).read_manifest("served-run", name)
         assert m["metrics"]["engine"]["served"]["id"] == "standin"
         assert m["counts"]["rows_in"] == len(ids)
     with socket.socket() as s:  # stopped: nothing listens any more
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+        assert s.connect_ex(("127.0.0.1", int(url.split(":")[2].split("/")[0]))) != 0
     assert (store / "served-run" / "_logs" / "served-standin.log").is_file()
     again = hala("run", str(recipe), env={"HALA_LOG_FORMAT": "json"})
     assert again.returncode == 0

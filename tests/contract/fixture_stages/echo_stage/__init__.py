@@ -22,6 +22,8 @@ class EchoConfig:
     stamp: bool = False
     # > 0: the kept rows go out through hala.kit.chunks, a file per chunk (as translate and judge do)
     chunk_rows: int = 0
+    # {served: NAME}: each row gets the id the served model's /v1/models answers (its URL from the runner)
+    endpoint: dict | None = None
 
     @classmethod
     def model_validate(cls, data: dict) -> EchoConfig:
@@ -33,6 +35,7 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
     with open(ctx.input("data").local_path(), encoding="utf-8") as f:
         rows = [json.loads(line) for k, line in enumerate(f) if k % n == i]
     out = os.path.join(ctx.output_dir("data"), "rows.jsonl")
+    served = _served_id(cfg.endpoint["served"]) if cfg.endpoint else None
     kept = 0
     with open(out, "w", encoding="utf-8") as f, ctx.progress(len(rows)) as progress:
         for k, row in enumerate(rows, 1):
@@ -41,7 +44,8 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
             if cfg.quarantine_every and k % cfg.quarantine_every == 0:
                 ctx.quarantine("every_kth")
                 continue
-            f.write(json.dumps({**row, "process": PROCESS} if cfg.stamp else row) + "\n")
+            row = {**row, "process": PROCESS} if cfg.stamp else row
+            f.write(json.dumps({**row, "served": served} if cfg.endpoint else row) + "\n")
             kept += 1
     if cfg.chunk_rows:
         _rechunk(ctx, out, cfg.chunk_rows)
@@ -49,6 +53,15 @@ def main(cfg: EchoConfig, ctx: StepContext) -> None:
     ctx.count(
         rows_in=len(rows) + (1 if cfg.misreport else 0), rows_out=kept, rows_quarantined=len(rows) - kept
     )
+
+
+def _served_id(name: str) -> str:
+    import urllib.request
+
+    from hala.contract.recipe import served_url_env
+
+    with urllib.request.urlopen(os.environ[served_url_env(name)] + "/models", timeout=30) as answer:  # noqa: S310
+        return json.loads(answer.read())["data"][0]["id"]
 
 
 def _rechunk(ctx: StepContext, path: str, size: int) -> None:
