@@ -254,6 +254,30 @@ def served_url_env(name: str) -> str:
     return "HALA_SERVED_URL_" + name.upper().replace("-", "_")
 
 
+# How a step reaches its endpoint, not what it asks it: changing the concurrency, the timeouts, the retries
+# or the key's variable must not compute a committed step again (hala.kit.endpoint.Endpoint's fields; a test
+# of the serve suite keeps the two together). base_url, model, served and choice stay in the cache key.
+ENDPOINT_OPERATIONAL = (
+    "api_key_env",
+    "max_concurrency",
+    "connect_timeout",
+    "read_timeout",
+    "retries",
+    "backoff",
+    "max_backoff",
+    "bad_response_retries",
+    "wait_ready",
+)
+
+
+def cache_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A step's config as its fingerprint sees it: the endpoint's operational keys left out."""
+    endpoint = config.get("endpoint")
+    if not isinstance(endpoint, dict):
+        return config
+    return {**config, "endpoint": {k: v for k, v in endpoint.items() if k not in ENDPOINT_OPERATIONAL}}
+
+
 def served_by(step: Step) -> str | None:
     """The served model a step sends its requests to, if any."""
     endpoint = step.config.get("endpoint")

@@ -26,7 +26,7 @@ import fsspec
 from hala.contract import tiny_spec
 from hala.contract.errors import ConfigError, DataError
 from hala.contract.hashing import WORKERS, sha256_json, sha256_tree
-from hala.contract.recipe import InputRef, Recipe, Step, hub_key, is_commit, lock_path
+from hala.contract.recipe import InputRef, Recipe, Step, cache_config, hub_key, is_commit, lock_path
 from hala.contract.store import Store, cache_root
 
 
@@ -197,12 +197,13 @@ def resolve(store: Store, recipe: Recipe, step: Step) -> dict[str, ResolvedInput
 
 
 def fingerprint(step: Step, resolved: dict[str, ResolvedInput]) -> str:
-    """The cache key of a step: stage code, typed config (with defaults) and the identity of its inputs."""
+    """The cache key of a step: stage code, typed config (with defaults, less how it reaches an endpoint) and
+    the identity of its inputs."""
     assert step.spec is not None
     key = {
         "stage": step.stage,
         "stage_version": step.spec.version,
-        "config": step.config,
+        "config": cache_config(step.config),
         "inputs": {name: r.key for name, r in sorted(resolved.items())},
     }
     if bench_engine():

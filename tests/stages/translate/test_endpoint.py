@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from hala.contract import step, tables
+from hala.contract import recipe as recipe_mod
+from hala.contract import sources, step, tables
 from hala.contract.store import Store
 from helpers import REPO, events, free_port, hala, write_recipe
 from openaiserver import ModelServer
@@ -163,6 +164,39 @@ def test_the_key_is_sent_and_never_written(
     for path in (store / "keyed").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_how_a_step_reaches_its_endpoint_is_not_part_of_its_cache_key(
+    tmp_path: Path, store: Path, prepared: dict[str, Path]
+) -> None:
+    """Concurrency, timeouts, retries and the key's variable change how requests are sent, not what comes
+    back: a committed step stays committed when they change; the model it asks is part of the key."""
+    from hala.contract.recipe import ENDPOINT_OPERATIONAL
+    from hala.kit.endpoint import Endpoint
+
+    # every field of the endpoint is either how it is reached or what is asked: none left unclassified
+    assert set(ENDPOINT_OPERATIONAL) | {"base_url", "served", "model", "choice"} == set(Endpoint.model_fields)
+    data, _ = many_rows(prepared, tmp_path / "data", 1)
+    with ModelServer(model="m") as s:
+        base = {"base_url": f"{s.url}/v1", "model": "m"}
+        recipe = recipe_for(tmp_path, store, "ops", "translate", data, {"endpoint": base}, "tiny:translator")
+        assert run_translate(recipe) == 0
+        first = Store(str(store)).read_manifest("ops", "translate-x")
+        changed = {**base, "max_concurrency": 3, "read_timeout": 30, "retries": 9, "backoff": 0.1}
+        recipe = recipe_for(
+            tmp_path, store, "ops", "translate", data, {"endpoint": changed}, "tiny:translator"
+        )
+        assert run_translate(recipe) == 0
+        assert Store(str(store)).read_manifest("ops", "translate-x")["attempt"] == first["attempt"]  # cached
+    other = recipe_for(
+        tmp_path, store, "ops", "translate", data, {"endpoint": {**base, "model": "m2"}}, "tiny:translator"
+    )
+    loaded = recipe_mod.load(other)
+    step_x = loaded.steps["translate-x"]
+    resolved = {
+        n: sources.input_key(Store(str(store)), loaded, step_x, ref) for n, ref in step_x.inputs.items()
+    }
+    assert sources.fingerprint(step_x, resolved) != first["fingerprint"]  # another model asked: another key
 
 
 def test_judge_through_an_endpoint_with_and_without_structured_outputs(tmp_path: Path, store: Path) -> None:
