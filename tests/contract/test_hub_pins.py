@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import events, hala, manifest, write_recipe
+from helpers import hala, manifest, write_recipe
 from hubserver import Hub
 
 SHA1, SHA2 = "1" * 40, "2" * 40
@@ -45,12 +45,8 @@ def _recipe(tmp_path: Path, model: str = "hub:acme/base-model") -> Path:
 def _state(path: Path, env: dict[str, str]) -> tuple[str, list[dict]]:
     out = hala("run", str(path), "--dry-run", "--json", env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr
-    plan = json.loads(out.stdout[out.stdout.index('{\n  "recipe"') :])
-    warnings = [
-        e
-        for e in events(out.stdout[: out.stdout.index('{\n  "recipe"')])
-        if e.get("event") == "hub input not pinned"
-    ]
+    plan = json.loads(out.stdout)  # one JSON document, the warnings in it
+    warnings = [w for w in plan["warnings"] if w["warning"] == "hub input not pinned"]
     return plan["steps"][0]["state"], warnings
 
 

@@ -5,6 +5,7 @@ rendering."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,32 @@ def test_the_paper_teacher_served_by_the_switch_is_an_fp8_deployment_and_its_sha
     assert "nvidia.com/gpu" not in limits and job["spec"]["completions"] == 8
     out = hala("run", str(PAPER), "--set-file", str(SWITCH), "--dry-run", "--store", "/tmp/hala-dry-served")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert (
+        "served models (1):" in out.stdout
+        and "translate-openorca-teacher" in out.stdout.split("served models")[1]
+    )
+    # the plan says what would be served, for whom, and nothing for a step left out by --only
+    plan = hala(
+        "run", str(PAPER), "--set-file", str(SWITCH), "--dry-run", "--json", "--store", "/tmp/hala-dry-served"
+    )
+    planned = json.loads(plan.stdout)  # one document: the unpinned hub inputs are in it, not logged beside it
+    assert {w["repo"] for w in planned["warnings"]} >= {"Open-Orca/OpenOrca"}
+    (teacher,) = planned["served"]
+    assert teacher["served"] == "teacher" and teacher["users"] == ["translate-openorca-teacher"]
+    assert teacher["model"].startswith("quantize-teacher") and teacher["server"] == "vllm (OpenAI server)"
+    only = hala(
+        "run",
+        str(PAPER),
+        "--set-file",
+        str(SWITCH),
+        "--dry-run",
+        "--json",
+        "--only",
+        "prepare-openorca",
+        "--store",
+        "/tmp/hala-dry-served",
+    )
+    assert json.loads(only.stdout)["served"] == []
 
 
 def test_the_conductor_scales_a_served_model_up_for_its_first_user_and_to_zero_after_the_last(

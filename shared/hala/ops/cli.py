@@ -54,23 +54,24 @@ def _load(args: argparse.Namespace, **kw: object) -> recipe_mod.Recipe:
 def cmd_run(args: argparse.Namespace) -> int:
     recipe = _load(args, store=args.store, run=args.run)
     if args.dry_run:
-        unpinned = recipe_mod.unpinned_hub_inputs(recipe)
-        for step_name, ref in unpinned:  # a cache keyed by a name whose content can change: say so every time
-            logs.get("hala.plan").warning(
-                "hub input not pinned",
-                step=step_name,
-                input=ref.name,
-                repo=ref.uri,
-                fix=f"hala pin {args.recipe}  (or {ref.raw}@<commit sha> in the recipe)",
-            )
+        warnings = [  # a cache keyed by a name whose content can change: say so every time
+            {
+                "warning": "hub input not pinned",
+                "step": step_name,
+                "input": ref.name,
+                "repo": ref.uri,
+                "fix": f"hala pin {args.recipe}  (or {ref.raw}@<commit sha> in the recipe)",
+            }
+            for step_name, ref in recipe_mod.unpinned_hub_inputs(recipe)
+        ]
+        if not args.json:  # with --json they are in the plan: stdout is one JSON document
+            for w in warnings:
+                logs.get("hala.plan").warning(w["warning"], **{k: v for k, v in w.items() if k != "warning"})
         rows = runs.plan(recipe, args.only, args.force)
+        served = runs.served_plan(recipe, args.only)
         if args.json:
-            print(
-                json.dumps(
-                    {"recipe": str(recipe.path), "store": recipe.store, "run": recipe.run, "steps": rows},
-                    indent=2,
-                )
-            )
+            plan = {"recipe": str(recipe.path), "store": recipe.store, "run": recipe.run, "steps": rows}
+            print(json.dumps({**plan, "served": served, "warnings": warnings}, indent=2))
         else:
             print(
                 f"plan of {recipe.name} ({recipe.path}) -> {recipe.store}/{recipe.run}/  ({len(rows)} steps)"
@@ -78,6 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             for r in rows:
                 r["inputs"] = ", ".join(f"{k}={v}" for k, v in r["inputs"].items())
             print(logs.table(rows, ["step", "stage", "shards", "state", "inputs"]))
+            if served:  # started once for the steps that use it, stopped after the last
+                for r in served:
+                    r["users"] = ", ".join(r["users"])
+                print(f"\nserved models ({len(served)}):")
+                print(logs.table(served, ["served", "model", "server", "replicas", "users"]))
         return 0
     if args.runner != "local" and (args.only or args.force or args.keep_going):
         raise ConfigError(

@@ -78,6 +78,29 @@ def plan(
     return rows
 
 
+def served_plan(recipe: Recipe, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The served models `hala run` would start: each one a selected step sends its requests to, with the
+    model it serves, its server and those steps in run order (a run whose users are all cached starts
+    none)."""
+    chosen = {s.name for s in select(recipe, only)}
+    rows = []
+    for name, entry in recipe.served.items():
+        users = [u for u in entry.users if u in chosen]
+        if users:
+            rows.append(
+                {
+                    "served": name,
+                    "model": entry.model.describe(),
+                    "server": "command: " + " ".join(entry.command[:2])
+                    if entry.command
+                    else "vllm (OpenAI server)",
+                    "replicas": entry.replicas,
+                    "users": users,
+                }
+            )
+    return rows
+
+
 def record(recipe: Recipe, store: Store, runner_name: str = "local") -> str:
     """The run's header, <store>/<run>/_RUN.json: what `hala status` and the report read. Container runners
     (compose, Kubernetes) write it from their first service or Job (`hala record`)."""
