@@ -65,7 +65,7 @@ def plan_chunk(
     for index, row in rows:
         problem = _bad(row)
         if problem is None:
-            conv = [{"role": "user", "content": cfg.prompt.format(src=row["src"], tgt=row["tgt"])}]
+            conv = [{"role": "user", "content": cfg.request(row)}]
             if engine.count_tokens(conv) + longest > cfg.max_model_len:
                 problem = ("too_long", f"the prompt does not fit max_model_len {cfg.max_model_len}")
         if problem is not None:

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from hala.kit.text import script_share
+from hala.kit import languages
 from stages.prepare.config import PrepareConfig
 
 ROLES = {
@@ -258,14 +258,14 @@ def conversation(row: Any, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], st
 # --- pairs ---------------------------------------------------------------------------------------------
 
 
-def script_ok(text: str, lang: str) -> bool:
-    """Is `text` written in the script of `lang`? Text with no letters (numbers, symbols) passes; an Arabic
-    side may carry Latin names and terms (at least a fifth of its letters Arabic), a Latin side mostly not
-    Arabic."""
-    share = script_share(text, lang)
+def script_ok(text: str, lang: str, other: str) -> bool:
+    """Is `text` written in the script of `lang` rather than `other`'s? Text with no letters (numbers,
+    symbols) passes, and so does any text when the two share a script; a side in a non-Latin script may carry
+    Latin names and terms (at least a fifth of its letters its own), a Latin side mostly not the other's."""
+    share = languages.script_share(text, lang, other)
     if share is None:
         return True
-    return share >= 0.2 if lang == "ar" else share >= 0.5
+    return share >= 0.5 if "Latin" in languages.get(lang).scripts else share >= 0.2
 
 
 def pair(row: Any, cfg: PrepareConfig) -> tuple[str, str]:
@@ -314,8 +314,11 @@ def pair(row: Any, cfg: PrepareConfig) -> tuple[str, str]:
     if not src or not tgt:
         raise Reject("empty_text", "src is empty" if not src else "tgt is empty")
     if cfg.check_script:
-        for text, lang, side in ((src, cfg.src_lang, "src"), (tgt, cfg.tgt_lang, "tgt")):
-            if not script_ok(text, lang):
+        for text, lang, other, side in (
+            (src, cfg.src_lang, cfg.tgt_lang, "src"),
+            (tgt, cfg.tgt_lang, cfg.src_lang, "tgt"),
+        ):
+            if not script_ok(text, lang, other):
                 raise Reject("wrong_script", f"{side} is not written in the script of {lang!r}")
     return src, tgt
 

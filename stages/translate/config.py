@@ -7,11 +7,40 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hala.contract.errors import ConfigError
+from hala.kit import languages
 from hala.kit.engine import EngineConfig, Sampling
 
 PROMPT_SLACK = 16  # chat-template tokens around the unit, on top of the prompt's own
 
 Output = Literal["conversations", "pairs", "tuples"]
+
+
+class LanguageId(BaseModel):
+    """Language identification of every translated turn (hala.kit.langid, offline): a turn the identifier
+    takes for another language than the target, or for the target with less than min_confidence, goes to
+    the quarantine as wrong_language with the language it found and its score. The script checks cannot do
+    this where two languages share a script (Arabic, Persian, Urdu). With check_source_language, a source
+    turn identified as another language than the source with min_confidence is quarantined too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True, description="identify every translated turn (and source turn, see check_source_language)"
+    )
+    min_confidence: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="the identifier's probability for the target language at least this (the lowest of 2,000 "
+        "NTREX Arabic sentences was 0.49)",
+    )
+    min_letters: int = Field(
+        20,
+        ge=1,
+        description="shorter turns (letters, protected spans left out) are not identified: too little text "
+        "to tell languages apart; the script checks still apply",
+    )
 
 
 class Gate(BaseModel):
@@ -39,6 +68,7 @@ class Gate(BaseModel):
         ge=2,
         description="the same 3-word run this many times, or a character 30 times in a row: degeneration",
     )
+    language_id: LanguageId = Field(default_factory=LanguageId, description="language identification")
 
 
 class TranslateConfig(EngineConfig):
@@ -46,10 +76,15 @@ class TranslateConfig(EngineConfig):
     allows is split into paragraphs, then sentences)."""
 
     prompt: str = Field(
-        "Translate everything that follows into Arabic:\n\n{text}",
-        description="the user turn sent for each unit; {text} is the unit",
+        "Translate everything that follows into {target}:\n\n{text}",
+        description="the user turn sent for each unit; {text} is the unit, {source} and {target} the "
+        "languages' names (English, Arabic)",
     )
-    direction: Literal["en-ar", "ar-en"] = Field("en-ar", description="source and target language")
+    source: str = Field("en", description="the language translated from (ISO 639-1: en, ar, fr, ...)")
+    target: str = Field("ar", description="the language translated into (ISO 639-1: ar, fa, hi, sw, ...)")
+    direction: str | None = Field(
+        None, description="SOURCE-TARGET in one (en-ar, ar-en, en-fa): sets source and target"
+    )
     roles: list[Literal["system", "user", "assistant"]] = Field(
         default=["system", "user", "assistant"],
         description="turns translated; tool turns and tool calls are never sent",
@@ -76,8 +111,28 @@ class TranslateConfig(EngineConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TranslateConfig:
+        if self.direction is not None:
+            parts = self.direction.split("-")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"direction {self.direction!r}: write SOURCE-TARGET, e.g. en-ar")
+            self.source, self.target = parts
+            self.direction = None  # one spelling in the cache key: en-ar and source/target are the same step
+        for field in ("source", "target"):
+            try:
+                languages.get(getattr(self, field), field)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        if self.source == self.target:
+            raise ValueError(f"source and target are both {self.source!r}")
         if "{text}" not in self.prompt:
             raise ValueError("prompt must contain {text}, where each unit goes")
+        try:
+            self.prompt.format(text="", source="", target="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"prompt: only {{text}}, {{source}} and {{target}} are filled in ({e!r}); write a literal "
+                "brace twice: {{ }}"
+            ) from None
         unknown = set(self.sampling) - {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
         if unknown:
             raise ValueError(
@@ -96,5 +151,9 @@ class TranslateConfig(EngineConfig):
 
     @property
     def languages(self) -> tuple[str, str]:
-        src, tgt = self.direction.split("-")
-        return src, tgt
+        return self.source, self.target
+
+    def request(self, text: str) -> str:
+        """The user turn for one unit: the prompt with {text}, and {source} and {target} as language names."""
+        names = {"source": languages.get(self.source).name, "target": languages.get(self.target).name}
+        return self.prompt.format(text=text, **names)

@@ -16,9 +16,8 @@ from typing import Any
 from hala.contract import spans, tables
 from hala.contract.errors import ConfigError
 from hala.contract.step import StepContext
-from hala.kit import chunks
+from hala.kit import chunks, languages
 from hala.kit.engine import Generation, Sampling
-from hala.kit.text import script_share
 from stages.translate import gate
 from stages.translate.config import PROMPT_SLACK, TranslateConfig
 
@@ -70,7 +69,7 @@ def split(masked: str, unit: str, fits: Any) -> tuple[list[str], list[int]]:
 
 def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> list[Turn]:
     """The turns of one row that need the model; Reject when the row itself is unusable."""
-    src_lang, _ = cfg.languages
+    src_lang, tgt_lang = cfg.languages
     items: list[tuple[int, Any]]
     if "messages" in row:
         msgs = row["messages"]
@@ -106,11 +105,15 @@ def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> li
         except spans.MarkerError as e:
             raise Reject("marker_collision", str(e)) from None
         if cfg.check_source_language:
-            share = script_share(spans.MARKER.sub(" ", masked), src_lang)
+            plain = spans.MARKER.sub(" ", masked)
+            share = languages.script_share(plain, src_lang, tgt_lang)
             if share is not None and share < 0.5:
                 raise Reject(
                     "wrong_language", f"message {j}: {share:.0%} of its letters are in the {src_lang} script"
                 )
+            wrong = gate.wrong_language(plain, src_lang, cfg.gate.language_id, source=True)
+            if wrong:
+                raise Reject("wrong_language", f"message {j} (source): {wrong}")
         turn = Turn(r, j, text, span_list, masked)
         turn.pieces, turn.todo = split(masked, cfg.unit, fits)
         turns.append(turn)
@@ -160,9 +163,7 @@ def plan_chunk(
 ) -> tuple[ChunkPlan, list[list[dict[str, str]]]]:
     """The chunk's turns and their prompts (one per piece still to translate)."""
     t0 = time.monotonic()
-    prompt_overhead = (
-        engine.count_tokens([{"role": "user", "content": cfg.prompt.format(text="")}]) + PROMPT_SLACK
-    )
+    prompt_overhead = engine.count_tokens([{"role": "user", "content": cfg.request("")}]) + PROMPT_SLACK
 
     def fits(text: str) -> bool:  # cheap bound first, the tokenizer only near the limit
         return (
@@ -178,9 +179,7 @@ def plan_chunk(
         except Reject as e:
             rejected[r] = e
     requests = [(t, i) for turns in planned.values() for t in turns for i in t.todo]
-    prompts = [
-        [{"role": "user", "content": cfg.prompt.format(text=t.pieces[i].strip())}] for t, i in requests
-    ]
+    prompts = [[{"role": "user", "content": cfg.request(t.pieces[i].strip())}] for t, i in requests]
     return ChunkPlan(k, rows, planned, rejected, requests, t0), prompts
 
 

@@ -19,7 +19,8 @@ Faults, each drawn per request with its probability (seeded, so a run is repeata
     not_json   a 200 whose body is JSON cut in half (its Content-Length true)
     no_choice  a 200 with `choices: []`
     reset      the connection reset (RST) without an answer
-`fail_ids` holds prompts that always get 400 (a request the server refuses). The server stops after
+`fail_ids` holds prompts that always get 400 (a request the server refuses); `replies` maps a text to the
+answer for every prompt that holds it (a model that drifts into another language). The server stops after
 `max_requests` requests or `seconds`; every request's path and fault is counted in `log`.
 """
 
@@ -64,6 +65,7 @@ class ModelServer(Bounded):
         key: str | None = None,
         fail_texts: tuple[str, ...] = (),
         label_tokens: tuple[str, str] = ("ACC", "REJ"),
+        replies: dict[str, str] | None = None,
         max_requests: int = 5000,
         seconds: float = 600.0,
         port: int = 0,
@@ -71,6 +73,7 @@ class ModelServer(Bounded):
         self.model, self.prefix = model, prompt.partition("{text}")[0]
         self.faults, self.slow_seconds, self.structured = faults or {}, slow_seconds, structured
         self.key, self.fail_texts, self.label_tokens = key, fail_texts, label_tokens
+        self.replies = replies or {}
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.log: Counter = Counter()
         self.auth_seen: list[str] = []
@@ -200,6 +203,7 @@ class ModelServer(Bounded):
             choice["message"] = {"role": "assistant", "content": "I would say the translation is fine."}
         else:
             text = content.removeprefix(self.prefix).translate(_LATIN_TO_ARABIC)
+            text = next((reply for key, reply in self.replies.items() if key in content), text)
             choice["message"] = {"role": "assistant", "content": text}
         text = choice["message"]["content"]
         return 200, {

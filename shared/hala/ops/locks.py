@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,7 +241,19 @@ def _torch_source() -> list[str]:
     return ["--find-links", str(wheel.parent) if wheel else pipconf.TORCH_CPU_LINKS]
 
 
-def _compile(inputs: list[Path], constraints: list[Path], out: Path, variant: str, remove: list[str]) -> str:
+def _compile(
+    inputs: list[Path],
+    constraints: list[Path],
+    out: Path,
+    variant: str,
+    remove: list[str],
+    prefer: Path | None = None,
+) -> str:
+    """uv's resolution of `inputs` into `out`. `prefer`: the set's current lock, given to uv as the output
+    file's starting content so that it keeps every pin it can: adding one package to a set moves only what
+    that package needs, not every transitive dependency to its newest release."""
+    if prefer is not None and prefer.exists():
+        shutil.copyfile(prefer, out)
     cmd = [
         uv_binary(),
         "pip",
@@ -311,7 +324,12 @@ def _lock_torch(variant: str, tmp: Path) -> None:
     src.write_text(variant_line(f"torch=={torch_pin()}", variant) + "\n")
     # the library's own pins as constraints: torch needs fsspec too, and the library bounds it
     text = _compile(
-        [src], [CONSTRAINTS, REPO / "shared" / "requirements.txt"], tmp / f"torch-{variant}.txt", variant, []
+        [src],
+        [CONSTRAINTS, REPO / "shared" / "requirements.txt"],
+        tmp / f"torch-{variant}.txt",
+        variant,
+        [],
+        prefer=path,
     )
     heavy = "".join(pins_only(b) for name, b in blocks(text).items() if HEAVY.match(name))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +379,12 @@ def _lock_set(sf: SetFiles, tmp: Path, force: bool) -> list[Path]:
     if force or recorded_digest(lock_path) != digest:
         print(f"[lock] {sf.variant}: {sf.name}", flush=True)
         body = _compile(
-            [sf.path(".in")], [CONSTRAINTS, *torch_lock], tmp / f"{sf.name}.txt", sf.variant, sf.remove
+            [sf.path(".in")],
+            [CONSTRAINTS, *torch_lock],
+            tmp / f"{sf.name}.txt",
+            sf.variant,
+            sf.remove,
+            prefer=lock_path,
         )
         lock_path.write_text(header(lock_path, digest, f"{sf.name}.in") + body)
         written.append(lock_path)
@@ -375,6 +398,7 @@ def _lock_set(sf: SetFiles, tmp: Path, force: bool) -> list[Path]:
             tmp / f"{sf.name}.tests.txt",
             sf.variant,
             sf.remove,
+            prefer=tests_path,
         )
         base = blocks(lock_path.read_text())
         extra = "".join(b for name, b in blocks(full).items() if name not in base)
