@@ -111,15 +111,17 @@ class TranslateConfig(EngineConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TranslateConfig:
+        named = {"source": "source", "target": "target"}
         if self.direction is not None:
             parts = self.direction.split("-")
             if len(parts) != 2 or not all(parts):
                 raise ValueError(f"direction {self.direction!r}: write SOURCE-TARGET, e.g. en-ar")
             self.source, self.target = parts
             self.direction = None  # one spelling in the cache key: en-ar and source/target are the same step
+            named = {"source": "direction", "target": "direction"}
         for field in ("source", "target"):
             try:
-                languages.get(getattr(self, field), field)
+                languages.get(getattr(self, field), named[field])
             except ConfigError as e:
                 raise ValueError(str(e)) from None
         if self.source == self.target:

@@ -74,6 +74,7 @@ class ModelServer(Bounded):
         self.faults, self.slow_seconds, self.structured = faults or {}, slow_seconds, structured
         self.key, self.fail_texts, self.label_tokens = key, fail_texts, label_tokens
         self.replies = replies or {}
+        self.prompts: list[str] = []  # every user turn asked, in arrival order
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.log: Counter = Counter()
         self.auth_seen: list[str] = []
@@ -184,6 +185,8 @@ class ModelServer(Bounded):
 
     def answer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         content = request["messages"][-1]["content"]
+        with self.lock:
+            self.prompts.append(content)
         if any(t in content for t in self.fail_texts):
             return 400, {"error": {"message": "This model's maximum context length is 2048 tokens"}}
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}

@@ -44,8 +44,25 @@ CASES: list[tuple[str, list[str], str]] = [
         ["translate-lamini.max_model_len=140"],
         "max_model_len 140 leaves no room beside sampling.max_tokens 128",
     ),
+    (
+        "translate-lamini",
+        ["translate-lamini.direction=english-arabic"],
+        "direction: unknown language 'english'",
+    ),
+    ("translate-lamini", ["translate-lamini.direction=en"], "direction 'en': write SOURCE-TARGET"),
+    ("translate-lamini", ["translate-lamini.target=en"], "source and target are both 'en'"),
+    (
+        "translate-lamini",
+        ["translate-lamini.prompt=Into {lang} {text}"],
+        "prompt: only {text}, {source} and {target} are filled in",
+    ),
     # judge
     ("judge-opus100", ["judge-opus100.prompt=Is {src} right?"], "prompt must contain {src} and {tgt}"),
+    (
+        "judge-opus100",
+        ["judge-opus100.prompt=In {lang} {src} {tgt}"],
+        "prompt: only {src}, {tgt}, {src_lang} and {tgt_lang} are filled in",
+    ),
     ("judge-opus100", ["judge-opus100.labels=[GOOD, GOOD]"], "labels must differ"),
     # evaluate
     ("evaluate-translator", ["evaluate-translator.prompt=Translate."], "prompt has no {text} placeholder"),

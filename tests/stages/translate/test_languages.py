@@ -20,6 +20,8 @@ from stages.translate.config import TranslateConfig
 from stages.translate.main import main as translate_main
 
 LANG = REPO / "tests" / "data" / "lang"
+PAPER = REPO / "recipes" / "hala-paper.yaml"
+SWITCH_HI = REPO / "recipes" / "switches" / "target-hi.yaml"
 
 
 def run_translate(recipe: Path) -> int:
@@ -141,3 +143,116 @@ def test_a_model_that_answers_in_persian_or_urdu_is_quarantined_as_wrong_languag
     for row_id, code in (("r1", "fa"), ("r4", "fa"), ("r7", "ur")):
         assert f"detected={code} score=" in found[row_id] and "expected ar" in found[row_id], found[row_id]
         assert json.loads(next(r["raw"] for r in got["quarantine"] if r["id"] == row_id))["id"] == row_id
+
+
+def test_a_second_pair_english_hindi_plans_and_its_translate_and_judge_run(
+    tmp_path: Path, store: Path
+) -> None:
+    """The paper's DAG for English -> Hindi (recipes/switches/target-hi.yaml) plans offline with every
+    translate step's languages and prompt changed; its translate and judge run against a stand-in that
+    answers in Hindi (the tokenizer a tiny stand-in's): the Devanagari answers are committed, an answer left
+    in English is quarantined by the script check and one in Urdu by identification, the judge is asked
+    about Hindi and English."""
+    from hala.contract import recipe as recipe_mod
+    from helpers import hala
+    from stages.judge.config import JudgeConfig
+    from stages.judge.main import main as judge_main
+
+    sets, _ = recipe_mod.read_set_file(SWITCH_HI)
+    paper = recipe_mod.load(PAPER, overrides=sets, check_paths=False)
+    translating = [s for s in paper.steps.values() if s.stage == "translate"]
+    assert len(translating) == 8
+    for s in translating:
+        cfg = TranslateConfig.model_validate(s.config)
+        assert cfg.languages == ("en", "hi") and "Hindi" in cfg.prompt and "Arabic" not in cfg.prompt, s.name
+    assert not any(s.enabled for n, s in paper.steps.items() if n.startswith("evaluate-hala-"))
+    plan = hala(
+        "run",
+        str(PAPER),
+        "--set-file",
+        str(SWITCH_HI),
+        "--dry-run",
+        "--json",
+        "--store",
+        str(tmp_path / "plan"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert {r["step"] for r in json.loads(plan.stdout)["steps"] if r["state"] == "disabled"} >= {
+        "evaluate-hala-9b",
+        "publish-hala",
+    }
+
+    english, hindi = zip(
+        *(line.split("\t") for line in (LANG / "en-hi.tsv").read_text(encoding="utf-8").splitlines())
+    )
+    urdu = (LANG / "ur.txt").read_text(encoding="utf-8").splitlines()
+    rows = [
+        {"id": f"r{i}", "origin": "test", "messages": [{"role": "assistant", "content": t}]}
+        for i, t in enumerate(english)
+    ]
+    data = tmp_path / "rows"
+    tables.write(str(data / "part-0.parquet"), rows, tables.conversations_schema())
+    replies = {e: h for e, h in zip(english, hindi, strict=True)}
+    replies[english[3]] = english[3]  # left untranslated
+    replies[english[6]] = urdu[6]  # the wrong language, in another script
+    prompt = "Translate everything that follows into {target}:\n\n{text}"
+    with ModelServer(model="m", prompt=prompt, replies=replies) as s:
+        recipe = write_recipe(
+            tmp_path / "t",
+            {
+                "translate-x": {
+                    "stage": "translate",
+                    "inputs": {"data": str(data), "model": "tiny:translator"},
+                    "config": {
+                        "endpoint": {"base_url": f"{s.url}/v1", "model": "m"},
+                        "direction": "en-hi",
+                        "prompt": prompt,
+                        "roles": ["assistant"],
+                    },
+                }
+            },
+            store=str(store),
+            run="hindi",
+            tiny_models={"pairs": str(PAIRS)},
+        )
+        assert run_translate(recipe) == 0
+        assert all(p.startswith("Translate everything that follows into Hindi:") for p in s.prompts)
+    m = Store(str(store)).read_manifest("hindi", "translate-x")
+    assert m["counts"]["rows_in"] == 10 and m["counts"]["rows_out"] == 8
+    # English left as it was fails the script check (no Devanagari against the Latin); Urdu, in neither of the
+    # pair's scripts, passes it and is identified instead
+    assert m["quarantine"]["by_reason"] == {"not_target_language": 1, "wrong_language": 1}
+    kept = output_rows(store, "hindi", "translate-x", "conversations")
+    assert {r["messages"][0]["content"] for r in kept} == set(hindi) - {hindi[3], hindi[6]}
+
+    pairs = [
+        {"id": f"p{i}", "src_lang": "en", "tgt_lang": "hi", "src": e, "tgt": h}
+        for i, (e, h) in enumerate(zip(english, hindi, strict=True))
+    ]
+    tables.write(str(tmp_path / "pairs" / "part-0.parquet"), pairs, tables.pairs_schema())
+    with ModelServer(model="judge") as s:
+        recipe = write_recipe(
+            tmp_path / "j",
+            {
+                "judge-x": {
+                    "stage": "judge",
+                    "inputs": {"data": str(tmp_path / "pairs"), "model": "tiny:judge"},
+                    "config": {"endpoint": {"base_url": f"{s.url}/v1", "model": "judge"}},
+                }
+            },
+            store=str(store),
+            run="hindi",
+            tiny_models={"pairs": str(PAIRS)},
+        )
+        assert (
+            step.run("judge", JudgeConfig, judge_main, argv=["--recipe", str(recipe), "--step", "judge-x"])
+            == 0
+        )
+        asked = s.prompts
+    assert len(asked) == 10 and all(
+        "Is the Hindi text a faithful translation of the English text?" in p for p in asked
+    )
+    assert all(f"Hindi: {h}" in "".join(asked) for h in hindi)
+    c = Store(str(store)).read_manifest("hindi", "judge-x")["counts"]
+    assert c["rows_in"] == 10 == c["rows_out"] + c["rows_quarantined"] + sum(c["rows_removed"].values())
