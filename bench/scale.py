@@ -31,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("HALA_SHARED_DATA", REPO.parent / "shared" / "data"))
 VENVS = REPO / ".venvs"
+LANGUAGE_ID = True
 
 
 def _load(path: Path) -> list[Any]:
@@ -151,6 +152,8 @@ def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Pa
                     "sampling": {"max_tokens": 2048},
                     "outputs": ["conversations", "pairs"],
                     "chunk_rows": 2048,
+                    # --no-language-id: the gate without identification, to measure its share
+                    "gate": {"language_id": {"enabled": LANGUAGE_ID}},
                 },
             },
             "judge-mix": {
@@ -260,7 +263,9 @@ def measure(
         engine_start = max(s.get("engine", {}).get("start_seconds", 0) for s in shards_m)
         # the stage's own work: no imports, no engine start
         work = sum(s["generation_seconds"] for s in shards_m)
-        extra = load_ratio(store / run / step / "conversations", env) if stage == "translate" else {}
+        # the output's folder as its manifest names it (inside the commit's attempt folder)
+        out_dir = store / run / step / m["outputs"]["conversations"]["path"] if stage == "translate" else None
+        extra = load_ratio(out_dir, env) if out_dir else {}
         if stage == "translate" and tokenize_rows:
             t = tokenize(store, run, env)
             yield {
@@ -437,8 +442,13 @@ def main() -> None:
         action="store_true",
         help="prepare alone, on rows in Alpaca's format (instruction, input, output)",
     )
+    p.add_argument(
+        "--no-language-id", action="store_true", help="translate's gate without language identification"
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
     args = p.parse_args()
+    global LANGUAGE_ID
+    LANGUAGE_ID = not args.no_language_id
     env = {
         **os.environ,
         "HALA_BENCH_ENGINE": "instant",
