@@ -21,9 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -237,23 +234,25 @@ class Docker(_Pods):
 
 
 def wait_probe(pods: Any, handle: Any, pod: dict[str, Any], timeout: float) -> float:
-    """Seconds until the container's startup (else readiness) probe answers 200 on 127.0.0.1, as the kubelet
-    marks the pod ready; RuntimeError if the container ends first or the time runs out."""
+    """Seconds until the container's startup (else readiness) probe, a GET of .../models, answers 200 on
+    127.0.0.1, as the kubelet marks the pod ready (hala.ops.served.wait_ready, the local runner's own wait);
+    RuntimeError with the pod's log if the container ends first or the time runs out."""
+    from hala.contract.errors import TemporaryError
+    from hala.ops.served import wait_ready
+
     container = pod["containers"][0]
     probe = container.get("startupProbe") or container["readinessProbe"]
     port = probe["httpGet"]["port"]
     if isinstance(port, str):
         port = next(p["containerPort"] for p in container["ports"] if p["name"] == port)
-    url = f"http://127.0.0.1:{port}{probe['httpGet']['path']}"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if not pods.alive(handle):
-            raise RuntimeError(f"the pod ended before {url} answered:\n{pods.stop(handle)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - 127.0.0.1 only
-                if answer.status == 200:
-                    return round(time.monotonic() - t0, 1)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{pods.stop(handle)}")
+    path = probe["httpGet"]["path"]
+    assert path.endswith("/models"), f"a served model's probe is its /models, not {path}"
+
+    class Running:  # poll() as a process has it: None while the container runs
+        def poll(self) -> int | None:
+            return None if pods.alive(handle) else 1
+
+    try:
+        return wait_ready(f"http://127.0.0.1:{port}{path.removesuffix('/models')}", Running(), timeout)
+    except TemporaryError as e:
+        raise RuntimeError(f"{e}:\n{pods.stop(handle)}") from None

@@ -88,12 +88,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> float:
-    """Seconds until `url`/models answers 200; TemporaryError if the server exits or the time runs out."""
+def wait_ready(url: str, proc: subprocess.Popen | Any | None, timeout: float) -> float:
+    """Seconds until `url`/models answers 200; TemporaryError if the server exits or the time runs out.
+    `proc`: the server's process, or anything with `poll()` (None while it runs), e.g. a container's."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
-            raise TemporaryError(f"the model server exited with code {proc.returncode} before it was ready")
+            raise TemporaryError(f"the model server exited with code {proc.poll()} before it was ready")
         try:
             with urllib.request.urlopen(f"{url}/models", timeout=5) as resp:  # noqa: S310 - our own URL
                 if resp.status == 200:
