@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("HALA_SHARED_DATA", REPO.parent / "shared" / "data"))
 VENVS = REPO / ".venvs"
 LANGUAGE_ID = True
+CHUNK_ROWS = 2048  # translate's; --chunk-rows
 
 
 def _load(path: Path) -> list[Any]:
@@ -151,7 +152,7 @@ def recipe(folder: Path, store: Path, run: str, source: Path, shards: int) -> Pa
                     "unit": "paragraph",
                     "sampling": {"max_tokens": 2048},
                     "outputs": ["conversations", "pairs"],
-                    "chunk_rows": 2048,
+                    "chunk_rows": CHUNK_ROWS,
                     # --no-language-id: the gate without identification, to measure its share
                     "gate": {"language_id": {"enabled": LANGUAGE_ID}},
                 },
@@ -278,6 +279,15 @@ def measure(
                 "anon_mb": t["anon_mb"],
                 "files": "-",
             }
+        # with HALA_BENCH_TOKENS_PER_S the engine's sleeps: what a GPU at that rate would take
+        rate = float(env.get("HALA_BENCH_TOKENS_PER_S") or 0)
+        model = (
+            sum(s.get("completion_tokens", 0) for s in shards_m) / rate
+            if rate and stage == "translate"
+            else 0
+        )
+        if model:
+            extra = {**extra, "tokens_per_s": rate, "model_seconds": round(model, 2)}
         yield {
             **extra,
             "step": stage,
@@ -445,12 +455,30 @@ def main() -> None:
     p.add_argument(
         "--no-language-id", action="store_true", help="translate's gate without language identification"
     )
+    p.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=0,
+        help="translate's stand-in takes as long as a GPU at this many output tokens/s per shard would "
+        "(hala.kit.engine.InstantEngine), overlapped with the stage's work as vLLM's engine is: what the "
+        "shard spends beyond that is its own work that generation does not hide",
+    )
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=2048,
+        help="translate's rows per chunk (the stage's default is 256; with a model, chunk k+1 generates "
+        "while chunk k is gated and written, so only the first chunk's planning and the last one's "
+        "finishing are not hidden)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scale.json")
     args = p.parse_args()
-    global LANGUAGE_ID
+    global LANGUAGE_ID, CHUNK_ROWS
     LANGUAGE_ID = not args.no_language_id
+    CHUNK_ROWS = args.chunk_rows
     env = {
         **os.environ,
+        **({"HALA_BENCH_TOKENS_PER_S": str(args.tokens_per_s)} if args.tokens_per_s else {}),
         "HALA_BENCH_ENGINE": "instant",
         "HALA_LOG_FORMAT": "json",
         "OMP_NUM_THREADS": "1",

@@ -21,12 +21,14 @@ class LanguageId(BaseModel):
     takes for another language than the target, or for the target with less than min_confidence, goes to
     the quarantine as wrong_language with the language it found and its score. The script checks cannot do
     this where two languages share a script (Arabic, Persian, Urdu). With check_source_language, a source
-    turn identified as another language than the source with min_confidence is quarantined too."""
+    row (its turns together, one call a row) identified as another language than the source with
+    min_confidence is quarantined too. A turn over hala.kit.langid.MAX_CHARS (1,000) characters is identified
+    by its head and tail."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
-        True, description="identify every translated turn (and source turn, see check_source_language)"
+        True, description="identify every translated turn (and each source row, see check_source_language)"
     )
     min_confidence: float = Field(
         0.3,

@@ -12,6 +12,7 @@ from hala.kit import langid, languages
 from stages.translate.config import Gate, LanguageId
 
 _RUN = re.compile(r"(.)\1{29,}", re.S)
+_LETTERS = re.compile(r"[^\W\d_]+")
 
 
 def _longest_run(text: str, lang: str) -> int:
@@ -25,17 +26,26 @@ def _clean(text: str) -> str:
     return spans.MARKER.sub(" ", text)
 
 
+def _has_letters(text: str, n: int) -> bool:
+    """At least n letters in `text` (stops counting there: most turns reach it in their first words)."""
+    found = 0
+    for word in _LETTERS.finditer(text):
+        found += word.end() - word.start()
+        if found >= n:
+            return True
+    return False
+
+
 def wrong_language(text: str, lang: str, cfg: LanguageId, *, source: bool = False) -> str | None:
     """Why `text` (markers left out) is not `lang` by the identifier, or None: it is, or it is too short to
     tell. A translation must be identified as `lang` with at least min_confidence (what the model wrote has
-    to show it is right); a source turn fails only when identified as another language with that confidence
-    (what we were given is trusted unless shown wrong: on 1,997 NTREX English sentences the identifier was
-    unsure of 15 and sure of another language for 2). The detail names what was found and its score
-    (`detected=fa score=0.9882`) for the quarantine."""
+    to show it is right); a source (a row's turns) fails only when identified as another language with that
+    confidence (what we were given is trusted unless shown wrong: on 1,997 NTREX English sentences the
+    identifier was unsure of 15 and sure of another language for 2). The detail names what was found and its
+    score (`detected=fa score=0.9882`) for the quarantine."""
     if not cfg.enabled:
         return None
-    letters = sum(ch.isalpha() for ch in text)
-    if letters < cfg.min_letters:
+    if not _has_letters(text, cfg.min_letters):
         return None
     found, score = langid.identify(text)
     if source and (found == lang or score < cfg.min_confidence):

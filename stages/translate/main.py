@@ -94,7 +94,7 @@ def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> li
         if not isinstance(row.get("src"), str) or not row["src"].strip():
             raise Reject("empty_turn", "src is empty or not text")
         items = [(-1, row["src"])]
-    turns = []
+    turns, plains = [], []
     for j, text in items:
         try:
             text.encode("utf-8")
@@ -111,12 +111,15 @@ def plan_row(row: dict[str, Any], r: int, cfg: TranslateConfig, fits: Any) -> li
                 raise Reject(
                     "wrong_language", f"message {j}: {share:.0%} of its letters are in the {src_lang} script"
                 )
-            wrong = gate.wrong_language(plain, src_lang, cfg.gate.language_id, source=True)
-            if wrong:
-                raise Reject("wrong_language", f"message {j} (source): {wrong}")
+            plains.append(plain)
         turn = Turn(r, j, text, span_list, masked)
         turn.pieces, turn.todo = split(masked, cfg.unit, fits)
         turns.append(turn)
+    # the source is identified once a row, its turns together: a source row is trusted unless shown to be in
+    # another language, and one call a row instead of one a turn is most of the identifier's cost on this side
+    wrong = gate.wrong_language("\n".join(plains), src_lang, cfg.gate.language_id, source=True)
+    if wrong:
+        raise Reject("wrong_language", f"the source: {wrong}")
     return turns
 
 

@@ -172,7 +172,13 @@ class InstantEngine:
     that what is measured is the stage's own work (read, plan, protect spans, gate, write). Its "translation"
     maps Latin letters to Arabic ones one for one (markers, digits and punctuation kept), so the gate passes
     it; the judge accepts a pair unless a hash of it falls in one tenth. It is named in every marker and in
-    the manifest."""
+    the manifest.
+
+    With HALA_BENCH_TOKENS_PER_S its chat stream takes as long as a GPU generating at that rate would: each
+    job's answers come after a sleep of its completion tokens over the rate, in a thread of its own, the next
+    job queued before this one is returned (as VllmEngine._stream: the engine core is a process of its own
+    and keeps generating while the step gates and writes). What a shard then spends beyond the sleeps is the
+    part of its own work that a model's generation does not hide."""
 
     name = "instant"
 
@@ -184,6 +190,7 @@ class InstantEngine:
         self.tok = AutoTokenizer.from_pretrained(model)
         self.model_path = model
         self.prefix, _, self.suffix = prompt.partition("{text}")
+        self.tokens_per_s = float(os.environ.get("HALA_BENCH_TOKENS_PER_S") or 0)
         self.start_seconds = round(time.monotonic() - t0, 2)
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
@@ -217,8 +224,27 @@ class InstantEngine:
     def chat_stream(
         self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], sampling: Sampling
     ) -> Iterator[tuple[Any, list[Generation]]]:
-        for key, conversations in jobs:
-            yield key, self.chat(conversations, sampling)
+        if not self.tokens_per_s:
+            for key, conversations in jobs:
+                yield key, self.chat(conversations, sampling)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def generate(conversations: list[list[dict[str, str]]]) -> list[Generation]:
+            gens = self.chat(conversations, sampling)
+            time.sleep(sum(g.completion_tokens for g in gens) / self.tokens_per_s)
+            return gens
+
+        with ThreadPoolExecutor(1) as gpu:
+            queued: deque[tuple[Any, Any]] = deque()
+            for key, conversations in jobs:  # the caller plans job k+1 while job k generates
+                queued.append((key, gpu.submit(generate, conversations)))
+                if len(queued) > 1:
+                    head, answers = queued.popleft()
+                    yield head, answers.result()
+            while queued:
+                head, answers = queued.popleft()
+                yield head, answers.result()
 
     def choose_stream(
         self, jobs: Iterable[tuple[Any, list[list[dict[str, str]]]]], labels: list[str]
@@ -230,6 +256,7 @@ class InstantEngine:
         return {
             "engine": "instant",
             "model": self.model_path,
+            "tokens_per_s": self.tokens_per_s or None,
             "start_seconds": self.start_seconds,
             "note": "benchmark stand-in (HALA_BENCH_ENGINE=instant): no model ran, the outputs are not "
             "translations",

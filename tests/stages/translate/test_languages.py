@@ -87,6 +87,81 @@ def test_the_identifier_tells_arabic_persian_and_urdu_apart() -> None:
     assert langid.identify("عايز أروح البيت دلوقتي يا صاحبي")[0] == "ar"  # Egyptian counts as Arabic
 
 
+def test_the_identifier_scores_as_py3langid_and_reads_a_long_turn_by_its_head_and_tail() -> None:
+    """hala.kit.langid scores py3langid's features itself (bench/langid.py --speed: twice as fast): the same
+    language and probability as the library's own ranking, dialects folded, on every test sentence; a turn
+    over MAX_CHARS is identified by its first and last MAX_CHARS/2 characters."""
+    lid = langid._model()["lid"]
+    texts = [line for code in ("fa", "ur") for line in (LANG / f"{code}.txt").read_text("utf-8").splitlines()]
+    texts += [
+        line for row in (LANG / "en-hi.tsv").read_text("utf-8").splitlines() for line in row.split("\t")
+    ]
+    texts += ["عايز أروح البيت دلوقتي يا صاحبي", "THE WEATHER IS NICE TODAY"]  # a dialect; all capitals
+    for text in texts:
+        folded: dict[str, float] = {}
+        for code, prob in lid.rank(text):
+            folded[langid.MACRO.get(code, code)] = folded.get(langid.MACRO.get(code, code), 0.0) + prob
+        best = max(folded, key=folded.__getitem__)
+        found, score = langid.identify(text)
+        assert found == best and score == pytest.approx(folded[best], abs=1e-4), (text, found, best)
+    assert langid.identify("") == ("und", 0.0)  # no feature at all
+    long = "a" * 400 + "b" * 2000 + "c" * 400
+    assert langid.sample(long) == "a" * 400 + "b" * 100 + "\n" + "b" * 100 + "c" * 400
+    assert langid.sample("short") == "short"
+
+
+def test_a_source_row_in_another_language_is_quarantined_before_the_model(
+    tmp_path: Path, store: Path
+) -> None:
+    """check_source_language: a row whose turns together are identified as another language than the source
+    (French, in the Latin script English is written in: no script check sees it) is quarantined as
+    wrong_language before any request; the English rows are translated."""
+    turns = {
+        "r0": ["Can you tell me how to cook rice?", "Rinse the rice, then simmer it in twice its water."],
+        "r1": [
+            "Pouvez-vous me dire comment cuire le riz?",
+            "Rincez le riz, puis faites-le mijoter doucement.",
+        ],
+        "r2": ["What is the capital of France?", "The capital of France is Paris, on the river Seine."],
+    }
+    rows = [
+        {
+            "id": k,
+            "origin": "test",
+            "messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
+        }
+        for k, (u, a) in turns.items()
+    ]
+    data = tmp_path / "data"
+    tables.write(str(data / "part-0.parquet"), rows, tables.conversations_schema())
+    arabic = "الطقس جميل اليوم ونريد أن نذهب إلى الحديقة مع الأصدقاء."
+    with ModelServer(model="m", replies={t: arabic for pair in turns.values() for t in pair}) as s:
+        recipe = write_recipe(
+            tmp_path,
+            {
+                "translate-x": {
+                    "stage": "translate",
+                    "inputs": {"data": str(data), "model": "tiny:translator"},
+                    "config": {
+                        "endpoint": {"base_url": f"{s.url}/v1", "model": "m"},
+                        "gate": {"length_ratio": [0.1, 10]},
+                    },
+                }
+            },
+            store=str(store),
+            run="source",
+            tiny_models={"pairs": str(PAIRS)},
+        )
+        assert run_translate(recipe) == 0
+        asked = list(s.prompts)
+    m = Store(str(store)).read_manifest("source", "translate-x")
+    assert m["counts"]["rows_in"] == 3 and m["counts"]["rows_out"] == 2
+    assert m["quarantine"]["by_reason"] == {"wrong_language": 1}
+    (bad,) = output_rows(store, "source", "translate-x", "quarantine")
+    assert bad["id"] == "r1" and bad["detail"].startswith("the source: detected=fr score="), bad["detail"]
+    assert not any("riz" in p for p in asked) and len(asked) == 4  # r1 never reached the model
+
+
 def test_a_model_that_answers_in_persian_or_urdu_is_quarantined_as_wrong_language(
     tmp_path: Path, store: Path
 ) -> None:
