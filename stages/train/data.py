@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hala.contract import spans
+from hala.contract.errors import DataError
 from stages.train.config import TrainConfig
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -251,6 +252,13 @@ def prepare(
     import numpy as np
     from trl import pack_dataset
 
+    if examples.count == 0:  # every input empty, or every row refused before tokenizing
+        reasons = Counter(q["reason"] for q in examples.quarantine)
+        raise DataError(
+            f"no example to train on: the data inputs hold {examples.rows_in or 'no input'} rows, and "
+            f"{dict(reasons) or 'none'} were refused; give the step rows (an upstream step that quarantined "
+            "every row, or a judge that accepted none, leaves it nothing)"
+        )
     raw = examples.dataset()
     ds = raw.map(
         tokenize,

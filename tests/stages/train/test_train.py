@@ -321,6 +321,27 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(store: Path, tmp_pat
     )
 
 
+def test_inputs_with_no_usable_row_stop_with_a_clear_error(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A judge that accepted nothing (an empty table) and rows that are all refused: the step names both
+    inputs' rows and the reasons, exits 3 (bad data), and commits nothing (a real 135M judge rejected every
+    pair)."""
+    empty = write_chats(tmp_path / "empty", [])
+    bad = write_chats(tmp_path / "bad", [{"id": "b", "messages": [{"role": "user", "content": "مرحبا"}]}])
+    code, m = train(
+        tmp_path,
+        store,
+        "nothing",
+        {"model": "tiny:lfm2-350m", "accepted": str(empty), "chats": str(bad)},
+        task="conversations",
+        trainer={**FAST, "max_steps": 2},
+    )
+    said = capsys.readouterr().out + capsys.readouterr().err
+    assert code == 3 and m is None
+    assert "no example to train on" in said and "'accepted': 0" in said and "'chats': 1" in said, said[-2000:]
+
+
 def test_lora_is_merged_into_a_plain_model(store: Path, tmp_path: Path, pairs: Path) -> None:
     code, m = train(
         tmp_path,
