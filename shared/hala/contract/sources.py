@@ -87,10 +87,10 @@ class ResolvedInput:
             return self.store.localize(self.run, self.ref.step or "", self.manifest, self.ref.output or "")
         if self.kind == "url":
             return _download(self.uri, self.key)
-        if self.kind == "tiny":
+        if self.kind in ("tiny", "pypi"):
             raise ConfigError(
-                f"input '{self.ref.name}': tiny models are built by hala.contract.tiny.ensure(); use "
-                "ctx.model_path()"
+                f"input '{self.ref.name}': {self.kind} models are built on first use (hala.contract.tiny, "
+                "hala.contract.gguf); use ctx.model_path()"
             )
         raise ConfigError(
             f"input '{self.ref.name}' ({self.ref.raw}) is a hub repository: read it with its hub id, not a "
@@ -173,6 +173,13 @@ def input_key(store: Store, recipe: Recipe, step: Step, ref: InputRef) -> Resolv
         return ResolvedInput(
             ref, sha256_json({"hub": hub_key(ref), "revision": revision}), ref.uri or "", revision=revision
         )
+    if ref.kind == "pypi":
+        from hala.contract import gguf
+
+        spec = gguf.spec(ref.raw, ref.name)
+        key = sha256_json(spec)
+        name = gguf.source_name(spec, key)
+        return ResolvedInput(ref, key, store.uri(store.path("_sources", name)), store, recipe.run)
     if ref.kind == "tiny":
         spec = tiny_spec.spec(ref.uri or "", recipe)
         key = sha256_json(spec)

