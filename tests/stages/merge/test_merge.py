@@ -206,6 +206,37 @@ def test_gradient_schedules_on_other_architectures_equal_mergekit(
     assert max_ulp(out_dir(store, f"grad-{arch}", m), theirs) <= 1
 
 
+def test_the_real_smollm2_slerp_equals_mergekit(tmp_path: Path, store: Path) -> None:
+    """The real model of recipes/small-real.yaml (SmolLM2-135M-Instruct from its GGUF, Llama with tied
+    embeddings) against a copy moved far enough from it that its tensors take the slerp path (a few steps of
+    fine-tuning leave every tensor within the colinear threshold, where both take the linear one:
+    bench/small_real.py): within one bf16 ulp of MergeKit's slerp."""
+    from hala.contract import gguf
+
+    real = next(
+        s
+        for s in recipe_mod.load(REPO / "recipes" / "small-real.yaml").steps.values()
+        if s.name == "merge-real"
+    )
+    raw = real.inputs["base"].raw
+    base = Path(gguf.ensure(Store(str(store)), raw))
+    model = perturbed(base, tmp_path / "model", scale=0.3)
+    code, m = run_merge(tmp_path, store, model, raw, "real-slerp", method="slerp", t=0.5)
+    assert code == 0
+    assert m["metrics"]["tensors"].get("slerp", 0) > 0, m["metrics"]["tensors"]
+    theirs = run_mergekit(
+        tmp_path,
+        {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(model)}],
+            "parameters": {"t": 0.5},
+            "dtype": "bfloat16",
+        },
+    )
+    assert max_ulp(out_dir(store, "real-slerp", m), theirs) <= 1
+
+
 def test_linear_and_mergekit_yaml_and_fp32_inputs(
     tmp_path: Path, store: Path, tiny_models: dict[str, Path]
 ) -> None:
